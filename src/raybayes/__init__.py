@@ -1,0 +1,27 @@
+"""raybayes: Bayesian inference for NumPyro models, on one machine or a Ray cluster."""
+
+from raybayes.errors import (
+    ChainError,
+    ClusterConnectionError,
+    ConfigurationError,
+    DataValidationError,
+    RaybayesError,
+    RaybayesWarning,
+)
+from raybayes.mcmc import sample
+from raybayes.results import print_summary, summary, to_inference_data
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sample",
+    "summary",
+    "print_summary",
+    "to_inference_data",
+    "RaybayesError",
+    "RaybayesWarning",
+    "ConfigurationError",
+    "DataValidationError",
+    "ChainError",
+    "ClusterConnectionError",
+]

@@ -1,0 +1,277 @@
+"""Ray backend: one Ray actor per worker.
+
+With no address, it starts an embedded local Ray instance on this machine's CPUs and
+stops it on :meth:`RayBackend.shutdown`. With ``address=`` (or the ``RAY_ADDRESS``
+environment variable) it connects to an existing cluster and leaves it running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from raybayes.backends.base import Backend, Future, WorkerPool
+from raybayes.errors import (
+    ClusterConnectionError,
+    ConfigurationError,
+    RaybayesError,
+    RemoteTaskError,
+    WorkerLostError,
+)
+
+__all__ = ["RayBackend"]
+
+
+def _import_ray():
+    import ray
+
+    return ray
+
+
+class _ActorHost:
+    """The body of each Ray actor: builds the worker object and dispatches calls."""
+
+    def __init__(self, factory, *factory_args):
+        # Top-level ObjectRefs in factory_args arrive resolved (Ray's contract).
+        self._factory = factory
+        self._factory_args = factory_args
+        self._object = None
+
+    def call(self, method, args, kwargs):
+        try:
+            if self._object is None:
+                self._object = self._factory(*self._factory_args)
+            return getattr(self._object, method)(*args, **kwargs)
+        except RaybayesError:
+            raise
+        except Exception as err:  # noqa: BLE001 - surfaced as RemoteTaskError
+            raise RemoteTaskError(
+                f"on {socket.gethostname()} (pid {os.getpid()})",
+                repr(err),
+                traceback.format_exc(),
+            ) from None
+
+    def ping(self):
+        return os.getpid()
+
+
+class _RayFuture(Future):
+    def __init__(self, worker_index, tag, ref, generation):
+        self.worker_index = worker_index
+        self.tag = tag
+        self.ref = ref
+        self.generation = generation
+
+
+class RayWorkerPool(WorkerPool):
+    """Workers as Ray actors, spread over the cluster's nodes."""
+
+    def __init__(self, factory, factory_args, num_workers, actor_options, name):
+        ray = _import_ray()
+        self._ray = ray
+        self._factory = factory
+        self._factory_args = factory_args
+        self._options = actor_options
+        self._name = name
+        self.size = num_workers
+        self._remote_cls = ray.remote(_ActorHost)
+        self._actors = [self._new_actor(i) for i in range(num_workers)]
+        self._generation = [0] * num_workers
+
+    def _new_actor(self, i):
+        return self._remote_cls.options(**self._options).remote(
+            self._factory, *self._factory_args
+        )
+
+    def submit(self, worker_index, method, *args, tag=None, **kwargs):
+        ref = self._actors[worker_index].call.remote(method, args, kwargs)
+        return _RayFuture(worker_index, tag, ref, self._generation[worker_index])
+
+    def wait(self, futures: Sequence[Future], timeout_s=None):
+        if not futures:
+            return []
+        refs = [f.ref for f in futures]
+        done, _ = self._ray.wait(refs, num_returns=1, timeout=timeout_s)
+        # Collect everything already finished, not just the first one.
+        done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        done_set = set(done)
+        return [f for f in futures if f.ref in done_set]
+
+    def result(self, future):
+        ray = self._ray
+        try:
+            return ray.get(future.ref)
+        except ray.exceptions.RayActorError as err:
+            raise WorkerLostError(future.worker_index, str(err).splitlines()[0]) from None
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, RaybayesError):
+                raise cause from None
+            raise RemoteTaskError(
+                f"worker {future.worker_index}", repr(cause), str(err)
+            ) from None
+        except (ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError) as err:
+            raise WorkerLostError(future.worker_index, type(err).__name__) from None
+
+    def restart(self, worker_index):
+        try:
+            self._ray.kill(self._actors[worker_index], no_restart=True)
+        except Exception:  # noqa: BLE001 - the actor may already be gone
+            pass
+        self._actors[worker_index] = self._new_actor(worker_index)
+        self._generation[worker_index] += 1
+
+    def kill(self, worker_index):
+        self._ray.kill(self._actors[worker_index], no_restart=True)
+
+    def shutdown(self):
+        for actor in self._actors:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self._actors = []
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast, naming the address and the timeout, if nothing listens there."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigurationError(
+            f"address={address!r} is not of the form 'host:port' or 'ray://host:port'. "
+            "Pass the address printed by `ray start --head`, e.g. '10.0.0.1:6379'."
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ClusterConnectionError(
+            f"Could not reach a Ray cluster at {address!r} within {timeout_s:g} s "
+            f"({err}). Check that `ray start --head` runs there and that the port is "
+            "open, or drop address= (and unset RAY_ADDRESS) to use an embedded local "
+            "Ray instance."
+        ) from None
+
+
+class RayBackend(Backend):
+    """Run workers as Ray actors.
+
+    Args:
+        address: a Ray cluster address (``"host:port"``, ``"ray://host:10001"`` or
+            ``"auto"``). ``None`` reads ``RAY_ADDRESS``; if that is unset too, an
+            embedded local Ray instance is started.
+        num_cpus: CPUs of the embedded instance (default: all of this machine's).
+        resources_per_worker: Ray resources of each worker actor, e.g.
+            ``{"CPU": 1, "GPU": 1}``. Default ``{"CPU": 1}``, plus one GPU with
+            ``use_gpu=True``.
+        use_gpu: give each worker one GPU and let JAX use it.
+        connect_timeout_s: how long to wait for a cluster at ``address``.
+
+    Raises:
+        ClusterConnectionError: nothing answers at ``address`` in time.
+        ConfigurationError: a malformed address or resource request.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        resources_per_worker: dict[str, float] | None = None,
+        use_gpu: bool = False,
+        connect_timeout_s: float = 10.0,
+    ):
+        self.address = address if address is not None else os.environ.get("RAY_ADDRESS")
+        self.num_cpus = num_cpus
+        self.use_gpu = use_gpu
+        res = dict(resources_per_worker or {"CPU": 1})
+        if use_gpu:
+            res.setdefault("GPU", 1)
+        for key, value in res.items():
+            if value < 0:
+                raise ConfigurationError(
+                    f"resources_per_worker[{key!r}]={value} is negative; use >= 0."
+                )
+        self.resources_per_worker = res
+        self.connect_timeout_s = connect_timeout_s
+        self._started_here = False
+        self._pools: list[RayWorkerPool] = []
+
+    def start(self):
+        ray = _import_ray()
+        if ray.is_initialized():
+            return self
+        kwargs: dict[str, Any] = dict(
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+        if self.address:
+            _check_reachable(self.address, self.connect_timeout_s)
+            kwargs["address"] = self.address
+        else:
+            kwargs["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as err:
+            raise ClusterConnectionError(
+                f"Could not connect to the Ray cluster at {self.address!r}: {err}"
+            ) from None
+        self._started_here = True
+        return self
+
+    def shutdown(self):
+        for pool in self._pools:
+            pool.shutdown()
+        self._pools = []
+        if self._started_here:
+            _import_ray().shutdown()
+            self._started_here = False
+
+    def put(self, value):
+        return _import_ray().put(value)
+
+    def default_num_workers(self):
+        ray = _import_ray()
+        resources = ray.cluster_resources()
+        counts = [
+            int(resources.get(k, 0) // v)
+            for k, v in self.resources_per_worker.items()
+            if v > 0
+        ]
+        return max(1, min(counts) if counts else 1)
+
+    def _actor_options(self):
+        res = dict(self.resources_per_worker)
+        env = {}
+        import jax
+
+        if jax.config.jax_enable_x64:
+            env["JAX_ENABLE_X64"] = "1"
+        if not res.get("GPU"):
+            env["JAX_PLATFORMS"] = "cpu"
+        options: dict[str, Any] = dict(
+            num_cpus=res.pop("CPU", 1),
+            num_gpus=res.pop("GPU", 0),
+            max_restarts=0,
+            scheduling_strategy="SPREAD",
+            runtime_env={"env_vars": env},
+        )
+        if res:
+            options["resources"] = res
+        return options
+
+    def create_pool(self, factory: Callable[..., Any], factory_args=(), *, num_workers, name="worker"):
+        self.start()
+        pool = RayWorkerPool(factory, tuple(factory_args), num_workers, self._actor_options(), name)
+        self._pools.append(pool)
+        return pool

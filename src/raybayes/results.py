@@ -1,0 +1,136 @@
+"""Posterior containers: ``arviz.InferenceData`` with plate-aware dims, and summaries.
+
+R-hat, bulk/tail ESS and MCSE come from ArviZ (rank-normalised split R-hat and ESS of
+Vehtari et al. 2021).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+__all__ = ["model_site_info", "to_inference_data", "summary", "print_summary"]
+
+
+def _arviz():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+    return az
+
+
+def model_site_info(model, model_args=(), model_kwargs=None, seed: int = 0):
+    """Trace a NumPyro model once and read its plates.
+
+    Returns:
+        ``(dims, coords, observed)``: ``dims`` maps a site name to the names of its
+        array dimensions (plate names where a plate owns the dimension, else
+        ``"<site>_dim_<k>"``); ``coords`` maps each plate name to ``arange(size)``;
+        ``observed`` maps each observed site to its value as a NumPy array.
+    """
+    from numpyro import handlers
+
+    model_kwargs = model_kwargs or {}
+    trace = handlers.trace(handlers.seed(model, seed)).get_trace(*model_args, **model_kwargs)
+    dims: dict[str, list[str]] = {}
+    coords: dict[str, Any] = {}
+    observed: dict[str, np.ndarray] = {}
+    for name, site in trace.items():
+        if site["type"] not in ("sample", "deterministic"):
+            continue
+        value = np.asarray(site["value"])
+        shape = value.shape
+        event_dim = 0
+        if site["type"] == "sample":
+            event_dim = len(getattr(site["fn"], "event_shape", ()))
+        names = [f"{name}_dim_{k}" for k in range(len(shape))]
+        for frame in site.get("cond_indep_stack", []):
+            idx = len(shape) + frame.dim - event_dim
+            if frame.size is None or not 0 <= idx < len(shape) or shape[idx] != frame.size:
+                continue
+            if site["type"] == "sample" and frame.size != shape[idx]:
+                continue
+            names[idx] = frame.name
+            coords.setdefault(frame.name, np.arange(frame.size))
+        if site["type"] == "sample" and site.get("is_observed"):
+            observed[name] = value
+        if names:
+            dims[name] = names
+    return dims, coords, observed
+
+
+def to_inference_data(
+    posterior: dict[str, np.ndarray],
+    sample_stats: dict[str, np.ndarray] | None = None,
+    observed_data: dict[str, np.ndarray] | None = None,
+    *,
+    dims: dict[str, list[str]] | None = None,
+    coords: dict[str, Any] | None = None,
+    attrs: dict[str, Any] | None = None,
+):
+    """Build an ``arviz.InferenceData``.
+
+    Args:
+        posterior: site -> draws of shape ``(num_chains, num_draws, *site_shape)``.
+        sample_stats: stat -> ``(num_chains, num_draws)``.
+        observed_data: site -> observed value.
+        dims: site -> dimension names of the site (without chain/draw).
+        coords: dimension name -> coordinate values.
+        attrs: attributes stored on every group.
+
+    Returns:
+        ``arviz.InferenceData`` with groups ``posterior``, ``sample_stats`` and
+        ``observed_data`` (where given).
+    """
+    az = _arviz()
+    dims = dict(dims or {})
+    coords = dict(coords or {})
+    # Drop dims that don't fit a site (e.g. a deterministic of another shape).
+    for group in (posterior, observed_data or {}):
+        for name, value in group.items():
+            lead = 2 if group is posterior else 0
+            if name in dims and len(dims[name]) != np.ndim(value) - lead:
+                dims.pop(name)
+    used = {d for names in dims.values() for d in names}
+    coords = {k: v for k, v in coords.items() if k in used}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        idata = az.from_dict(
+            posterior=posterior,
+            sample_stats=sample_stats,
+            observed_data=observed_data,
+            coords=coords,
+            dims=dims,
+            attrs=attrs or {},
+        )
+    return idata
+
+
+def summary(idata, var_names=None, hdi_prob: float = 0.9, **kwargs):
+    """Posterior summary: mean, sd, HDI, MCSE, bulk/tail ESS and R-hat (ArviZ).
+
+    Args:
+        idata: an ``arviz.InferenceData`` with a ``posterior`` group.
+        var_names: sites to summarise (default: all).
+        hdi_prob: mass of the highest-density interval.
+
+    Returns:
+        ``pandas.DataFrame``, one row per scalar parameter.
+    """
+    az = _arviz()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return az.summary(idata, var_names=var_names, hdi_prob=hdi_prob, kind="all", **kwargs)
+
+
+def print_summary(idata, var_names=None, hdi_prob: float = 0.9) -> None:
+    """Print :func:`summary` and the number of divergences, as NumPyro does."""
+    import pandas as pd
+
+    table = summary(idata, var_names=var_names, hdi_prob=hdi_prob)
+    with pd.option_context("display.max_rows", 200, "display.width", 120):
+        print(table)
+    if "sample_stats" in idata.groups() and "diverging" in idata.sample_stats:
+        print(f"\nNumber of divergences: {int(idata.sample_stats['diverging'].sum())}")
