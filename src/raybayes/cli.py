@@ -1,0 +1,61 @@
+"""The ``raybayes`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="raybayes",
+    help="Bayesian inference for NumPyro models on one machine or a Ray cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.command()
+def quickstart(
+    output_dir: Path = typer.Option(Path("raybayes-output"), help="Where results go."),
+    full: bool = typer.Option(False, "--full", help="Use all 83 stores (overrides --stores)."),,
+    stores: int = typer.Option(20, help="Use the first N stores (default 20 of 83; see README)."),
+    num_chains: int = typer.Option(4, help="Markov chains."),
+    num_warmup: int = typer.Option(500, help="Warmup iterations per chain."),
+    num_samples: int = typer.Option(500, help="Draws kept per chain."),
+    seed: int = typer.Option(0, help="Root seed."),
+    likelihood: str = typer.Option("negbin", help="'negbin' or 'poisson'."),
+    num_workers: int = typer.Option(0, help="Ray workers (0: one per CPU, at most one per chain)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or an embedded instance)."),
+    backend: str = typer.Option("ray", help="'ray' or 'local'."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Fit brand price elasticities of Dominick's orange juice with chain-parallel NUTS."""
+    from raybayes.errors import RaybayesError
+    from raybayes.jobs.quickstart import run_quickstart
+
+    try:
+        run_quickstart(
+            output_dir,
+            stores=None if (full or stores <= 0) else stores,
+            num_chains=num_chains,
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            seed=seed,
+            likelihood=likelihood,
+            backend=backend,
+            num_workers=num_workers or None,
+            address=address,
+            progress_bar=progress,
+            echo=typer.echo,
+        )
+    except RaybayesError as err:
+        typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(code=2) from None
+
+
+def main():  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,36 @@
+"""Shared fixtures: the test data folder and one Ray instance per test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder of vendored test data (``tests/data``)."""
+    return DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def ray_backend():
+    """An embedded 2-CPU Ray instance, started once per test module.
+
+    Pass it as ``backend=`` to :func:`raybayes.sample` so that it is reused; the
+    sampler does not shut down a backend it did not create. It is shut down at the
+    end of the module, and no Ray process outlives it.
+    """
+    ray = pytest.importorskip("ray")
+    from raybayes.backends import RayBackend
+
+    if ray.is_initialized():
+        pytest.fail("a Ray instance is already running; each module must stop its own")
+    backend = RayBackend(num_cpus=2).start()
+    try:
+        yield backend
+    finally:
+        backend.shutdown()
+    assert not ray.is_initialized()
