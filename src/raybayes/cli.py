@@ -17,7 +17,7 @@ app = typer.Typer(
 @app.command()
 def quickstart(
     output_dir: Path = typer.Option(Path("raybayes-output"), help="Where results go."),
-    full: bool = typer.Option(False, "--full", help="Use all 83 stores (overrides --stores)."),,
+    full: bool = typer.Option(False, "--full", help="Use all 83 stores (overrides --stores)."),
     stores: int = typer.Option(20, help="Use the first N stores (default 20 of 83; see README)."),
     num_chains: int = typer.Option(4, help="Markov chains."),
     num_warmup: int = typer.Option(500, help="Warmup iterations per chain."),
