@@ -17,6 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+def build_worker(factory, factory_args, worker_index):
+    """Build a worker object; factories that set ``accepts_worker_index = True``
+    also receive ``worker_index=`` (e.g. for per-worker settings)."""
+    if getattr(factory, "accepts_worker_index", False):
+        return factory(*factory_args, worker_index=worker_index)
+    return factory(*factory_args)
+
+
 class Future(abc.ABC):
     """The pending result of one method call on one worker."""
 

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from raybayes.backends.base import Backend, Future, WorkerPool
+from raybayes.backends.base import Backend, Future, WorkerPool, build_worker
 from raybayes.errors import RaybayesError, RemoteTaskError, WorkerLostError
 
 
@@ -34,7 +34,7 @@ class LocalWorkerPool(WorkerPool):
 
     def _object(self, i):
         if self._objects[i] is None:
-            self._objects[i] = self._factory(*self._factory_args)
+            self._objects[i] = build_worker(self._factory, self._factory_args, i)
         return self._objects[i]
 
     def submit(self, worker_index, method, *args, tag=None, **kwargs):

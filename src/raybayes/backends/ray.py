@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from raybayes.backends.base import Backend, Future, WorkerPool
+from raybayes.backends.base import Backend, Future, WorkerPool, build_worker
 from raybayes.errors import (
     ClusterConnectionError,
     ConfigurationError,
@@ -35,8 +35,9 @@ def _import_ray():
 class _ActorHost:
     """The body of each Ray actor: builds the worker object and dispatches calls."""
 
-    def __init__(self, factory, *factory_args):
+    def __init__(self, worker_index, factory, *factory_args):
         # Top-level ObjectRefs in factory_args arrive resolved (Ray's contract).
+        self._worker_index = worker_index
         self._factory = factory
         self._factory_args = factory_args
         self._object = None
@@ -44,7 +45,7 @@ class _ActorHost:
     def call(self, method, args, kwargs):
         try:
             if self._object is None:
-                self._object = self._factory(*self._factory_args)
+                self._object = build_worker(self._factory, self._factory_args, self._worker_index)
             return getattr(self._object, method)(*args, **kwargs)
         except RaybayesError:
             raise
@@ -84,7 +85,7 @@ class RayWorkerPool(WorkerPool):
 
     def _new_actor(self, i):
         return self._remote_cls.options(**self._options).remote(
-            self._factory, *self._factory_args
+            i, self._factory, *self._factory_args
         )
 
     def submit(self, worker_index, method, *args, tag=None, **kwargs):

@@ -117,6 +117,13 @@ class NUTSChainRunner:
         self._chunk_fn = None
         self._postprocess_fn = None
         self._ready = False
+        #: Simulated straggler factor (>= 1) for benchmarks: each chunk is made to
+        #: take ``slowdown`` times its compute time.
+        self.slowdown = 1.0
+
+    def ping(self) -> bool:
+        """Answer once the worker is up (used after a worker restart)."""
+        return True
 
     # -- set-up ------------------------------------------------------------------
     def _init_state(self, rng_key, init_params=None):
@@ -218,6 +225,9 @@ class NUTSChainRunner:
             ) + 1
             new_state = _to_numpy(new_state)
             elapsed = time.perf_counter() - start
+            if self.slowdown > 1.0:
+                time.sleep((self.slowdown - 1.0) * elapsed)
+                elapsed = time.perf_counter() - start
         except ChainError:
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with the chain id

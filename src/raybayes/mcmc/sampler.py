@@ -74,6 +74,14 @@ def sample(
     coords: dict | None = None,
     dims: dict | None = None,
     progress_bar: bool = True,
+    target_ess: float | None = None,
+    target_rhat: float | None = None,
+    target_var_names: list[str] | None = None,
+    max_samples: int | None = None,
+    max_time_s: float | None = None,
+    checkpoint_dir: str | None = None,
+    _scheduling: str = "dynamic",
+    _worker_slowdown: dict[int, float] | None = None,
 ):
     """Draw from a NumPyro model's posterior with NUTS, chains spread over workers.
 
@@ -106,13 +114,42 @@ def sample(
         coords, dims: extra ArviZ coordinates and dimensions (override the plate
             names inferred from the model).
         progress_bar: show one progress bar per chain on the driver.
+        target_ess: run until the bulk and the tail ESS (ArviZ, rank-normalised) of
+            every parameter (or of ``target_var_names``) reach this value;
+            ``num_samples`` is then the minimum number of draws per chain.
+        target_rhat: run until the rank-normalised split R-hat of every such
+            parameter is at most this value (e.g. 1.01).
+        target_var_names: the sites the targets apply to (default: all latent
+            sites).
+        max_samples: the most draws per chain when a target is given (default
+            ``10 * num_samples``).
+        max_time_s: stop after this many seconds of wall time (the draws so far are
+            returned, and the result says that the time limit stopped the run).
+        checkpoint_dir: write every chain's state (adaptation included) and its
+            draws there after each chunk, atomically. Calling ``sample`` again with
+            the same arguments and directory resumes the run, and ends with the
+            draws of an uninterrupted run. Draws stream there as Parquet files;
+            :func:`raybayes.mcmc.load_draws` reads the run so far at any time.
+
+    Chains advance in chunks of ``chunk_size`` iterations. A free worker always
+    advances the chain that has the fewest iterations, so chains may outnumber
+    workers, a slow worker never holds the others back, and chains stay within a
+    chunk or two of each other. With targets, diagnostics are evaluated each time
+    every chain has a multiple of ``chunk_size`` draws, and the run stops at the
+    first such point that meets them; since that point does not depend on timing,
+    the draws still do not depend on the number of workers. A worker that dies
+    (actor or node) is replaced; its chain continues from its last completed chunk
+    on another worker, and no draw is lost or changed.
 
     Returns:
         ``arviz.InferenceData`` with ``posterior`` (each site
         ``(num_chains, num_samples, *site_shape)``, plate dims named after the
         plates), ``sample_stats`` (``diverging``, ``tree_depth``, ``n_steps``,
         ``step_size``, ``energy``, ``acceptance_rate``, ``lp``) and
-        ``observed_data``.
+        ``observed_data``. ``idata.attrs`` holds ``stop_reason``
+        (``"num_samples"``, ``"targets_met"``, ``"max_samples"`` or
+        ``"max_time_s"``), ``targets_met`` and the final ``ess_bulk_min``,
+        ``ess_tail_min``, ``r_hat_max`` when targets were given.
 
     Raises:
         ConfigurationError: a bad argument (checked before anything runs).
@@ -146,6 +183,43 @@ def sample(
         raise ConfigurationError(
             f"target_accept_prob={target_accept_prob} must lie in (0, 1); 0.8 is usual."
         )
+    if target_ess is not None and not (np.isfinite(target_ess) and target_ess > 0):
+        raise ConfigurationError(
+            f"target_ess={target_ess!r} must be a positive number of effective draws, "
+            "e.g. target_ess=400."
+        )
+    if target_rhat is not None and not (np.isfinite(target_rhat) and target_rhat >= 1.0):
+        raise ConfigurationError(
+            f"target_rhat={target_rhat!r} is below 1; R-hat is >= 1 by construction. "
+            "Use e.g. target_rhat=1.01."
+        )
+    has_target = target_ess is not None or target_rhat is not None
+    if has_target and num_chains < 2 and target_rhat is not None:
+        raise ConfigurationError(
+            "target_rhat needs at least 2 chains (R-hat compares chains); "
+            f"got num_chains={num_chains}."
+        )
+    if max_samples is not None:
+        _check_positive_int("max_samples", max_samples)
+        if not has_target:
+            raise ConfigurationError(
+                "max_samples only applies with target_ess= or target_rhat=; without a "
+                "target, num_samples fixes the draws per chain. Drop max_samples or "
+                "give a target."
+            )
+        if max_samples < num_samples:
+            raise ConfigurationError(
+                f"max_samples={max_samples} is below num_samples={num_samples} (the "
+                "minimum draws per chain with a target). Raise max_samples."
+            )
+    if target_var_names is not None and not has_target:
+        raise ConfigurationError(
+            "target_var_names only applies with target_ess= or target_rhat=."
+        )
+    if max_time_s is not None and not max_time_s > 0:
+        raise ConfigurationError(f"max_time_s={max_time_s!r} must be > 0 seconds.")
+    if _scheduling not in ("dynamic", "static"):
+        raise ConfigurationError(f"_scheduling={_scheduling!r}; use 'dynamic' or 'static'.")
     if not callable(model):
         raise ConfigurationError(f"model={model!r} is not callable; pass a NumPyro model function.")
     model_kwargs = dict(model_kwargs or {})
@@ -162,6 +236,43 @@ def sample(
     site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
     site_dims.update(dims or {})
     site_coords.update(coords or {})
+    latent = [
+        n for n in site_dims if n not in observed
+    ]
+    if target_var_names is not None:
+        unknown = [v for v in target_var_names if v not in site_dims]
+        if unknown:
+            raise ConfigurationError(
+                f"target_var_names has unknown sites {unknown}; the model has "
+                f"{sorted(latent)}."
+            )
+    stopping = _StoppingRule(
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        var_names=target_var_names,
+        num_samples=num_samples,
+        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
+        max_time_s=max_time_s,
+        step=chunk_size,
+    )
+    store = None
+    if checkpoint_dir is not None:
+        from raybayes.mcmc.store import DrawStore
+
+        store = DrawStore(checkpoint_dir)
+        store.open(
+            dict(
+                num_chains=num_chains,
+                num_warmup=num_warmup,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                seed=seed,
+                model=getattr(model, "__qualname__", repr(model)),
+                kernel={k: repr(v) for k, v in sorted(kernel_kwargs.items())},
+                dims=site_dims,
+                coords={k: np.asarray(v).tolist() for k, v in site_coords.items()},
+            )
+        )
 
     engine = get_backend(
         backend, address=address, use_gpu=use_gpu, resources_per_worker=resources_per_worker
@@ -174,27 +285,36 @@ def sample(
         args_ref = engine.put((model_args, model_kwargs))
         pool = engine.create_pool(
             _make_runner,
-            (model, args_ref, num_warmup, chunk_size, kernel_kwargs),
+            (model, args_ref, num_warmup, chunk_size, kernel_kwargs, _worker_slowdown),
             num_workers=num_workers,
             name="nuts",
         )
         try:
-            chains = _run_chains(
-                pool, num_chains, num_warmup, num_samples, seed, chunk_size, init_params,
-                progress_bar,
-            )
+            chains, outcome = _ChainScheduler(
+                pool,
+                num_chains=num_chains,
+                num_warmup=num_warmup,
+                seed=seed,
+                chunk_size=chunk_size,
+                init_params=init_params,
+                stopping=stopping,
+                store=store,
+                progress_bar=progress_bar,
+                static=_scheduling == "static",
+            ).run()
         finally:
             pool.shutdown()
     finally:
         if owns_engine:
             engine.shutdown()
 
+    n = outcome["draws_per_chain"]
     posterior = {
-        name: np.stack([np.concatenate([d[name] for d in c.draws]) for c in chains])
+        name: np.stack([np.concatenate([d[name] for d in c.draws])[:n] for c in chains])
         for name in chains[0].draws[0]
     }
     sample_stats = {
-        name: np.stack([np.concatenate([s[name] for s in c.stats]) for c in chains])
+        name: np.stack([np.concatenate([s[name] for s in c.stats])[:n] for c in chains])
         for name in SAMPLE_STATS
     }
     return to_inference_data(
@@ -209,13 +329,14 @@ def sample(
             "num_warmup": num_warmup,
             "seed": seed,
             "num_workers": num_workers,
+            **{k: (int(v) if isinstance(v, bool) else v) for k, v in outcome.items() if v is not None},
         },
     )
 
 
-def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs):
+def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=None, *, worker_index=0):
     model_args, model_kwargs = args
-    return NUTSChainRunner(
+    runner = NUTSChainRunner(
         model,
         model_args,
         model_kwargs,
@@ -223,73 +344,266 @@ def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs):
         chunk_size=chunk_size,
         kernel_kwargs=kernel_kwargs,
     )
+    runner.slowdown = float((slowdown or {}).get(worker_index, 1.0))
+    return runner
 
 
-def _run_chains(pool, num_chains, num_warmup, num_samples, seed, chunk_size, init_params, progress_bar):
-    chains = [_Chain(c) for c in range(num_chains)]
-    total = num_warmup + num_samples
-    bar = ChainProgress(num_chains, total, enabled=progress_bar)
-    idle = list(range(pool.size))
-    pending = []
+_make_runner.accepts_worker_index = True
 
-    def next_work(chain: _Chain):
+
+@dataclass
+class _StoppingRule:
+    """When to stop sampling: fixed draws, or targets on ESS and R-hat."""
+
+    target_ess: float | None
+    target_rhat: float | None
+    var_names: list[str] | None
+    num_samples: int
+    max_samples: int
+    max_time_s: float | None
+    step: int
+
+    @property
+    def has_target(self):
+        return self.target_ess is not None or self.target_rhat is not None
+
+    def evaluation_points(self):
+        """Draws per chain at which the targets are checked (fixed in advance)."""
+        point = self.num_samples
+        while point < self.max_samples:
+            yield point
+            point += self.step
+        yield self.max_samples
+
+    def diagnostics(self, posterior: dict[str, np.ndarray]) -> dict[str, float]:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import arviz as az
+
+            names = self.var_names or list(posterior)
+            ds = az.convert_to_dataset({k: posterior[k] for k in names})
+            out = {}
+            if self.target_ess is not None:
+                out["ess_bulk_min"] = float(_min_over(az.ess(ds, method="bulk")))
+                out["ess_tail_min"] = float(_min_over(az.ess(ds, method="tail")))
+            if self.target_rhat is not None or posterior[names[0]].shape[0] > 1:
+                out["r_hat_max"] = float(_max_over(az.rhat(ds)))
+        return out
+
+    def met(self, diag: dict[str, float]) -> bool:
+        ok = True
+        if self.target_ess is not None:
+            ok &= diag["ess_bulk_min"] >= self.target_ess
+            ok &= diag["ess_tail_min"] >= self.target_ess
+        if self.target_rhat is not None:
+            ok &= diag["r_hat_max"] <= self.target_rhat
+        return bool(ok)
+
+
+def _min_over(ds):
+    vals = [np.nanmin(np.asarray(v)) if np.size(v) else np.inf for v in ds.data_vars.values()]
+    return min(vals) if vals else np.inf
+
+
+def _max_over(ds):
+    vals = [np.nanmax(np.asarray(v)) if np.size(v) else -np.inf for v in ds.data_vars.values()]
+    return max(vals) if vals else -np.inf
+
+
+class _ChainScheduler:
+    """Hands chunks of iterations to free workers; keeps chains balanced.
+
+    A free worker takes the chain with the fewest iterations (warmup included)
+    that is not running. During sampling a chain may run at most one chunk past
+    the next evaluation point (speculative draws, discarded if the run stops
+    there), which keeps every worker busy while the slowest chain catches up.
+    """
+
+    MAX_RESTARTS_PER_WORKER = 5
+
+    def __init__(self, pool, *, num_chains, num_warmup, seed, chunk_size, init_params,
+                 stopping, store, progress_bar, static=False):
+        self.pool = pool
+        self.num_warmup = num_warmup
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.init_params = init_params
+        self.stopping = stopping
+        self.store = store
+        self.static = static
+        self.chains = [_Chain(c) for c in range(num_chains)]
+        self.bar = ChainProgress(num_chains, num_warmup + stopping.num_samples, enabled=progress_bar)
+        self.restarts = [0] * pool.size
+        self._points = stopping.evaluation_points()
+        self.limit = next(self._points)
+        self.outcome: dict[str, Any] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _resume(self):
+        if self.store is None:
+            return
+        for chain in self.chains:
+            rec = self.store.read_state(chain.chain_id)
+            if rec is None:
+                continue
+            chain.state = rec["state"]
+            chain.warmup_done = rec["warmup_done"]
+            chain.samples_done = rec["samples_done"]
+            chain.divergences = rec["divergences"]
+            chain.draws, chain.stats = self.store.read_chunks(chain.chain_id, rec["num_chunks"])
+
+    def _checkpoint(self, chain: _Chain, new_chunk: bool):
+        if self.store is None:
+            return
+        if new_chunk:
+            self.store.write_chunk(
+                chain.chain_id, len(chain.draws) - 1, chain.draws[-1], chain.stats[-1]
+            )
+        self.store.write_state(
+            chain.chain_id,
+            dict(
+                state=chain.state,
+                warmup_done=chain.warmup_done,
+                samples_done=chain.samples_done,
+                divergences=chain.divergences,
+                num_chunks=len(chain.draws),
+            ),
+        )
+
+    def _next_work(self, chain: _Chain):
         if chain.state is None:
-            return ("init_chain", (chain.chain_id, chain_key(seed, chain.chain_id), init_params))
-        if chain.warmup_done < num_warmup:
-            n = min(chunk_size, num_warmup - chain.warmup_done)
-            return ("advance", (chain.chain_id, chain.state, n, False))
-        if chain.samples_done < num_samples:
-            n = min(chunk_size, num_samples - chain.samples_done)
-            return ("advance", (chain.chain_id, chain.state, n, True))
+            key = chain_key(self.seed, chain.chain_id)
+            return "init_chain", (chain.chain_id, key, self.init_params)
+        if chain.warmup_done < self.num_warmup:
+            n = min(self.chunk_size, self.num_warmup - chain.warmup_done)
+            return "advance", (chain.chain_id, chain.state, n, False)
+        lookahead = self.chunk_size if self.stopping.has_target else 0
+        cap = min(self.limit + lookahead, self.stopping.max_samples)
+        if chain.samples_done < cap:
+            n = min(self.chunk_size, cap - chain.samples_done)
+            return "advance", (chain.chain_id, chain.state, n, True)
         return None
 
-    try:
-        while True:
-            # Hand work to every idle worker: the chain furthest behind goes first.
-            while idle:
-                candidates = [
-                    c for c in chains if not c.running and next_work(c) is not None
-                ]
-                if not candidates:
+    def _pick(self, worker: int):
+        candidates = [
+            c for c in self.chains
+            if not c.running
+            and (not self.static or c.chain_id % self.pool.size == worker)
+            and self._next_work(c) is not None
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda c: (c.warmup_done + c.samples_done, c.chain_id))
+
+    def _evaluate(self) -> bool:
+        """Check the targets at the current evaluation point; True means stop."""
+        n = self.limit
+        if min(c.samples_done for c in self.chains) < n:
+            return False
+        if not self.stopping.has_target:
+            self.outcome.update(stop_reason="num_samples", draws_per_chain=n)
+            return True
+        posterior = {
+            k: np.stack([np.concatenate([d[k] for d in c.draws])[:n] for c in self.chains])
+            for k in self.chains[0].draws[0]
+        }
+        diag = self.stopping.diagnostics(posterior)
+        self.outcome.update(diag)
+        if self.stopping.met(diag):
+            self.outcome.update(stop_reason="targets_met", targets_met=True, draws_per_chain=n)
+            return True
+        if n >= self.stopping.max_samples:
+            self.outcome.update(stop_reason="max_samples", targets_met=False, draws_per_chain=n)
+            return True
+        self.limit = next(self._points)
+        return False
+
+    # -- the loop --------------------------------------------------------------------
+    def run(self):
+        self._resume()
+        pool, start = self.pool, time.perf_counter()
+        idle = list(range(pool.size))
+        self.pending = pending = []
+        try:
+            while not (self.outcome.get("stop_reason") or self._evaluate()):
+                if self.stopping.max_time_s and time.perf_counter() - start > self.stopping.max_time_s:
+                    n = min(c.samples_done for c in self.chains)
+                    self.outcome.update(
+                        stop_reason="max_time_s",
+                        targets_met=False if self.stopping.has_target else None,
+                        draws_per_chain=n,
+                    )
                     break
-                chain = min(candidates, key=lambda c: (c.warmup_done + c.samples_done, c.chain_id))
-                method, args = next_work(chain)
-                worker = idle.pop(0)
-                chain.running = True
-                pending.append(pool.submit(worker, method, *args, tag=chain.chain_id))
-            if not pending:
-                break
-            for fut in pool.wait(pending):
-                pending.remove(fut)
-                chain = chains[fut.tag]
-                chain.running = False
-                try:
-                    out = pool.result(fut)
-                except WorkerLostError:
-                    # The chain resumes from its last completed chunk elsewhere.
-                    pool.restart(fut.worker_index)
-                    idle.append(fut.worker_index)
+                for worker in list(idle):
+                    chain = self._pick(worker)
+                    if chain is None:
+                        continue
+                    method, args = self._next_work(chain)
+                    idle.remove(worker)
+                    chain.running = True
+                    pending.append(pool.submit(worker, method, *args, tag=chain.chain_id))
+                if not pending:
+                    if not idle:
+                        raise RuntimeError("no worker is left; every restart failed")
                     continue
+                timeout = None
+                if self.stopping.max_time_s:
+                    timeout = max(0.0, self.stopping.max_time_s - (time.perf_counter() - start))
+                for fut in pool.wait(pending, timeout_s=timeout):
+                    pending.remove(fut)
+                    self._handle(fut, idle)
+        finally:
+            self.bar.close()
+        if self.outcome["draws_per_chain"] == 0:
+            raise RuntimeError(
+                f"the run stopped ({self.outcome['stop_reason']}) before any chain "
+                "finished a sampling chunk; raise max_time_s."
+            )
+        return self.chains, self.outcome
+
+    def _handle(self, fut, idle):
+        pool = self.pool
+        if fut.tag == "__ping__":
+            try:
+                pool.result(fut)
                 idle.append(fut.worker_index)
-                if isinstance(out, ChunkResult):
-                    chain.state = out.state
-                    if out.draws is not None:
-                        chain.divergences += int(out.stats["diverging"].sum())
-                    if out.draws is None:
-                        chain.warmup_done += out.num_steps
-                    else:
-                        chain.samples_done += out.num_steps
-                        chain.draws.append(out.draws)
-                        chain.stats.append(out.stats)
-                else:
-                    chain.state = out
-                phase = "warmup" if chain.warmup_done < num_warmup else "sampling"
-                bar.update(
-                    chain.chain_id,
-                    chain.warmup_done + chain.samples_done,
-                    phase if chain.samples_done < num_samples else "done",
-                    chain.divergences,
-                )
-    finally:
-        bar.close()
-    return chains
+            except WorkerLostError:
+                self._restart(fut.worker_index)
+            return
+        chain = self.chains[fut.tag]
+        chain.running = False
+        try:
+            out = pool.result(fut)
+        except WorkerLostError:
+            # The chain resumes from its last completed chunk on another worker.
+            self._restart(fut.worker_index)
+            return
+        idle.append(fut.worker_index)
+        new_chunk = False
+        if isinstance(out, ChunkResult):
+            chain.state = out.state
+            if out.draws is None:
+                chain.warmup_done += out.num_steps
+            else:
+                chain.divergences += int(out.stats["diverging"].sum())
+                chain.samples_done += out.num_steps
+                chain.draws.append(out.draws)
+                chain.stats.append(out.stats)
+                new_chunk = True
+        else:
+            chain.state = out
+        self._checkpoint(chain, new_chunk)
+        phase = "warmup" if chain.warmup_done < self.num_warmup else "sampling"
+        total = self.num_warmup + max(self.limit, chain.samples_done)
+        self.bar.update(chain.chain_id, chain.warmup_done + chain.samples_done, phase,
+                        chain.divergences, total=total)
+
+    def _restart(self, worker):
+        self.restarts[worker] += 1
+        if self.restarts[worker] > self.MAX_RESTARTS_PER_WORKER:
+            return  # give up on this slot; the others carry on
+        self.pool.restart(worker)
+        # The worker is idle again once it answers; until then its slot is unused.
+        self.pending.append(self.pool.submit(worker, "ping", tag="__ping__"))
