@@ -8,13 +8,19 @@ from raybayes.errors import (
     RaybayesError,
     RaybayesWarning,
 )
-from raybayes.mcmc import sample
+from raybayes.fleet import aggregate, connect_results, fit_many, plot_group
+from raybayes.mcmc import load_draws, sample
 from raybayes.results import print_summary, summary, to_inference_data
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sample",
+    "load_draws",
+    "fit_many",
+    "aggregate",
+    "plot_group",
+    "connect_results",
     "summary",
     "print_summary",
     "to_inference_data",

@@ -53,6 +53,15 @@ def quickstart(
         raise typer.Exit(code=2) from None
 
 
+def _register_subcommands():
+    from raybayes.fleet.cli import register as register_fleet
+
+    register_fleet(app)
+
+
+_register_subcommands()
+
+
 def main():  # pragma: no cover - entry point
     app()
 

@@ -138,6 +138,35 @@ class RayWorkerPool(WorkerPool):
         self._actors = []
 
 
+def _ship_by_value(objects) -> None:
+    """Pickle user code by value, so workers need not import the user's modules.
+
+    Functions defined in scripts, notebooks, test files or local modules (a model,
+    say) cannot be imported on the workers of a cluster. Their modules are
+    registered with Ray's cloudpickle to travel by value. Installed packages are
+    left alone: workers import those.
+    """
+    import sys
+
+    from ray import cloudpickle
+
+    for obj in objects:
+        if not callable(obj):
+            continue
+        name = getattr(obj, "__module__", None) or ""
+        module = sys.modules.get(name)
+        if module is None or name == "__main__":
+            continue
+        top = name.split(".")[0]
+        path = getattr(module, "__file__", "") or ""
+        if top in ("raybayes", "numpyro", "jax", "ray") or "-packages" in path:
+            continue
+        try:
+            cloudpickle.register_pickle_by_value(module)
+        except (ValueError, TypeError):  # builtins and the like
+            pass
+
+
 def _check_reachable(address: str, timeout_s: float) -> None:
     """Fail fast, naming the address and the timeout, if nothing listens there."""
     if address in ("auto", "local"):
@@ -273,6 +302,7 @@ class RayBackend(Backend):
 
     def create_pool(self, factory: Callable[..., Any], factory_args=(), *, num_workers, name="worker"):
         self.start()
+        _ship_by_value(factory_args)
         pool = RayWorkerPool(factory, tuple(factory_args), num_workers, self._actor_options(), name)
         self._pools.append(pool)
         return pool

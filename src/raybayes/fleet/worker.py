@@ -176,6 +176,8 @@ class FleetBatchWorker:
                 good.append((rec, t, v))
             except DataValidationError as err:
                 rec.update(status="invalid", error=str(err))
+            except (pa.ArrowException, ValueError, TypeError) as err:
+                rec.update(status="invalid", error=f"could not read the group's rows: {err}")
             records.append(rec)
         if good:
             self._fit(good)

@@ -2,5 +2,6 @@
 
 from raybayes.mcmc.chain import ChunkResult, NUTSChainRunner, chain_key
 from raybayes.mcmc.sampler import sample
+from raybayes.mcmc.store import load_draws
 
-__all__ = ["ChunkResult", "NUTSChainRunner", "chain_key", "sample"]
+__all__ = ["ChunkResult", "NUTSChainRunner", "chain_key", "sample", "load_draws"]

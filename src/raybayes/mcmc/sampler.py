@@ -436,6 +436,7 @@ class _ChainScheduler:
         self.chains = [_Chain(c) for c in range(num_chains)]
         self.bar = ChainProgress(num_chains, num_warmup + stopping.num_samples, enabled=progress_bar)
         self.restarts = [0] * pool.size
+        self.last_loss = None
         self._points = stopping.evaluation_points()
         self.limit = next(self._points)
         self.outcome: dict[str, Any] = {}
@@ -546,7 +547,11 @@ class _ChainScheduler:
                     pending.append(pool.submit(worker, method, *args, tag=chain.chain_id))
                 if not pending:
                     if not idle:
-                        raise RuntimeError("no worker is left; every restart failed")
+                        raise WorkerLostError(
+                            -1,
+                            "every worker was lost and could not be restarted; last "
+                            f"error: {self.last_loss}",
+                        )
                     continue
                 timeout = None
                 if self.stopping.max_time_s:
@@ -569,16 +574,16 @@ class _ChainScheduler:
             try:
                 pool.result(fut)
                 idle.append(fut.worker_index)
-            except WorkerLostError:
-                self._restart(fut.worker_index)
+            except WorkerLostError as err:
+                self._restart(fut.worker_index, err)
             return
         chain = self.chains[fut.tag]
         chain.running = False
         try:
             out = pool.result(fut)
-        except WorkerLostError:
+        except WorkerLostError as err:
             # The chain resumes from its last completed chunk on another worker.
-            self._restart(fut.worker_index)
+            self._restart(fut.worker_index, err)
             return
         idle.append(fut.worker_index)
         new_chunk = False
@@ -600,7 +605,8 @@ class _ChainScheduler:
         self.bar.update(chain.chain_id, chain.warmup_done + chain.samples_done, phase,
                         chain.divergences, total=total)
 
-    def _restart(self, worker):
+    def _restart(self, worker, error=None):
+        self.last_loss = error
         self.restarts[worker] += 1
         if self.restarts[worker] > self.MAX_RESTARTS_PER_WORKER:
             return  # give up on this slot; the others carry on

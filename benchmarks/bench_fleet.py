@@ -1,0 +1,81 @@
+"""Fleet throughput: CPU-seconds per 2-state Poisson HMM, ours vs NumPyro one at a time.
+
+Workload: synthetic 2-state Poisson HMMs (raybayes.datasets.fleet), T hourly points.
+Ours: fit_many (NUTS, 4 chains, MAP init, draws extended until bulk ESS >= 400 and
+R-hat <= 1.01), in-process backend so that process CPU time covers all the work.
+Peer: NumPyro MCMC on the same model, one model at a time, 4 chains sequential,
+500 warmup + 500 draws. Both figures and the ratio come from the same run.
+
+    python benchmarks/bench_fleet.py --num-models 8 --num-steps 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+
+import jax
+import numpy as np
+import pandas as pd
+
+from raybayes.datasets.fleet import simulate_fleet
+from raybayes.fleet import connect_results, fit_many
+from raybayes.models.hmm import poisson_hmm
+
+
+def peer(ys, num_warmup=500, num_samples=500):
+    import arviz as az
+    from numpyro.infer import MCMC, NUTS
+
+    cpu0 = time.process_time()
+    ok = 0
+    for y in ys:
+        mcmc = MCMC(NUTS(poisson_hmm), num_warmup=num_warmup, num_samples=num_samples,
+                    num_chains=4, chain_method="sequential", progress_bar=False)
+        mcmc.run(jax.random.PRNGKey(0), jax.numpy.asarray(y, jax.numpy.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = az.summary(az.from_numpyro(mcmc))
+        ok += bool((s["ess_bulk"] >= 400).all() and (s["r_hat"] <= 1.01).all())
+    return (time.process_time() - cpu0) / len(ys), ok / len(ys)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-models", type=int, default=8)
+    ap.add_argument("--num-steps", type=int, default=10_000)
+    ap.add_argument("--peer-models", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp()
+    truth = simulate_fleet(tmp, 1, 1, args.num_models, num_steps=args.num_steps, seed=11)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    res = fit_many(f"{tmp}/data", ["region", "demographic", "network"], f"{tmp}/out",
+                   backend="local", batch_size=args.batch_size, num_predictive_draws=100,
+                   progress_bar=True)
+    ours_cpu = (time.process_time() - cpu0) / args.num_models
+    wall = time.perf_counter() - t0
+    man = res.manifest
+    met = ((man["min_ess_bulk"] >= 400) & (man["max_r_hat"] <= 1.01)).mean()
+    con = connect_results(f"{tmp}/out")
+    s = con.execute("SELECT demographic, network, parameter, q05, q95 FROM summary").df()
+    t = truth.melt(id_vars=["demographic", "network"], value_vars=["rate_0", "rate_1"],
+                   var_name="p", value_name="true")
+    t["parameter"] = t["p"].str.replace("rate_", "rate[") + "]"
+    m = s.merge(t, on=["demographic", "network", "parameter"])
+    coverage = ((m["q05"] <= m["true"]) & (m["true"] <= m["q95"])).mean()
+    ys = [pd.read_parquet(f"{tmp}/data/region=r0/demographic=d0/network=n{i}")["count"].to_numpy()
+          for i in range(min(args.peer_models, args.num_models))]
+    peer_cpu, peer_met = peer(ys)
+    print(f"models {args.num_models}, T {args.num_steps}")
+    print(f"ours: {ours_cpu:.1f} CPU-s/model (wall {wall:.0f} s), target met in {met:.0%}, "
+          f"90% coverage of true rates {coverage:.0%}")
+    print(f"peer: {peer_cpu:.1f} CPU-s/model, target met in {peer_met:.0%}")
+    print(f"ratio (models per CPU-s, ours / peer): {peer_cpu / ours_cpu:.2f}")
+
+
+if __name__ == "__main__":
+    main()

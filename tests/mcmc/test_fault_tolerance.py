@@ -1,0 +1,159 @@
+"""Lost workers, lost nodes and a killed driver change neither the draws nor their number."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import raybayes  # noqa: E402
+from raybayes.backends import RayBackend  # noqa: E402
+from raybayes.mcmc.store import load_draws  # noqa: E402
+
+Y = np.array([28.0, 8, -3, 7, -1, 1, 18, 12])
+SIGMA = np.array([15.0, 10, 16, 11, 9, 11, 10, 18])
+
+MODEL_SRC = textwrap.dedent(
+    """
+    import numpyro, numpyro.distributions as dist
+
+    def eight_schools(y, sigma):
+        mu = numpyro.sample("mu", dist.Normal(0, 5))
+        tau = numpyro.sample("tau", dist.HalfCauchy(5))
+        with numpyro.plate("school", len(y)):
+            th = numpyro.sample("theta_trans", dist.Normal(0, 1))
+            numpyro.deterministic("theta", mu + tau * th)
+            numpyro.sample("y", dist.Normal(mu + tau * th, sigma), obs=y)
+    """
+)
+namespace: dict = {"__name__": "eight_schools_model"}
+exec(MODEL_SRC, namespace)
+eight_schools = namespace["eight_schools"]
+
+KW = dict(num_chains=4, num_warmup=150, num_samples=150, chunk_size=25, seed=3, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return raybayes.sample(eight_schools, Y, SIGMA, backend="local", **KW)
+
+
+def _same(a, b):
+    return all(np.array_equal(a.posterior[k].values, b.posterior[k].values) for k in a.posterior)
+
+
+class _KillOnce:
+    """A pool wrapper that kills worker 0 after its first completed chunk."""
+
+    def __init__(self, pool):
+        self._pool, self._done = pool, False
+        self.size = pool.size
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    def result(self, fut):
+        out = self._pool.result(fut)
+        if not self._done and fut.worker_index == 0 and fut.tag != "__ping__":
+            self._done = True
+            self._pool.kill(0)
+        return out
+
+
+def test_killed_actor_changes_nothing(reference, monkeypatch):
+    from raybayes.mcmc import sampler
+
+    real = sampler._ChainScheduler.__init__
+    seen = {}
+
+    def init(self, pool, **kw):
+        seen["pool"] = pool = _KillOnce(pool)
+        real(self, pool, **kw)
+        seen["sched"] = self
+
+    monkeypatch.setattr(sampler._ChainScheduler, "__init__", init)
+    backend = RayBackend(num_cpus=2)
+    with backend:
+        got = raybayes.sample(eight_schools, Y, SIGMA, backend=backend, num_workers=2, **KW)
+    assert seen["pool"]._done
+    assert seen["sched"].restarts[0] >= 1
+    assert _same(reference, got)
+    assert got.posterior.sizes["draw"] == KW["num_samples"]
+
+
+def test_lost_node_changes_nothing(reference):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        backend = RayBackend(address=cluster.address)
+        backend.start()
+        killed = {}
+
+        from raybayes.mcmc import sampler
+
+        class KillNode(_KillOnce):
+            def result(self, fut):
+                out = self._pool.result(fut)
+                if not killed and fut.tag != "__ping__" and isinstance(out, raybayes.mcmc.ChunkResult):
+                    killed["node"] = True
+                    cluster.remove_node(node, allow_graceful=False)
+                return out
+
+        real = sampler._ChainScheduler.__init__
+
+        def init(self, pool, **kw):
+            real(self, KillNode(pool), **kw)
+
+        sampler._ChainScheduler.__init__ = init
+        try:
+            got = raybayes.sample(eight_schools, Y, SIGMA, backend=backend, num_workers=2, **KW)
+        finally:
+            sampler._ChainScheduler.__init__ = real
+            backend.shutdown()
+            ray.shutdown()
+        assert killed
+        assert _same(reference, got)
+    finally:
+        cluster.shutdown()
+
+
+def test_killed_driver_resumes(reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    script = tmp_path / "run.py"
+    script.write_text(
+        MODEL_SRC
+        + textwrap.dedent(
+            f"""
+            import sys, numpy as np, raybayes
+            y = np.array({Y.tolist()}); s = np.array({SIGMA.tolist()})
+            raybayes.sample(eight_schools, y, s, backend="local",
+                            checkpoint_dir={str(ckpt)!r}, **{KW!r})
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    # Kill the driver once some sampling chunks are on disk.
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if len(list(ckpt.glob("chain-*/draws-*.parquet"))) >= 3:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = load_draws(ckpt)
+    assert partial is not None and partial.posterior.sizes["draw"] < KW["num_samples"]
+    # The same call again resumes and ends with the uninterrupted draws.
+    namespace_model = eight_schools
+    got = raybayes.sample(namespace_model, Y, SIGMA, backend="local", checkpoint_dir=ckpt, **KW)
+    assert _same(reference, got)
