@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import scipy.linalg.blas
 
 __all__ = ["FAMILIES", "ShardTerms", "GLMShard", "logistic_nll", "poisson_nll"]
 
@@ -74,6 +75,19 @@ def _poisson_block(z, y, need_grad, need_hess):
 
 
 _BLOCK_FNS = {"logistic": _logistic_block, "poisson": _poisson_block}
+
+
+def _gram(S):
+    """``S.T @ S`` for a C-contiguous ``(k, d)`` block, via BLAS syrk."""
+    syrk = _SYRK.get(S.dtype.char)
+    if syrk is None:
+        return S.T @ S
+    # S.T is Fortran-ordered (d, k): syrk(a) = a @ a.T, upper triangle only.
+    upper = syrk(1.0, S.T, trans=0, lower=0)
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
+_SYRK = {"f": scipy.linalg.blas.ssyrk, "d": scipy.linalg.blas.dsyrk}
 
 
 class GLMShard:
@@ -164,9 +178,11 @@ class GLMShard:
                 g[:d] += Xb.T @ r
                 g[d] += float(np.sum(r, dtype=np.float64))
             if need_hess:
-                Xw = Xb * w[:, None]
-                H[:d, :d] += Xb.T @ Xw
-                col = Xw.sum(axis=0, dtype=np.float64)
+                # X_b^T diag(w) X_b = S^T S with S = sqrt(w) X_b: one symmetric
+                # rank-k update (BLAS syrk, half the flops of a general product).
+                Xs = Xb * np.sqrt(w)[:, None]
+                H[:d, :d] += _gram(Xs)
+                col = (Xb.T @ w).astype(np.float64)
                 H[:d, d] += col
                 H[d, :d] += col
                 H[d, d] += float(np.sum(w, dtype=np.float64))
