@@ -16,21 +16,28 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_backend():
+def ray_backend(request):
     """An embedded 2-CPU Ray instance, started once per test module.
 
     Pass it as ``backend=`` to :func:`raybayes.sample` so that it is reused; the
     sampler does not shut down a backend it did not create. It is shut down at the
     end of the module, and no Ray process outlives it.
+
+    Test modules are not importable on Ray workers, so the requesting module's
+    functions (its models) are sent to the workers by value.
     """
     ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
     from raybayes.backends import RayBackend
 
     if ray.is_initialized():
         pytest.fail("a Ray instance is already running; each module must stop its own")
+    cloudpickle.register_pickle_by_value(request.module)
     backend = RayBackend(num_cpus=2).start()
     try:
         yield backend
     finally:
         backend.shutdown()
+        cloudpickle.unregister_pickle_by_value(request.module)
     assert not ray.is_initialized()

@@ -9,7 +9,10 @@ from raybayes.errors import (
     RaybayesWarning,
 )
 from raybayes.fleet import aggregate, connect_results, fit_many, plot_group
+from raybayes.core import Partition
 from raybayes.mcmc import load_draws, sample
+from raybayes.optim import find_map, laplace, laplace_approximation
+from raybayes.plan import Plan, plan
 from raybayes.results import print_summary, summary, to_inference_data
 
 __version__ = "0.1.0"
@@ -17,6 +20,12 @@ __version__ = "0.1.0"
 __all__ = [
     "sample",
     "load_draws",
+    "plan",
+    "Plan",
+    "Partition",
+    "find_map",
+    "laplace",
+    "laplace_approximation",
     "fit_many",
     "aggregate",
     "plot_group",

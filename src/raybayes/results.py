@@ -31,9 +31,13 @@ def model_site_info(model, model_args=(), model_kwargs=None, seed: int = 0):
         ``observed`` maps each observed site to its value as a NumPy array.
     """
     from numpyro import handlers
+    from numpyro.infer.initialization import init_to_uniform
 
     model_kwargs = model_kwargs or {}
-    trace = handlers.trace(handlers.seed(model, seed)).get_trace(*model_args, **model_kwargs)
+    # Substituting init_to_uniform values lets models with improper priors
+    # (ImproperUniform) be traced, as NumPyro's MCMC does.
+    traced = handlers.substitute(handlers.seed(model, seed), substitute_fn=init_to_uniform)
+    trace = handlers.trace(traced).get_trace(*model_args, **model_kwargs)
     dims: dict[str, list[str]] = {}
     coords: dict[str, Any] = {}
     observed: dict[str, np.ndarray] = {}
@@ -54,7 +58,8 @@ def model_site_info(model, model_args=(), model_kwargs=None, seed: int = 0):
                 continue
             names[idx] = frame.name
             coords.setdefault(frame.name, np.arange(frame.size))
-        if site["type"] == "sample" and site.get("is_observed"):
+        is_factor = type(site.get("fn")).__name__ == "Unit"  # numpyro.factor
+        if site["type"] == "sample" and site.get("is_observed") and not is_factor:
             observed[name] = value
         if names:
             dims[name] = names
@@ -78,7 +83,7 @@ def to_inference_data(
         observed_data: site -> observed value.
         dims: site -> dimension names of the site (without chain/draw).
         coords: dimension name -> coordinate values.
-        attrs: attributes stored on every group.
+        attrs: attributes of the InferenceData (``idata.attrs``).
 
     Returns:
         ``arviz.InferenceData`` with groups ``posterior``, ``sample_stats`` and

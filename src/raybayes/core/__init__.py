@@ -7,7 +7,12 @@
   sum over shards is the full log joint.
 """
 
-from raybayes.core.partition import Partition, ShardSpec, assign_entities, shard_model_kwargs
+from raybayes.core.partition import (
+    Partition,
+    ShardSpec,
+    assign_entities,
+    shard_model_kwargs,
+)
 from raybayes.core.shard_density import (
     ShardLogDensity,
     SiteInfo,

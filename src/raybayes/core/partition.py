@@ -241,6 +241,6 @@ def shard_model_kwargs(
             rows = slice(int(rows[0]), int(rows[-1]) + 1)  # sorted data: a view
         out[partition.index_arg] = (index[rows] - lo).astype(index.dtype)
         for name in partition.obs_args:
-            if model_kwargs[name] is not None:
+            if name != partition.index_arg and model_kwargs[name] is not None:
                 out[name] = np.asarray(model_kwargs[name])[rows]
     return out

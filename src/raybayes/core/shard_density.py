@@ -84,7 +84,9 @@ class SiteInfo:
 
 
 def _split_kwargs(model_kwargs):
-    arrays = {k: v for k, v in model_kwargs.items() if isinstance(v, (np.ndarray, jax.Array))}
+    arrays = {
+        k: v for k, v in model_kwargs.items() if isinstance(v, (np.ndarray, jax.Array))
+    }
     static = {k: v for k, v in model_kwargs.items() if k not in arrays}
     return arrays, static
 
@@ -122,6 +124,12 @@ def trace_latent_sites(
         is_local = bool(local & set(plates))
         shape = tuple(np.shape(site["value"]))
         support = site["fn"].support
+        if getattr(support, "is_discrete", False):
+            raise ConfigurationError(
+                f"latent site {name!r} is discrete ({type(support).__name__}); MAP and "
+                "Laplace need continuous latent variables. Pass its observed value, or "
+                "marginalise it (e.g. an HMM's states with the forward algorithm)."
+            )
         t = biject_to(support)
         ushape = tuple(t.inverse_shape(shape))
         axis = caxis = None
@@ -136,7 +144,9 @@ def trace_latent_sites(
             event_dim = len(site["fn"].event_shape)
             caxis = len(shape) - event_dim + frame.dim
             axis = len(ushape) - t.domain.event_dim + frame.dim
-        sites[name] = SiteInfo(name, shape, ushape, plates, is_local, axis, caxis, support)
+        sites[name] = SiteInfo(
+            name, shape, ushape, plates, is_local, axis, caxis, support
+        )
     return sites, tr
 
 
@@ -182,24 +192,31 @@ class ShardLogDensity:
         self.partition = partition
         self.num_shards = int(num_shards)
         self.model_args = tuple(model_args)
-        self.sites, self.trace = trace_latent_sites(model, shard_kwargs, partition, model_args)
+        self.sites, self.trace = trace_latent_sites(
+            model, shard_kwargs, partition, model_args
+        )
         self.global_sites = [s for s in self.sites.values() if not s.is_local]
         self.local_sites = [s for s in self.sites.values() if s.is_local]
-        self.num_global = int(sum(np.prod(s.unconstrained_shape, dtype=int) for s in self.global_sites))
+        self.num_global = int(
+            sum(np.prod(s.unconstrained_shape, dtype=int) for s in self.global_sites)
+        )
         if self.local_sites:
             first = self.local_sites[0]
             self.num_local_entities = int(first.unconstrained_shape[first.entity_axis])
         else:
             self.num_local_entities = 0
         self._local_widths = [
-            int(np.prod(s.unconstrained_shape, dtype=int)) // max(self.num_local_entities, 1)
+            int(np.prod(s.unconstrained_shape, dtype=int))
+            // max(self.num_local_entities, 1)
             for s in self.local_sites
         ]
         self.num_local_per_entity = int(sum(self._local_widths))
         self._arrays, self._static = _split_kwargs(dict(shard_kwargs))
         self._arrays = {k: jnp.asarray(v) for k, v in self._arrays.items()}
         local_plates = partition.local_plates if partition is not None else frozenset()
-        self._scaled_model = scale_global_sites(model, 1.0 / self.num_shards, local_plates)
+        self._scaled_model = scale_global_sites(
+            model, 1.0 / self.num_shards, local_plates
+        )
         self._value_and_grad = jax.jit(jax.value_and_grad(self._neg, argnums=(0, 1)))
         self._hvp = jax.jit(self._hvp_impl)
         self._columns = jax.jit(self._columns_impl, static_argnums=(5,))
@@ -211,10 +228,12 @@ class ShardLogDensity:
         offset = 0
         for s in self.global_sites:
             size = int(np.prod(s.unconstrained_shape, dtype=int))
-            params[s.name] = jnp.reshape(global_flat[offset : offset + size], s.unconstrained_shape)
+            params[s.name] = jnp.reshape(
+                global_flat[offset : offset + size], s.unconstrained_shape
+            )
             offset += size
         col = 0
-        for s, width in zip(self.local_sites, self._local_widths):
+        for s, width in zip(self.local_sites, self._local_widths, strict=True):
             block = local_mat[:, col : col + width]
             moved = list(s.unconstrained_shape)
             moved.insert(0, moved.pop(s.entity_axis))
@@ -227,12 +246,16 @@ class ShardLogDensity:
         g = [jnp.ravel(jnp.asarray(params[s.name])) for s in self.global_sites]
         global_flat = jnp.concatenate(g) if g else jnp.zeros((0,))
         cols = [
-            jnp.reshape(jnp.moveaxis(jnp.asarray(params[s.name]), s.entity_axis, 0),
-                        (self.num_local_entities, -1))
+            jnp.reshape(
+                jnp.moveaxis(jnp.asarray(params[s.name]), s.entity_axis, 0),
+                (self.num_local_entities, -1),
+            )
             for s in self.local_sites
         ]
         local_mat = (
-            jnp.concatenate(cols, axis=1) if cols else jnp.zeros((self.num_local_entities, 0))
+            jnp.concatenate(cols, axis=1)
+            if cols
+            else jnp.zeros((self.num_local_entities, 0))
         )
         return global_flat, local_mat
 
@@ -253,7 +276,10 @@ class ShardLogDensity:
 
     def unconstrain(self, values: Mapping[str, Any]) -> dict:
         """Unconstrained site values from constrained ones."""
-        return {name: self.sites[name].transform.inv(jnp.asarray(v)) for name, v in values.items()}
+        return {
+            name: self.sites[name].transform.inv(jnp.asarray(v))
+            for name, v in values.items()
+        }
 
     # ------------------------------------------------------------- densities
     def log_density_params(self, params: Mapping[str, Any], arrays=None) -> jax.Array:
@@ -293,7 +319,7 @@ class ShardLogDensity:
     def _hvp_impl(self, global_flat, local_mat, tangent_global, tangent_local, arrays):
         grad = jax.grad(self._neg, argnums=(0, 1))
         _, out = jax.jvp(
-            lambda g, l: grad(g, l, arrays),
+            lambda g, lm: grad(g, lm, arrays),
             (global_flat, local_mat),
             (tangent_global, tangent_local),
         )
@@ -308,7 +334,9 @@ class ShardLogDensity:
 
     def hvp(self, global_flat, local_mat, tangent_global, tangent_local):
         """Hessian-vector product of the negative shard log joint (jitted)."""
-        return self._hvp(global_flat, local_mat, tangent_global, tangent_local, self._arrays)
+        return self._hvp(
+            global_flat, local_mat, tangent_global, tangent_local, self._arrays
+        )
 
     def local_hessian_blocks(self, global_flat, local_mat) -> jax.Array:
         """The ``(num_local_entities, k, k)`` diagonal blocks of the local Hessian.
@@ -332,7 +360,9 @@ class ShardLogDensity:
         """
         eye = jnp.eye(self.num_global, dtype=global_flat.dtype)
         zl = jnp.zeros_like(local_mat)
-        hgg, hlg = self._columns(global_flat, local_mat, eye, zl, self._arrays, batch_size)
+        hgg, hlg = self._columns(
+            global_flat, local_mat, eye, zl, self._arrays, batch_size
+        )
         return hgg, jnp.moveaxis(hlg, 0, -1)
 
 
@@ -389,5 +419,7 @@ def shard_log_density(
         return density.log_density_params(params)
     local_plates = partition.local_plates if partition is not None else frozenset()
     scaled = scale_global_sites(model, 1.0 / num_shards, local_plates)
-    lp, _ = _numpyro_log_density(scaled, tuple(model_args), dict(shard_kwargs), dict(params))
+    lp, _ = _numpyro_log_density(
+        scaled, tuple(model_args), dict(shard_kwargs), dict(params)
+    )
     return lp

@@ -45,7 +45,8 @@ def load_orange_juice(stores: int | None = None) -> pd.DataFrame:
         all stores) and columns ``store`` (int), ``brand`` (int, 1-11), ``week``
         (int, 40-160), ``units`` (int64, units sold = ``exp(logmove)``), ``price``
         (float, the row's own-brand price in dollars per ounce), ``deal`` (0/1,
-        in-store coupon), ``feat`` (0/1, feature advertisement).
+        in-store coupon), ``feat`` (float in [0, 1], feature advertisement; a share
+        in some rows).
 
     Examples:
         >>> df = load_orange_juice()
@@ -69,6 +70,6 @@ def load_orange_juice(stores: int | None = None) -> pd.DataFrame:
             "units": np.rint(np.exp(raw["logmove"].to_numpy())).astype(np.int64),
             "price": own_price.astype(np.float64),
             "deal": raw["deal"].astype(np.int64).to_numpy(),
-            "feat": raw["feat"].astype(np.int64).to_numpy(),
+            "feat": raw["feat"].astype(np.float64).to_numpy(),
         }
     ).reset_index(drop=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from raybayes.backends import Backend, get_backend
-from raybayes.errors import ConfigurationError, WorkerLostError
+from raybayes.errors import ChainError, ConfigurationError, WorkerLostError
 from raybayes.mcmc.chain import SAMPLE_STATS, ChunkResult, NUTSChainRunner, chain_key
 from raybayes.progress import ChainProgress
 from raybayes.results import model_site_info, to_inference_data
@@ -231,9 +231,21 @@ def sample(
         dense_mass=dense_mass,
     )
 
+    engine = get_backend(
+        backend, address=address, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+    )
     # Driver-side trace: plate names for dims, and observed data (runs the model
     # once; a model that raises fails here, before any worker starts).
-    site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
+    try:
+        site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the traceback
+        import traceback
+
+        raise ChainError(
+            "(all chains: the model raised when traced on the driver, before sampling)",
+            repr(err),
+            traceback.format_exc(),
+        ) from None
     site_dims.update(dims or {})
     site_coords.update(coords or {})
     latent = [
@@ -274,9 +286,6 @@ def sample(
             )
         )
 
-    engine = get_backend(
-        backend, address=address, use_gpu=use_gpu, resources_per_worker=resources_per_worker
-    )
     owns_engine = not isinstance(backend, Backend)
     engine.start()
     try:

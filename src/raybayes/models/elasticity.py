@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
+from numpyro.infer.reparam import LocScaleReparam
 
 __all__ = ["elasticity_model"]
 
@@ -18,25 +19,28 @@ def elasticity_model(
     num_times: int,
     units=None,
     likelihood: str = "negbin",
+    centered: bool = False,
 ):
     """Hierarchical price elasticity of every product, pooled within categories.
 
     ``log E[units_it] = beta_i log(price_it) + gamma_{c(i),t} + delta_i``, with
     product ``i`` (e.g. store x brand), category ``c`` (e.g. brand) and period ``t``.
 
-    Priors (the elasticities in a non-centred parameterization, ``z ~ N(0, 1)``)::
+    Priors (non-centred parameterization, ``z ~ N(0, 1)``)::
 
         beta_global ~ N(-2, 1)
         beta_category_c = beta_global + sigma_category * z_c       sigma_* ~ HalfNormal(1)
         beta_i = beta_category_c(i) + sigma_beta * z_i
-        delta_i ~ N(mu_delta, sigma_delta)                         mu_delta ~ N(0, 10)
-        gamma_{t,c} ~ N(0, sigma_gamma)
+        delta_i = mu_delta + sigma_delta * z_delta_i               mu_delta ~ N(0, 10)
+        gamma_{t,c} = sigma_gamma * z_gamma_{t,c}
         units_it ~ NegativeBinomial2(mean, concentration)          concentration ~ Exp(0.1)
                    (or Poisson(mean) with likelihood="poisson")
 
-    The product intercepts ``delta`` and the category-period effects ``gamma`` are
-    each informed by many observations, where the centred form samples better
-    (Betancourt & Girolami 2015); the elasticities are non-centred.
+    ``centered=True`` samples ``delta`` and ``gamma`` in the centred form instead
+    (via :class:`numpyro.infer.reparam.LocScaleReparam`; their sample sites are then
+    ``delta``/``gamma`` instead of ``delta_decentered``/``gamma_decentered``). The
+    centred form can sample better when each intercept is informed by many
+    observations, but it has no joint mode (MAP degenerates as the scales go to 0).
 
     Plates: ``categories`` (C), ``products`` (P), ``times`` (T, outer) x
     ``categories`` for gamma, and ``obs`` (N). All indices are precomputed
@@ -52,6 +56,7 @@ def elasticity_model(
         units: ``(N,)`` observed counts, or ``None`` to sample the prior predictive.
         likelihood: ``"negbin"`` (default; real sales are overdispersed) or
             ``"poisson"``.
+        centered: sample the intercepts ``delta`` and effects ``gamma`` centred.
 
     Sites of interest: ``beta`` (P,) product elasticities, ``beta_category`` (C,),
     ``beta_global``.
@@ -64,6 +69,7 @@ def elasticity_model(
     """
     if likelihood not in ("negbin", "poisson"):
         raise ValueError(f"likelihood={likelihood!r}; use 'negbin' or 'poisson'.")
+    reparam = {} if centered else {"gamma": LocScaleReparam(0.0), "delta": LocScaleReparam(0.0)}
     num_products = category_of_product.shape[0]
     num_obs = log_price.shape[0]
     beta_global = numpyro.sample("beta_global", dist.Normal(-2.0, 1.0))
@@ -77,14 +83,15 @@ def elasticity_model(
         beta_category = numpyro.deterministic(
             "beta_category", beta_global + sigma_category * z_category
         )
-        with numpyro.plate("times", num_times, dim=-2):
+        with numpyro.plate("times", num_times, dim=-2), numpyro.handlers.reparam(config=reparam):
             gamma = numpyro.sample("gamma", dist.Normal(0.0, sigma_gamma))
     with numpyro.plate("products", num_products, dim=-1):
         z_beta = numpyro.sample("z_beta", dist.Normal(0.0, 1.0))
         beta = numpyro.deterministic(
             "beta", beta_category[category_of_product] + sigma_beta * z_beta
         )
-        delta = numpyro.sample("delta", dist.Normal(mu_delta, sigma_delta))
+        with numpyro.handlers.reparam(config=reparam):
+            delta = numpyro.sample("delta", dist.Normal(mu_delta, sigma_delta))
     log_mu = (
         beta[product_idx] * log_price
         + gamma[time_idx, category_of_product[product_idx]]

@@ -1,0 +1,179 @@
+"""Distributed MAP + Laplace on the hierarchical elasticity model vs NumPyro's peers.
+
+Simulates ``--categories x --products x --weeks`` rows with known elasticities
+(:func:`raybayes.datasets.simulate_elasticity`) and, in one run, times
+
+* raybayes: plan -> distributed L-BFGS MAP -> arrowhead Laplace (``--workers``
+  shard workers on ``--backend``), draws in the constrained space;
+* NumPyro ``AutoLaplaceApproximation`` (SVI with Adam to its MAP, then the dense
+  Laplace posterior);
+* NumPyro SVI with ``AutoNormal`` (Trace_ELBO, Adam);
+
+and prints the RMSE of the posterior-mean product elasticities against the truth,
+the wall time of each, and the ratios. All three use the same non-centred model.
+
+Usage:
+    python benchmarks/bench_map_laplace.py --products 10000 --weeks 156 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import jax
+import numpy as np
+import numpyro
+from numpyro.handlers import reparam
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoLaplaceApproximation, AutoNormal
+from numpyro.infer.reparam import LocScaleReparam
+
+from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
+from raybayes.distributed import ShardedObjective
+from raybayes.models.elasticity import elasticity_model
+from raybayes.optim import find_map, laplace
+from raybayes.plan import plan
+
+MODEL = reparam(
+    elasticity_model, config={"gamma": LocScaleReparam(0), "delta": LocScaleReparam(0)}
+)
+
+
+def rmse(a, b):
+    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
+
+
+def run_raybayes(kwargs, args):
+    start = time.perf_counter()
+    chosen = plan(MODEL, kwargs, num_shards=args.workers)
+    print(chosen)
+    with ShardedObjective(
+        MODEL,
+        kwargs,
+        partition=chosen.partition,
+        num_shards=chosen.num_shards,
+        backend=args.backend,
+    ) as objective:
+        setup_s = time.perf_counter() - start
+        result = find_map(
+            objective, tol=args.tol, max_iter=args.max_iter, progress=args.progress
+        )
+        lap = laplace(
+            objective, result, num_draws=args.draws, rng_key=jax.random.PRNGKey(0)
+        )
+    total = time.perf_counter() - start
+    beta = lap.idata.posterior["beta"].values.reshape(args.draws, -1).mean(0)
+    return dict(
+        time_s=total,
+        setup_s=setup_s,
+        map_s=result.time_s,
+        laplace_s=lap.time_s,
+        iterations=result.num_iterations,
+        status=result.status,
+        beta=beta,
+        map_beta=np.asarray(result.params["beta"]),
+        log_ml=lap.log_marginal_likelihood,
+        num_global=objective.num_global,
+        size=objective.size,
+    )
+
+
+def run_svi(kwargs, guide_cls, steps, draws, lr, laplace_hessian=True):
+    start = time.perf_counter()
+    guide = guide_cls(MODEL)
+    svi = SVI(MODEL, guide, numpyro.optim.Adam(lr), Trace_ELBO())
+    res = svi.run(jax.random.PRNGKey(0), steps, progress_bar=False, **kwargs)
+    if guide_cls is AutoLaplaceApproximation and not laplace_hessian:
+        # The dense Hessian (jacfwd over all parameters and rows) does not fit in
+        # memory here; report the MAP that SVI reached instead.
+        post = {k: v[None] for k, v in guide.median(res.params).items()}
+        draws = 1
+    else:
+        post = guide.sample_posterior(
+            jax.random.PRNGKey(1), res.params, sample_shape=(draws,)
+        )
+    if "beta" not in post:
+        pred = numpyro.infer.Predictive(MODEL, post, return_sites=["beta"])
+        post = pred(jax.random.PRNGKey(2), **{**kwargs, "units": None})
+    beta = np.asarray(post["beta"]).reshape(draws, -1).mean(0)
+    return dict(
+        time_s=time.perf_counter() - start, beta=beta, final_loss=float(res.losses[-1])
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--categories", type=int, default=10)
+    parser.add_argument("--products", type=int, default=10_000)
+    parser.add_argument("--weeks", type=int, default=156)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backend", default="ray")
+    parser.add_argument("--tol", type=float, default=1e-8)
+    parser.add_argument("--max-iter", type=int, default=500)
+    parser.add_argument("--draws", type=int, default=500)
+    parser.add_argument("--svi-steps", type=int, default=3000)
+    parser.add_argument("--svi-lr", type=float, default=0.01)
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument(
+        "--no-autolaplace-hessian",
+        action="store_true",
+        help="report AutoLaplaceApproximation's SVI MAP only (its dense Hessian "
+        "needs num_params x num_rows memory)",
+    )
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+
+    df, truth = simulate_elasticity(args.categories, args.products, args.weeks, seed=0)
+    data = prepare_elasticity_data(
+        df, product_cols=("product",), category_col="category"
+    )
+    kwargs = data.model_kwargs()
+    true_beta = truth["beta"][data.products["product"].to_numpy()]
+    print(
+        f"data: {args.categories} categories x {args.products} products x {args.weeks} "
+        f"weeks = {data.num_obs:,} rows; {platform.processor() or platform.machine()}, "
+        f"jax {jax.__version__}, numpyro {numpyro.__version__}"
+    )
+    baseline = rmse(truth["beta_category"][data.category_of_product], true_beta)
+    print(f"RMSE of predicting each product by its true category mean: {baseline:.4f}")
+
+    if args.skip_ours:
+        ours = dict(time_s=float("nan"), beta=np.full_like(true_beta, np.nan))
+    else:
+        ours = run_raybayes(kwargs, args)
+    if not args.skip_ours:
+        print(
+            f"raybayes MAP+Laplace ({args.workers} workers, {args.backend}): "
+            f"{ours['time_s']:.1f} s (setup {ours['setup_s']:.1f}, MAP {ours['map_s']:.1f} s / "
+            f"{ours['iterations']} it [{ours['status']}], Laplace {ours['laplace_s']:.1f} s); "
+            f"G={ours['num_global']}, vector {ours['size']}; RMSE(beta) {rmse(ours['beta'], true_beta):.4f} "
+            f"(MAP {rmse(ours['map_beta'], true_beta):.4f}); log p(y) ~ {ours['log_ml']:.1f}"
+        )
+    if args.skip_peers:
+        return
+    for name, cls in (
+        ("AutoLaplaceApproximation", AutoLaplaceApproximation),
+        ("SVI AutoNormal", AutoNormal),
+    ):
+        peer = run_svi(
+            kwargs,
+            cls,
+            args.svi_steps,
+            args.draws,
+            args.svi_lr,
+            laplace_hessian=not args.no_autolaplace_hessian,
+        )
+        r = rmse(peer["beta"], true_beta)
+        print(
+            f"NumPyro {name} ({args.svi_steps} Adam steps, lr {args.svi_lr}): "
+            f"{peer['time_s']:.1f} s; RMSE(beta) {r:.4f}; "
+            f"time ratio peer/raybayes {peer['time_s'] / ours['time_s']:.2f}; "
+            f"RMSE ratio peer/raybayes {r / rmse(ours['beta'], true_beta):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

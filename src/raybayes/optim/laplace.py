@@ -1,0 +1,339 @@
+"""Laplace approximation at the MAP, with the arrowhead structure of hierarchical models.
+
+In the unconstrained space the posterior is approximated by ``N(x*, H^{-1})``, ``H``
+the Hessian of the negative log joint at the MAP ``x*``. When the local variables
+of different entities (products, counties, series) are conditionally independent
+given the global ones, ``H`` is an arrowhead matrix::
+
+        [ H_gg   C^T ]        C   = H_lg, one (k, G) block C_i per entity
+    H = [            ]        H_ll = diag(B_1, ..., B_P), B_i of shape (k, k)
+        [ C     H_ll ]
+
+Each worker computes its ``B_i`` (k Hessian-vector products, by colouring) and its
+``C_i`` (one Hessian-vector product per global parameter), keeps them, and returns
+its part of the Schur complement ``S = H_gg - sum_i C_i^T B_i^{-1} C_i``
+(``(G, G)``). The driver adds the parts and factors ``S``. Then
+
+* globals: ``g ~ N(g*, S^{-1})``;
+* locals given globals: ``l_i | g ~ N(l_i* - B_i^{-1} C_i (g - g*), B_i^{-1})``,
+  drawn on the worker;
+* ``log det H = log det S + sum_i log det B_i``, and the Laplace estimate of the
+  log marginal likelihood is ``log p(y, x*) + D/2 log(2 pi) - 1/2 log det H``.
+
+The cost is linear in the number of entities (``O(P k^3 + P k G^2)`` flops and
+``G + k`` Hessian-vector passes over the data), and only ``(G, G)`` matrices cross
+the network.
+
+References:
+    Tierney, L. & Kadane, J. B. (1986). Accurate approximations for posterior
+    moments and marginal densities. JASA 81(393), 82-86.
+    Rue, H., Martino, S. & Chopin, N. (2009). Approximate Bayesian inference for
+    latent Gaussian models by using integrated nested Laplace approximations. JRSS B
+    71(2), 319-392. (block structure and Schur complements)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from scipy import linalg
+
+from raybayes.backends import Backend
+from raybayes.core.partition import Partition
+from raybayes.distributed.sharded import ShardedObjective
+from raybayes.errors import ConfigurationError
+from raybayes.optim.map import MAPResult, constrained_values, find_map
+from raybayes.results import to_inference_data
+
+__all__ = ["LaplaceResult", "laplace", "laplace_approximation", "newton_polish"]
+
+
+@dataclass
+class LaplaceResult:
+    """A Laplace approximation of the posterior.
+
+    Attributes:
+        idata: ``arviz.InferenceData`` of draws from the approximation, in the
+            constrained space (one chain).
+        log_marginal_likelihood: Laplace estimate of ``log p(y)``.
+        map: the :class:`~raybayes.optim.map.MAPResult` it is centred on.
+        global_covariance: ``(G, G)`` covariance of the unconstrained globals.
+        num_not_positive_definite: local blocks whose Hessian was not positive
+            definite (0 at a proper mode).
+        time_s: wall time of the Hessian, factorisation and draws.
+    """
+
+    idata: Any
+    log_marginal_likelihood: float
+    map: MAPResult
+    global_covariance: np.ndarray
+    num_not_positive_definite: int
+    time_s: float
+
+
+def _sum_schur(parts, G):
+    schur = np.sum([np.asarray(p[0], np.float64) for p in parts], axis=0).reshape(G, G)
+    return 0.5 * (schur + schur.T)
+
+
+def newton_polish(
+    objective: ShardedObjective,
+    map_result: MAPResult,
+    *,
+    max_steps: int = 5,
+    gtol: float = 1e-4,
+    batch_size: int = 16,
+) -> MAPResult:
+    """Damped Newton steps from an L-BFGS point, with the arrowhead Hessian.
+
+    ``S dg = -grad_g + sum_s sum_i C_i^T B_i^{-1} grad_i`` on the driver, then
+    ``dl_i = -B_i^{-1} (grad_i + C_i dg)`` on the workers; Levenberg damping when
+    the Hessian is not positive definite, and backtracking until the loss falls.
+    L-BFGS converges slowly on ill-conditioned hierarchical posteriors; near the
+    mode Newton converges quadratically, so the Laplace approximation is centred
+    on the mode.
+
+    Returns:
+        A :class:`MAPResult` at the polished point (``status`` says
+        ``"converged"`` when the largest gradient component is below ``gtol``).
+    """
+    x = map_result.x.copy()
+    value, grad = objective.value_and_grad(x)
+    G = objective.num_global
+    damping = 0.0
+    steps = 0
+    for _ in range(max_steps):
+        if np.max(np.abs(grad)) <= gtol:
+            break
+        g, locals_ = objective.split(x)
+        grad_g, grad_l = objective.split(grad)
+        while True:
+            parts = objective._gather(
+                "laplace_factor",
+                lambda s: (g, locals_[s], batch_size, damping),  # noqa: B023
+            )
+            schur = _sum_schur(parts, G)
+            try:
+                chol = linalg.cholesky(schur, lower=True)
+                if sum(p[2] for p in parts) == 0:
+                    break
+            except linalg.LinAlgError:
+                pass
+            damping = max(10 * damping, 1e-3 * max(1.0, np.max(np.abs(np.diag(schur)))))
+        reduced = objective._gather("newton_reduce", lambda s: (grad_l[s],))  # noqa: B023
+        rhs = -grad_g + np.sum([np.asarray(r, np.float64) for r in reduced], axis=0)
+        delta_g = linalg.cho_solve((chol, True), rhs) if G else np.zeros(0)
+        delta_l = objective._gather(
+            "newton_local_step",
+            lambda s: (grad_l[s], delta_g),  # noqa: B023
+        )
+        step = objective.join(delta_g, delta_l)
+        t = 1.0
+        for _ in range(20):
+            new_value, new_grad = objective.value_and_grad(x + t * step)
+            if np.isfinite(new_value) and new_value <= value:
+                break
+            t *= 0.5
+        else:
+            break
+        x, value, grad = x + t * step, new_value, new_grad
+        damping = damping / 10 if t == 1.0 else damping
+        steps += 1
+    grad_norm = float(np.max(np.abs(grad))) if grad.size else 0.0
+    params = constrained_values(objective, x[None])[0]
+    return MAPResult(
+        params={k: v[0] for k, v in params.items()},
+        x=x,
+        loss=float(value),
+        num_iterations=map_result.num_iterations + steps,
+        num_evaluations=map_result.num_evaluations,
+        converged=grad_norm <= gtol or map_result.converged,
+        status="converged" if grad_norm <= gtol else map_result.status,
+        message=map_result.message
+        + f"; {steps} Newton step(s), |grad|max {grad_norm:.2e}",
+        grad_norm=grad_norm,
+        history=map_result.history + [float(value)],
+        time_s=map_result.time_s,
+        num_restarts=map_result.num_restarts,
+    )
+
+
+def laplace(
+    objective: ShardedObjective,
+    map_result: MAPResult,
+    *,
+    num_draws: int = 1000,
+    rng_key=None,
+    batch_size: int = 16,
+    newton_steps: int = 5,
+    newton_gtol: float = 1e-4,
+) -> LaplaceResult:
+    """Laplace approximation around ``map_result``, on the workers of ``objective``.
+
+    Args:
+        objective: the sharded objective the MAP was found with.
+        map_result: the MAP.
+        num_draws: draws from the approximation.
+        rng_key: JAX key (default ``PRNGKey(0)``). Globals use ``fold_in(key, 0)``,
+            the locals of entity ``i`` use ``fold_in(fold_in(key, 1), i)``: the
+            same draws for any number of shards.
+        batch_size: Hessian-vector products evaluated together per worker.
+        newton_steps: at most this many arrowhead Newton steps
+            (:func:`newton_polish`) first, when the MAP's largest gradient
+            component exceeds ``newton_gtol``.
+        newton_gtol: gradient tolerance of those steps.
+
+    Returns:
+        :class:`LaplaceResult`.
+
+    Raises:
+        ConfigurationError: the Hessian's Schur complement is not positive
+            definite (the point is not a proper mode).
+    """
+    start = time.perf_counter()
+    key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    if newton_steps and map_result.grad_norm > newton_gtol:
+        map_result = newton_polish(
+            objective,
+            map_result,
+            max_steps=newton_steps,
+            gtol=newton_gtol,
+            batch_size=batch_size,
+        )
+    g_star, locals_star = objective.split(map_result.x)
+    parts = objective._gather(
+        "laplace_factor", lambda s: (g_star, locals_star[s], batch_size)
+    )
+    G = objective.num_global
+    schur = _sum_schur(parts, G)
+    logdet_local = float(sum(p[1] for p in parts))
+    not_pd = int(sum(p[2] for p in parts))
+    if G:
+        try:
+            chol = linalg.cholesky(schur, lower=True)
+        except linalg.LinAlgError as err:
+            raise ConfigurationError(
+                "the Hessian at the MAP is not positive definite in the global "
+                f"parameters ({err}); the MAP did not converge to a proper mode "
+                f"(status {map_result.status!r}). Raise max_iter or check the model."
+            ) from None
+        logdet_schur = 2.0 * float(np.sum(np.log(np.diag(chol))))
+        cov = linalg.cho_solve((chol, True), np.eye(G))
+        z = np.asarray(
+            jax.random.normal(jax.random.fold_in(key, 0), (num_draws, G)), np.float64
+        )
+        delta = linalg.solve_triangular(chol.T, z.T, lower=False).T  # cov = S^{-1}
+    else:
+        logdet_schur, cov, delta = 0.0, np.zeros((0, 0)), np.zeros((num_draws, 0))
+    local_key = jax.random.fold_in(key, 1)
+    local_draws = objective._gather(
+        "laplace_draw_locals", lambda s: (locals_star[s], delta, local_key)
+    )
+    globals_ = g_star[None, :] + delta
+    values, axes = constrained_values(objective, globals_, local_draws)
+    dim = objective.size
+    log_ml = (
+        -map_result.loss
+        + 0.5 * dim * np.log(2 * np.pi)
+        - 0.5 * (logdet_schur + logdet_local)
+    )
+    plate = objective.partition.plate if objective.partition is not None else None
+    dims = {}
+    for name, value in values.items():
+        if name in axes and plate is not None:
+            names = [f"{name}_dim_{k}" for k in range(np.ndim(value) - 1)]
+            names[axes[name]] = plate
+            dims[name] = names
+    coords = (
+        {plate: np.arange(values[next(iter(axes))].shape[axes[next(iter(axes))] + 1])}
+        if axes
+        else {}
+    )
+    idata = to_inference_data(
+        {k: np.asarray(v)[None] for k, v in values.items()},
+        dims=dims,
+        coords=coords,
+        attrs={"inference": "laplace", "log_marginal_likelihood": float(log_ml)},
+    )
+    return LaplaceResult(
+        idata=idata,
+        log_marginal_likelihood=float(log_ml),
+        map=map_result,
+        global_covariance=cov,
+        num_not_positive_definite=not_pd,
+        time_s=time.perf_counter() - start,
+    )
+
+
+def laplace_approximation(
+    model: Callable,
+    model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    num_shards: int = 1,
+    partition: Partition | None = None,
+    backend: str | Backend = "local",
+    source: Any = None,
+    model_args: tuple = (),
+    num_draws: int = 1000,
+    rng_key=None,
+    tol: float = 1e-6,
+    gtol: float = 1e-5,
+    max_iter: int = 200,
+    progress: bool = True,
+) -> LaplaceResult:
+    """Distributed MAP, then the Laplace approximation there, in one call.
+
+    Args:
+        model: a NumPyro model.
+        model_kwargs: its arguments (arrays are put into the object store once).
+        num_shards: S (one worker per shard).
+        partition: the split; chosen by :func:`raybayes.plan` when ``None``.
+        backend: ``"local"`` (in-process), ``"ray"`` or a backend instance.
+        source: a :class:`~raybayes.datasets.parquet.ParquetShards`, read on the
+            workers (then ``partition`` is required).
+        model_args: positional model arguments.
+        num_draws: draws from the approximation.
+        rng_key: JAX key for the draws.
+        tol, gtol, max_iter: L-BFGS stopping rules (see :func:`find_map`).
+        progress: a line per L-BFGS iteration.
+
+    Returns:
+        :class:`LaplaceResult` (its ``map`` field holds the MAP).
+
+    Raises:
+        ConfigurationError: see :func:`raybayes.plan` and :func:`laplace`.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+        ...     with numpyro.plate("obs", y.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> r = laplace_approximation(model, {"y": np.ones(4)}, num_shards=2,
+        ...                           num_draws=10, progress=False)
+        >>> round(float(r.map.params["mu"]), 3), r.idata.posterior["mu"].shape
+        (0.8, (1, 10))
+    """
+    from raybayes.plan import plan
+
+    if partition is None and source is None:
+        chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
+        partition, num_shards = chosen.partition, chosen.num_shards
+    with ShardedObjective(
+        model,
+        model_kwargs,
+        partition=partition,
+        num_shards=num_shards,
+        backend=backend,
+        source=source,
+        model_args=model_args,
+    ) as objective:
+        result = find_map(
+            objective, tol=tol, gtol=gtol, max_iter=max_iter, progress=progress
+        )
+        return laplace(objective, result, num_draws=num_draws, rng_key=rng_key)
