@@ -18,11 +18,28 @@ __all__ = ["ChainProgress"]
 
 
 class ChainProgress:
-    """One bar per chain: iterations done of warmup + sampling, phase, divergences."""
+    """One bar per chain: iterations done of warmup + sampling, phase, divergences.
 
-    def __init__(self, num_chains: int, total_per_chain: int, enabled: bool = True):
+    When stderr is not a terminal (a log file, CI), it prints a plain status line
+    at most every ``log_every_s`` seconds instead of redrawing bars.
+    """
+
+    def __init__(
+        self, num_chains: int, total_per_chain: int, enabled: bool = True, log_every_s=30.0
+    ):
         self.enabled = enabled
         if not enabled:
+            return
+        console = Console(file=sys.stderr)
+        self._plain = not console.is_terminal
+        if self._plain:
+            import time
+
+            self._time = time.monotonic
+            self._last = self._time()
+            self._start = self._last
+            self._every = log_every_s
+            self._state = {c: (0, total_per_chain, "warmup", 0) for c in range(num_chains)}
             return
         self._progress = Progress(
             TextColumn("[bold]chain {task.fields[chain]:>3}"),
@@ -31,7 +48,7 @@ class ChainProgress:
             TextColumn("{task.fields[phase]:<8} div {task.fields[divergences]:>4}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=Console(file=sys.stderr),
+            console=console,
             transient=False,
         )
         self._tasks = [
@@ -43,6 +60,24 @@ class ChainProgress:
         self._progress.start()
 
     def update(self, chain_id: int, completed: int, phase: str, divergences: int, total=None):
+        if self.enabled and self._plain:
+            old = self._state[chain_id]
+            self._state[chain_id] = (completed, total or old[1], phase, divergences)
+            now = self._time()
+            if now - self._last >= self._every:
+                self._last = now
+                done = sum(v[0] for v in self._state.values())
+                todo = sum(v[1] for v in self._state.values())
+                phases = sorted({v[2] for v in self._state.values()})
+                div = sum(v[3] for v in self._state.values())
+                print(
+                    f"[{now - self._start:6.0f} s] chains: {done}/{todo} iterations "
+                    f"({100 * done / max(todo, 1):.0f}%), phase {'/'.join(phases)}, "
+                    f"divergences {div}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
         if self.enabled:
             self._progress.update(
                 self._tasks[chain_id],
@@ -53,5 +88,5 @@ class ChainProgress:
             )
 
     def close(self):
-        if self.enabled:
+        if self.enabled and not self._plain:
             self._progress.stop()
