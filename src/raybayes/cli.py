@@ -18,10 +18,10 @@ app = typer.Typer(
 def quickstart(
     output_dir: Path = typer.Option(Path("raybayes-output"), help="Where results go."),
     full: bool = typer.Option(False, "--full", help="Use all 83 stores (overrides --stores)."),
-    stores: int = typer.Option(20, help="Use the first N stores (default 20 of 83; see README)."),
+    stores: int = typer.Option(4, help="Use the first N stores (default 4 of 83; see README)."),
     num_chains: int = typer.Option(4, help="Markov chains."),
-    num_warmup: int = typer.Option(500, help="Warmup iterations per chain."),
-    num_samples: int = typer.Option(500, help="Draws kept per chain."),
+    num_warmup: int = typer.Option(300, help="Warmup iterations per chain."),
+    num_samples: int = typer.Option(300, help="Draws kept per chain."),
     seed: int = typer.Option(0, help="Root seed."),
     likelihood: str = typer.Option("negbin", help="'negbin' or 'poisson'."),
     num_workers: int = typer.Option(0, help="Ray workers (0: one per CPU, at most one per chain)."),
