@@ -85,7 +85,7 @@ def run_quickstart(
         coords=coords,
         progress_bar=progress_bar,
     )
-    brand = summary(idata, var_names=["beta_category"], hdi_prob=0.9)
+    brand = summary(idata, var_names=["beta_category"], hdi_prob=0.9, round_to=4)
     post = idata.posterior["beta_category"]
     q = post.quantile([0.05, 0.95], dim=("chain", "draw")).values
     brand_table = pd.DataFrame(
