@@ -47,7 +47,12 @@ from raybayes.backends import Backend
 from raybayes.core.partition import Partition
 from raybayes.distributed.sharded import ShardedObjective
 from raybayes.errors import ConfigurationError
-from raybayes.optim.map import MAPResult, constrained_values, find_map
+from raybayes.optim.map import (
+    MAPResult,
+    constrained_values,
+    find_map,
+    planned_objective,
+)
 from raybayes.results import to_inference_data
 
 __all__ = ["LaplaceResult", "laplace", "laplace_approximation", "newton_polish"]
@@ -319,19 +324,9 @@ def laplace_approximation(
         >>> round(float(r.map.params["mu"]), 3), r.idata.posterior["mu"].shape
         (0.8, (1, 10))
     """
-    from raybayes.plan import plan
-
-    if partition is None and source is None:
-        chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
-        partition, num_shards = chosen.partition, chosen.num_shards
-    with ShardedObjective(
-        model,
-        model_kwargs,
-        partition=partition,
-        num_shards=num_shards,
-        backend=backend,
-        source=source,
-        model_args=model_args,
+    with planned_objective(
+        model, model_kwargs, num_shards, partition=partition, backend=backend,
+        source=source, model_args=model_args,
     ) as objective:
         result = find_map(
             objective, tol=tol, gtol=gtol, max_iter=max_iter, progress=progress

@@ -299,12 +299,25 @@ def fit_map(
     Returns:
         :class:`MAPResult`.
     """
+    with planned_objective(
+        model, model_kwargs, num_shards, partition=partition, backend=backend,
+        source=source, model_args=model_args,
+    ) as objective:
+        return find_map(objective, **kwargs)
+
+
+def planned_objective(
+    model, model_kwargs, num_shards, *, partition=None, backend="local", source=None,
+    model_args=(),
+):
+    """A :class:`ShardedObjective`, with the split chosen by :func:`raybayes.plan`
+    when neither ``partition`` nor ``source`` is given."""
     from raybayes.plan import plan
 
     if partition is None and source is None:
         chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
         partition, num_shards = chosen.partition, chosen.num_shards
-    with ShardedObjective(
+    return ShardedObjective(
         model,
         model_kwargs,
         partition=partition,
@@ -312,5 +325,4 @@ def fit_map(
         backend=backend,
         source=source,
         model_args=model_args,
-    ) as objective:
-        return find_map(objective, **kwargs)
+    )
