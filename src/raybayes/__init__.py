@@ -14,6 +14,7 @@ from raybayes.mcmc import load_draws, sample
 from raybayes.optim import find_map, laplace, laplace_approximation
 from raybayes.plan import Plan, plan
 from raybayes.results import print_summary, summary, to_inference_data
+from raybayes.svi import SVIResult, fit_svi
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,8 @@ __all__ = [
     "find_map",
     "laplace",
     "laplace_approximation",
+    "fit_svi",
+    "SVIResult",
     "fit_many",
     "aggregate",
     "plot_group",

@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["ChainProgress"]
+__all__ = ["ChainProgress", "LossProgress"]
 
 
 class ChainProgress:
@@ -86,6 +86,60 @@ class ChainProgress:
                 divergences=divergences,
                 total=total,
             )
+
+    def close(self):
+        if self.enabled and not self._plain:
+            self._progress.stop()
+
+
+class LossProgress:
+    """One bar of optimizer steps with the current loss (and extra fields).
+
+    When stderr is not a terminal it prints a plain line at most every
+    ``log_every_s`` seconds instead.
+    """
+
+    def __init__(self, total: int, label: str = "SVI", enabled=True, log_every_s=30.0):
+        import time
+
+        self.enabled = enabled
+        if not enabled:
+            return
+        console = Console(file=sys.stderr)
+        self._plain = not console.is_terminal
+        self._time, self._label, self._every = time.monotonic, label, log_every_s
+        self._start = self._last = self._time()
+        self._total = total
+        if self._plain:
+            return
+        self._progress = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:>12.6g} {task.fields[extra]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task("", total=total, loss=float("nan"), extra="")
+        self._progress.start()
+
+    def update(self, completed: int, loss: float, extra: str = ""):
+        if not self.enabled:
+            return
+        if self._plain:
+            now = self._time()
+            if now - self._last >= self._every:
+                self._last = now
+                print(
+                    f"[{now - self._start:6.0f} s] {self._label}: step {completed}/"
+                    f"{self._total}, loss {loss:.6g} {extra}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
+        self._progress.update(self._task, completed=completed, loss=loss, extra=extra)
 
     def close(self):
         if self.enabled and not self._plain:

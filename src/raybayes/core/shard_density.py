@@ -223,7 +223,11 @@ class ShardLogDensity:
 
     # ------------------------------------------------------------- layouts
     def unflatten(self, global_flat, local_mat) -> dict:
-        """Unconstrained site values from the flat layout."""
+        """Unconstrained site values from the flat layout.
+
+        ``local_mat`` may hold any number of rows (a minibatch of entities); local
+        sites then have that many entries on their entity axis.
+        """
         params = {}
         offset = 0
         for s in self.global_sites:
@@ -237,6 +241,7 @@ class ShardLogDensity:
             block = local_mat[:, col : col + width]
             moved = list(s.unconstrained_shape)
             moved.insert(0, moved.pop(s.entity_axis))
+            moved[0] = local_mat.shape[0]  # any subset of the shard's entities
             params[s.name] = jnp.moveaxis(jnp.reshape(block, moved), 0, s.entity_axis)
             col += width
         return params

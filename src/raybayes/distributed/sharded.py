@@ -326,6 +326,9 @@ class ShardedObjective:
         (6.5947, [-4.0])
     """
 
+    #: the worker object each shard holds (subclasses add methods to it).
+    worker_class = ShardWorker
+
     def __init__(
         self,
         model: Callable,
@@ -371,7 +374,7 @@ class ShardedObjective:
             data = self.backend.put(model_kwargs)  # once, into the object store
         self.specs = specs
         self.pool = self.backend.create_pool(
-            ShardWorker,
+            self.worker_class,
             (model, data, partition, specs, tuple(model_args), x64),
             num_workers=self.num_shards,
             name="shard",

@@ -50,10 +50,10 @@ from raybayes.errors import ConfigurationError
 from raybayes.optim.map import (
     MAPResult,
     constrained_values,
+    draws_to_inference_data,
     find_map,
     planned_objective,
 )
-from raybayes.results import to_inference_data
 
 __all__ = ["LaplaceResult", "laplace", "laplace_approximation", "newton_polish"]
 
@@ -247,22 +247,10 @@ def laplace(
         + 0.5 * dim * np.log(2 * np.pi)
         - 0.5 * (logdet_schur + logdet_local)
     )
-    plate = objective.partition.plate if objective.partition is not None else None
-    dims = {}
-    for name, value in values.items():
-        if name in axes and plate is not None:
-            names = [f"{name}_dim_{k}" for k in range(np.ndim(value) - 1)]
-            names[axes[name]] = plate
-            dims[name] = names
-    coords = (
-        {plate: np.arange(values[next(iter(axes))].shape[axes[next(iter(axes))] + 1])}
-        if axes
-        else {}
-    )
-    idata = to_inference_data(
-        {k: np.asarray(v)[None] for k, v in values.items()},
-        dims=dims,
-        coords=coords,
+    idata = draws_to_inference_data(
+        objective,
+        values,
+        axes,
         attrs={"inference": "laplace", "log_marginal_likelihood": float(log_ml)},
     )
     return LaplaceResult(

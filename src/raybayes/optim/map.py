@@ -264,6 +264,11 @@ def constrained_values(objective: ShardedObjective, xs: np.ndarray, locals_draws
     results = objective._gather(
         "constrained_values", lambda s: (globals_, locals_draws[s])
     )
+    return merge_shard_values(results)
+
+
+def merge_shard_values(results):
+    """Concatenate per-shard ``(values, axes)`` on each local site's entity axis."""
     values, axes = {}, {}
     for name, value in results[0][0].items():
         axis = results[0][1].get(name)
@@ -273,6 +278,33 @@ def constrained_values(objective: ShardedObjective, xs: np.ndarray, locals_draws
             values[name] = np.concatenate([r[0][name] for r in results], axis=axis + 1)
             axes[name] = axis
     return values, axes
+
+
+def draws_to_inference_data(objective: ShardedObjective, values, axes, attrs=None):
+    """InferenceData (one chain) of the output of :func:`constrained_values`.
+
+    Sites of the split plate get the plate's name as their entity dimension.
+    """
+    from raybayes.results import to_inference_data
+
+    plate = objective.partition.plate if objective.partition is not None else None
+    dims = {}
+    for name, value in values.items():
+        if name in axes and plate is not None:
+            names = [f"{name}_dim_{k}" for k in range(np.ndim(value) - 1)]
+            names[axes[name]] = plate
+            dims[name] = names
+    coords = (
+        {plate: np.arange(values[next(iter(axes))].shape[axes[next(iter(axes))] + 1])}
+        if axes and plate is not None
+        else {}
+    )
+    return to_inference_data(
+        {k: np.asarray(v)[None] for k, v in values.items()},
+        dims=dims,
+        coords=coords,
+        attrs=attrs or {},
+    )
 
 
 def fit_map(
@@ -308,16 +340,16 @@ def fit_map(
 
 def planned_objective(
     model, model_kwargs, num_shards, *, partition=None, backend="local", source=None,
-    model_args=(),
+    model_args=(), objective_class=ShardedObjective, x64=True,
 ):
-    """A :class:`ShardedObjective`, with the split chosen by :func:`raybayes.plan`
-    when neither ``partition`` nor ``source`` is given."""
+    """A :class:`ShardedObjective` (or ``objective_class``), with the split chosen
+    by :func:`raybayes.plan` when neither ``partition`` nor ``source`` is given."""
     from raybayes.plan import plan
 
     if partition is None and source is None:
         chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
         partition, num_shards = chosen.partition, chosen.num_shards
-    return ShardedObjective(
+    return objective_class(
         model,
         model_kwargs,
         partition=partition,
@@ -325,4 +357,5 @@ def planned_objective(
         backend=backend,
         source=source,
         model_args=model_args,
+        x64=x64,
     )

@@ -1,0 +1,595 @@
+"""Distributed SVI: a parameter server for the globals, locals on their shards.
+
+The driver is the parameter server. It holds the global variational parameters
+theta and their optimizer state; each shard worker holds its data, the variational
+parameters of its own entities and their optimizer state
+(:class:`~raybayes.svi.worker.SVIShardWorker`). A step at clock ``c``:
+
+1. the server sends theta (version ``v``) to a shard;
+2. the shard draws the globals with the key of clock ``c`` (the same draw on every
+   shard), subsamples its entities with its own key, updates their variational
+   parameters, and returns its term of the ELBO gradient with respect to theta;
+3. when all S shards have returned clock ``c``, the server adds the entropy
+   gradient, takes one optimizer step, and theta becomes version ``c + 1``.
+
+Consistency: with ``staleness=0`` (BSP) a shard computes clock ``c`` only with
+version ``c``. With ``staleness=s`` (SSP; Ho et al., "More effective distributed ML
+via a stale synchronous parallel parameter server", NeurIPS 2013) a shard may
+compute clock ``c`` with any version ``>= c - s``: fast shards run up to ``s``
+steps ahead on cached globals while slow ones catch up. Every update still sums
+all S shards' gradients, each at most ``s`` versions old.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from raybayes.backends import Backend
+from raybayes.core.partition import Partition
+from raybayes.distributed.sharded import ShardedObjective
+from raybayes.errors import (
+    ConfigurationError,
+    RaybayesWarning,
+    WorkerLostError,
+)
+from raybayes.io import atomic_path
+from raybayes.optim.map import draws_to_inference_data, merge_shard_values
+from raybayes.progress import LossProgress
+from raybayes.svi.guides import GlobalGuide, resolve_guide
+from raybayes.svi.worker import SVIShardWorker
+
+__all__ = ["SVIResult", "SVIStepInfo", "fit_svi"]
+
+_MAX_RESTARTS = 5
+
+
+class _SVIObjective(ShardedObjective):
+    worker_class = SVIShardWorker
+
+
+@dataclass
+class SVIResult:
+    """The fitted variational posterior.
+
+    Attributes:
+        params: global variational parameters: ``loc`` ``(G,)``, ``scale`` ``(G,)``
+            (per-coordinate, of the mean-field part) and, for the low-rank guide,
+            ``cov_factor`` ``(G, rank)`` (already multiplied by ``scale``), all in
+            the unconstrained space; ``global_sites`` gives the layout.
+        local_params: ``loc`` and ``scale`` ``(P, k)`` of the per-entity block, in
+            entity order of the split plate.
+        idata: ``arviz.InferenceData`` with ``num_draws`` draws from q (one chain),
+            constrained, deterministic sites included.
+        losses: ``(num_steps,)`` negative ELBO estimate of every step (nats).
+        num_steps: optimizer steps taken.
+        stop_reason: ``"converged"``, ``"max_steps"`` or ``"callback"``.
+        time_s: wall time of the optimization, in seconds (set-up and final draws
+            excluded; see ``setup_s`` and ``draws_s``).
+        staleness: ``{s: count}``: how many gradients were computed with globals
+            ``s`` versions old.
+        restarts: workers restarted after being lost.
+        data_bytes: bytes of data each shard holds.
+    """
+
+    params: dict
+    local_params: dict
+    idata: Any
+    losses: np.ndarray
+    num_steps: int
+    stop_reason: str
+    time_s: float
+    setup_s: float
+    draws_s: float
+    staleness: dict
+    restarts: int
+    data_bytes: list
+    global_sites: list
+    family: str
+    posterior_samples: dict = field(repr=False, default_factory=dict)
+
+    def sample_posterior(self, num_draws=None, var_names=None) -> dict:
+        """Draws made at the end of the fit: ``site -> (num_draws, *shape)``.
+
+        Args:
+            num_draws: at most the ``num_draws`` of :func:`fit_svi` (default all).
+            var_names: sites to return (default all).
+        """
+        names = var_names or list(self.posterior_samples)
+        return {k: self.posterior_samples[k][:num_draws] for k in names}
+
+
+class SVIStepInfo:
+    """What a ``callback`` sees: the fit so far, with live workers.
+
+    Attributes:
+        step: optimizer steps taken.
+        loss: negative ELBO estimate of the last step.
+        elapsed_s: wall seconds of the fit so far, time spent in callbacks excluded.
+    """
+
+    def __init__(self, run, step, loss, elapsed_s):
+        self._run, self.step, self.loss, self.elapsed_s = run, step, loss, elapsed_s
+
+    def sample_posterior(self, num_draws: int, seed: int = 0, var_names=None) -> dict:
+        """``site -> (num_draws, *shape)`` constrained draws from the current q."""
+        return self._run.draws(num_draws, seed, var_names)[0]
+
+
+def _check_args(learning_rate, local_learning_rate, num_particles, staleness,
+                subsample_size, num_steps, tol, window, convergence):
+    for name, value in (("learning_rate", learning_rate),
+                        ("local_learning_rate", local_learning_rate)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ConfigurationError(
+                f"{name}={value!r}; the learning rate must be a finite number > 0 "
+                "(e.g. 0.01)."
+            )
+    for name, value, low in (("num_particles", num_particles, 1),
+                             ("staleness", staleness, 0), ("num_steps", num_steps, 1),
+                             ("window", window, 1)):
+        if int(value) != value or value < low:
+            raise ConfigurationError(f"{name}={value!r}; use an integer >= {low}.")
+    if subsample_size is not None and (int(subsample_size) != subsample_size
+                                       or subsample_size < 1):
+        raise ConfigurationError(
+            f"subsample_size={subsample_size!r}; use an integer >= 1 (entities per "
+            "shard per step) or None for no subsampling."
+        )
+    if convergence not in ("elbo", "params"):
+        raise ConfigurationError(
+            f"convergence={convergence!r}; use 'elbo' or 'params'."
+        )
+    if tol is not None and not tol >= 0:
+        raise ConfigurationError(f"tol={tol!r}; use a number >= 0 or None.")
+
+
+class _Run:
+    """The parameter server's state and loop."""
+
+    def __init__(self, objective, cfg, guide, theta, optimizer, staleness, ckpt):
+        self.obj, self.pool, self.cfg = objective, objective.pool, cfg
+        self.S = objective.num_shards
+        self.guide, self.theta, self.opt = guide, theta, optimizer
+        self.opt_state = optimizer.init(theta)
+        self.staleness = int(staleness)
+        self.ckpt = ckpt
+        self.version = 0
+        self.losses: list[float] = []
+        self.loc_history: list[np.ndarray] = []
+        self.stale_counts: dict[int, int] = defaultdict(int)
+        self.restarts = 0
+        self._restarts_per_shard = defaultdict(int)
+        neg_entropy = lambda th: -guide.entropy(th)  # noqa: E731
+        self._entropy_vg = jax.jit(jax.value_and_grad(neg_entropy))
+        self._update = jax.jit(self._update_impl)
+
+    def _update_impl(self, theta, opt_state, grad):
+        updates, opt_state = self.opt.update(grad, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self):
+        if self.ckpt is None:
+            return
+        self.pool_call_all("save_checkpoint", self.version)
+        record = dict(
+            version=self.version,
+            theta=jax.tree.map(np.asarray, self.theta),
+            opt_state=jax.tree.map(np.asarray, self.opt_state),
+            losses=np.asarray(self.losses),
+            fingerprint=self.cfg["fingerprint"],
+        )
+        with atomic_path(os.path.join(self.ckpt, "global.pkl")) as tmp, open(tmp, "wb") as f:
+            pickle.dump(record, f)
+
+    def resume(self) -> bool:
+        path = None if self.ckpt is None else os.path.join(self.ckpt, "global.pkl")
+        if path is None or not os.path.exists(path):
+            return False
+        with open(path, "rb") as f:
+            record = pickle.load(f)
+        if record["fingerprint"] != self.cfg["fingerprint"]:
+            raise ConfigurationError(
+                f"checkpoint_dir {self.ckpt!r} holds a run with other settings "
+                f"({record['fingerprint']}) than this one ({self.cfg['fingerprint']}); "
+                "use a new checkpoint_dir or the same settings."
+            )
+        self.theta = jax.tree.map(jnp.asarray, record["theta"])
+        self.opt_state = jax.tree.map(jnp.asarray, record["opt_state"])
+        self.version = int(record["version"])
+        self.losses = list(record["losses"])
+        versions = self.pool_call_all("load_checkpoint")
+        if any(v is not None and v != self.version for v in versions):
+            warnings.warn(
+                f"shard checkpoints are at versions {versions} and the server's at "
+                f"{self.version} (a run stopped while checkpointing); resuming with "
+                "each shard's own locals.",
+                RaybayesWarning,
+                stacklevel=3,
+            )
+        return True
+
+    def pool_call_all(self, method, *args):
+        futures = [self.pool.submit(s, method, *args, tag=s) for s in range(self.S)]
+        return [self.obj._result(f) for f in futures]
+
+    # ------------------------------------------------------------ workers
+    def _restart(self, shard):
+        self._restarts_per_shard[shard] += 1
+        self.restarts += 1
+        if self._restarts_per_shard[shard] > _MAX_RESTARTS:
+            raise WorkerLostError(
+                shard,
+                f"shard worker {shard} was lost {_MAX_RESTARTS + 1} times; giving up. "
+                "Check the cluster's logs for the cause (memory, preemption).",
+            )
+        self.pool.restart(shard)
+        self.obj._result(self.pool.submit(shard, "setup", shard, tag=shard))
+        self.obj._result(self.pool.submit(shard, "configure_svi", self.cfg["worker"],
+                                          tag=shard))
+        if self.ckpt is not None:
+            self.obj._result(self.pool.submit(shard, "load_checkpoint", tag=shard))
+
+    # ------------------------------------------------------------ sampling
+    def draws(self, num_draws, seed, var_names=None):
+        """Constrained draws from q: globals here, locals on their shards."""
+        key = jax.random.PRNGKey(seed)
+        noise = (num_draws, self.guide.noise_size)
+        eps = jax.random.normal(jax.random.fold_in(key, 0), noise)
+        globals_ = np.asarray(self.guide.sample(self.theta, eps))
+        out, axes = {}, {}
+        chunk = 50
+        for lo in range(0, num_draws, chunk):
+            hi = min(num_draws, lo + chunk)
+            results = self.pool_call_all(
+                "q_constrained_values", globals_[lo:hi], seed, lo, hi, num_draws
+            )
+            values, axes = merge_shard_values(results)
+            for k, v in values.items():
+                if var_names is None or k in var_names:
+                    out.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in out.items()}, axes
+
+    # ------------------------------------------------------------ the loop
+    def run(self, num_steps, tol, window, convergence, callback, callback_every,
+            progress, checkpoint_every):
+        S, s_max = self.S, self.staleness
+        clocks = [self.version] * S
+        inflight: dict[int, Any] = {}
+        pending: dict[int, dict[int, tuple]] = defaultdict(dict)
+        theta_ref = self.obj.backend.put(jax.tree.map(np.asarray, self.theta))
+        stop_reason, elapsed, t0 = "max_steps", 0.0, time.perf_counter()
+        callback_s = 0.0
+        while self.version < num_steps:
+            for s in range(S):
+                if s not in inflight and clocks[s] < num_steps and (
+                    clocks[s] - self.version <= s_max
+                ):
+                    inflight[s] = (
+                        self.pool.submit(s, "step", theta_ref, clocks[s], tag=s),
+                        self.version,
+                    )
+            done = self.pool.wait([f for f, _ in inflight.values()])
+            for fut in done:
+                s = fut.tag
+                _, used = inflight.pop(s)
+                try:
+                    loss, grad, clock = self.pool.result(fut)
+                except WorkerLostError:
+                    self._restart(s)
+                    for c in [c for c in pending if c >= self.version and s in pending[c]]:
+                        del pending[c][s]
+                    clocks[s] = self.version
+                    continue
+                pending[clock][s] = (loss, grad)
+                self.stale_counts[clock - used] += 1
+                clocks[s] = clock + 1
+            while len(pending.get(self.version, {})) == S:
+                parts = pending.pop(self.version)
+                loss = sum(p[0] for p in parts.values())
+                grad = jax.tree.map(lambda *g: np.sum(g, axis=0), *[p[1] for p in parts.values()])
+                neg_ent, ent_grad = self._entropy_vg(self.theta)
+                grad = jax.tree.map(lambda a, b: a + b, grad, ent_grad)
+                loss = float(loss + neg_ent)
+                if self.version == 0 and not np.isfinite(loss):
+                    self._explain_nonfinite(loss)
+                self.theta, self.opt_state = self._update(self.theta, self.opt_state, grad)
+                self.version += 1
+                self.losses.append(loss)
+                theta_ref = self.obj.backend.put(jax.tree.map(np.asarray, self.theta))
+                v = self.version
+                if convergence == "params":
+                    self.loc_history.append(np.asarray(self.theta["loc"]))
+                    self.loc_history = self.loc_history[-(window + 1):]
+                progress.update(v, loss, f"stale<={max(self.stale_counts, default=0)}")
+                if self.ckpt is not None and v % checkpoint_every == 0 and not inflight:
+                    self.save()
+                if callback is not None and v % callback_every == 0:
+                    c0 = time.perf_counter()
+                    stop = callback(SVIStepInfo(self, v, loss, c0 - t0 - callback_s))
+                    callback_s += time.perf_counter() - c0
+                    if stop:
+                        stop_reason = "callback"
+                        break
+                if self._converged(tol, window, convergence):
+                    stop_reason = "converged"
+                    break
+            if stop_reason != "max_steps":
+                break
+        self._drain(inflight)
+        elapsed = time.perf_counter() - t0 - callback_s
+        if self.ckpt is not None:
+            self.save()
+        return stop_reason, elapsed
+
+    def _drain(self, inflight):
+        for fut, _ in inflight.values():
+            self.pool.wait([fut])
+            try:
+                self.pool.result(fut)
+            except WorkerLostError:
+                pass
+        inflight.clear()
+
+    def _converged(self, tol, window, convergence):
+        if not tol:
+            return False
+        if convergence == "elbo":
+            if len(self.losses) < 2 * window:
+                return False
+            new = np.mean(self.losses[-window:])
+            old = np.mean(self.losses[-2 * window:-window])
+            return abs(new - old) <= tol * max(abs(old), 1e-12)
+        if len(self.loc_history) <= window:
+            return False
+        old, new = self.loc_history[0], self.loc_history[-1]
+        return np.linalg.norm(new - old) <= tol * max(np.linalg.norm(old), 1e-12)
+
+    def _explain_nonfinite(self, loss):
+        bad = self.pool_call_all("check_init", jax.tree.map(np.asarray, self.theta))
+        sites = {}
+        for shard, rows in enumerate(bad):
+            for name, n, size in rows:
+                sites.setdefault(name, (shard, n, size))
+        if sites:
+            name, (shard, n, size) = next(iter(sites.items()))
+            detail = (
+                f"site {name!r} has a non-finite log density in {n} of {size} entries "
+                f"(first seen on shard {shard}) at the initial values"
+            )
+        else:
+            detail = "no single site is non-finite at the initial means (a draw is)"
+        raise ConfigurationError(
+            f"the ELBO is not finite at the start ({loss}): {detail}. Check that the "
+            "data are in the support of the likelihood and give init_params= inside "
+            "the support of every prior."
+        )
+
+
+def fit_svi(
+    model: Callable,
+    model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    num_shards: int = 1,
+    partition: Partition | None = None,
+    source: Any = None,
+    model_args: tuple = (),
+    backend: str | Backend = "local",
+    guide: Any = "normal",
+    rank: int | None = None,
+    init_scale: float = 0.1,
+    init_params: Mapping[str, Any] | None = None,
+    subsample_size: int | None = None,
+    num_particles: int = 1,
+    learning_rate: float = 0.01,
+    optimizer: optax.GradientTransformation | None = None,
+    local_learning_rate: float | None = None,
+    local_optimizer: optax.GradientTransformation | None = None,
+    num_steps: int = 10_000,
+    staleness: int = 0,
+    tol: float | None = 1e-5,
+    window: int = 200,
+    convergence: str = "elbo",
+    seed: int = 0,
+    num_draws: int = 1000,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    callback: Callable[[SVIStepInfo], bool | None] | None = None,
+    callback_every: int = 100,
+    progress_bar: bool = True,
+    max_shard_bytes: int | None = None,
+    x64: bool = False,
+    _worker_slowdown: Mapping[int, float | tuple[float, float]] | None = None,
+) -> SVIResult:
+    """Stochastic variational inference over shards of the data, on a backend.
+
+    The model's data are split along one plate (``partition``, chosen by
+    :func:`raybayes.plan` when not given) into ``num_shards`` shards, one worker
+    each. The global latent variables get a mean-field (``AutoNormal``) or low-rank
+    (``AutoLowRankMultivariateNormal``) Normal guide held by the parameter server
+    (the driver); each entity of the split plate (a product, a store) gets a
+    mean-field Normal guide held by the shard that owns it. Each step every shard
+    subsamples ``subsample_size`` of its entities (all of them by default) and
+    returns its unbiased term of the ELBO gradient; see :mod:`raybayes.svi.fit`.
+
+    Args:
+        model: a NumPyro model with continuous latent variables.
+        model_kwargs: its keyword arguments (NumPy arrays and scalars), or ``None``
+            with ``source``.
+        num_shards: S, shards and workers.
+        partition: the split; by default :func:`raybayes.plan` chooses it.
+        source: a :class:`~raybayes.datasets.parquet.ParquetShards` read on the
+            workers (each reads its own partitions; ``partition`` required).
+        model_args: positional model arguments (not split).
+        backend: ``"local"``, ``"ray"`` or a :class:`~raybayes.backends.Backend`.
+        guide: ``"normal"`` / ``AutoNormal``, or ``"lowrank"`` /
+            ``AutoLowRankMultivariateNormal`` (low-rank global block, mean-field
+            local blocks); an autoguide instance built for ``model`` also works.
+        rank: rank of the low-rank global factor (default ``round(sqrt(G))``).
+        init_scale: initial standard deviation of the guide (unconstrained).
+        init_params: constrained initial means of some latent sites (local sites
+            over the whole plate), e.g. a MAP; others start at 0 unconstrained.
+        subsample_size: B, entities per shard per step (the entities' observations
+            come with them); ``None`` uses the whole shard.
+        num_particles: Monte Carlo draws of the latents per step.
+        learning_rate: step size of the default global optimizer (Adam).
+        optimizer: an optax transformation for the globals (overrides
+            ``learning_rate``), e.g. with a schedule.
+        local_learning_rate: step size of the per-entity Adam (default
+            ``learning_rate``); ``local_optimizer`` overrides it.
+        num_steps: maximum optimizer steps.
+        staleness: s of SSP; 0 is bulk-synchronous (BSP).
+        tol, window, convergence: stop when the mean negative ELBO of the last
+            ``window`` steps changes by at most ``tol`` relative to the window
+            before (``"elbo"``), or when the global means moved by at most ``tol``
+            relative over ``window`` steps (``"params"``). ``tol=None``: never.
+        seed: the run's seed; the same seed gives the same fit for any backend.
+        num_draws: draws from the fitted q in ``result.idata``.
+        checkpoint_dir: where the server writes theta and each shard writes its
+            locals every ``checkpoint_every`` steps (atomically); a rerun with the
+            same settings resumes, and a lost worker restarts from its shard's
+            checkpoint. On a cluster it must be storage every node can reach.
+        callback: called as ``callback(info)`` every ``callback_every`` steps;
+            returning ``True`` stops the fit.
+        progress_bar: show the loss and steps (rich).
+        max_shard_bytes: the memory budget of one worker for its data; a shard
+            larger than that raises before any step.
+        x64: compute in float64 on the workers.
+
+    Returns:
+        :class:`SVIResult`.
+
+    Raises:
+        ConfigurationError: a learning rate <= 0, a subsample larger than a shard,
+            a guide or ``init_params`` that does not match the model's sites, a
+            shard over ``max_shard_bytes``, or a non-finite ELBO at the start (the
+            message names the site).
+        ShardError: the model raised on a worker (with its traceback).
+        WorkerLostError: a worker was lost more than 5 times.
+
+    References:
+        Hoffman, Blei, Wang & Paisley (2013). Stochastic variational inference. JMLR.
+        Kucukelbir et al. (2017). Automatic differentiation variational inference.
+        Ho et al. (2013). More effective distributed ML via a stale synchronous
+        parallel parameter server. NeurIPS.
+    """
+    from raybayes.optim.map import planned_objective
+
+    family, rank, init_scale = resolve_guide(guide, model, rank, init_scale)
+    _check_args(learning_rate, local_learning_rate, num_particles, staleness,
+                subsample_size, num_steps, tol, window, convergence)
+    if not init_scale > 0:
+        raise ConfigurationError(f"init_scale={init_scale!r}; use a number > 0.")
+    if optimizer is None:
+        optimizer = optax.adam(learning_rate)
+    if local_optimizer is None:
+        local_optimizer = optax.adam(local_learning_rate or learning_rate)
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    start = time.perf_counter()
+    objective = planned_objective(
+        model, model_kwargs, num_shards, partition=partition, backend=backend,
+        source=source, model_args=model_args, objective_class=_SVIObjective, x64=x64,
+    )
+    progress = None
+    try:
+        slow = {int(k): (v if isinstance(v, tuple) else (float(v), 1.0))
+                for k, v in (_worker_slowdown or {}).items()}
+        worker_cfg = dict(
+            family=family, rank=rank, init_scale=init_scale,
+            subsample_size=subsample_size, num_particles=num_particles, seed=seed,
+            local_optimizer=local_optimizer, checkpoint_dir=checkpoint_dir,
+            init_params=dict(init_params or {}),
+        )
+        infos = []
+        for s in range(objective.num_shards):
+            cfg_s = dict(worker_cfg, slowdown=slow.get(s))
+            infos.append(objective.pool.submit(s, "configure_svi", cfg_s, tag=s))
+        infos = [objective._result(f) for f in infos]
+        data_bytes = [int(i["data_bytes"]) for i in infos]
+        if max_shard_bytes is not None and max(data_bytes) > max_shard_bytes:
+            worst = int(np.argmax(data_bytes))
+            raise ConfigurationError(
+                f"shard {worst} holds {data_bytes[worst]:,} bytes of data, over "
+                f"max_shard_bytes={max_shard_bytes:,}; use more shards (at least "
+                f"{int(np.ceil(sum(data_bytes) / max_shard_bytes))})."
+            )
+        gguide = GlobalGuide(objective.num_global, family, rank, init_scale)
+        dtype = np.float64 if x64 else np.float32
+        theta = jax.tree.map(jnp.asarray, gguide.init(infos[0]["init_global"], dtype))
+        fingerprint = dict(
+            family=family, rank=gguide.rank, num_shards=objective.num_shards,
+            num_global=objective.num_global, subsample_size=subsample_size,
+            num_particles=num_particles, seed=seed,
+        )
+        cfg = dict(worker=worker_cfg, fingerprint=fingerprint)
+        run = _Run(objective, cfg, gguide, theta, optimizer, staleness, checkpoint_dir)
+        run.resume()
+        setup_s = time.perf_counter() - start
+        progress = LossProgress(num_steps, "SVI", enabled=progress_bar)
+        progress.update(run.version, float("nan"))
+        stop_reason, elapsed = run.run(
+            num_steps, tol, window, convergence, callback, callback_every, progress,
+            checkpoint_every,
+        )
+        progress.close()
+        progress = None
+        t1 = time.perf_counter()
+        samples, axes = run.draws(num_draws, seed + 1)
+        idata = draws_to_inference_data(
+            objective, samples, axes,
+            attrs={"inference": f"svi ({family})", "num_steps": run.version,
+                   "stop_reason": stop_reason},
+        )
+        locals_ = run.pool_call_all("local_params")
+        local_params = _merge_locals(locals_)
+        params = {
+            "loc": np.asarray(run.theta["loc"]),
+            "scale": np.asarray(jax.nn.softplus(run.theta["scale_raw"])),
+        }
+        if family == "lowrank":
+            params["cov_factor"] = np.asarray(run.theta["cov_factor"]) * params["scale"][:, None]
+        return SVIResult(
+            params=params,
+            local_params=local_params,
+            idata=idata,
+            losses=np.asarray(run.losses),
+            num_steps=run.version,
+            stop_reason=stop_reason,
+            time_s=elapsed,
+            setup_s=setup_s,
+            draws_s=time.perf_counter() - t1,
+            staleness=dict(sorted(run.stale_counts.items())),
+            restarts=run.restarts,
+            data_bytes=data_bytes,
+            global_sites=objective.global_sites,
+            family=family,
+            posterior_samples=samples,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+        objective.close()
+
+
+def _merge_locals(parts):
+    ids = np.concatenate([p["entity_ids"] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return {
+        "loc": np.concatenate([p["loc"] for p in parts])[order],
+        "scale": np.concatenate([p["scale"] for p in parts])[order],
+        "entity_ids": ids[order],
+    }
