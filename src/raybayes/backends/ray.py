@@ -32,6 +32,12 @@ def _import_ray():
     return ray
 
 
+try:
+    from ray import ObjectRef as _ObjectRef
+except ImportError:  # pragma: no cover - ray is a dependency
+    _ObjectRef = ()
+
+
 class _ActorHost:
     """The body of each Ray actor: builds the worker object and dispatches calls."""
 
@@ -44,6 +50,11 @@ class _ActorHost:
 
     def call(self, method, args, kwargs):
         try:
+            # Values placed with Backend.put arrive as ObjectRefs inside the tuple.
+            if any(isinstance(a, _ObjectRef) for a in args):
+                import ray
+
+                args = [ray.get(a) if isinstance(a, _ObjectRef) else a for a in args]
             if self._object is None:
                 self._object = build_worker(self._factory, self._factory_args, self._worker_index)
             return getattr(self._object, method)(*args, **kwargs)

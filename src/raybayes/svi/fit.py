@@ -505,6 +505,8 @@ def fit_svi(
         source=source, model_args=model_args, objective_class=_SVIObjective, x64=x64,
     )
     progress = None
+    x64_context = jax.enable_x64(x64)
+    x64_context.__enter__()
     try:
         slow = {int(k): (v if isinstance(v, tuple) else (float(v), 1.0))
                 for k, v in (_worker_slowdown or {}).items()}
@@ -580,6 +582,7 @@ def fit_svi(
             posterior_samples=samples,
         )
     finally:
+        x64_context.__exit__(None, None, None)
         if progress is not None:
             progress.close()
         objective.close()

@@ -68,8 +68,7 @@ class minibatch_scale(Messenger):  # noqa: N801 - a NumPyro handler
         factor = self.local_scale if frames & self.local_plates else self.global_scale
         msg["scale"] = factor if msg.get("scale") is None else factor * msg["scale"]
         if self.mask is not None and self.obs_plate in frames:
-            old = msg.get("mask")
-            msg["mask"] = self.mask if old is None else (old & self.mask)
+            msg["fn"] = msg["fn"].mask(self.mask)
 
 
 class SVIShardWorker(ShardWorker):

@@ -1,0 +1,337 @@
+"""Distributed SVI: exact optimum on a conjugate model, unbiased minibatch gradients,
+shard-count invariance, SSP, checkpoints and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from numpyro.infer.autoguide import AutoDelta, AutoNormal
+
+import raybayes
+from raybayes.core import Partition
+from raybayes.errors import ConfigurationError
+from raybayes.svi.fit import _SVIObjective
+
+S0, TAU, SIGMA = 3.0, 0.8, 1.0
+J = 48  # groups
+
+
+def hierarchical_normal(group_idx, num_groups, y=None):
+    """Every conditional is Gaussian: the optimal mean-field q is known exactly."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, S0))
+    with numpyro.plate("groups", num_groups):
+        theta = numpyro.sample("theta", dist.Normal(mu, TAU))
+    with numpyro.plate("obs", group_idx.shape[0]):
+        numpyro.sample("y", dist.Normal(theta[group_idx], SIGMA), obs=y)
+
+
+PARTITION = Partition(
+    "groups", index_arg="group_idx", obs_args=("group_idx", "y"), obs_plate="obs",
+    size_arg="num_groups",
+)
+
+
+@pytest.fixture(scope="module")
+def conjugate():
+    """Data, and the optimal mean-field q: exact means, variances 1 / diag(precision).
+
+    For a Gaussian target N(m, Lambda^-1), the mean-field Gaussian that maximises
+    the ELBO has mean m and variances 1 / Lambda_ii (Bishop, PRML, section 10.1.2).
+    """
+    rng = np.random.default_rng(0)
+    counts = rng.integers(3, 12, J)
+    group_idx = np.repeat(np.arange(J), counts).astype(np.int32)
+    rng.shuffle(group_idx)  # observations in any order
+    theta = 1.5 + TAU * rng.standard_normal(J)
+    y = (theta[group_idx] + SIGMA * rng.standard_normal(len(group_idx))).astype(np.float32)
+    n = len(y)
+    A = np.zeros((n, J + 1))
+    A[np.arange(n), 1 + group_idx] = 1.0
+    D = np.zeros((J, J + 1))
+    D[:, 0], D[:, 1:] = -1.0, np.eye(J)
+    prec = D.T @ D / TAU**2 + A.T @ A / SIGMA**2
+    prec[0, 0] += 1.0 / S0**2
+    mean = np.linalg.solve(prec, A.T @ y.astype(np.float64) / SIGMA**2)
+    mf_sd = 1.0 / np.sqrt(np.diag(prec))
+    kwargs = dict(group_idx=group_idx, num_groups=J, y=y)
+    return kwargs, mean, mf_sd
+
+
+def _cosine(lr, steps):
+    return optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.02))
+
+
+STEPS = 3000
+FIT = dict(num_steps=STEPS, tol=None, progress_bar=False, num_draws=200)
+B = 6  # of about 24 groups per shard
+
+
+@pytest.fixture(scope="module")
+def minibatch_fit(conjugate):
+    # Each group is in a subsample in about B / 24 of the steps; its own schedule
+    # runs on its own count of updates.
+    return raybayes.fit_svi(
+        hierarchical_normal, conjugate[0], num_shards=2, partition=PARTITION,
+        subsample_size=B, optimizer=_cosine(0.05, STEPS),
+        local_optimizer=_cosine(0.05, STEPS * B // 24), seed=1, **FIT,
+    )
+
+
+def test_minibatch_svi_reaches_the_optimal_mean_field_q(conjugate, minibatch_fit):
+    _, mean, mf_sd = conjugate
+    res = minibatch_fit
+    loc = np.concatenate([res.params["loc"], res.local_params["loc"][:, 0]])
+    scale = np.concatenate([res.params["scale"], res.local_params["scale"][:, 0]])
+    # Tolerances: 0.25 posterior sd for the means and 15% for the sds. With one
+    # particle the iterates keep some noise (full-batch runs end within 0.09 sd and
+    # 7%); errors in the estimator are far larger: counting the padding rows of
+    # the minibatch put the means 2.6 sd off.
+    np.testing.assert_array_less(np.abs(loc - mean), 0.25 * mf_sd)
+    np.testing.assert_array_less(np.abs(scale / mf_sd - 1.0), 0.15)
+    assert res.stop_reason == "max_steps" and res.num_steps == STEPS
+    assert res.staleness == {0: 2 * STEPS}
+    # The draws in the InferenceData follow q.
+    theta = res.idata.posterior["theta"].values.reshape(200, J)
+    tol = 4 * mf_sd[1:] / np.sqrt(200) + 0.25 * mf_sd[1:]
+    np.testing.assert_array_less(np.abs(theta.mean(0) - mean[1:]), tol)
+    assert res.idata.posterior["theta"].dims[-1] == "groups"
+
+
+def test_minibatch_gradient_is_unbiased(conjugate):
+    """E over subsamples of the minibatch gradient = the full-shard gradient.
+
+    At one clock the global draw and every entity's local noise are the same with
+    and without subsampling (they are keyed by clock and entity id), so the
+    difference is the subsampling error alone; its mean over 400 clocks must be
+    within 4 standard errors of 0.
+    """
+    kwargs = conjugate[0]
+    grads = {}
+    for B in (None, 5):
+        with _SVIObjective(hierarchical_normal, kwargs, partition=PARTITION,
+                           num_shards=2, backend="local", x64=True) as obj:
+            cfg = dict(family="normal", rank=None, init_scale=0.5, subsample_size=B,
+                       num_particles=1, seed=0, local_optimizer=optax.adam(0.1),
+                       checkpoint_dir=None, init_params={})
+            obj.pool.call_all("configure_svi", cfg)
+            grads[B] = _worker_grads(obj.pool._objects[0], range(400))
+    diff = grads[5] - grads[None]
+    se = diff.std(0, ddof=1) / np.sqrt(len(diff))
+    assert np.all(np.abs(diff.mean(0)) < 4 * se + 1e-9)
+    # And the subsampling error is real (the test would notice a fixed subsample).
+    assert np.all(diff.std(0) > 0)
+
+
+def test_minibatch_updates_each_sampled_group_with_its_exact_gradient(conjugate):
+    """One step from the same state: the subsampled groups move exactly as in a
+    full-shard step (the same noise, their own unscaled terms), the others not."""
+    kwargs = conjugate[0]
+    phis, idx = {}, None
+    for b in (None, 5):
+        with _SVIObjective(hierarchical_normal, kwargs, partition=PARTITION,
+                           num_shards=2, backend="local", x64=True) as obj:
+            cfg = dict(family="normal", rank=None, init_scale=0.5, subsample_size=b,
+                       num_particles=1, seed=0, local_optimizer=optax.adam(0.1),
+                       checkpoint_dir=None, init_params={})
+            obj.pool.call_all("configure_svi", cfg)
+            worker = obj.pool._objects[1]
+            with jax.enable_x64(True):
+                theta = {k: jnp.asarray(v, jnp.float64) for k, v in worker.guide.init(
+                    np.full(worker.density.num_global, 0.3)).items()}
+                _, _, phi, _ = worker._step_fn(
+                    theta, worker.phi, worker.local_state, 7, worker._arrays_sorted)
+                phis[b] = np.asarray(phi["loc"]), np.asarray(worker.phi["loc"])
+                if b is not None:
+                    idx = np.asarray(worker._indices(worker._keys(7)[1]))
+    new_full, _ = phis[None]
+    new_mb, old = phis[5]
+    assert len(idx) == 5
+    np.testing.assert_allclose(new_mb[idx], new_full[idx], rtol=1e-12)
+    rest = np.setdiff1d(np.arange(len(old)), idx)
+    np.testing.assert_array_equal(new_mb[rest], old[rest])
+
+
+def _worker_grads(worker, clocks):
+    with jax.enable_x64(True):
+        theta = {k: jnp.asarray(v, jnp.float64) for k, v in worker.guide.init(
+            np.full(worker.density.num_global, 0.3)).items()}
+        rows = []
+        for c in clocks:
+            _, g, _, _ = worker._step_fn(
+                theta, worker.phi, worker.local_state, c, worker._arrays_sorted
+            )
+            rows.append(np.concatenate([np.ravel(np.asarray(v)) for v in g.values()]))
+    return np.array(rows)
+
+
+def test_full_batch_fit_does_not_depend_on_the_number_of_shards(conjugate):
+    kwargs = conjugate[0]
+    fits = [
+        raybayes.fit_svi(hierarchical_normal, kwargs, num_shards=s, partition=PARTITION,
+                         num_steps=150, tol=None, progress_bar=False, num_draws=10,
+                         learning_rate=0.05, x64=True)
+        for s in (1, 3)
+    ]
+    # Equal up to the order of the float64 sums over shards.
+    np.testing.assert_allclose(fits[0].params["loc"], fits[1].params["loc"], rtol=1e-7)
+    np.testing.assert_allclose(fits[0].local_params["loc"], fits[1].local_params["loc"],
+                               rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(fits[0].losses, fits[1].losses, rtol=1e-7)
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(conjugate, tmp_path):
+    kwargs = conjugate[0]
+    common = dict(num_shards=2, partition=PARTITION, subsample_size=8, tol=None,
+                  progress_bar=False, num_draws=10, learning_rate=0.05, seed=3,
+                  checkpoint_every=50)
+    whole = raybayes.fit_svi(hierarchical_normal, kwargs, num_steps=200, **common)
+    first = raybayes.fit_svi(hierarchical_normal, kwargs, num_steps=100,
+                             checkpoint_dir=tmp_path, **common)
+    assert first.num_steps == 100 and (tmp_path / "global.pkl").exists()
+    assert sorted(p.name for p in tmp_path.glob("shard-*.pkl")) == [
+        "shard-0000.pkl", "shard-0001.pkl"]
+    resumed = raybayes.fit_svi(hierarchical_normal, kwargs, num_steps=200,
+                               checkpoint_dir=tmp_path, **common)
+    assert resumed.num_steps == 200 and len(resumed.losses) == 200
+    np.testing.assert_array_equal(resumed.params["loc"], whole.params["loc"])
+    np.testing.assert_array_equal(resumed.local_params["loc"], whole.local_params["loc"])
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+
+
+def test_convergence_stops_early(conjugate):
+    res = raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=1,
+                           partition=PARTITION, num_steps=5000, tol=1e-3, window=50,
+                           learning_rate=0.05, progress_bar=False, num_draws=10)
+    assert res.stop_reason == "converged" and res.num_steps < 5000
+
+
+def test_callback_sees_draws_and_can_stop(conjugate):
+    seen = []
+
+    def cb(info):
+        draws = info.sample_posterior(20, var_names=["theta"])
+        seen.append((info.step, draws["theta"].shape, info.elapsed_s))
+        return info.step >= 60
+
+    res = raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=2,
+                           partition=PARTITION, num_steps=1000, tol=None,
+                           callback=cb, callback_every=30, progress_bar=False,
+                           num_draws=10)
+    assert res.stop_reason == "callback" and res.num_steps == 60
+    assert [s[:2] for s in seen] == [(30, (20, J)), (60, (20, J))]
+    assert seen[1][2] >= seen[0][2] > 0
+
+
+def test_lowrank_guide_runs_and_reports_its_factor(conjugate):
+    res = raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=2,
+                           partition=PARTITION, guide="lowrank", num_steps=300,
+                           tol=None, learning_rate=0.05, progress_bar=False,
+                           num_draws=10)
+    assert res.family == "lowrank" and res.params["cov_factor"].shape == (1, 1)
+
+
+def test_max_shard_bytes(conjugate):
+    kwargs = conjugate[0]
+    total = sum(np.asarray(v).nbytes for v in kwargs.values() if np.ndim(v))
+    budget = int(0.6 * total)
+    with pytest.raises(ConfigurationError, match="max_shard_bytes"):
+        raybayes.fit_svi(hierarchical_normal, kwargs, num_shards=1, partition=PARTITION,
+                         num_steps=5, max_shard_bytes=budget, progress_bar=False)
+    # Twice one worker's budget of data fits on four workers.
+    res = raybayes.fit_svi(hierarchical_normal, kwargs, num_shards=4, partition=PARTITION,
+                           num_steps=5, max_shard_bytes=budget // 2 + 64,
+                           tol=None, progress_bar=False, num_draws=5)
+    assert max(res.data_bytes) <= budget // 2 + 64
+    assert sum(res.data_bytes) >= total
+
+
+def other_model(y):
+    numpyro.sample("m", dist.Normal(0, 1))
+
+
+def positive_model(y):
+    rate = numpyro.sample("rate", dist.Gamma(2.0, 1.0))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Exponential(rate), obs=y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=0.0), "learning_rate=0.0"),
+        (dict(learning_rate=-1e-3), "learning rate must be"),
+        (dict(subsample_size=40), "subsample_size=40 but shard"),
+        (dict(guide=AutoNormal(other_model)), "was built for model 'other_model'"),
+        (dict(guide=AutoDelta), "not supported by distributed SVI"),
+        (dict(init_params={"mu": 0.0, "tau": 1.0}), r"site\(s\) \['tau'\]"),
+        (dict(staleness=-1), "staleness=-1"),
+    ],
+)
+def test_bad_input_is_refused_before_any_step(conjugate, kwargs, match):
+    with pytest.raises(ConfigurationError, match=match):
+        raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=2,
+                         partition=PARTITION, num_steps=10, progress_bar=False,
+                         **kwargs)
+
+
+def test_non_finite_elbo_at_the_start_names_the_site():
+    y = np.array([0.5, 1.0, -2.0, 0.3], np.float32)  # Exponential needs y >= 0
+    with pytest.raises(ConfigurationError, match="site 'y' has a non-finite log density"):
+        raybayes.fit_svi(positive_model, dict(y=y), num_shards=1, num_steps=10,
+                         progress_bar=False)
+
+
+# ----------------------------------------------------------------------- on Ray
+def test_ray_workers_give_the_in_process_fit(conjugate, ray_backend):
+    common = dict(num_shards=2, partition=PARTITION, subsample_size=8, num_steps=100,
+                  tol=None, progress_bar=False, num_draws=20, learning_rate=0.05, seed=5)
+    local = raybayes.fit_svi(hierarchical_normal, conjugate[0], **common)
+    remote = raybayes.fit_svi(hierarchical_normal, conjugate[0], backend=ray_backend,
+                              **common)
+    np.testing.assert_array_equal(local.params["loc"], remote.params["loc"])
+    np.testing.assert_array_equal(local.local_params["loc"], remote.local_params["loc"])
+    np.testing.assert_array_equal(local.losses, remote.losses)
+    np.testing.assert_array_equal(
+        local.idata.posterior["theta"].values, remote.idata.posterior["theta"].values
+    )
+
+
+def test_a_lost_worker_restarts_from_its_shard_checkpoint(conjugate, ray_backend,
+                                                          tmp_path):
+    """Killed right after a checkpoint, the shard reloads exactly the state it had,
+    so the fit is the one without the failure."""
+    common = dict(num_shards=2, partition=PARTITION, subsample_size=8, num_steps=160,
+                  tol=None, progress_bar=False, num_draws=20, learning_rate=0.05,
+                  seed=6, backend=ray_backend, checkpoint_every=50)
+    killed = []
+
+    def kill_at_100(info):
+        if info.step == 100:
+            info._run.pool.kill(0)
+            killed.append(info.step)
+
+    whole = raybayes.fit_svi(hierarchical_normal, conjugate[0], **common)
+    hurt = raybayes.fit_svi(hierarchical_normal, conjugate[0], callback=kill_at_100,
+                            callback_every=50, checkpoint_dir=tmp_path, **common)
+    assert killed == [100] and hurt.restarts == 1 and whole.restarts == 0
+    np.testing.assert_array_equal(hurt.params["loc"], whole.params["loc"])
+    np.testing.assert_array_equal(hurt.local_params["loc"], whole.local_params["loc"])
+
+
+def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_backend):
+    kwargs, mean, mf_sd = conjugate
+    res = raybayes.fit_svi(
+        hierarchical_normal, kwargs, num_shards=2, partition=PARTITION,
+        subsample_size=B, optimizer=_cosine(0.05, STEPS),
+        local_optimizer=_cosine(0.05, STEPS * B // 24), seed=1, staleness=2,
+        backend=ray_backend, _worker_slowdown={0: (4.0, 0.5)}, **FIT,
+    )
+    assert sum(res.staleness.values()) == 2 * STEPS
+    assert max(res.staleness) == 2 and res.staleness.get(1, 0) > 0
+    loc = np.concatenate([res.params["loc"], res.local_params["loc"][:, 0]])
+    np.testing.assert_array_less(np.abs(loc - mean), 0.25 * mf_sd)
