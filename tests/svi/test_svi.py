@@ -335,3 +335,42 @@ def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_back
     assert max(res.staleness) == 2 and res.staleness.get(1, 0) > 0
     loc = np.concatenate([res.params["loc"], res.local_params["loc"][:, 0]])
     np.testing.assert_array_less(np.abs(loc - mean), 0.25 * mf_sd)
+
+
+def test_workers_reading_parquet_fit_as_the_in_memory_data(tmp_path):
+    """With ``source=`` each worker reads its own products; the fit is the same."""
+    import functools
+
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
+    from raybayes.datasets.parquet import ParquetShards, elasticity_kwargs_from_table
+    from raybayes.models.elasticity import elasticity_model
+    from raybayes.plan import plan
+
+    C, P, T = 2, 12, 30
+    df, _ = simulate_elasticity(num_categories=C, num_products=P, num_weeks=T, seed=2)
+    ds.write_dataset(
+        pa.Table.from_pandas(df, preserve_index=False), tmp_path, format="parquet",
+        partitioning=ds.partitioning(pa.schema([("product", pa.int64())]),
+                                     flavor="hive"),
+    )
+    kwargs = prepare_elasticity_data(
+        df, product_cols=("product",), category_col="category").model_kwargs()
+    part = next(c for c in plan(elasticity_model, kwargs, num_shards=2).candidates
+                if c.plate == "products").partition
+    common = dict(num_shards=2, partition=part, num_steps=40, tol=None,
+                  progress_bar=False, num_draws=10, learning_rate=0.05, x64=True)
+    memory = raybayes.fit_svi(elasticity_model, kwargs, **common)
+    source = ParquetShards(
+        tmp_path,
+        functools.partial(elasticity_kwargs_from_table, num_categories=C, num_times=T),
+        partition_column="product",
+    )
+    parquet = raybayes.fit_svi(elasticity_model, source=source, **common)
+    assert parquet.data_bytes[0] < sum(memory.data_bytes)
+    np.testing.assert_allclose(parquet.params["loc"], memory.params["loc"], rtol=1e-6,
+                               atol=1e-9)
+    np.testing.assert_allclose(parquet.local_params["loc"], memory.local_params["loc"],
+                               rtol=1e-6, atol=1e-9)

@@ -129,6 +129,18 @@ class ShardWorker:
         lengths = [np.shape(v)[0] for v in self.kwargs.values() if np.ndim(v) >= 1]
         return int(max(lengths, default=0))
 
+    def memory_usage(self) -> dict:
+        """``{"data_bytes", "peak_rss_bytes"}`` of this worker (its shard's arrays,
+        and the process's peak resident memory, Linux/macOS only)."""
+        import resource
+        import sys
+
+        self._check()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = rss if sys.platform == "darwin" else rss * 1024
+        data = sum(np.asarray(v).nbytes for v in self.kwargs.values() if np.ndim(v))
+        return dict(data_bytes=int(data), peak_rss_bytes=int(rss))
+
     def _check(self):
         if self.density is None:
             raise ShardError("?", "setup(shard_id) was not called on this worker")

@@ -81,6 +81,8 @@ class SVIResult:
             ``s`` versions old.
         restarts: workers restarted after being lost.
         data_bytes: bytes of data each shard holds.
+        peak_rss_bytes: peak resident memory of each worker process (with the
+            local backend, all are the driver's).
     """
 
     params: dict
@@ -95,6 +97,7 @@ class SVIResult:
     staleness: dict
     restarts: int
     data_bytes: list
+    peak_rss_bytes: list
     global_sites: list
     family: str
     posterior_samples: dict = field(repr=False, default_factory=dict)
@@ -556,6 +559,7 @@ def fit_svi(
             attrs={"inference": f"svi ({family})", "num_steps": run.version,
                    "stop_reason": stop_reason},
         )
+        memory = run.pool_call_all("memory_usage")
         locals_ = run.pool_call_all("local_params")
         local_params = _merge_locals(locals_)
         params = {
@@ -577,6 +581,7 @@ def fit_svi(
             staleness=dict(sorted(run.stale_counts.items())),
             restarts=run.restarts,
             data_bytes=data_bytes,
+            peak_rss_bytes=[m["peak_rss_bytes"] for m in memory],
             global_sites=objective.global_sites,
             family=family,
             posterior_samples=samples,
