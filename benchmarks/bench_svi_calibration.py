@@ -1,4 +1,4 @@
-"""Calibration of the 90% credible intervals of the product elasticities: SVI, Laplace, NUTS.
+"""Calibration of 90% credible intervals of product elasticities: SVI, Laplace, NUTS.
 
 Simulates ``--categories x --products x --weeks`` rows with known elasticities
 (:func:`raybayes.datasets.simulate_elasticity`), once per seed (``--seeds`` data
@@ -41,7 +41,10 @@ and the others still run.
 
 Usage:
     python benchmarks/bench_svi_calibration.py --products 100 --weeks 52 --backend ray
-    python benchmarks/bench_svi_calibration.py --products 40 --weeks 26 --svi-steps 300 \\
+    python benchmarks/bench_svi_calibration.py --backend local --nuts-backend ray \
+        --svi-steps 1500 --warmup 300 --samples 300 --draws 500
+    python benchmarks/bench_svi_calibration.py --products 40 --weeks 26 \\
+        --svi-steps 300 \\
         --warmup 100 --samples 100 --backend local
     python benchmarks/bench_svi_calibration.py --seeds 3 --out calibration.md
 """
@@ -94,10 +97,17 @@ def calibration(draws, truth, prob):
     )
 
 
+def first_line(exc, limit=200):
+    text = str(exc)
+    return text.splitlines()[0][:limit] if text else ""
+
+
 def _svi_optimizers(args):
     def make():
         return optax.adam(
-            optax.cosine_decay_schedule(args.svi_lr, args.svi_steps, alpha=args.svi_alpha)
+            optax.cosine_decay_schedule(
+                args.svi_lr, args.svi_steps, alpha=args.svi_alpha
+            )
         )
 
     return make(), make()
@@ -128,9 +138,10 @@ def run_method(name, kwargs, part, backend, seed, args):
         )
         idata = res.idata
         losses = np.asarray(res.losses)
-        tail = losses[-min(100, losses.size):]
+        tail = losses[-min(100, losses.size) :]
         extra["note"] = (
-            f"{int(res.num_steps)} steps, fit {float(res.time_s):.1f} s, "
+            f"{int(res.num_steps)} steps: set-up {float(res.setup_s):.1f} s, "
+            f"fit {float(res.time_s):.1f} s, draws {float(res.draws_s):.1f} s, "
             f"-ELBO (last 100) {tail.mean():.1f}"
         )
     elif name == "laplace":
@@ -227,7 +238,15 @@ def main():
     parser.add_argument("--seeds", type=int, default=1, help="number of data sets")
     parser.add_argument("--seed0", type=int, default=0, help="first data-set seed")
     parser.add_argument("--workers", type=int, default=2, help="shards / NUTS workers")
-    parser.add_argument("--backend", default="ray", choices=("ray", "local"))
+    parser.add_argument(
+        "--backend", default="ray", choices=("ray", "local"), help="SVI and Laplace"
+    )
+    parser.add_argument(
+        "--nuts-backend",
+        default=None,
+        choices=("ray", "local"),
+        help="NUTS (default: --backend)",
+    )
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -258,13 +277,17 @@ def main():
         print(line, flush=True)
         lines.append(line)
 
-    backend = args.backend
+    args.nuts_backend = args.nuts_backend or args.backend
+    backends = {"local": "local"}
     ray_init_s = None
-    if backend == "ray":
+    need_ray = ("nuts" in methods and args.nuts_backend == "ray") or (
+        any(m != "nuts" for m in methods) and args.backend == "ray"
+    )
+    if need_ray:
         from raybayes.backends import RayBackend
 
         t = time.perf_counter()
-        backend = RayBackend(num_cpus=args.workers).start()
+        backends["ray"] = RayBackend(num_cpus=args.workers).start()
         ray_init_s = time.perf_counter() - t
 
     per_seed = {m: [] for m in methods}
@@ -281,22 +304,29 @@ def main():
             kwargs = data.model_kwargs()
             true_beta = truth["beta"][data.products["product"].to_numpy()]
             if seed == args.seed0:
+                cpu = platform.processor() or platform.machine()
                 out(
                     f"data: {args.categories} categories x {args.products} products x "
                     f"{args.weeks} weeks = {data.num_obs:,} rows per data set, "
                     f"{args.seeds} data set(s) (seeds {args.seed0}.."
-                    f"{args.seed0 + args.seeds - 1}); {platform.processor() or platform.machine()}, "
+                    f"{args.seed0 + args.seeds - 1}); {cpu}, "
                     f"{os.cpu_count()} CPU cores; jax {jax.__version__}, "
                     f"numpyro {numpyro.__version__}, arviz {az.__version__}"
                 )
                 out(
-                    f"backend {args.backend}, {args.workers} workers/shards"
-                    + (f" (ray start-up {ray_init_s:.1f} s, in no time below)"
-                       if ray_init_s is not None else "")
+                    f"backend {args.backend} (SVI, Laplace), "
+                    f"{args.nuts_backend} (NUTS), "
+                    f"{args.workers} workers/shards"
+                    + (
+                        f" (ray start-up {ray_init_s:.1f} s, in no time below)"
+                        if ray_init_s is not None
+                        else ""
+                    )
                     + f"; SVI: {args.svi_steps} steps, Adam with cosine decay from "
                     f"{args.svi_lr} (alpha {args.svi_alpha}), all products per step, "
                     f"{args.draws} draws; Laplace: {args.draws} draws; NUTS: "
-                    f"{args.chains} chains x ({args.warmup} warmup + {args.samples} draws)"
+                    f"{args.chains} chains x ({args.warmup} warmup + "
+                    f"{args.samples} draws)"
                 )
                 out()
             chosen = plan(MODEL, kwargs, num_shards=args.workers)
@@ -305,29 +335,38 @@ def main():
                 if name in errors:
                     continue
                 try:
+                    backend = backends[
+                        args.nuts_backend if name == "nuts" else args.backend
+                    ]
                     idata, extra = run_method(name, kwargs, part, backend, seed, args)
                 except Exception as exc:  # report and go on with the other methods
                     tb = traceback.extract_tb(exc.__traceback__)
                     where = tb[-1] if tb else None
-                    errors[name] = (
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                        + (f" ({os.path.relpath(where.filename)}:{where.lineno})"
-                           if where else "")
+                    errors[name] = f"{type(exc).__name__}: {first_line(exc)}" + (
+                        f" ({os.path.relpath(where.filename)}:{where.lineno})"
+                        if where
+                        else ""
                     )
                     print(traceback.format_exc(), flush=True)
                     continue
                 cal = calibration(beta_draws(idata), true_beta, args.prob)
-                per_seed[name].append(dict(cal, time_s=extra["time_s"], rhat=extra.get("rhat")))
-                notes.append(f"seed {seed}, {LABELS[name]}: {extra['time_s']:.1f} s; {extra['note']}")
+                per_seed[name].append(
+                    dict(cal, time_s=extra["time_s"], rhat=extra.get("rhat"))
+                )
+                notes.append(
+                    f"seed {seed}, {LABELS[name]}: "
+                    f"{extra['time_s']:.1f} s; {extra['note']}"
+                )
                 print(
                     f"  seed {seed} {name}: coverage {cal['hit'].mean():.3f}, width "
-                    f"{cal['width'].mean():.3f}, RMSE {np.sqrt(np.mean(cal['err'] ** 2)):.4f}, "
+                    f"{cal['width'].mean():.3f}, "
+                    f"RMSE {np.sqrt(np.mean(cal['err'] ** 2)):.4f}, "
                     f"{extra['time_s']:.1f} s",
                     flush=True,
                 )
     finally:
-        if not isinstance(backend, str):
-            backend.shutdown()
+        if "ray" in backends:
+            backends["ray"].shutdown()
 
     n = args.products * args.seeds
     out(

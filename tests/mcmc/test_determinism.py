@@ -98,3 +98,15 @@ def test_more_chains_than_workers_on_ray(local_run, ray_backend):
     for name in ("mu", "tau", "theta"):
         first = idata.posterior[name].values[:3]
         assert first.tobytes() == local_run.posterior[name].values.tobytes(), name
+
+
+def test_cross_chain_adaptation_is_deterministic_on_ray(ray_backend):
+    """Pooling waits for every chain at fixed iterations, so the draws still do not
+    depend on the number of workers; and pooling changes them."""
+    opts = dict(num_warmup=150, cross_chain_adaptation=True)
+    local = run("local", **opts)
+    remote = run(ray_backend, num_workers=2, **opts)
+    assert_identical(local, remote)
+    assert local.attrs["cross_chain_adaptation"] == 1
+    per_chain = run("local", num_warmup=150)
+    assert not np.array_equal(per_chain.posterior["mu"].values, local.posterior["mu"].values)

@@ -34,6 +34,7 @@ class _Chain:
     samples_done: int = 0
     running: bool = False
     divergences: int = 0
+    pooled_through: int = -1
     draws: list = field(default_factory=list)
     stats: list = field(default_factory=list)
 
@@ -80,6 +81,7 @@ def sample(
     max_samples: int | None = None,
     max_time_s: float | None = None,
     checkpoint_dir: str | None = None,
+    cross_chain_adaptation: bool = False,
     _scheduling: str = "dynamic",
     _worker_slowdown: dict[int, float] | None = None,
 ):
@@ -130,6 +132,14 @@ def sample(
             the same arguments and directory resumes the run, and ends with the
             draws of an uninterrupted run. Draws stream there as Parquet files;
             :func:`raybayes.mcmc.load_draws` reads the run so far at any time.
+        cross_chain_adaptation: pool the mass-matrix adaptation over chains. At
+            the end of each of NumPyro's slow adaptation windows every chain waits
+            for the others, and each chain's running (Welford) estimate of the
+            posterior covariance is replaced by the estimate from the draws of all
+            chains in that window, so each chain's mass matrix is estimated from
+            ``num_chains`` times as many draws. Chains wait at most a few times per
+            warmup (once per window); the draws still do not depend on the number
+            of workers. Helps most with many chains and a short warmup.
 
     Chains advance in chunks of ``chunk_size`` iterations. A free worker always
     advances the chain that has the fewest iterations, so chains may outnumber
@@ -218,6 +228,16 @@ def sample(
         )
     if max_time_s is not None and not max_time_s > 0:
         raise ConfigurationError(f"max_time_s={max_time_s!r} must be > 0 seconds.")
+    if cross_chain_adaptation and num_chains < 2:
+        raise ConfigurationError(
+            "cross_chain_adaptation pools the warmup of several chains; it needs "
+            f"num_chains >= 2, got {num_chains}."
+        )
+    if cross_chain_adaptation and (kernel_kwargs or {}).get("adapt_mass_matrix") is False:
+        raise ConfigurationError(
+            "cross_chain_adaptation pools the mass-matrix adaptation, but "
+            "kernel_kwargs sets adapt_mass_matrix=False; drop one of the two."
+        )
     if _scheduling not in ("dynamic", "static"):
         raise ConfigurationError(f"_scheduling={_scheduling!r}; use 'dynamic' or 'static'.")
     if not callable(model):
@@ -279,6 +299,7 @@ def sample(
                 num_samples=num_samples,
                 chunk_size=chunk_size,
                 seed=seed,
+                cross_chain_adaptation=bool(cross_chain_adaptation),
                 model=getattr(model, "__qualname__", repr(model)),
                 kernel={k: repr(v) for k, v in sorted(kernel_kwargs.items())},
                 dims=site_dims,
@@ -310,6 +331,7 @@ def sample(
                 store=store,
                 progress_bar=progress_bar,
                 static=_scheduling == "static",
+                cross_chain=cross_chain_adaptation,
             ).run()
         finally:
             pool.shutdown()
@@ -338,6 +360,7 @@ def sample(
             "num_warmup": num_warmup,
             "seed": seed,
             "num_workers": num_workers,
+            "cross_chain_adaptation": int(bool(cross_chain_adaptation)),
             **{k: (int(v) if isinstance(v, bool) else v) for k, v in outcome.items() if v is not None},
         },
     )
@@ -411,6 +434,38 @@ class _StoppingRule:
         return bool(ok)
 
 
+def _pooling_points(num_warmup: int) -> list[int]:
+    """Warmup iterations done just before the last iteration of each slow window."""
+    from numpyro.infer.hmc_util import build_adaptation_schedule
+
+    windows = build_adaptation_schedule(num_warmup)
+    return [int(w.end) for w in windows[1:-1]]
+
+
+def _pool_welford(states):
+    """Combine Welford accumulators ``(mean, m2, n)`` of several chains.
+
+    Chan, Golub & LeVeque's parallel update: the result is the accumulator of all
+    the chains' draws together (between-chain spread of the means included).
+    Accepts NumPyro's per-block dicts of accumulators.
+    """
+    if isinstance(states[0], dict):
+        return {k: _pool_welford([s[k] for s in states]) for k in states[0]}
+    means = [np.asarray(s[0], np.float64) for s in states]
+    m2s = [np.asarray(s[1], np.float64) for s in states]
+    ns = np.array([float(s[2]) for s in states])
+    n = ns.sum()
+    if n == 0:
+        return states[0]
+    mean = sum(w * m for w, m in zip(ns, means, strict=True)) / n
+    m2 = sum(m2s)
+    for w, m in zip(ns, means, strict=True):
+        d = m - mean
+        m2 = m2 + w * (np.outer(d, d) if m2.ndim == 2 else d * d)
+    dtype = np.asarray(states[0][0]).dtype
+    return (mean.astype(dtype), m2.astype(dtype), np.asarray(n).astype(np.asarray(states[0][2]).dtype))
+
+
 def _min_over(ds):
     vals = [np.nanmin(np.asarray(v)) if np.size(v) else np.inf for v in ds.data_vars.values()]
     return min(vals) if vals else np.inf
@@ -433,8 +488,12 @@ class _ChainScheduler:
     MAX_RESTARTS_PER_WORKER = 5
 
     def __init__(self, pool, *, num_chains, num_warmup, seed, chunk_size, init_params,
-                 stopping, store, progress_bar, static=False):
+                 stopping, store, progress_bar, static=False, cross_chain=False):
         self.pool = pool
+        # Warmup iterations after which the chains pool their covariance estimates:
+        # just before the last iteration of each slow window (NumPyro's schedule),
+        # so that the window's final update uses the pooled estimate.
+        self.boundaries = _pooling_points(num_warmup) if cross_chain else []
         self.num_warmup = num_warmup
         self.seed = seed
         self.chunk_size = chunk_size
@@ -462,6 +521,7 @@ class _ChainScheduler:
             chain.warmup_done = rec["warmup_done"]
             chain.samples_done = rec["samples_done"]
             chain.divergences = rec["divergences"]
+            chain.pooled_through = rec.get("pooled_through", -1)
             chain.draws, chain.stats = self.store.read_chunks(chain.chain_id, rec["num_chunks"])
 
     def _checkpoint(self, chain: _Chain, new_chunk: bool):
@@ -478,6 +538,7 @@ class _ChainScheduler:
                 warmup_done=chain.warmup_done,
                 samples_done=chain.samples_done,
                 divergences=chain.divergences,
+                pooled_through=chain.pooled_through,
                 num_chunks=len(chain.draws),
             ),
         )
@@ -487,7 +548,11 @@ class _ChainScheduler:
             key = chain_key(self.seed, chain.chain_id)
             return "init_chain", (chain.chain_id, key, self.init_params)
         if chain.warmup_done < self.num_warmup:
-            n = min(self.chunk_size, self.num_warmup - chain.warmup_done)
+            if self._waiting(chain):
+                return None
+            stop = next((b for b in self.boundaries if b > chain.warmup_done),
+                        self.num_warmup)
+            n = min(self.chunk_size, stop - chain.warmup_done)
             return "advance", (chain.chain_id, chain.state, n, False)
         lookahead = self.chunk_size if self.stopping.has_target else 0
         cap = min(self.limit + lookahead, self.stopping.max_samples)
@@ -495,6 +560,28 @@ class _ChainScheduler:
             n = min(self.chunk_size, cap - chain.samples_done)
             return "advance", (chain.chain_id, chain.state, n, True)
         return None
+
+    def _waiting(self, chain: _Chain) -> bool:
+        """Whether the chain waits at a pooling point for the other chains."""
+        b = chain.warmup_done
+        return b in self.boundaries and chain.pooled_through < b
+
+    def _pool_if_ready(self):
+        """Pool the chains' covariance estimates once all wait at the same point."""
+        if not self.boundaries:
+            return
+        points = {c.warmup_done for c in self.chains}
+        if len(points) != 1 or any(c.running for c in self.chains):
+            return
+        b = points.pop()
+        if not all(self._waiting(c) for c in self.chains):
+            return
+        pooled = _pool_welford([c.state.adapt_state.mm_state for c in self.chains])
+        for chain in self.chains:
+            adapt = chain.state.adapt_state._replace(mm_state=pooled)
+            chain.state = chain.state._replace(adapt_state=adapt)
+            chain.pooled_through = b
+            self._checkpoint(chain, False)
 
     def _pick(self, worker: int):
         candidates = [
@@ -533,6 +620,7 @@ class _ChainScheduler:
     # -- the loop --------------------------------------------------------------------
     def run(self):
         self._resume()
+        self._pool_if_ready()  # a run stopped while every chain waited to pool
         pool, start = self.pool, time.perf_counter()
         idle = list(range(pool.size))
         self.pending = pending = []
@@ -609,6 +697,7 @@ class _ChainScheduler:
         else:
             chain.state = out
         self._checkpoint(chain, new_chunk)
+        self._pool_if_ready()
         phase = "warmup" if chain.warmup_done < self.num_warmup else "sampling"
         total = self.num_warmup + max(self.limit, chain.samples_done)
         self.bar.update(chain.chain_id, chain.warmup_done + chain.samples_done, phase,
