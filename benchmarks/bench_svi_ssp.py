@@ -45,15 +45,26 @@ def run(kwargs, partition, true_beta, staleness, backend, args):
         beta = info.sample_posterior(args.draws, var_names=["beta"])["beta"].mean(0)
         trajectory.append((info.elapsed_s, info.step, rmse(beta, true_beta)))
         return info.elapsed_s >= args.budget_s or (
-            args.target is not None and trajectory[-1][2] <= args.target
+            args.target is not None
+            and trajectory[-1][2] <= args.target
             and not args.full_budget
         )
 
     res = raybayes.fit_svi(
-        elasticity_model, kwargs, num_shards=args.workers, partition=partition,
-        backend=backend, subsample_size=args.subsample_size,
-        learning_rate=args.lr, num_steps=args.max_steps, tol=None, staleness=staleness,
-        seed=0, num_draws=10, progress_bar=False, callback=callback,
+        elasticity_model,
+        kwargs,
+        num_shards=args.workers,
+        partition=partition,
+        backend=backend,
+        subsample_size=args.subsample_size,
+        learning_rate=args.lr,
+        num_steps=args.max_steps,
+        tol=None,
+        staleness=staleness,
+        seed=0,
+        num_draws=10,
+        progress_bar=False,
+        callback=callback,
         callback_every=args.eval_every,
         _worker_slowdown={0: (args.slow_factor, args.slow_prob)},
     )
@@ -81,15 +92,24 @@ def main():
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=120.0)
-    parser.add_argument("--full-budget", action="store_true",
-                        help="run every s for the whole budget (no stop at target)")
-    parser.add_argument("--target", type=float, default=None,
-                        help="RMSE target (default: 1.05 x the best RMSE BSP reached)")
+    parser.add_argument(
+        "--full-budget",
+        action="store_true",
+        help="run every s for the whole budget (no stop at target)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="RMSE target (default: 1.05 x the best RMSE BSP reached)",
+    )
     parser.add_argument("--draws", type=int, default=50)
     args = parser.parse_args()
 
     df, truth = simulate_elasticity(args.categories, args.products, args.weeks, seed=0)
-    data = prepare_elasticity_data(df, product_cols=("product",), category_col="category")
+    data = prepare_elasticity_data(
+        df, product_cols=("product",), category_col="category"
+    )
     kwargs = data.model_kwargs()
     true_beta = truth["beta"][data.products["product"].to_numpy()]
     chosen = plan(elasticity_model, kwargs, num_shards=args.workers)
@@ -121,8 +141,10 @@ def main():
         target = 1.05 * min(r for _, _, r in results[args.staleness[0]][1])
     print(f"\ntarget RMSE {target:.4f}")
     base = time_to(results[args.staleness[0]][1], target)[0]
-    print("| s | steps/s | max staleness seen | time to target (s) | steps | "
-          "ratio to BSP |")
+    print(
+        "| s | steps/s | max staleness seen | time to target (s) | steps | "
+        "ratio to BSP |"
+    )
     print("|---|---|---|---|---|---|")
     for s, (res, traj) in results.items():
         t, step = time_to(traj, target)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,22 +83,25 @@ def test_worker_loss_is_retried_and_rerun_skips_finished(tmp_path):
     assert (agg["lower"] <= agg["mean"]).all() and (agg["mean"] <= agg["upper"]).all()
 
 
-@pytest.mark.slow
 def test_driver_killed_mid_run_then_rerun_completes(tmp_path):
     simulate_fleet(tmp_path, 2, 2, 2, num_steps=120, seed=4)
+    # The driver SIGKILLs itself right after the first batch's manifest record is
+    # on disk: an abrupt death at a known point, with no timing race.
     code = (
+        "import os, signal\n"
+        "import raybayes.fleet.store as st\n"
+        "real = st.write_manifest_records\n"
+        "def write_then_die(*a, **k):\n"
+        "    real(*a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "st.write_manifest_records = write_then_die\n"
         "from raybayes.fleet import fit_many\n"
         f"fit_many({str(tmp_path / 'data')!r}, {KEYS!r}, {str(tmp_path / 'out')!r}, "
         "method='laplace', backend='local', batch_size=2, num_predictive_draws=10, "
         "progress_bar=False)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    manifest = tmp_path / "out" / "manifest"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (manifest.exists() and any(manifest.glob("*.json"))):
-        time.sleep(0.5)
-    proc.kill()
-    proc.wait()
+    proc = subprocess.run([sys.executable, "-c", code], timeout=600)
+    assert proc.returncode == -signal.SIGKILL
     first = len(read_manifest(tmp_path / "out"))
     assert 0 < first < 8
     res = fit_many(tmp_path / "data", KEYS, tmp_path / "out", method="laplace",

@@ -53,9 +53,16 @@ def test_pooling_points_are_the_slow_window_ends():
 
 def test_pooled_adaptation_samples_the_posterior():
     """Means 0 and sds SCALES, within 4 Monte Carlo standard errors (ArviZ MCSE)."""
-    idata = raybayes.sample(ill_conditioned, num_chains=4, num_warmup=200,
-                            num_samples=300, backend="local", progress_bar=False,
-                            cross_chain_adaptation=True, seed=2)
+    idata = raybayes.sample(
+        ill_conditioned,
+        num_chains=4,
+        num_warmup=200,
+        num_samples=300,
+        backend="local",
+        progress_bar=False,
+        cross_chain_adaptation=True,
+        seed=2,
+    )
     x = idata.posterior["x"].values.reshape(-1, len(SCALES))
     mcse_mean = az.mcse(idata, method="mean").x.values
     mcse_sd = az.mcse(idata, method="sd").x.values
@@ -67,5 +74,10 @@ def test_pooled_adaptation_samples_the_posterior():
 
 def test_cross_chain_adaptation_needs_two_chains():
     with pytest.raises(ConfigurationError, match="num_chains >= 2"):
-        raybayes.sample(ill_conditioned, num_chains=1, backend="local",
-                        cross_chain_adaptation=True, progress_bar=False)
+        raybayes.sample(
+            ill_conditioned,
+            num_chains=1,
+            backend="local",
+            cross_chain_adaptation=True,
+            progress_bar=False,
+        )

@@ -31,7 +31,10 @@ def hierarchical_normal(group_idx, num_groups, y=None):
 
 
 PARTITION = Partition(
-    "groups", index_arg="group_idx", obs_args=("group_idx", "y"), obs_plate="obs",
+    "groups",
+    index_arg="group_idx",
+    obs_args=("group_idx", "y"),
+    obs_plate="obs",
     size_arg="num_groups",
 )
 
@@ -48,7 +51,9 @@ def conjugate():
     group_idx = np.repeat(np.arange(J), counts).astype(np.int32)
     rng.shuffle(group_idx)  # observations in any order
     theta = 1.5 + TAU * rng.standard_normal(J)
-    y = (theta[group_idx] + SIGMA * rng.standard_normal(len(group_idx))).astype(np.float32)
+    y = (theta[group_idx] + SIGMA * rng.standard_normal(len(group_idx))).astype(
+        np.float32
+    )
     n = len(y)
     A = np.zeros((n, J + 1))
     A[np.arange(n), 1 + group_idx] = 1.0
@@ -76,9 +81,15 @@ def minibatch_fit(conjugate):
     # Each group is in a subsample in about B / 24 of the steps; its own schedule
     # runs on its own count of updates.
     return raybayes.fit_svi(
-        hierarchical_normal, conjugate[0], num_shards=2, partition=PARTITION,
-        subsample_size=B, optimizer=_cosine(0.05, STEPS),
-        local_optimizer=_cosine(0.05, STEPS * B // 24), seed=1, **FIT,
+        hierarchical_normal,
+        conjugate[0],
+        num_shards=2,
+        partition=PARTITION,
+        subsample_size=B,
+        optimizer=_cosine(0.05, STEPS),
+        local_optimizer=_cosine(0.05, STEPS * B // 24),
+        seed=1,
+        **FIT,
     )
 
 
@@ -113,11 +124,25 @@ def test_minibatch_gradient_is_unbiased(conjugate):
     kwargs = conjugate[0]
     grads = {}
     for B in (None, 5):
-        with _SVIObjective(hierarchical_normal, kwargs, partition=PARTITION,
-                           num_shards=2, backend="local", x64=True) as obj:
-            cfg = dict(family="normal", rank=None, init_scale=0.5, subsample_size=B,
-                       num_particles=1, seed=0, local_optimizer=optax.adam(0.1),
-                       checkpoint_dir=None, init_params={})
+        with _SVIObjective(
+            hierarchical_normal,
+            kwargs,
+            partition=PARTITION,
+            num_shards=2,
+            backend="local",
+            x64=True,
+        ) as obj:
+            cfg = dict(
+                family="normal",
+                rank=None,
+                init_scale=0.5,
+                subsample_size=B,
+                num_particles=1,
+                seed=0,
+                local_optimizer=optax.adam(0.1),
+                checkpoint_dir=None,
+                init_params={},
+            )
             obj.pool.call_all("configure_svi", cfg)
             grads[B] = _worker_grads(obj.pool._objects[0], range(400))
     diff = grads[5] - grads[None]
@@ -133,18 +158,37 @@ def test_minibatch_updates_each_sampled_group_with_its_exact_gradient(conjugate)
     kwargs = conjugate[0]
     phis, idx = {}, None
     for b in (None, 5):
-        with _SVIObjective(hierarchical_normal, kwargs, partition=PARTITION,
-                           num_shards=2, backend="local", x64=True) as obj:
-            cfg = dict(family="normal", rank=None, init_scale=0.5, subsample_size=b,
-                       num_particles=1, seed=0, local_optimizer=optax.adam(0.1),
-                       checkpoint_dir=None, init_params={})
+        with _SVIObjective(
+            hierarchical_normal,
+            kwargs,
+            partition=PARTITION,
+            num_shards=2,
+            backend="local",
+            x64=True,
+        ) as obj:
+            cfg = dict(
+                family="normal",
+                rank=None,
+                init_scale=0.5,
+                subsample_size=b,
+                num_particles=1,
+                seed=0,
+                local_optimizer=optax.adam(0.1),
+                checkpoint_dir=None,
+                init_params={},
+            )
             obj.pool.call_all("configure_svi", cfg)
             worker = obj.pool._objects[1]
             with jax.enable_x64(True):
-                theta = {k: jnp.asarray(v, jnp.float64) for k, v in worker.guide.init(
-                    np.full(worker.density.num_global, 0.3)).items()}
+                theta = {
+                    k: jnp.asarray(v, jnp.float64)
+                    for k, v in worker.guide.init(
+                        np.full(worker.density.num_global, 0.3)
+                    ).items()
+                }
                 _, _, phi, _ = worker._step_fn(
-                    theta, worker.phi, worker.local_state, 7, worker._arrays_sorted)
+                    theta, worker.phi, worker.local_state, 7, worker._arrays_sorted
+                )
                 phis[b] = np.asarray(phi["loc"]), np.asarray(worker.phi["loc"])
                 if b is not None:
                     idx = np.asarray(worker._indices(worker._keys(7)[1]))
@@ -158,8 +202,12 @@ def test_minibatch_updates_each_sampled_group_with_its_exact_gradient(conjugate)
 
 def _worker_grads(worker, clocks):
     with jax.enable_x64(True):
-        theta = {k: jnp.asarray(v, jnp.float64) for k, v in worker.guide.init(
-            np.full(worker.density.num_global, 0.3)).items()}
+        theta = {
+            k: jnp.asarray(v, jnp.float64)
+            for k, v in worker.guide.init(
+                np.full(worker.density.num_global, 0.3)
+            ).items()
+        }
         rows = []
         for c in clocks:
             _, g, _, _ = worker._step_fn(
@@ -172,41 +220,74 @@ def _worker_grads(worker, clocks):
 def test_full_batch_fit_does_not_depend_on_the_number_of_shards(conjugate):
     kwargs = conjugate[0]
     fits = [
-        raybayes.fit_svi(hierarchical_normal, kwargs, num_shards=s, partition=PARTITION,
-                         num_steps=150, tol=None, progress_bar=False, num_draws=10,
-                         learning_rate=0.05, x64=True)
+        raybayes.fit_svi(
+            hierarchical_normal,
+            kwargs,
+            num_shards=s,
+            partition=PARTITION,
+            num_steps=150,
+            tol=None,
+            progress_bar=False,
+            num_draws=10,
+            learning_rate=0.05,
+            x64=True,
+        )
         for s in (1, 3)
     ]
     # Equal up to the order of the float64 sums over shards.
     np.testing.assert_allclose(fits[0].params["loc"], fits[1].params["loc"], rtol=1e-7)
-    np.testing.assert_allclose(fits[0].local_params["loc"], fits[1].local_params["loc"],
-                               rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(
+        fits[0].local_params["loc"], fits[1].local_params["loc"], rtol=1e-7, atol=1e-10
+    )
     np.testing.assert_allclose(fits[0].losses, fits[1].losses, rtol=1e-7)
 
 
 def test_checkpoint_resume_equals_an_uninterrupted_run(conjugate, tmp_path):
     kwargs = conjugate[0]
-    common = dict(num_shards=2, partition=PARTITION, subsample_size=8, tol=None,
-                  progress_bar=False, num_draws=10, learning_rate=0.05, seed=3,
-                  checkpoint_every=50)
+    common = dict(
+        num_shards=2,
+        partition=PARTITION,
+        subsample_size=8,
+        tol=None,
+        progress_bar=False,
+        num_draws=10,
+        learning_rate=0.05,
+        seed=3,
+        checkpoint_every=50,
+    )
     whole = raybayes.fit_svi(hierarchical_normal, kwargs, num_steps=200, **common)
-    first = raybayes.fit_svi(hierarchical_normal, kwargs, num_steps=100,
-                             checkpoint_dir=tmp_path, **common)
+    first = raybayes.fit_svi(
+        hierarchical_normal, kwargs, num_steps=100, checkpoint_dir=tmp_path, **common
+    )
     assert first.num_steps == 100 and (tmp_path / "global.pkl").exists()
     assert sorted(p.name for p in tmp_path.glob("shard-*.pkl")) == [
-        "shard-0000.pkl", "shard-0001.pkl"]
-    resumed = raybayes.fit_svi(hierarchical_normal, kwargs, num_steps=200,
-                               checkpoint_dir=tmp_path, **common)
+        "shard-0000.pkl",
+        "shard-0001.pkl",
+    ]
+    resumed = raybayes.fit_svi(
+        hierarchical_normal, kwargs, num_steps=200, checkpoint_dir=tmp_path, **common
+    )
     assert resumed.num_steps == 200 and len(resumed.losses) == 200
     np.testing.assert_array_equal(resumed.params["loc"], whole.params["loc"])
-    np.testing.assert_array_equal(resumed.local_params["loc"], whole.local_params["loc"])
+    np.testing.assert_array_equal(
+        resumed.local_params["loc"], whole.local_params["loc"]
+    )
     np.testing.assert_array_equal(resumed.losses, whole.losses)
 
 
 def test_convergence_stops_early(conjugate):
-    res = raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=1,
-                           partition=PARTITION, num_steps=5000, tol=1e-3, window=50,
-                           learning_rate=0.05, progress_bar=False, num_draws=10)
+    res = raybayes.fit_svi(
+        hierarchical_normal,
+        conjugate[0],
+        num_shards=1,
+        partition=PARTITION,
+        num_steps=5000,
+        tol=1e-3,
+        window=50,
+        learning_rate=0.05,
+        progress_bar=False,
+        num_draws=10,
+    )
     assert res.stop_reason == "converged" and res.num_steps < 5000
 
 
@@ -218,20 +299,36 @@ def test_callback_sees_draws_and_can_stop(conjugate):
         seen.append((info.step, draws["theta"].shape, info.elapsed_s))
         return info.step >= 60
 
-    res = raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=2,
-                           partition=PARTITION, num_steps=1000, tol=None,
-                           callback=cb, callback_every=30, progress_bar=False,
-                           num_draws=10)
+    res = raybayes.fit_svi(
+        hierarchical_normal,
+        conjugate[0],
+        num_shards=2,
+        partition=PARTITION,
+        num_steps=1000,
+        tol=None,
+        callback=cb,
+        callback_every=30,
+        progress_bar=False,
+        num_draws=10,
+    )
     assert res.stop_reason == "callback" and res.num_steps == 60
     assert [s[:2] for s in seen] == [(30, (20, J)), (60, (20, J))]
     assert seen[1][2] >= seen[0][2] > 0
 
 
 def test_lowrank_guide_runs_and_reports_its_factor(conjugate):
-    res = raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=2,
-                           partition=PARTITION, guide="lowrank", num_steps=300,
-                           tol=None, learning_rate=0.05, progress_bar=False,
-                           num_draws=10)
+    res = raybayes.fit_svi(
+        hierarchical_normal,
+        conjugate[0],
+        num_shards=2,
+        partition=PARTITION,
+        guide="lowrank",
+        num_steps=300,
+        tol=None,
+        learning_rate=0.05,
+        progress_bar=False,
+        num_draws=10,
+    )
     assert res.family == "lowrank" and res.params["cov_factor"].shape == (1, 1)
 
 
@@ -240,12 +337,27 @@ def test_max_shard_bytes(conjugate):
     total = sum(np.asarray(v).nbytes for v in kwargs.values() if np.ndim(v))
     budget = int(0.6 * total)
     with pytest.raises(ConfigurationError, match="max_shard_bytes"):
-        raybayes.fit_svi(hierarchical_normal, kwargs, num_shards=1, partition=PARTITION,
-                         num_steps=5, max_shard_bytes=budget, progress_bar=False)
+        raybayes.fit_svi(
+            hierarchical_normal,
+            kwargs,
+            num_shards=1,
+            partition=PARTITION,
+            num_steps=5,
+            max_shard_bytes=budget,
+            progress_bar=False,
+        )
     # Twice one worker's budget of data fits on four workers.
-    res = raybayes.fit_svi(hierarchical_normal, kwargs, num_shards=4, partition=PARTITION,
-                           num_steps=5, max_shard_bytes=budget // 2 + 64,
-                           tol=None, progress_bar=False, num_draws=5)
+    res = raybayes.fit_svi(
+        hierarchical_normal,
+        kwargs,
+        num_shards=4,
+        partition=PARTITION,
+        num_steps=5,
+        max_shard_bytes=budget // 2 + 64,
+        tol=None,
+        progress_bar=False,
+        num_draws=5,
+    )
     assert max(res.data_bytes) <= budget // 2 + 64
     assert sum(res.data_bytes) >= total
 
@@ -274,25 +386,44 @@ def positive_model(y):
 )
 def test_bad_input_is_refused_before_any_step(conjugate, kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
-        raybayes.fit_svi(hierarchical_normal, conjugate[0], num_shards=2,
-                         partition=PARTITION, num_steps=10, progress_bar=False,
-                         **kwargs)
+        raybayes.fit_svi(
+            hierarchical_normal,
+            conjugate[0],
+            num_shards=2,
+            partition=PARTITION,
+            num_steps=10,
+            progress_bar=False,
+            **kwargs,
+        )
 
 
 def test_non_finite_elbo_at_the_start_names_the_site():
     y = np.array([0.5, 1.0, -2.0, 0.3], np.float32)  # Exponential needs y >= 0
-    with pytest.raises(ConfigurationError, match="site 'y' has a non-finite log density"):
-        raybayes.fit_svi(positive_model, dict(y=y), num_shards=1, num_steps=10,
-                         progress_bar=False)
+    with pytest.raises(
+        ConfigurationError, match="site 'y' has a non-finite log density"
+    ):
+        raybayes.fit_svi(
+            positive_model, dict(y=y), num_shards=1, num_steps=10, progress_bar=False
+        )
 
 
 # ----------------------------------------------------------------------- on Ray
 def test_ray_workers_give_the_in_process_fit(conjugate, ray_backend):
-    common = dict(num_shards=2, partition=PARTITION, subsample_size=8, num_steps=100,
-                  tol=None, progress_bar=False, num_draws=20, learning_rate=0.05, seed=5)
+    common = dict(
+        num_shards=2,
+        partition=PARTITION,
+        subsample_size=8,
+        num_steps=100,
+        tol=None,
+        progress_bar=False,
+        num_draws=20,
+        learning_rate=0.05,
+        seed=5,
+    )
     local = raybayes.fit_svi(hierarchical_normal, conjugate[0], **common)
-    remote = raybayes.fit_svi(hierarchical_normal, conjugate[0], backend=ray_backend,
-                              **common)
+    remote = raybayes.fit_svi(
+        hierarchical_normal, conjugate[0], backend=ray_backend, **common
+    )
     np.testing.assert_array_equal(local.params["loc"], remote.params["loc"])
     np.testing.assert_array_equal(local.local_params["loc"], remote.local_params["loc"])
     np.testing.assert_array_equal(local.losses, remote.losses)
@@ -301,13 +432,24 @@ def test_ray_workers_give_the_in_process_fit(conjugate, ray_backend):
     )
 
 
-def test_a_lost_worker_restarts_from_its_shard_checkpoint(conjugate, ray_backend,
-                                                          tmp_path):
+def test_a_lost_worker_restarts_from_its_shard_checkpoint(
+    conjugate, ray_backend, tmp_path
+):
     """Killed right after a checkpoint, the shard reloads exactly the state it had,
     so the fit is the one without the failure."""
-    common = dict(num_shards=2, partition=PARTITION, subsample_size=8, num_steps=160,
-                  tol=None, progress_bar=False, num_draws=20, learning_rate=0.05,
-                  seed=6, backend=ray_backend, checkpoint_every=50)
+    common = dict(
+        num_shards=2,
+        partition=PARTITION,
+        subsample_size=8,
+        num_steps=160,
+        tol=None,
+        progress_bar=False,
+        num_draws=20,
+        learning_rate=0.05,
+        seed=6,
+        backend=ray_backend,
+        checkpoint_every=50,
+    )
     killed = []
 
     def kill_at_100(info):
@@ -316,8 +458,14 @@ def test_a_lost_worker_restarts_from_its_shard_checkpoint(conjugate, ray_backend
             killed.append(info.step)
 
     whole = raybayes.fit_svi(hierarchical_normal, conjugate[0], **common)
-    hurt = raybayes.fit_svi(hierarchical_normal, conjugate[0], callback=kill_at_100,
-                            callback_every=50, checkpoint_dir=tmp_path, **common)
+    hurt = raybayes.fit_svi(
+        hierarchical_normal,
+        conjugate[0],
+        callback=kill_at_100,
+        callback_every=50,
+        checkpoint_dir=tmp_path,
+        **common,
+    )
     assert killed == [100] and hurt.restarts == 1 and whole.restarts == 0
     np.testing.assert_array_equal(hurt.params["loc"], whole.params["loc"])
     np.testing.assert_array_equal(hurt.local_params["loc"], whole.local_params["loc"])
@@ -326,10 +474,18 @@ def test_a_lost_worker_restarts_from_its_shard_checkpoint(conjugate, ray_backend
 def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_backend):
     kwargs, mean, mf_sd = conjugate
     res = raybayes.fit_svi(
-        hierarchical_normal, kwargs, num_shards=2, partition=PARTITION,
-        subsample_size=B, optimizer=_cosine(0.05, STEPS),
-        local_optimizer=_cosine(0.05, STEPS * B // 24), seed=1, staleness=2,
-        backend=ray_backend, _worker_slowdown={0: (4.0, 0.5)}, **FIT,
+        hierarchical_normal,
+        kwargs,
+        num_shards=2,
+        partition=PARTITION,
+        subsample_size=B,
+        optimizer=_cosine(0.05, STEPS),
+        local_optimizer=_cosine(0.05, STEPS * B // 24),
+        seed=1,
+        staleness=2,
+        backend=ray_backend,
+        _worker_slowdown={0: (4.0, 0.5)},
+        **FIT,
     )
     assert sum(res.staleness.values()) == 2 * STEPS
     assert max(res.staleness) == 2 and res.staleness.get(1, 0) > 0
@@ -344,7 +500,10 @@ def test_workers_reading_parquet_fit_as_the_in_memory_data(tmp_path):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
+    from raybayes.datasets.elasticity import (
+        prepare_elasticity_data,
+        simulate_elasticity,
+    )
     from raybayes.datasets.parquet import ParquetShards, elasticity_kwargs_from_table
     from raybayes.models.elasticity import elasticity_model
     from raybayes.plan import plan
@@ -352,16 +511,31 @@ def test_workers_reading_parquet_fit_as_the_in_memory_data(tmp_path):
     C, P, T = 2, 12, 30
     df, _ = simulate_elasticity(num_categories=C, num_products=P, num_weeks=T, seed=2)
     ds.write_dataset(
-        pa.Table.from_pandas(df, preserve_index=False), tmp_path, format="parquet",
-        partitioning=ds.partitioning(pa.schema([("product", pa.int64())]),
-                                     flavor="hive"),
+        pa.Table.from_pandas(df, preserve_index=False),
+        tmp_path,
+        format="parquet",
+        partitioning=ds.partitioning(
+            pa.schema([("product", pa.int64())]), flavor="hive"
+        ),
     )
     kwargs = prepare_elasticity_data(
-        df, product_cols=("product",), category_col="category").model_kwargs()
-    part = next(c for c in plan(elasticity_model, kwargs, num_shards=2).candidates
-                if c.plate == "products").partition
-    common = dict(num_shards=2, partition=part, num_steps=40, tol=None,
-                  progress_bar=False, num_draws=10, learning_rate=0.05, x64=True)
+        df, product_cols=("product",), category_col="category"
+    ).model_kwargs()
+    part = next(
+        c
+        for c in plan(elasticity_model, kwargs, num_shards=2).candidates
+        if c.plate == "products"
+    ).partition
+    common = dict(
+        num_shards=2,
+        partition=part,
+        num_steps=40,
+        tol=None,
+        progress_bar=False,
+        num_draws=10,
+        learning_rate=0.05,
+        x64=True,
+    )
     memory = raybayes.fit_svi(elasticity_model, kwargs, **common)
     source = ParquetShards(
         tmp_path,
@@ -370,7 +544,9 @@ def test_workers_reading_parquet_fit_as_the_in_memory_data(tmp_path):
     )
     parquet = raybayes.fit_svi(elasticity_model, source=source, **common)
     assert parquet.data_bytes[0] < sum(memory.data_bytes)
-    np.testing.assert_allclose(parquet.params["loc"], memory.params["loc"], rtol=1e-6,
-                               atol=1e-9)
-    np.testing.assert_allclose(parquet.local_params["loc"], memory.local_params["loc"],
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        parquet.params["loc"], memory.params["loc"], rtol=1e-6, atol=1e-9
+    )
+    np.testing.assert_allclose(
+        parquet.local_params["loc"], memory.local_params["loc"], rtol=1e-6, atol=1e-9
+    )

@@ -130,22 +130,37 @@ class SVIStepInfo:
         return self._run.draws(num_draws, seed, var_names)[0]
 
 
-def _check_args(learning_rate, local_learning_rate, num_particles, staleness,
-                subsample_size, num_steps, tol, window, convergence):
-    for name, value in (("learning_rate", learning_rate),
-                        ("local_learning_rate", local_learning_rate)):
+def _check_args(
+    learning_rate,
+    local_learning_rate,
+    num_particles,
+    staleness,
+    subsample_size,
+    num_steps,
+    tol,
+    window,
+    convergence,
+):
+    for name, value in (
+        ("learning_rate", learning_rate),
+        ("local_learning_rate", local_learning_rate),
+    ):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise ConfigurationError(
                 f"{name}={value!r}; the learning rate must be a finite number > 0 "
                 "(e.g. 0.01)."
             )
-    for name, value, low in (("num_particles", num_particles, 1),
-                             ("staleness", staleness, 0), ("num_steps", num_steps, 1),
-                             ("window", window, 1)):
+    for name, value, low in (
+        ("num_particles", num_particles, 1),
+        ("staleness", staleness, 0),
+        ("num_steps", num_steps, 1),
+        ("window", window, 1),
+    ):
         if int(value) != value or value < low:
             raise ConfigurationError(f"{name}={value!r}; use an integer >= {low}.")
-    if subsample_size is not None and (int(subsample_size) != subsample_size
-                                       or subsample_size < 1):
+    if subsample_size is not None and (
+        int(subsample_size) != subsample_size or subsample_size < 1
+    ):
         raise ConfigurationError(
             f"subsample_size={subsample_size!r}; use an integer >= 1 (entities per "
             "shard per step) or None for no subsampling."
@@ -194,7 +209,10 @@ class _Run:
             losses=np.asarray(self.losses),
             fingerprint=self.cfg["fingerprint"],
         )
-        with atomic_path(os.path.join(self.ckpt, "global.pkl")) as tmp, open(tmp, "wb") as f:
+        with (
+            atomic_path(os.path.join(self.ckpt, "global.pkl")) as tmp,
+            open(tmp, "wb") as f,
+        ):
             pickle.dump(record, f)
 
     def resume(self) -> bool:
@@ -240,8 +258,9 @@ class _Run:
             )
         self.pool.restart(shard)
         self.obj._result(self.pool.submit(shard, "setup", shard, tag=shard))
-        self.obj._result(self.pool.submit(shard, "configure_svi", self.cfg["worker"],
-                                          tag=shard))
+        self.obj._result(
+            self.pool.submit(shard, "configure_svi", self.cfg["worker"], tag=shard)
+        )
         if self.ckpt is not None:
             self.obj._result(self.pool.submit(shard, "load_checkpoint", tag=shard))
 
@@ -266,8 +285,17 @@ class _Run:
         return {k: np.concatenate(v) for k, v in out.items()}, axes
 
     # ------------------------------------------------------------ the loop
-    def run(self, num_steps, tol, window, convergence, callback, callback_every,
-            progress, checkpoint_every):
+    def run(
+        self,
+        num_steps,
+        tol,
+        window,
+        convergence,
+        callback,
+        callback_every,
+        progress,
+        checkpoint_every,
+    ):
         S, s_max = self.S, self.staleness
         clocks = [self.version] * S
         inflight: dict[int, Any] = {}
@@ -277,8 +305,10 @@ class _Run:
         callback_s = 0.0
         while self.version < num_steps:
             for s in range(S):
-                if s not in inflight and clocks[s] < num_steps and (
-                    clocks[s] - self.version <= s_max
+                if (
+                    s not in inflight
+                    and clocks[s] < num_steps
+                    and (clocks[s] - self.version <= s_max)
                 ):
                     inflight[s] = (
                         self.pool.submit(s, "step", theta_ref, clocks[s], tag=s),
@@ -292,7 +322,9 @@ class _Run:
                     loss, grad, clock = self.pool.result(fut)
                 except WorkerLostError:
                     self._restart(s)
-                    for c in [c for c in pending if c >= self.version and s in pending[c]]:
+                    for c in [
+                        c for c in pending if c >= self.version and s in pending[c]
+                    ]:
                         del pending[c][s]
                     clocks[s] = self.version
                     continue
@@ -302,20 +334,24 @@ class _Run:
             while len(pending.get(self.version, {})) == S:
                 parts = pending.pop(self.version)
                 loss = sum(p[0] for p in parts.values())
-                grad = jax.tree.map(lambda *g: np.sum(g, axis=0), *[p[1] for p in parts.values()])
+                grad = jax.tree.map(
+                    lambda *g: np.sum(g, axis=0), *[p[1] for p in parts.values()]
+                )
                 neg_ent, ent_grad = self._entropy_vg(self.theta)
                 grad = jax.tree.map(lambda a, b: a + b, grad, ent_grad)
                 loss = float(loss + neg_ent)
                 if self.version == 0 and not np.isfinite(loss):
                     self._explain_nonfinite(loss)
-                self.theta, self.opt_state = self._update(self.theta, self.opt_state, grad)
+                self.theta, self.opt_state = self._update(
+                    self.theta, self.opt_state, grad
+                )
                 self.version += 1
                 self.losses.append(loss)
                 theta_ref = self.obj.backend.put(jax.tree.map(np.asarray, self.theta))
                 v = self.version
                 if convergence == "params":
                     self.loc_history.append(np.asarray(self.theta["loc"]))
-                    self.loc_history = self.loc_history[-(window + 1):]
+                    self.loc_history = self.loc_history[-(window + 1) :]
                 progress.update(v, loss, f"stale<={max(self.stale_counts, default=0)}")
                 if self.ckpt is not None and v % checkpoint_every == 0 and not inflight:
                     self.save()
@@ -353,7 +389,7 @@ class _Run:
             if len(self.losses) < 2 * window:
                 return False
             new = np.mean(self.losses[-window:])
-            old = np.mean(self.losses[-2 * window:-window])
+            old = np.mean(self.losses[-2 * window : -window])
             return abs(new - old) <= tol * max(abs(old), 1e-12)
         if len(self.loc_history) <= window:
             return False
@@ -491,8 +527,17 @@ def fit_svi(
     from raybayes.optim.map import planned_objective
 
     family, rank, init_scale = resolve_guide(guide, model, rank, init_scale)
-    _check_args(learning_rate, local_learning_rate, num_particles, staleness,
-                subsample_size, num_steps, tol, window, convergence)
+    _check_args(
+        learning_rate,
+        local_learning_rate,
+        num_particles,
+        staleness,
+        subsample_size,
+        num_steps,
+        tol,
+        window,
+        convergence,
+    )
     if not init_scale > 0:
         raise ConfigurationError(f"init_scale={init_scale!r}; use a number > 0.")
     if optimizer is None:
@@ -504,19 +549,33 @@ def fit_svi(
         os.makedirs(checkpoint_dir, exist_ok=True)
     start = time.perf_counter()
     objective = planned_objective(
-        model, model_kwargs, num_shards, partition=partition, backend=backend,
-        source=source, model_args=model_args, objective_class=_SVIObjective, x64=x64,
+        model,
+        model_kwargs,
+        num_shards,
+        partition=partition,
+        backend=backend,
+        source=source,
+        model_args=model_args,
+        objective_class=_SVIObjective,
+        x64=x64,
     )
     progress = None
     x64_context = jax.enable_x64(x64)
     x64_context.__enter__()
     try:
-        slow = {int(k): (v if isinstance(v, tuple) else (float(v), 1.0))
-                for k, v in (_worker_slowdown or {}).items()}
+        slow = {
+            int(k): (v if isinstance(v, tuple) else (float(v), 1.0))
+            for k, v in (_worker_slowdown or {}).items()
+        }
         worker_cfg = dict(
-            family=family, rank=rank, init_scale=init_scale,
-            subsample_size=subsample_size, num_particles=num_particles, seed=seed,
-            local_optimizer=local_optimizer, checkpoint_dir=checkpoint_dir,
+            family=family,
+            rank=rank,
+            init_scale=init_scale,
+            subsample_size=subsample_size,
+            num_particles=num_particles,
+            seed=seed,
+            local_optimizer=local_optimizer,
+            checkpoint_dir=checkpoint_dir,
             init_params=dict(init_params or {}),
         )
         infos = []
@@ -536,9 +595,13 @@ def fit_svi(
         dtype = np.float64 if x64 else np.float32
         theta = jax.tree.map(jnp.asarray, gguide.init(infos[0]["init_global"], dtype))
         fingerprint = dict(
-            family=family, rank=gguide.rank, num_shards=objective.num_shards,
-            num_global=objective.num_global, subsample_size=subsample_size,
-            num_particles=num_particles, seed=seed,
+            family=family,
+            rank=gguide.rank,
+            num_shards=objective.num_shards,
+            num_global=objective.num_global,
+            subsample_size=subsample_size,
+            num_particles=num_particles,
+            seed=seed,
         )
         cfg = dict(worker=worker_cfg, fingerprint=fingerprint)
         run = _Run(objective, cfg, gguide, theta, optimizer, staleness, checkpoint_dir)
@@ -547,7 +610,13 @@ def fit_svi(
         progress = LossProgress(num_steps, "SVI", enabled=progress_bar)
         progress.update(run.version, float("nan"))
         stop_reason, elapsed = run.run(
-            num_steps, tol, window, convergence, callback, callback_every, progress,
+            num_steps,
+            tol,
+            window,
+            convergence,
+            callback,
+            callback_every,
+            progress,
             checkpoint_every,
         )
         progress.close()
@@ -555,9 +624,14 @@ def fit_svi(
         t1 = time.perf_counter()
         samples, axes = run.draws(num_draws, seed + 1)
         idata = draws_to_inference_data(
-            objective, samples, axes,
-            attrs={"inference": f"svi ({family})", "num_steps": run.version,
-                   "stop_reason": stop_reason},
+            objective,
+            samples,
+            axes,
+            attrs={
+                "inference": f"svi ({family})",
+                "num_steps": run.version,
+                "stop_reason": stop_reason,
+            },
         )
         memory = run.pool_call_all("memory_usage")
         locals_ = run.pool_call_all("local_params")
@@ -567,7 +641,9 @@ def fit_svi(
             "scale": np.asarray(jax.nn.softplus(run.theta["scale_raw"])),
         }
         if family == "lowrank":
-            params["cov_factor"] = np.asarray(run.theta["cov_factor"]) * params["scale"][:, None]
+            params["cov_factor"] = (
+                np.asarray(run.theta["cov_factor"]) * params["scale"][:, None]
+            )
         return SVIResult(
             params=params,
             local_params=local_params,

@@ -47,11 +47,15 @@ class GlobalGuide:
         ``cov_factor`` ``(G, rank)``.
     """
 
-    def __init__(self, num_global: int, family: str = "normal", rank=None, init_scale=0.1):
+    def __init__(
+        self, num_global: int, family: str = "normal", rank=None, init_scale=0.1
+    ):
         self.num_global = int(num_global)
         self.family = family
         if family == "lowrank":
-            self.rank = int(rank) if rank is not None else max(1, round(np.sqrt(num_global)))
+            self.rank = (
+                int(rank) if rank is not None else max(1, round(np.sqrt(num_global)))
+            )
         else:
             self.rank = 0
         self.init_scale = float(init_scale)
@@ -100,8 +104,13 @@ class GlobalGuide:
         return jnp.sqrt(var)
 
 
-_FAMILIES = {"normal": "normal", "autonormal": "normal", "meanfield": "normal",
-             "lowrank": "lowrank", "autolowrankmultivariatenormal": "lowrank"}
+_FAMILIES = {
+    "normal": "normal",
+    "autonormal": "normal",
+    "meanfield": "normal",
+    "lowrank": "lowrank",
+    "autolowrankmultivariatenormal": "lowrank",
+}
 
 
 def resolve_guide(guide, model, rank=None, init_scale=0.1):
@@ -115,7 +124,10 @@ def resolve_guide(guide, model, rank=None, init_scale=0.1):
         ConfigurationError: another guide, or an instance built for another model.
     """
     if isinstance(guide, (AutoNormal, AutoLowRankMultivariateNormal)):
-        if guide.model is not model and getattr(guide.model, "__wrapped__", None) is not model:
+        if (
+            guide.model is not model
+            and getattr(guide.model, "__wrapped__", None) is not model
+        ):
             name = getattr(guide.model, "__name__", repr(guide.model))
             raise ConfigurationError(
                 f"guide={type(guide).__name__}({name}) was built for model {name!r}, "

@@ -52,8 +52,15 @@ class minibatch_scale(Messenger):  # noqa: N801 - a NumPyro handler
         mask: ``(B * M,)`` bool, ``False`` on padding rows, or ``None``.
     """
 
-    def __init__(self, fn=None, global_scale=1.0, local_scale=1.0, local_plates=(),
-                 obs_plate=None, mask=None):
+    def __init__(
+        self,
+        fn=None,
+        global_scale=1.0,
+        local_scale=1.0,
+        local_plates=(),
+        obs_plate=None,
+        mask=None,
+    ):
         self.global_scale = global_scale
         self.local_scale = local_scale
         self.local_plates = frozenset(local_plates)
@@ -113,7 +120,9 @@ class SVIShardWorker(ShardWorker):
         self.subsample = B is not None and B < num_units
         self.local_scale = num_units / self.batch_size
         self.global_scale = 1.0 / len(self.specs)
-        self.guide = GlobalGuide(d.num_global, cfg["family"], cfg["rank"], cfg["init_scale"])
+        self.guide = GlobalGuide(
+            d.num_global, cfg["family"], cfg["rank"], cfg["init_scale"]
+        )
         self.num_particles = int(cfg["num_particles"])
         dtype = jnp.result_type(float)
         self.key = jax.random.PRNGKey(int(cfg["seed"]))
@@ -172,7 +181,9 @@ class SVIShardWorker(ShardWorker):
             site = d.sites[name]
             value = np.asarray(value)
             if site.is_local and len(self.entity_ids):
-                value = np.take(value, self.entity_ids, axis=site.constrained_entity_axis)
+                value = np.take(
+                    value, self.entity_ids, axis=site.constrained_entity_axis
+                )
             if value.shape != site.shape:
                 raise ConfigurationError(
                     f"init_params[{name!r}] has shape {value.shape} on shard "
@@ -233,11 +244,17 @@ class SVIShardWorker(ShardWorker):
             x = s.transform(u)
             constrained[name] = x
             ld = jnp.sum(s.transform.log_abs_det_jacobian(u, x))
-            log_det = log_det + ld * (self.local_scale if s.is_local else self.global_scale)
+            log_det = log_det + ld * (
+                self.local_scale if s.is_local else self.global_scale
+            )
         local_plates = self.partition.local_plates if self.partition is not None else ()
         model = minibatch_scale(
-            self.model, self.global_scale, self.local_scale, local_plates,
-            self._mask_plate, mask,
+            self.model,
+            self.global_scale,
+            self.local_scale,
+            local_plates,
+            self._mask_plate,
+            mask,
         )
         lp, _ = _numpyro_log_density(
             model, self.model_args, {**arrays, **static}, constrained
@@ -247,7 +264,11 @@ class SVIShardWorker(ShardWorker):
     # ------------------------------------------------------------------ step
     def _keys(self, clock):
         kc = jax.random.fold_in(self.key, clock)
-        return jax.random.fold_in(kc, 0), jax.random.fold_in(kc, 1), jax.random.fold_in(kc, 2)
+        return (
+            jax.random.fold_in(kc, 0),
+            jax.random.fold_in(kc, 1),
+            jax.random.fold_in(kc, 2),
+        )
 
     def _indices(self, key_sub):
         if not self.subsample:
@@ -267,7 +288,9 @@ class SVIShardWorker(ShardWorker):
     def _objective(self, theta, phi_b, eps_g, eps_l, arrays, static, mask):
         g = self.guide.sample(theta, eps_g)  # (K, G)
         lm = phi_b["loc"] + jax.nn.softplus(phi_b["scale_raw"]) * eps_l  # (K, B, k)
-        lp = jax.vmap(lambda gi, li: self._log_joint(gi, li, arrays, static, mask))(g, lm)
+        lp = jax.vmap(lambda gi, li: self._log_joint(gi, li, arrays, static, mask))(
+            g, lm
+        )
         ent = self.local_scale * jnp.sum(jnp.log(jax.nn.softplus(phi_b["scale_raw"])))
         return -(jnp.mean(lp) + ent)
 
@@ -280,8 +303,10 @@ class SVIShardWorker(ShardWorker):
         batch, static, mask = self._batch(arrays, idx)
         has_local = self.density.num_local_per_entity > 0
         phi_b = jax.tree.map(lambda x: x[idx], phi) if has_local else phi
-        eps_l = self._local_noise(key_loc, idx) if has_local else jnp.zeros(
-            (self.num_particles, phi["loc"].shape[0], 0)
+        eps_l = (
+            self._local_noise(key_loc, idx)
+            if has_local
+            else jnp.zeros((self.num_particles, phi["loc"].shape[0], 0))
         )
         loss, (g_theta, g_phi) = jax.value_and_grad(self._objective, argnums=(0, 1))(
             theta, phi_b, eps_g, eps_l, batch, static, mask
@@ -293,7 +318,9 @@ class SVIShardWorker(ShardWorker):
             updates, state_b = jax.vmap(self.local_opt.update)(g_phi, state_b, phi_b)
             phi_b = optax.apply_updates(phi_b, updates)
             phi = jax.tree.map(lambda full, rows: full.at[idx].set(rows), phi, phi_b)
-            state = jax.tree.map(lambda full, rows: full.at[idx].set(rows), state, state_b)
+            state = jax.tree.map(
+                lambda full, rows: full.at[idx].set(rows), state, state_b
+            )
         return loss, g_theta, phi, state
 
     @_in_precision
@@ -350,7 +377,9 @@ class SVIShardWorker(ShardWorker):
 
     # ------------------------------------------------------------ checkpoints
     def _ckpt_path(self):
-        return os.path.join(self.cfg["checkpoint_dir"], f"shard-{self.shard_id:04d}.pkl")
+        return os.path.join(
+            self.cfg["checkpoint_dir"], f"shard-{self.shard_id:04d}.pkl"
+        )
 
     def save_checkpoint(self, version: int) -> None:
         """Write this shard's locals and optimizer state (atomically)."""
