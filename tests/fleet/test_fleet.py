@@ -127,3 +127,42 @@ def test_nuts_fleet_covers_true_parameters(tmp_path):
     covered = ((m["q05"] <= m["true"]) & (m["true"] <= m["q95"])).mean()
     # 24 intervals at 90%: fewer than 17 covered has probability < 0.001.
     assert covered >= 17 / 24
+
+
+USER_MODELS = '''
+import numpyro, numpyro.distributions as dist
+
+def iid_poisson(y, mask=None, covariates=None):
+    rate = numpyro.sample("rate", dist.Gamma(2.0, 0.1))
+    with numpyro.plate("time", mask.shape[0]):
+        numpyro.sample("y", dist.Poisson(rate).mask(mask), obs=y)
+
+def factor_only(y, mask=None, covariates=None):
+    rate = numpyro.sample("rate", dist.Gamma(2.0, 0.1))
+    numpyro.factor("loglik", (dist.Poisson(rate).log_prob(y) * mask).sum())
+'''
+
+
+@pytest.mark.parametrize("name", ["iid_poisson", "factor_only"])
+def test_user_model_file_gets_predictive_draws(tmp_path, name):
+    """A model from a user's file: predictive draws of its observed site when it
+    samples one with y=None; otherwise the fit is kept and the reason recorded."""
+    path = tmp_path / "models.py"
+    path.write_text(USER_MODELS)
+    t = pd.date_range("2024-01-01", periods=50, freq="h").to_numpy()
+    counts = np.random.default_rng(0).poisson(7.0, 50)
+    _write(tmp_path / "data", {"g": "a"}, t, counts)
+    res = fit_many(tmp_path / "data", ["g"], tmp_path / "out", model=f"{path}:{name}",
+                   method="laplace", backend="local", num_predictive_draws=10,
+                   progress_bar=False)
+    assert res.num_ok == 1
+    (rec,) = read_manifest(tmp_path / "out").values()
+    con = connect_results(tmp_path / "out")
+    if name == "iid_poisson":
+        assert rec.get("predictive_error") is None
+        pred = con.execute("SELECT y_pred FROM predictive").df()["y_pred"].to_numpy()
+        assert len(pred) == 10 * 50
+        # Poisson(rate ~ 7) draws: mean near the data mean, integers >= 0.
+        assert abs(pred.mean() - counts.mean()) < 1.0 and (pred >= 0).all()
+    else:
+        assert "no observed sample site" in rec["predictive_error"]

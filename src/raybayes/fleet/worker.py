@@ -237,6 +237,42 @@ class FleetBatchWorker:
             self._write_outputs(rec, diag, draws, t, v, y[i, :n], mask[i, :n],
                                 None if cov is None else cov[i, :n])
 
+    def _user_predictive(self, key, draws, y, mask, cov):
+        """Posterior predictive draws ``(D, T)`` of a user model.
+
+        The model is run with ``y=None`` by :class:`numpyro.infer.Predictive` on the
+        posterior draws; its observed site (the one that takes ``y``) is returned.
+
+        Raises:
+            ConfigurationError: the model has no observed sample site (e.g. it adds
+                its likelihood with ``numpyro.factor``), or the draws of that site
+                do not have one value per time point.
+        """
+        import jax.numpy as jnp
+        from numpyro.infer import Predictive
+
+        kw = dict(self.config.get("model_kwargs") or {}, mask=jnp.asarray(mask))
+        if cov is not None:
+            kw["covariates"] = jnp.asarray(cov)
+        first = {k: v[0] for k, v in draws.items()}
+        y_obs = jnp.asarray(np.where(mask, y, 0.0), jnp.float32)
+        sites = _observed_sites(self.model, (y_obs,), kw, first)
+        if not sites:
+            raise ConfigurationError(
+                "the model has no observed sample site (its likelihood is a "
+                "numpyro.factor?), so no posterior predictive draws; sample the "
+                "observations with numpyro.sample(..., obs=y) when y is None."
+            )
+        pred = Predictive(self.model, posterior_samples=draws, return_sites=sites[:1])
+        y_rep = np.asarray(pred(key, None, **kw)[sites[0]])
+        y_rep = y_rep.reshape(y_rep.shape[0], -1)
+        if y_rep.shape[1] != len(y):
+            raise ConfigurationError(
+                f"site {sites[0]!r} has {y_rep.shape[1]} values per draw when y is None, "
+                f"not one per time point ({len(y)}); size it from mask when y is None."
+            )
+        return y_rep
+
     def _write_outputs(self, rec, diag, draws, t, v, y, mask, cov):
         c = self.config
         out = Path(c["output_dir"])
@@ -246,7 +282,7 @@ class FleetBatchWorker:
             "num_divergences", pa.array([rec["num_divergences"]] * summary.num_rows, pa.int64())
         )
         store.atomic_write_parquet(out / "summary" / sub / "part-0.parquet", summary)
-        if self.family is None or c["num_predictive_draws"] <= 0:
+        if c["num_predictive_draws"] <= 0:
             return
         flat = {k: val.reshape((-1,) + val.shape[2:]) for k, val in draws.items()}
         total = next(iter(flat.values())).shape[0]
@@ -256,9 +292,18 @@ class FleetBatchWorker:
             jax.random.PRNGKey(c["seed"] + 1), store.group_seed(rec["group_id"])
         )
         y_in = np.where(mask, y, np.nan).astype(np.float32)
-        y_rep, probs, _ = hmm_posterior_predictive(
-            key, self.family, sub_draws, y_in, cov, initial=c.get("initial", "stationary")
-        )
+        if self.family is None:
+            try:
+                y_rep = self._user_predictive(key, sub_draws, y, mask, cov)
+            except Exception as err:  # noqa: BLE001 - recorded, the fit is kept
+                rec["predictive_error"] = format_error(err)
+                return
+            probs = np.zeros((len(t), 0))
+        else:
+            y_rep, probs, _ = hmm_posterior_predictive(
+                key, self.family, sub_draws, y_in, cov,
+                initial=c.get("initial", "stationary"),
+            )
         y_rep, probs = np.asarray(y_rep), np.asarray(probs)
         num_draws, n = y_rep.shape
         ts = pa.array(np.tile(t, num_draws)) if len(t) else pa.array([])
@@ -273,6 +318,18 @@ class FleetBatchWorker:
             cols[f"p_state_{k}"] = pa.array(probs[:, k])
         cols["y_pred_mean"] = pa.array(y_rep.mean(axis=0))
         store.atomic_write_parquet(out / "states" / sub / "part-0.parquet", pa.table(cols))
+
+
+def _observed_sites(model, args, kwargs, params):
+    from numpyro import handlers
+    from numpyro.distributions.distribution import Unit
+
+    tr = handlers.trace(handlers.substitute(handlers.seed(model, 0), params))
+    tr = tr.get_trace(*args, **kwargs)
+    return [  # numpyro.factor sites are observed Unit sites: not observations
+        n for n, s in tr.items()
+        if s["type"] == "sample" and s.get("is_observed") and not isinstance(s["fn"], Unit)
+    ]
 
 
 def format_error(err: BaseException) -> str:
