@@ -272,7 +272,8 @@ class _Run:
         eps = jax.random.normal(jax.random.fold_in(key, 0), noise)
         globals_ = np.asarray(self.guide.sample(self.theta, eps))
         out, axes = {}, {}
-        chunk = 50
+        # Each draw evaluates the model on a shard's rows: bound the memory.
+        chunk = max(1, min(50, int(5e7 // max(self.cfg.get("max_rows", 1), 1))))
         for lo in range(0, num_draws, chunk):
             hi = min(num_draws, lo + chunk)
             results = self.pool_call_all(
@@ -603,7 +604,8 @@ def fit_svi(
             num_particles=num_particles,
             seed=seed,
         )
-        cfg = dict(worker=worker_cfg, fingerprint=fingerprint)
+        cfg = dict(worker=worker_cfg, fingerprint=fingerprint,
+                   max_rows=max(int(i["num_rows"]) for i in infos))
         run = _Run(objective, cfg, gguide, theta, optimizer, staleness, checkpoint_dir)
         run.resume()
         setup_s = time.perf_counter() - start
