@@ -3,9 +3,9 @@
 Simulates ``--categories x --products x --weeks`` rows of the elasticity model
 (:func:`raybayes.datasets.simulate_elasticity`) and fits it with
 :func:`raybayes.fit_svi` on ``--workers`` Ray workers, minibatching
-``--subsample-size`` products per shard per step, with worker 0 slowed: each of its
-steps takes ``--slow-factor`` times its compute time with probability
-``--slow-prob`` (a noisy neighbour or a throttled spot machine). For each staleness
+``--subsample-size`` products per shard per step, with ``--slow-workers`` slowed:
+each of their steps takes ``--slow-factor`` times its compute time with probability
+``--slow-prob``, independently (a noisy neighbour or a throttled spot machine). For each staleness
 bound s it records the RMSE of the posterior-mean product elasticities against
 the truth every ``--eval-every`` steps (evaluation time excluded), the steps per
 second, and the staleness of the gradients, and prints the time each s needs to
@@ -66,7 +66,7 @@ def run(kwargs, partition, true_beta, staleness, backend, args):
         progress_bar=False,
         callback=callback,
         callback_every=args.eval_every,
-        _worker_slowdown={0: (args.slow_factor, args.slow_prob)},
+        _worker_slowdown={w: (args.slow_factor, args.slow_prob) for w in args.slow_workers},
     )
     return res, trajectory
 
@@ -87,6 +87,8 @@ def main():
     parser.add_argument("--subsample-size", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 4])
+    parser.add_argument("--slow-workers", type=int, nargs="+", default=[0],
+                        help="workers that are slowed (each independently)")
     parser.add_argument("--slow-factor", type=float, default=4.0)
     parser.add_argument("--slow-prob", type=float, default=0.3)
     parser.add_argument("--max-steps", type=int, default=100_000)
@@ -118,8 +120,9 @@ def main():
         f"data: {args.categories} x {args.products} products x {args.weeks} weeks = "
         f"{data.num_obs:,} rows; {args.workers} Ray workers on "
         f"{platform.machine()}; jax {jax.__version__}, numpyro {numpyro.__version__}, "
-        f"ray {ray.__version__}; worker 0 is {args.slow_factor}x slower on "
-        f"{args.slow_prob:.0%} of its steps; B = {args.subsample_size} per shard"
+        f"ray {ray.__version__}; worker(s) {args.slow_workers} {args.slow_factor}x "
+        f"slower on {args.slow_prob:.0%} of their steps (independently); "
+        f"B = {args.subsample_size} per shard"
     )
     backend = RayBackend(num_cpus=args.workers).start()
     results = {}
