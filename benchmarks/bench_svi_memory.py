@@ -49,7 +49,8 @@ def main():
             c for c in plan(elasticity_model, kwargs, num_shards=S).candidates
             if c.plate == "products"
         ).partition
-        with RayBackend(num_cpus=2) as backend:
+        # One actor per shard; logical CPUs so that S > physical cores still schedules.
+        with RayBackend(num_cpus=max(2, S)) as backend:
             res = raybayes.fit_svi(
                 elasticity_model, kwargs, num_shards=S, partition=part, backend=backend,
                 subsample_size=100, num_steps=args.steps, tol=None, num_draws=2,
