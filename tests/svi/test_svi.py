@@ -124,26 +124,7 @@ def test_minibatch_gradient_is_unbiased(conjugate):
     kwargs = conjugate[0]
     grads = {}
     for B in (None, 5):
-        with _SVIObjective(
-            hierarchical_normal,
-            kwargs,
-            partition=PARTITION,
-            num_shards=2,
-            backend="local",
-            x64=True,
-        ) as obj:
-            cfg = dict(
-                family="normal",
-                rank=None,
-                init_scale=0.5,
-                subsample_size=B,
-                num_particles=1,
-                seed=0,
-                local_optimizer=optax.adam(0.1),
-                checkpoint_dir=None,
-                init_params={},
-            )
-            obj.pool.call_all("configure_svi", cfg)
+        with _configured(kwargs, B) as obj:
             grads[B] = _worker_grads(obj.pool._objects[0], range(400))
     diff = grads[5] - grads[None]
     se = diff.std(0, ddof=1) / np.sqrt(len(diff))
@@ -158,34 +139,10 @@ def test_minibatch_updates_each_sampled_group_with_its_exact_gradient(conjugate)
     kwargs = conjugate[0]
     phis, idx = {}, None
     for b in (None, 5):
-        with _SVIObjective(
-            hierarchical_normal,
-            kwargs,
-            partition=PARTITION,
-            num_shards=2,
-            backend="local",
-            x64=True,
-        ) as obj:
-            cfg = dict(
-                family="normal",
-                rank=None,
-                init_scale=0.5,
-                subsample_size=b,
-                num_particles=1,
-                seed=0,
-                local_optimizer=optax.adam(0.1),
-                checkpoint_dir=None,
-                init_params={},
-            )
-            obj.pool.call_all("configure_svi", cfg)
+        with _configured(kwargs, b) as obj:
             worker = obj.pool._objects[1]
             with jax.enable_x64(True):
-                theta = {
-                    k: jnp.asarray(v, jnp.float64)
-                    for k, v in worker.guide.init(
-                        np.full(worker.density.num_global, 0.3)
-                    ).items()
-                }
+                theta = _theta(worker)
                 _, _, phi, _ = worker._step_fn(
                     theta, worker.phi, worker.local_state, 7, worker._arrays_sorted
                 )
@@ -200,14 +157,26 @@ def test_minibatch_updates_each_sampled_group_with_its_exact_gradient(conjugate)
     np.testing.assert_array_equal(new_mb[rest], old[rest])
 
 
+def _configured(kwargs, subsample_size):
+    """Two in-process shard workers, configured for SVI (float64)."""
+    obj = _SVIObjective(hierarchical_normal, kwargs, partition=PARTITION,
+                        num_shards=2, backend="local", x64=True)
+    cfg = dict(family="normal", rank=None, init_scale=0.5,
+               subsample_size=subsample_size, num_particles=1, seed=0,
+               local_optimizer=optax.adam(0.1), checkpoint_dir=None, init_params={})
+    obj.pool.call_all("configure_svi", cfg)
+    return obj
+
+
+def _theta(worker):
+    """Global variational parameters with every mean at 0.3 (float64)."""
+    init = worker.guide.init(np.full(worker.density.num_global, 0.3))
+    return {k: jnp.asarray(v, jnp.float64) for k, v in init.items()}
+
+
 def _worker_grads(worker, clocks):
     with jax.enable_x64(True):
-        theta = {
-            k: jnp.asarray(v, jnp.float64)
-            for k, v in worker.guide.init(
-                np.full(worker.density.num_global, 0.3)
-            ).items()
-        }
+        theta = _theta(worker)
         rows = []
         for c in clocks:
             _, g, _, _ = worker._step_fn(
