@@ -72,6 +72,9 @@ def _cosine(lr, steps):
 
 
 STEPS = 3000
+# Short runs of two shards, 8 groups of each per step.
+SHORT = dict(num_shards=2, partition=PARTITION, subsample_size=8, tol=None,
+             progress_bar=False, learning_rate=0.05)
 FIT = dict(num_steps=STEPS, tol=None, progress_bar=False, num_draws=200)
 B = 6  # of about 24 groups per shard
 
@@ -378,17 +381,7 @@ def test_non_finite_elbo_at_the_start_names_the_site():
 
 # ----------------------------------------------------------------------- on Ray
 def test_ray_workers_give_the_in_process_fit(conjugate, ray_backend):
-    common = dict(
-        num_shards=2,
-        partition=PARTITION,
-        subsample_size=8,
-        num_steps=100,
-        tol=None,
-        progress_bar=False,
-        num_draws=20,
-        learning_rate=0.05,
-        seed=5,
-    )
+    common = dict(SHORT, num_steps=100, num_draws=20, seed=5)
     local = raybayes.fit_svi(hierarchical_normal, conjugate[0], **common)
     remote = raybayes.fit_svi(
         hierarchical_normal, conjugate[0], backend=ray_backend, **common
@@ -406,19 +399,8 @@ def test_a_lost_worker_restarts_from_its_shard_checkpoint(
 ):
     """Killed right after a checkpoint, the shard reloads exactly the state it had,
     so the fit is the one without the failure."""
-    common = dict(
-        num_shards=2,
-        partition=PARTITION,
-        subsample_size=8,
-        num_steps=160,
-        tol=None,
-        progress_bar=False,
-        num_draws=20,
-        learning_rate=0.05,
-        seed=6,
-        backend=ray_backend,
-        checkpoint_every=50,
-    )
+    common = dict(SHORT, num_steps=160, num_draws=20, seed=6, backend=ray_backend,
+                  checkpoint_every=50)
     killed = []
 
     def kill_at_100(info):
