@@ -26,8 +26,11 @@ def register(app: typer.Typer) -> None:
         seasonality: int = typer.Option(0, help="hour-of-day/week harmonics (0: none)"),
         batch_size: int = typer.Option(8),
         num_chains: int = typer.Option(4),
-        num_warmup: int = typer.Option(300),
-        num_samples: int = typer.Option(250),
+        num_warmup: int = typer.Option(
+            None, help="default 100 with --mass-matrix laplace, 300 with adapt"),
+        num_samples: int = typer.Option(300),
+        mass_matrix: str = typer.Option(
+            "laplace", help="laplace (inverse Hessian at the MAP, fixed) or adapt"),
         target_ess: float = typer.Option(400.0),
         num_predictive_draws: int = typer.Option(100),
         min_points: int = typer.Option(48),
@@ -44,7 +47,7 @@ def register(app: typer.Typer) -> None:
             data, group_keys, output, model=model, num_states=num_states, method=method,
             time_column=time_column, value_column=value_column, seasonality=seasonality,
             batch_size=batch_size, num_chains=num_chains, num_warmup=num_warmup,
-            num_samples=num_samples, target_ess=target_ess,
+            num_samples=num_samples, mass_matrix=mass_matrix, target_ess=target_ess,
             num_predictive_draws=num_predictive_draws, min_points=min_points, seed=seed,
             backend=backend, num_workers=num_workers, address=address, progress_bar=progress,
         )

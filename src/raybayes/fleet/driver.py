@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from raybayes.backends import Backend, get_backend
 from raybayes.errors import ConfigurationError, RaybayesError, WorkerLostError
@@ -54,7 +60,9 @@ class FleetResult:
     manifest: object
 
 
-def list_groups(data: str | Path, group_keys: list[str], time_column: str, value_column: str):
+def list_groups(
+    data: str | Path, group_keys: list[str], time_column: str, value_column: str
+):
     """The distinct group keys of a hive-partitioned Parquet data set.
 
     Partition folders are listed without reading any data; key columns that are not
@@ -69,8 +77,11 @@ def list_groups(data: str | Path, group_keys: list[str], time_column: str, value
         raise ConfigurationError(f"data={str(data)!r} does not exist.")
     dataset = ds.dataset(str(path), format="parquet", partitioning="hive")
     names = dataset.schema.names
-    for role, cols in (("group key", group_keys), ("time", [time_column]),
-                       ("value", [value_column])):
+    for role, cols in (
+        ("group key", group_keys),
+        ("time", [time_column]),
+        ("value", [value_column]),
+    ):
         missing = [c for c in cols if c not in names]
         if missing:
             raise ConfigurationError(
@@ -90,8 +101,12 @@ def list_groups(data: str | Path, group_keys: list[str], time_column: str, value
                 groups.append(key)
     if not all(k in part_fields for k in group_keys):
         table = dataset.to_table(columns=group_keys).group_by(group_keys).aggregate([])
-        groups = [dict(zip(group_keys, row, strict=True)) for row in zip(
-            *[table.column(k).to_pylist() for k in group_keys], strict=True)]
+        groups = [
+            dict(zip(group_keys, row, strict=True))
+            for row in zip(
+                *[table.column(k).to_pylist() for k in group_keys], strict=True
+            )
+        ]
     groups.sort(key=store.group_id)
     return groups
 
@@ -108,12 +123,17 @@ class _FleetProgress:
         self.done0 = done
         if enabled:
             self.p = Progress(
-                TextColumn("[bold]models"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]models"),
+                BarColumn(),
+                MofNCompleteColumn(),
                 TextColumn("ok {task.fields[ok]} failed {task.fields[failed]}"),
-                TextColumn("{task.fields[rate]:.2f} models/s"), TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]:.2f} models/s"),
+                TimeRemainingColumn(),
                 console=Console(file=sys.stderr),
             )
-            self.task = self.p.add_task("", total=total, completed=done, ok=done, failed=0, rate=0.0)
+            self.task = self.p.add_task(
+                "", total=total, completed=done, ok=done, failed=0, rate=0.0
+            )
             self.p.start()
 
     def update(self, done, ok, failed):
@@ -139,8 +159,9 @@ def fit_many(
     seasonality: int = 0,
     batch_size: int = 8,
     num_chains: int = 4,
-    num_warmup: int = 300,
-    num_samples: int = 250,
+    num_warmup: int | None = None,
+    num_samples: int = 300,
+    mass_matrix: str = "laplace",
     target_ess: float = 400.0,
     target_r_hat: float = 1.01,
     max_extensions: int = 3,
@@ -173,9 +194,17 @@ def fit_many(
         time_column, value_column: column names of the timestamps and counts.
         seasonality: harmonics of hour-of-day / hour-of-week covariates (0: none).
         batch_size: groups per unit of remote work.
-        num_chains, num_warmup, num_samples: NUTS settings (``num_samples`` per
-            round; more rounds until bulk ESS >= ``target_ess`` and R-hat <=
-            ``target_r_hat``, at most ``max_extensions``).
+        num_chains, num_warmup, num_samples: NUTS settings (``num_samples`` in
+            the first round; a model that misses bulk ESS >= ``target_ess`` or
+            R-hat <= ``target_r_hat`` gets ``num_samples // 2`` more, at most
+            ``max_extensions`` times). ``num_warmup`` defaults to 100 with
+            ``mass_matrix="laplace"`` (only the step size is adapted) and 300
+            with ``"adapt"``.
+        mass_matrix: ``"laplace"`` (default): every chain of a model uses the
+            dense inverse Hessian of the model's log posterior at its MAP as its
+            inverse mass matrix, fixed, and starts from a draw of that Laplace
+            approximation; ``"adapt"``: NumPyro's windowed adaptation of a
+            diagonal mass matrix. See :class:`raybayes.fleet.sampler.BatchSampler`.
         num_predictive_draws: posterior predictive draws stored per group.
         min_points: fewer non-missing points make a group ``invalid``.
         seed: root seed.
@@ -198,32 +227,55 @@ def fit_many(
     if isinstance(group_keys, str):
         group_keys = [k.strip() for k in group_keys.split(",") if k.strip()]
     if not group_keys:
-        raise ConfigurationError("group_keys is empty; pass e.g. ['region', 'network'].")
+        raise ConfigurationError(
+            "group_keys is empty; pass e.g. ['region', 'network']."
+        )
     if method not in ("nuts", "laplace", "map"):
         raise ConfigurationError(f"method={method!r}; use 'nuts', 'laplace' or 'map'.")
     if batch_size < 1:
         raise ConfigurationError(f"batch_size={batch_size} must be >= 1.")
+    if mass_matrix not in ("laplace", "adapt"):
+        raise ConfigurationError(
+            f"mass_matrix={mass_matrix!r}; use 'laplace' or 'adapt'."
+        )
+    if num_warmup is None:
+        num_warmup = 100 if mass_matrix == "laplace" else 300
     resolve_model(model)  # fail early on a bad model spec
     output_dir = Path(output_dir)
     groups = list_groups(data, group_keys, time_column, value_column)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = dict(
-        data=str(Path(data).resolve()), output_dir=str(output_dir.resolve()), model=model,
-        num_states=num_states, method=method, time_column=time_column,
-        value_column=value_column, seasonality=seasonality, batch_size=batch_size,
-        num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
-        target_ess=target_ess, target_r_hat=target_r_hat, max_extensions=max_extensions,
-        num_predictive_draws=num_predictive_draws, min_points=min_points, seed=seed,
+        data=str(Path(data).resolve()),
+        output_dir=str(output_dir.resolve()),
+        model=model,
+        num_states=num_states,
+        method=method,
+        time_column=time_column,
+        value_column=value_column,
+        seasonality=seasonality,
+        batch_size=batch_size,
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        mass_matrix=mass_matrix,
+        target_ess=target_ess,
+        target_r_hat=target_r_hat,
+        max_extensions=max_extensions,
+        num_predictive_draws=num_predictive_draws,
+        min_points=min_points,
+        seed=seed,
         model_kwargs=model_kwargs or {},
     )
     done = store.read_manifest(output_dir)
     finished = {g for g, r in done.items() if r["status"] in ("ok", "invalid")}
-    batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
+    batches = [groups[i : i + batch_size] for i in range(0, len(groups), batch_size)]
     todo = []
     for b in batches:
         rest = [k for k in b if store.group_id(k) not in finished]
         if rest:
-            todo.append((_batch_id(b) if len(rest) == len(b) else _batch_id(rest), rest, 1))
+            todo.append(
+                (_batch_id(b) if len(rest) == len(b) else _batch_id(rest), rest, 1)
+            )
     num_skipped = len(groups) - sum(len(r) for _, r, _ in todo)
 
     engine = get_backend(backend, address=address)
@@ -233,11 +285,19 @@ def fit_many(
         if num_workers is None:
             num_workers = max(1, min(len(todo), engine.default_num_workers()))
         if todo:
-            pool = engine.create_pool(FleetBatchWorker, (config,), num_workers=num_workers,
-                                      name="fleet")
+            pool = engine.create_pool(
+                FleetBatchWorker, (config,), num_workers=num_workers, name="fleet"
+            )
             try:
-                _drive(pool, todo, output_dir, len(groups), num_skipped, progress_bar,
-                       _after_submit)
+                _drive(
+                    pool,
+                    todo,
+                    output_dir,
+                    len(groups),
+                    num_skipped,
+                    progress_bar,
+                    _after_submit,
+                )
             finally:
                 pool.shutdown()
     finally:
@@ -248,10 +308,14 @@ def fit_many(
     manifest = table.to_pandas()
     status = manifest["status"] if len(manifest) else manifest.get("status", [])
     return FleetResult(
-        output_dir=output_dir, num_groups=len(groups),
-        num_ok=int((status == "ok").sum()), num_invalid=int((status == "invalid").sum()),
-        num_failed=int((status == "failed").sum()), num_skipped=num_skipped,
-        elapsed_s=time.perf_counter() - start, manifest=manifest,
+        output_dir=output_dir,
+        num_groups=len(groups),
+        num_ok=int((status == "ok").sum()),
+        num_invalid=int((status == "invalid").sum()),
+        num_failed=int((status == "failed").sum()),
+        num_skipped=num_skipped,
+        elapsed_s=time.perf_counter() - start,
+        manifest=manifest,
     )
 
 
@@ -267,8 +331,9 @@ def _drive(pool, todo, output_dir, total, num_skipped, progress_bar, after_submi
             while idle and queue:
                 batch_id, keys, attempt = queue.pop(0)
                 worker = idle.pop(0)
-                fut = pool.submit(worker, "fit_batch", batch_id, keys,
-                                  tag=(batch_id, keys, attempt))
+                fut = pool.submit(
+                    worker, "fit_batch", batch_id, keys, tag=(batch_id, keys, attempt)
+                )
                 pending.append(fut)
                 submitted += 1
                 if after_submit is not None:
@@ -289,9 +354,14 @@ def _drive(pool, todo, output_dir, total, num_skipped, progress_bar, after_submi
                             queue.append((_batch_id([k]), [k], 1))
                     else:
                         gid = store.group_id(keys[0])
-                        rec = {"group_id": gid, "key": keys[0], "batch_id": batch_id,
-                               "status": "failed", "error": format_error(err)[:4000],
-                               "attempts": attempt}
+                        rec = {
+                            "group_id": gid,
+                            "key": keys[0],
+                            "batch_id": batch_id,
+                            "status": "failed",
+                            "error": format_error(err)[:4000],
+                            "attempts": attempt,
+                        }
                         store.write_manifest_records(output_dir, batch_id, [rec])
                         counts["done"] += 1
                         counts["failed"] += 1

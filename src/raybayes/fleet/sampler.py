@@ -6,10 +6,25 @@ likelihood unchanged). NUTS runs on ``B x C`` lanes with ``jax.vmap``: every lan
 (one chain of one model) has its own state, step size and mass matrix, adapted
 from its own draws only; nothing is shared between models or chains.
 
-Initialization: a short vmapped Adam run to the MAP of each model (unconstrained
-space), then a small jitter per chain. Sampling runs to a target: after the first
-``num_samples`` draws, models whose bulk/tail ESS or R-hat miss the target get more
-draws (up to ``max_extensions`` times).
+Initialization: a short vmapped Adam run towards the MAP of each model
+(unconstrained space), polished by a few damped Newton steps. The Hessian ``H`` at
+the MAP gives the Laplace approximation ``N(z*, H^{-1})``. Each chain starts from
+its own draw of that approximation, so the starts are dispersed on the posterior's
+own scale, which R-hat needs.
+
+Mass matrix (``mass_matrix=``):
+
+* ``"laplace"`` (default): the dense inverse mass matrix of every chain is
+  ``H^{-1}`` of its own model, fixed; warmup adapts only the step size. A model
+  fitted to thousands of points has a nearly Gaussian posterior, for which
+  ``H^{-1}`` is the ideal preconditioner, so a short warmup suffices and NUTS
+  trajectories are short (a few leapfrog steps). The Hessian is made positive
+  definite by clipping its eigenvalues.
+* ``"adapt"``: NumPyro's windowed adaptation of a diagonal mass matrix (Stan's
+  schedule), from each chain's own draws; for posteriors far from Gaussian.
+
+Sampling runs to a target: after the first ``num_samples`` draws, models whose
+bulk ESS or R-hat miss the target get more draws (up to ``max_extensions`` times).
 
 No Ray here; :class:`raybayes.fleet.worker.FleetBatchWorker` calls these functions.
 
@@ -17,6 +32,10 @@ References:
     Hoffman & Gelman (2014), The No-U-Turn Sampler, JMLR 15.
     Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021), Rank-normalization,
     folding, and localization: an improved R-hat, Bayesian Analysis 16(2).
+    Girolami & Calderhead (2011), Riemann manifold Langevin and Hamiltonian Monte
+    Carlo methods, JRSS B 73(2) (the Hessian as mass matrix).
+    Tierney & Kadane (1986), Accurate approximations for posterior moments and
+    marginal densities, JASA 81(393) (the Laplace approximation).
 """
 
 from __future__ import annotations
@@ -39,17 +58,22 @@ __all__ = ["BatchSampler", "BatchDraws", "diagnostics"]
 class BatchDraws(NamedTuple):
     """Draws of a batch of models.
 
+    Models of one batch may have different numbers of draws ``S_b`` (a model
+    that misses its target gets more), so the per-draw fields are lists with one
+    entry per model.
+
     Attributes:
-        draws: site -> ``(B, C, S, *site_shape)`` constrained draws.
-        diverging: ``(B, C, S)`` bool.
-        num_steps: ``(B, C, S)`` leapfrog steps per draw.
-        step_size: ``(B, C)`` adapted step size of each chain.
-        num_gradients: total gradient evaluations per model ``(B,)``.
+        draws: list of ``B`` dicts, site -> ``(C, S_b, *site_shape)`` constrained
+            draws.
+        diverging: list of ``B`` bool arrays ``(C, S_b)``.
+        num_steps: list of ``B`` arrays ``(C, S_b)``: leapfrog steps per draw.
+        step_size: ``(B, C)`` step size of each chain after warmup.
+        num_gradients: ``(B,)`` gradient evaluations per model (warmup included).
     """
 
-    draws: dict
-    diverging: np.ndarray
-    num_steps: np.ndarray
+    draws: list
+    diverging: list
+    num_steps: list
     step_size: np.ndarray
     num_gradients: np.ndarray
 
@@ -107,13 +131,25 @@ class BatchSampler:
             **model_kwargs)``; ``covariates`` is passed only when not ``None``.
         model_kwargs: static keyword arguments (e.g. ``num_states``).
         num_chains: chains per model.
-        num_warmup: warmup iterations per chain.
+        num_warmup: warmup iterations per chain (default 100 with
+            ``mass_matrix="laplace"``, 300 with ``"adapt"``).
         num_samples: draws per chain in the first round.
         target_ess: bulk ESS every parameter must reach.
         target_r_hat: R-hat every parameter must stay below.
-        max_extensions: extra rounds of ``num_samples`` draws for models that miss.
+        max_extensions: extra rounds of ``extension_samples`` draws for models
+            that miss.
+        extension_samples: draws per chain per extra round (default
+            ``num_samples // 2``).
         target_accept_prob, max_tree_depth: NUTS settings.
-        map_steps: Adam steps of the MAP initialization.
+        map_steps: Adam steps of the MAP initialization (then ``newton_steps``
+            damped Newton steps).
+        mass_matrix: ``"laplace"`` (dense ``H^{-1}`` at the MAP, fixed; warmup
+            adapts the step size only) or ``"adapt"`` (NumPyro's windowed
+            diagonal adaptation).
+        vectorize: vmap over models x chains (default: on accelerators only).
+
+    Raises:
+        ValueError: an unknown ``mass_matrix``.
     """
 
     def __init__(
@@ -122,27 +158,36 @@ class BatchSampler:
         model_kwargs: dict | None = None,
         *,
         num_chains: int = 4,
-        num_warmup: int = 300,
+        num_warmup: int | None = None,
         num_samples: int = 300,
         target_ess: float = 400.0,
         target_r_hat: float = 1.01,
         max_extensions: int = 3,
+        extension_samples: int | None = None,
         target_accept_prob: float = 0.8,
         max_tree_depth: int = 10,
         map_steps: int = 300,
+        newton_steps: int = 5,
+        mass_matrix: str = "laplace",
         vectorize: bool | None = None,
     ):
+        if mass_matrix not in ("laplace", "adapt"):
+            raise ValueError(f"mass_matrix={mass_matrix!r}; use 'laplace' or 'adapt'.")
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
         self.num_chains = num_chains
-        self.num_warmup = num_warmup
+        self.num_warmup = (100 if mass_matrix == "laplace" else 300) if num_warmup is None \
+            else num_warmup
         self.num_samples = num_samples
         self.target_ess = target_ess
         self.target_r_hat = target_r_hat
         self.max_extensions = max_extensions
+        self.extension_samples = max(1, extension_samples or num_samples // 2)
         self.target_accept_prob = target_accept_prob
         self.max_tree_depth = max_tree_depth
         self.map_steps = map_steps
+        self.newton_steps = newton_steps
+        self.mass_matrix = mass_matrix
         # vmap over models x chains pays off on accelerators; on CPU the vmapped
         # NUTS tree (a while loop that runs as long as its slowest lane, with
         # masked selects on every lane) was measured slower than a loop over
@@ -177,6 +222,38 @@ class BatchSampler:
             algo="NUTS",
         )
         num_warmup, tap, mtd = self.num_warmup, self.target_accept_prob, self.max_tree_depth
+        laplace_mass = self.mass_matrix == "laplace"
+        _, unravel = jax.flatten_util.ravel_pytree(z_template)
+
+        def flat_potential(f, y, mask, cov):
+            return self._potential(unravel(f), y, mask, cov)
+
+        def pd_hessian(f, y, mask, cov):
+            # Hessian in the unconstrained space, eigenvalues clipped so that it is
+            # positive definite; returns (eigenvalues, eigenvectors).
+            h = jax.hessian(flat_potential)(f, y, mask, cov)
+            h = 0.5 * (h + h.T)
+            ok = jnp.all(jnp.isfinite(h))
+            h = jnp.where(ok, h, jnp.eye(f.shape[0]))
+            lam, vec = jnp.linalg.eigh(h)
+            floor = jnp.maximum(1e-6 * jnp.max(jnp.abs(lam)), 1e-6)
+            return jnp.maximum(lam, floor), vec
+
+        def laplace_fit(z, y, mask, cov):
+            # Damped Newton from the Adam point; keep a step only if it lowers the
+            # potential. Returns the mode and (eigenvalues, eigenvectors) of H there.
+            f0, _ = jax.flatten_util.ravel_pytree(z)
+
+            def newton(_, f):
+                lam, vec = pd_hessian(f, y, mask, cov)
+                g = jax.grad(flat_potential)(f, y, mask, cov)
+                new = f - vec @ ((vec.T @ g) / lam)
+                better = flat_potential(new, y, mask, cov) < flat_potential(f, y, mask, cov)
+                return jnp.where(better & jnp.all(jnp.isfinite(new)), new, f)
+
+            f = lax.fori_loop(0, self.newton_steps, newton, f0)
+            lam, vec = pd_hessian(f, y, mask, cov)
+            return f, lam, vec
 
         def find_map(z0, y, mask, cov):
             opt = optax.adam(0.05)
@@ -191,82 +268,87 @@ class BatchSampler:
             (z, _), _ = lax.scan(step, (z0, opt.init(z0)), None, length=self.map_steps)
             return z
 
-        def one_chain_run(key, z0, y, mask, cov, length):
+        def warm_one(key, z0, inv_mass, y, mask, cov):
+            # One chain: initialize and run the warmup; returns (state, gradients).
+            extra = (dict(inverse_mass_matrix=inv_mass, dense_mass=True,
+                          adapt_mass_matrix=False) if laplace_mass else {})
             state = init_kernel(
                 z0, num_warmup, model_args=(y, mask, cov), rng_key=key,
-                target_accept_prob=tap, max_tree_depth=mtd,
+                target_accept_prob=tap, max_tree_depth=mtd, **extra,
             )
-            return _advance(state, y, mask, cov, num_warmup, length)
+            if not num_warmup:
+                return state, jnp.zeros((), jnp.int32)
 
-        def _advance(state, y, mask, cov, warm, length):
+            def body(s, _):
+                s = sample_kernel(s, model_args=(y, mask, cov))
+                return s, s.num_steps
+
+            state, steps = lax.scan(body, state, None, length=num_warmup)
+            return state, jnp.sum(steps)
+
+        def sample_one(state, y, mask, cov, length):
+            # One chain: ``length`` draws; returns (state, z, diverging, num_steps).
             def body(s, _):
                 s = sample_kernel(s, model_args=(y, mask, cov))
                 return s, (s.z, s.diverging, s.num_steps)
 
-            if warm:
-                state, (_, _, wsteps) = lax.scan(body, state, None, length=warm)
-                wgrads = jnp.sum(wsteps)
-            else:
-                wgrads = jnp.zeros((), jnp.int32)
             state, (zs, div, nst) = lax.scan(body, state, None, length=length)
-            return state, zs, div, nst, wgrads
+            return state, zs, div, nst
 
-        def run_batch(keys, z_init, y, mask, cov, length):
-            # keys (B, C, 2); z_init leaves (B, C, ...); y, mask (B, T); cov (B, T, P)|None
-            def per_model(k, z0, yy, mm, cc):
-                return jax.vmap(lambda kk, zz: one_chain_run(kk, zz, yy, mm, cc, length))(k, z0)
+        def constrain_model(zs, y, mask, cov):
+            # zs leaves (C, S, ...) of one model
+            return jax.vmap(jax.vmap(lambda q: self._constrain(q, y, mask, cov)))(zs)
 
-            return jax.vmap(per_model)(keys, z_init, y, mask, cov)
+        if self.vectorize:
+            # All lanes (models x chains) in one vmapped program.
+            def warm_batch(keys, z_init, inv_mass, y, mask, cov):
+                def per_model(k, z0, im, yy, mm, cc):
+                    return jax.vmap(lambda kk, zz: warm_one(kk, zz, im, yy, mm, cc))(k, z0)
 
-        def extend_batch(states, y, mask, cov, length):
-            def per_model(st, yy, mm, cc):
-                return jax.vmap(lambda s: _advance(s, yy, mm, cc, 0, length))(st)
+                return jax.vmap(per_model)(keys, z_init, inv_mass, y, mask, cov)
 
-            return jax.vmap(per_model)(states, y, mask, cov)
+            def sample_batch(states, y, mask, cov, length):
+                def per_model(st, yy, mm, cc):
+                    return jax.vmap(lambda s: sample_one(s, yy, mm, cc, length))(st)
 
-        def constrain_batch(zs, y, mask, cov):
-            # zs leaves (B, C, S, ...)
-            def per_model(z, yy, mm, cc):
-                return jax.vmap(jax.vmap(lambda q: self._constrain(q, yy, mm, cc)))(z)
+                return jax.vmap(per_model)(states, y, mask, cov)
 
-            return jax.vmap(per_model)(zs, y, mask, cov)
+            warm_fn = jax.jit(warm_batch)
+            sample_fn = jax.jit(sample_batch, static_argnums=4)
+        else:
+            # On CPU: the same jitted chain, called lane by lane.
+            warm_lane = jax.jit(warm_one)
+            sample_lane = jax.jit(sample_one, static_argnums=4)
 
-        if not self.vectorize:
-            run_one = jax.jit(one_chain_run, static_argnums=5)
-            extend_one = jax.jit(
-                lambda st, yy, mm, cc, n: _advance(st, yy, mm, cc, 0, n), static_argnums=4
-            )
-            take = _take
-
-            def run_batch(keys, z_init, y, mask, cov, length):  # noqa: F811
+            def warm_fn(keys, z_init, inv_mass, y, mask, cov):
                 return _stack([
                     _stack([
-                        run_one(keys[b, i], take(z_init, b, i), y[b], mask[b],
-                                take(cov, b), length)
+                        warm_lane(keys[b, i], _take(z_init, b, i), inv_mass[b], y[b],
+                                  mask[b], _take(cov, b))
                         for i in range(keys.shape[1])
                     ])
                     for b in range(keys.shape[0])
                 ])
 
-            def extend_batch(states, y, mask, cov, length):  # noqa: F811
-                nb, nc = y.shape[0], jax.tree_util.tree_leaves(states)[0].shape[1]
+            def sample_fn(states, y, mask, cov, length, models=None):
+                nb = y.shape[0] if models is None else len(models)
+                models = range(y.shape[0]) if models is None else models
+                nc = jax.tree_util.tree_leaves(states)[0].shape[1]
                 return _stack([
                     _stack([
-                        extend_one(take(states, b, i), y[b], mask[b], take(cov, b), length)
+                        sample_lane(_take(states, b, i), y[b], mask[b], _take(cov, b), length)
                         for i in range(nc)
                     ])
-                    for b in range(nb)
-                ])
+                    for b in models
+                ]) if nb else None
 
-            run_fn, extend_fn = run_batch, extend_batch
-        else:
-            run_fn = jax.jit(run_batch, static_argnums=5)
-            extend_fn = jax.jit(extend_batch, static_argnums=4)
         self._fns = dict(
             find_map=jax.jit(jax.vmap(find_map)),
-            run=run_fn,
-            extend=extend_fn,
-            constrain=jax.jit(constrain_batch),
+            laplace_fit=jax.jit(jax.vmap(laplace_fit)),
+            unravel=jax.jit(_unravel_leading(unravel, z_template)),
+            warm=warm_fn,
+            sample=sample_fn,
+            constrain=jax.jit(constrain_model),
             potential=jax.jit(jax.vmap(self._potential)),
         )
 
@@ -284,8 +366,14 @@ class BatchSampler:
             name: jax.vmap(lambda k, v=v: 0.1 * jax.random.normal(k, jnp.shape(v)))(k0)
             for name, v in z_template.items()
         }
-        z_map = self._fns["find_map"](z0, y, mask, cov)
-        return y, mask, cov, z_map, num_models
+        z_adam = self._fns["find_map"](z0, y, mask, cov)
+        f_map, lam, vec = self._fns["laplace_fit"](z_adam, y, mask, cov)
+        z_map = self._fns["unravel"](f_map)
+        return y, mask, cov, z_map, num_models, (f_map, lam, vec)
+
+    def _constrain_model(self, b, zs, y, mask, cov):
+        out = self._fns["constrain"](zs, y[b], mask[b], _take(cov, b))
+        return {k: np.asarray(v) for k, v in out.items()}
 
     def find_map(self, keys, y, mask, covariates=None):
         """MAP estimates (unconstrained and constrained) of every model of the batch.
@@ -293,10 +381,12 @@ class BatchSampler:
         Returns:
             ``(z_map, constrained)``: dicts of ``(B, *site_shape)`` arrays.
         """
-        y, mask, cov, z_map, _ = self._prepare(keys, y, mask, covariates)
-        z1 = jax.tree_util.tree_map(lambda a: a[:, None, None], z_map)
-        con = self._fns["constrain"](z1, y, mask, cov)
-        return z_map, {k: np.asarray(v[:, 0, 0]) for k, v in con.items()}
+        y, mask, cov, z_map, num_models, _ = self._prepare(keys, y, mask, covariates)
+        con = [
+            self._constrain_model(b, _take(z_map, slice(b, b + 1), None), y, mask, cov)
+            for b in range(num_models)
+        ]
+        return z_map, {k: np.stack([c[k][0, 0] for c in con]) for k in con[0]}
 
     def laplace(self, keys, y, mask, covariates=None, num_draws: int = 1000) -> BatchDraws:
         """Laplace approximation at the MAP (unconstrained space), as draws.
@@ -304,78 +394,88 @@ class BatchSampler:
         Returns:
             :class:`BatchDraws` with one "chain" of ``num_draws`` draws per model.
         """
-        y, mask, cov, z_map, num_models = self._prepare(keys, y, mask, covariates)
-        flat0, unravel = jax.flatten_util.ravel_pytree(
-            jax.tree_util.tree_map(lambda a: a[0], z_map)
-        )
-
-        def draws_one(key, z, yy, mm, cc):
-            flat, _ = jax.flatten_util.ravel_pytree(z)
-            hess = jax.hessian(lambda f: self._potential(unravel(f), yy, mm, cc))(flat)
-            cov_mat = jnp.linalg.inv(hess + 1e-8 * jnp.eye(flat.shape[0]))
-            chol = jnp.linalg.cholesky(0.5 * (cov_mat + cov_mat.T))
-            eps = jax.random.normal(key, (num_draws, flat.shape[0]))
-            return jax.vmap(unravel)(flat + eps @ chol.T)
-
-        zs = jax.jit(jax.vmap(draws_one))(jnp.asarray(keys), z_map, y, mask, cov)
-        zs = jax.tree_util.tree_map(lambda a: a[:, None], zs)
-        con = self._fns["constrain"](zs, y, mask, cov)
-        zeros = np.zeros((num_models, 1, num_draws))
+        y, mask, cov, _, num_models, (f_map, lam, vec) = self._prepare(
+            keys, y, mask, covariates)
+        eps = jax.vmap(lambda k: jax.random.normal(k, (num_draws, f_map.shape[1])))(
+            jnp.asarray(keys))
+        zs = self._fns["unravel"](_laplace_draws(f_map, lam, vec, eps)[:, None])
+        draws = [self._constrain_model(b, _take(zs, b), y, mask, cov)
+                 for b in range(num_models)]
+        zeros = np.zeros((1, num_draws))
         return BatchDraws(
-            {k: np.asarray(v) for k, v in con.items()}, zeros.astype(bool),
-            zeros.astype(np.int32), np.zeros((num_models, 1)), np.zeros(num_models),
+            draws, [zeros.astype(bool)] * num_models, [zeros.astype(np.int32)] * num_models,
+            np.zeros((num_models, 1)), np.zeros(num_models, np.int64),
         )
 
     def nuts(self, keys, y, mask, covariates=None, valid=None) -> BatchDraws:
         """Run NUTS on every model of the batch until the ESS/R-hat target is met.
+
+        Warmup runs first on every chain. With ``mass_matrix="laplace"`` the chains
+        of one model then share one step size, the geometric mean of their
+        dual-averaging estimates: the chains of a model share its mass matrix
+        (nothing is shared between models), and the pooled estimate is steadier
+        than one chain's after a short warmup. Then ``num_samples`` draws per chain;
+        a model whose draws miss the target gets ``extension_samples`` more, up to
+        ``max_extensions`` times; on CPU only the models that miss are advanced.
 
         Args:
             keys: ``(B, 2)`` uint32 PRNG keys, one per model.
             y: ``(B, T)`` observations (NaN or ``mask == False`` = missing).
             mask: ``(B, T)`` bool.
             covariates: ``(B, T, P)`` or ``None``.
-            valid: ``(B,)`` bool; padding lanes (``False``) are ignored by the
-                extension rule.
+            valid: ``(B,)`` bool; padding lanes (``False``) are never extended.
 
         Returns:
-            :class:`BatchDraws`.
+            :class:`BatchDraws` (draws per model, chains x draws).
         """
-        y, mask, cov, z_map, num_models = self._prepare(keys, y, mask, covariates)
+        y, mask, cov, _, num_models, (f_map, lam, vec) = self._prepare(
+            keys, y, mask, covariates)
         c = self.num_chains
         keys = jnp.asarray(keys)
         chain_keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(
             jnp.arange(c)))(keys)
         jit_keys = jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 99)))(chain_keys)
-        z_init = {
-            name: v[:, None] + 0.05 * jax.vmap(jax.vmap(
-                lambda k, v=v: jax.random.normal(k, v.shape[1:])))(jit_keys)
-            for name, v in z_map.items()
-        }
-        states, zs, div, nst, wgrads = self._fns["run"](
-            chain_keys, z_init, y, mask, cov, self.num_samples
-        )
-        zs_all, div_all, nst_all = [zs], [div], [nst]
+        # Each chain starts from its own draw of the Laplace approximation.
+        eps = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, f_map.shape[1:])))(jit_keys)
+        z_init = self._fns["unravel"](_laplace_draws(f_map, lam, vec, eps))
+        inv_mass = jnp.einsum("bij,bj,bkj->bik", vec, 1.0 / lam, vec)
+        states, wgrads = self._fns["warm"](chain_keys, z_init, inv_mass, y, mask, cov)
+        if self.mass_matrix == "laplace":
+            step = states.adapt_state.step_size
+            pooled = jnp.exp(jnp.mean(jnp.log(step), axis=1, keepdims=True))
+            states = states._replace(adapt_state=states.adapt_state._replace(
+                step_size=jnp.broadcast_to(pooled, step.shape).astype(step.dtype)))
+        states, zs, div, nst = self._fns["sample"](states, y, mask, cov, self.num_samples)
+        parts = [[(_take(zs, b), np.asarray(div[b]), np.asarray(nst[b]))]
+                 for b in range(num_models)]
         valid = np.ones(num_models, bool) if valid is None else np.asarray(valid)
+        draws = [self._constrain_model(b, parts[b][0][0], y, mask, cov)
+                 for b in range(num_models)]
         for _ in range(self.max_extensions):
-            con = self._fns["constrain"](_cat(zs_all), y, mask, cov)
-            if all(
-                self._meets_target({k: np.asarray(v[b]) for k, v in con.items()})
-                for b in range(num_models) if valid[b]
-            ):
+            todo = [b for b in range(num_models)
+                    if valid[b] and not self._meets_target(draws[b])]
+            if not todo:
                 break
-            states, zs, div, nst, _ = self._fns["extend"](states, y, mask, cov, self.num_samples)
-            zs_all.append(zs)
-            div_all.append(div)
-            nst_all.append(nst)
-        con = self._fns["constrain"](_cat(zs_all), y, mask, cov)
-        nsteps = np.concatenate([np.asarray(n) for n in nst_all], axis=2)
-        grads = np.asarray(wgrads).sum(axis=1) + nsteps.sum(axis=(1, 2))
+            if self.vectorize:
+                states, zs, div, nst = self._fns["sample"](
+                    states, y, mask, cov, self.extension_samples)
+                new = {b: (_take(zs, b), np.asarray(div[b]), np.asarray(nst[b]))
+                       for b in todo}
+            else:
+                sub = self._fns["sample"](states, y, mask, cov, self.extension_samples, todo)
+                st_new, zs, div, nst = sub
+                states = _set_rows(states, jnp.asarray(todo), st_new)
+                new = {b: (_take(zs, j), np.asarray(div[j]), np.asarray(nst[j]))
+                       for j, b in enumerate(todo)}
+            for b, part in new.items():
+                parts[b].append(part)
+                draws[b] = self._constrain_model(b, _cat([p[0] for p in parts[b]]),
+                                                 y, mask, cov)
+        divs = [np.concatenate([p[1] for p in parts[b]], axis=1) for b in range(num_models)]
+        nsteps = [np.concatenate([p[2] for p in parts[b]], axis=1) for b in range(num_models)]
+        grads = np.asarray(wgrads).sum(axis=1) + np.array([n.sum() for n in nsteps])
         return BatchDraws(
-            {k: np.asarray(v) for k, v in con.items()},
-            np.concatenate([np.asarray(d) for d in div_all], axis=2),
-            nsteps,
-            np.asarray(states.adapt_state.step_size),
-            grads,
+            draws, divs, nsteps, np.asarray(states.adapt_state.step_size), grads,
         )
 
     def _meets_target(self, draws_one_model) -> bool:
@@ -394,6 +494,30 @@ class BatchSampler:
         return True
 
 
+def _laplace_draws(f_map, lam, vec, eps):
+    """``f_map + H^{-1/2} eps`` for ``H = vec diag(lam) vec^T``.
+
+    Shapes: ``f_map (B, D)``, ``lam (B, D)``, ``vec (B, D, D)``, ``eps (B, C, D)``;
+    returns ``(B, C, D)``.
+    """
+    return f_map[:, None] + jnp.einsum("bij,bcj->bci", vec, eps / jnp.sqrt(lam)[:, None])
+
+
+def _unravel_leading(unravel, template):
+    """``unravel`` for flat vectors with any leading batch dimensions."""
+
+    def fn(flat):
+        lead = flat.shape[:-1]
+        tree = jax.vmap(unravel)(flat.reshape((-1, flat.shape[-1])))
+        return {k: v.reshape(lead + jnp.shape(template[k])) for k, v in tree.items()}
+
+    return fn
+
+
+def _set_rows(tree, idx, new):
+    return jax.tree_util.tree_map(lambda a, n: a.at[idx].set(n), tree, new)
+
+
 def _take(tree, *idx):
     return jax.tree_util.tree_map(lambda a: a[idx], tree)
 
@@ -403,4 +527,4 @@ def _stack(items):
 
 
 def _cat(parts):
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=2), *parts)
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *parts)

@@ -145,6 +145,7 @@ class FleetBatchWorker:
                 num_chains=c["num_chains"], num_warmup=c["num_warmup"],
                 num_samples=c["num_samples"], target_ess=c["target_ess"],
                 target_r_hat=c["target_r_hat"], max_extensions=c["max_extensions"],
+                mass_matrix=c.get("mass_matrix", "laplace"),
             )
         return self._sampler
 
@@ -220,14 +221,14 @@ class FleetBatchWorker:
         if c["method"] == "map":
             _, map_con = sampler.find_map(keys, y, mask, cov)
         for i, (rec, t, v) in enumerate(good):
-            draws = {k: val[i] for k, val in out.draws.items()}
+            draws = out.draws[i]
             diag = diagnostics(draws)
             if c["method"] == "map":
                 diag["map"] = [float(x) for k in draws for x in np.ravel(map_con[k][i])]
             n = len(v)
             rec.update(
                 status="ok", error=None, attempts=1,
-                num_draws=int(out.diverging.shape[1] * out.diverging.shape[2]),
+                num_draws=int(out.diverging[i].size),
                 num_divergences=int(out.diverging[i].sum()),
                 max_r_hat=float(np.nanmax(diag["r_hat"])) if c["method"] == "nuts" else None,
                 min_ess_bulk=float(np.nanmin(diag["ess_bulk"])),
