@@ -260,6 +260,10 @@ class RayBackend(Backend):
             _check_reachable(self.address, self.connect_timeout_s)
             kwargs["address"] = self.address
         else:
+            # "local": always a new embedded instance. Without it ray.init joins a
+            # cluster that `ray start` left running on this machine (and refuses
+            # num_cpus there).
+            kwargs["address"] = "local"
             kwargs["num_cpus"] = self.num_cpus or os.cpu_count() or 1
         try:
             ray.init(**kwargs)

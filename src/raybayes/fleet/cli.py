@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8),
         num_chains: int = typer.Option(4),
         num_warmup: int = typer.Option(
-            None, help="default 100 with --mass-matrix laplace, 300 with adapt"),
-        num_samples: int = typer.Option(300),
+            None, help="default 60 with --mass-matrix laplace, 300 with adapt"),
+        num_samples: int = typer.Option(250),
         mass_matrix: str = typer.Option(
             "laplace", help="laplace (inverse Hessian at the MAP, fixed) or adapt"),
         target_ess: float = typer.Option(400.0),

@@ -160,7 +160,7 @@ def fit_many(
     batch_size: int = 8,
     num_chains: int = 4,
     num_warmup: int | None = None,
-    num_samples: int = 300,
+    num_samples: int = 250,
     mass_matrix: str = "laplace",
     target_ess: float = 400.0,
     target_r_hat: float = 1.01,
@@ -197,7 +197,7 @@ def fit_many(
         num_chains, num_warmup, num_samples: NUTS settings (``num_samples`` in
             the first round; a model that misses bulk ESS >= ``target_ess`` or
             R-hat <= ``target_r_hat`` gets ``num_samples // 2`` more, at most
-            ``max_extensions`` times). ``num_warmup`` defaults to 100 with
+            ``max_extensions`` times). ``num_warmup`` defaults to 60 with
             ``mass_matrix="laplace"`` (only the step size is adapted) and 300
             with ``"adapt"``.
         mass_matrix: ``"laplace"`` (default): every chain of a model uses the
@@ -239,7 +239,7 @@ def fit_many(
             f"mass_matrix={mass_matrix!r}; use 'laplace' or 'adapt'."
         )
     if num_warmup is None:
-        num_warmup = 100 if mass_matrix == "laplace" else 300
+        num_warmup = 60 if mass_matrix == "laplace" else 300
     resolve_model(model)  # fail early on a bad model spec
     output_dir = Path(output_dir)
     groups = list_groups(data, group_keys, time_column, value_column)

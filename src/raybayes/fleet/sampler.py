@@ -15,7 +15,9 @@ own scale, which R-hat needs.
 Mass matrix (``mass_matrix=``):
 
 * ``"laplace"`` (default): the dense inverse mass matrix of every chain is
-  ``H^{-1}`` of its own model, fixed; warmup adapts only the step size. A model
+  ``H^{-1}`` of its own model, fixed; warmup adapts only the step size, by one
+  uninterrupted run of dual averaging per chain, and the chains of one model then
+  share the geometric mean of their step sizes. A model
   fitted to thousands of points has a nearly Gaussian posterior, for which
   ``H^{-1}`` is the ideal preconditioner, so a short warmup suffices and NUTS
   trajectories are short (a few leapfrog steps). The Hessian is made positive
@@ -50,9 +52,15 @@ import numpy as np
 import optax
 from jax import lax
 from numpyro.infer.hmc import hmc
+from numpyro.infer.hmc_util import dual_averaging
 from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
 
 __all__ = ["BatchSampler", "BatchDraws", "diagnostics"]
+
+# Jitted functions of BatchSampler, shared by samplers with the same model and
+# settings in one process, so that repeated fits (every batch of a fleet, nightly
+# refits in a long-lived worker) compile once. jit compiles again per shape.
+_COMPILED: dict = {}
 
 
 class BatchDraws(NamedTuple):
@@ -131,7 +139,7 @@ class BatchSampler:
             **model_kwargs)``; ``covariates`` is passed only when not ``None``.
         model_kwargs: static keyword arguments (e.g. ``num_states``).
         num_chains: chains per model.
-        num_warmup: warmup iterations per chain (default 100 with
+        num_warmup: warmup iterations per chain (default 60 with
             ``mass_matrix="laplace"``, 300 with ``"adapt"``).
         num_samples: draws per chain in the first round.
         target_ess: bulk ESS every parameter must reach.
@@ -159,7 +167,7 @@ class BatchSampler:
         *,
         num_chains: int = 4,
         num_warmup: int | None = None,
-        num_samples: int = 300,
+        num_samples: int = 250,
         target_ess: float = 400.0,
         target_r_hat: float = 1.01,
         max_extensions: int = 3,
@@ -176,7 +184,7 @@ class BatchSampler:
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
         self.num_chains = num_chains
-        self.num_warmup = (100 if mass_matrix == "laplace" else 300) if num_warmup is None \
+        self.num_warmup = (60 if mass_matrix == "laplace" else 300) if num_warmup is None \
             else num_warmup
         self.num_samples = num_samples
         self.target_ess = target_ess
@@ -215,6 +223,21 @@ class BatchSampler:
                                       None if covariates is None else jnp.asarray(covariates[0])),
         )
         return info.param_info.z
+
+    def _cache_key(self, z_template):
+        """Settings and shapes that determine the compiled functions (or None)."""
+        try:
+            key = (
+                self.model, tuple(sorted(self.model_kwargs.items())), self.num_chains,
+                self.num_warmup, self.num_samples, self.extension_samples,
+                self.target_accept_prob, self.max_tree_depth, self.map_steps,
+                self.newton_steps, self.mass_matrix, self.vectorize,
+                tuple((k, jnp.shape(v)) for k, v in sorted(z_template.items())),
+            )
+            hash(key)
+        except TypeError:  # unhashable model arguments: no reuse
+            return None
+        return key
 
     def _build(self, z_template):
         init_kernel, sample_kernel = hmc(
@@ -270,21 +293,44 @@ class BatchSampler:
 
         def warm_one(key, z0, inv_mass, y, mask, cov):
             # One chain: initialize and run the warmup; returns (state, gradients).
-            extra = (dict(inverse_mass_matrix=inv_mass, dense_mass=True,
-                          adapt_mass_matrix=False) if laplace_mass else {})
+            args = (y, mask, cov)
+            if not laplace_mass:
+                state = init_kernel(
+                    z0, num_warmup, model_args=args, rng_key=key,
+                    target_accept_prob=tap, max_tree_depth=mtd,
+                )
+                if not num_warmup:
+                    return state, jnp.zeros((), jnp.int32)
+
+                def body(s, _):
+                    s = sample_kernel(s, model_args=args)
+                    return s, s.num_steps
+
+                state, steps = lax.scan(body, state, None, length=num_warmup)
+                return state, jnp.sum(steps)
+            # Fixed (Laplace) mass matrix: one uninterrupted run of dual averaging
+            # (Hoffman & Gelman 2014, Sec. 3.2) over the whole warmup, from step
+            # size 1 (the scale of a preconditioned Gaussian). NumPyro's warmup
+            # would restart it at the end of its mass-matrix windows even when the
+            # mass matrix is not adapted, leaving a few iterations to settle.
             state = init_kernel(
-                z0, num_warmup, model_args=(y, mask, cov), rng_key=key,
-                target_accept_prob=tap, max_tree_depth=mtd, **extra,
+                z0, 0, step_size=1.0, inverse_mass_matrix=inv_mass, dense_mass=True,
+                adapt_step_size=False, adapt_mass_matrix=False, model_args=args,
+                rng_key=key, target_accept_prob=tap, max_tree_depth=mtd,
             )
             if not num_warmup:
                 return state, jnp.zeros((), jnp.int32)
+            da_init, da_update = dual_averaging()
+            da = da_init(jnp.log(10.0 * state.adapt_state.step_size))
 
-            def body(s, _):
-                s = sample_kernel(s, model_args=(y, mask, cov))
-                return s, s.num_steps
+            def da_body(carry, _):
+                s, d = carry
+                s = sample_kernel(s, model_args=args)
+                d = da_update(tap - s.accept_prob, d)
+                return (_with_step_size(s, jnp.exp(d[0])), d), s.num_steps
 
-            state, steps = lax.scan(body, state, None, length=num_warmup)
-            return state, jnp.sum(steps)
+            (state, da), steps = lax.scan(da_body, (state, da), None, length=num_warmup)
+            return _with_step_size(state, jnp.exp(da[1])), jnp.sum(steps)
 
         def sample_one(state, y, mask, cov, length):
             # One chain: ``length`` draws; returns (state, z, diverging, num_steps).
@@ -353,12 +399,20 @@ class BatchSampler:
         )
 
     def _prepare(self, keys, y, mask, covariates):
-        y = jnp.asarray(y, jnp.float32)
-        mask = jnp.asarray(mask, bool)
-        cov = None if covariates is None else jnp.asarray(covariates, jnp.float32)
+        # Host arrays: jitted calls take them as they are, and per-model slices
+        # of them cost nothing.
+        y = np.asarray(y, np.float32)
+        mask = np.asarray(mask, bool)
+        cov = None if covariates is None else np.asarray(covariates, np.float32)
         z_template = self._template(y, mask, covariates)
         if self._fns is None:
-            self._build(z_template)
+            key = self._cache_key(z_template)
+            if key is not None and key in _COMPILED:
+                self._fns = _COMPILED[key]
+            else:
+                self._build(z_template)
+                if key is not None:
+                    _COMPILED[key] = self._fns
         num_models = y.shape[0]
         # Start the MAP search from the centre of the unconstrained space, jittered.
         k0 = jax.vmap(lambda k: jax.random.fold_in(k, 7))(jnp.asarray(keys))
@@ -439,13 +493,15 @@ class BatchSampler:
         eps = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, f_map.shape[1:])))(jit_keys)
         z_init = self._fns["unravel"](_laplace_draws(f_map, lam, vec, eps))
         inv_mass = jnp.einsum("bij,bj,bkj->bik", vec, 1.0 / lam, vec)
+        if not self.vectorize:  # host arrays for the lane-by-lane calls
+            chain_keys, z_init, inv_mass = jax.device_get((chain_keys, z_init, inv_mass))
         states, wgrads = self._fns["warm"](chain_keys, z_init, inv_mass, y, mask, cov)
         if self.mass_matrix == "laplace":
-            step = states.adapt_state.step_size
-            pooled = jnp.exp(jnp.mean(jnp.log(step), axis=1, keepdims=True))
-            states = states._replace(adapt_state=states.adapt_state._replace(
-                step_size=jnp.broadcast_to(pooled, step.shape).astype(step.dtype)))
+            step = np.asarray(states.adapt_state.step_size)
+            pooled = np.exp(np.mean(np.log(step), axis=1, keepdims=True))
+            states = _with_step_size(states, np.broadcast_to(pooled, step.shape))
         states, zs, div, nst = self._fns["sample"](states, y, mask, cov, self.num_samples)
+        zs = jax.device_get(zs)
         parts = [[(_take(zs, b), np.asarray(div[b]), np.asarray(nst[b]))]
                  for b in range(num_models)]
         valid = np.ones(num_models, bool) if valid is None else np.asarray(valid)
@@ -459,12 +515,13 @@ class BatchSampler:
             if self.vectorize:
                 states, zs, div, nst = self._fns["sample"](
                     states, y, mask, cov, self.extension_samples)
+                zs = jax.device_get(zs)
                 new = {b: (_take(zs, b), np.asarray(div[b]), np.asarray(nst[b]))
                        for b in todo}
             else:
                 sub = self._fns["sample"](states, y, mask, cov, self.extension_samples, todo)
                 st_new, zs, div, nst = sub
-                states = _set_rows(states, jnp.asarray(todo), st_new)
+                states = _set_rows(states, np.asarray(todo), st_new)
                 new = {b: (_take(zs, j), np.asarray(div[j]), np.asarray(nst[j]))
                        for j, b in enumerate(todo)}
             for b, part in new.items():
@@ -514,8 +571,26 @@ def _unravel_leading(unravel, template):
     return fn
 
 
+# Between jitted calls, the looped (CPU) path keeps states and draws as host NumPy
+# arrays: slicing a lane out of a device array is an eager JAX op per leaf, and
+# those dispatches cost more than the chains themselves.
+
+
+def _with_step_size(state, step_size):
+    """An HMC state with another step size (the adapted one is read from there)."""
+    old = state.adapt_state.step_size
+    xp = np if isinstance(old, np.ndarray) else jnp
+    return state._replace(adapt_state=state.adapt_state._replace(
+        step_size=xp.asarray(step_size, old.dtype).reshape(old.shape)))
+
+
 def _set_rows(tree, idx, new):
-    return jax.tree_util.tree_map(lambda a, n: a.at[idx].set(n), tree, new)
+    def put(a, n):
+        a = np.array(a)
+        a[idx] = n
+        return a
+
+    return jax.tree_util.tree_map(put, tree, new)
 
 
 def _take(tree, *idx):
@@ -523,8 +598,9 @@ def _take(tree, *idx):
 
 
 def _stack(items):
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *items)
+    items = jax.device_get(items)
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *items)
 
 
 def _cat(parts):
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *parts)
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *parts)

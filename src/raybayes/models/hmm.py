@@ -41,6 +41,8 @@ References:
 
 from __future__ import annotations
 
+from functools import partial
+
 from collections.abc import Callable
 from typing import Literal
 
@@ -105,8 +107,9 @@ def poisson_log_emission(y, rate, mask=None):
         (2, 2)
     """
     y, mask = _fill_missing(y, mask)
-    rate = jnp.broadcast_to(rate, (y.shape[0],) + jnp.shape(rate)[-1:])
+    # Rates constant in time stay (K,): K logs, not T x K.
     lp = y[:, None] * jnp.log(rate) - rate - gammaln(y + 1.0)[:, None]
+    lp = jnp.broadcast_to(lp, (y.shape[0],) + jnp.shape(rate)[-1:])
     return jnp.where(mask[:, None], lp, 0.0)
 
 
@@ -125,16 +128,17 @@ def negbin_log_emission(y, mean, concentration, mask=None):
         ``(T, K)`` log-probabilities, 0 where the observation is missing.
     """
     y, mask = _fill_missing(y, mask)
-    mean = jnp.broadcast_to(mean, (y.shape[0],) + jnp.shape(mean)[-1:])
     phi = jnp.asarray(concentration)
     yy = y[:, None]
+    log_phi_mean = jnp.log(phi + mean)  # (K,) when the means are constant in time
     lp = (
         gammaln(yy + phi)
         - gammaln(phi)
         - gammaln(yy + 1.0)
-        + phi * (jnp.log(phi) - jnp.log(phi + mean))
-        + yy * (jnp.log(mean) - jnp.log(phi + mean))
+        + phi * (jnp.log(phi) - log_phi_mean)
+        + yy * (jnp.log(mean) - log_phi_mean)
     )
+    lp = jnp.broadcast_to(lp, (y.shape[0],) + jnp.shape(mean)[-1:])
     return jnp.where(mask[:, None], lp, 0.0)
 
 
@@ -455,14 +459,13 @@ def _common_priors(y, mask, num_states, covariates, transition_concentration, ra
     rate = numpyro.sample("rate", PositiveOrdered(base))
     conc = jnp.full((k, k), 1.0) + jnp.eye(k) * (transition_concentration - 1.0)
     transition = numpyro.sample("transition", dist.Dirichlet(conc))
-    log_rate = jnp.broadcast_to(jnp.log(rate), (y.shape[0], k))
-    if covariates is not None:
-        covariates = jnp.asarray(covariates)
-        beta = numpyro.sample(
-            "beta", dist.Normal(0.0, 1.0).expand([covariates.shape[-1]]).to_event(1)
-        )
-        log_rate = log_rate + (covariates @ beta)[:, None]
-    return transition, jnp.exp(log_rate)
+    if covariates is None:
+        return transition, rate  # (K,): constant in time
+    covariates = jnp.asarray(covariates)
+    beta = numpyro.sample(
+        "beta", dist.Normal(0.0, 1.0).expand([covariates.shape[-1]]).to_event(1)
+    )
+    return transition, jnp.exp(jnp.log(rate) + (covariates @ beta)[:, None])
 
 
 def poisson_hmm(
@@ -566,10 +569,9 @@ def hmm_log_emission(family: str, y, params: dict, covariates=None, mask=None):
 
 def _time_rate(params, num_steps, covariates):
     rate = jnp.asarray(params["rate"])
-    log_rate = jnp.broadcast_to(jnp.log(rate), (num_steps, rate.shape[-1]))
     if covariates is not None and "beta" in params:
-        log_rate = log_rate + (jnp.asarray(covariates) @ params["beta"])[:, None]
-    return jnp.exp(log_rate)
+        return jnp.exp(jnp.log(rate) + (jnp.asarray(covariates) @ params["beta"])[:, None])
+    return jnp.broadcast_to(rate, (num_steps, rate.shape[-1]))
 
 
 def hmm_posterior_predictive(
@@ -601,7 +603,16 @@ def hmm_posterior_predictive(
         ``state_prob`` ``(T, K)`` posterior mean of ``P(z_t = k | y)``, and
         ``states`` ``(S, T)`` the sampled state paths.
     """
-    y = jnp.asarray(y, jnp.result_type(float))
+    return _posterior_predictive(
+        rng_key, family, draws, jnp.asarray(y, jnp.result_type(float)), covariates,
+        mask, initial,
+    )
+
+
+@partial(jax.jit, static_argnums=(1, 6))
+def _posterior_predictive(rng_key, family, draws, y, covariates, mask, initial):
+    # Jitted: compiled once per (family, initial, shapes), then reused across
+    # the models of a fleet.
     num_steps = y.shape[0]
     num_draws = jax.tree_util.tree_leaves(draws)[0].shape[0]
     keys = jax.random.split(rng_key, num_draws)

@@ -7,11 +7,13 @@ from raybayes.optim.laplace import (
     newton_polish,
 )
 from raybayes.optim.map import MAPResult, constrained_values, find_map, fit_map
+from raybayes.optim.vlbfgs import find_map_vector_free
 
 __all__ = [
     "MAPResult",
     "LaplaceResult",
     "find_map",
+    "find_map_vector_free",
     "fit_map",
     "laplace",
     "laplace_approximation",

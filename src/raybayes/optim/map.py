@@ -316,6 +316,7 @@ def fit_map(
     backend: str | Backend = "local",
     source: Any = None,
     model_args: tuple = (),
+    vector_free: bool = False,
     **kwargs,
 ) -> MAPResult:
     """:func:`find_map` for a model and its data, splitting them with :func:`raybayes.plan`.
@@ -326,16 +327,24 @@ def fit_map(
         partition: the split; chosen by :func:`raybayes.plan` when ``None``.
         backend: ``"local"``, ``"ray"`` or a backend instance.
         source: a Parquet source read on the workers (then ``partition`` is needed).
+        vector_free: run vector-free L-BFGS
+            (:func:`~raybayes.optim.find_map_vector_free`): the local parameters and
+            their optimizer state stay on the workers.
         **kwargs: passed to :func:`find_map` (``tol``, ``max_iter``, ...).
 
     Returns:
         :class:`MAPResult`.
     """
+    objective_class, run = ShardedObjective, find_map
+    if vector_free:
+        from raybayes.optim.vlbfgs import VectorFreeObjective, find_map_vector_free
+
+        objective_class, run = VectorFreeObjective, find_map_vector_free
     with planned_objective(
         model, model_kwargs, num_shards, partition=partition, backend=backend,
-        source=source, model_args=model_args,
+        source=source, model_args=model_args, objective_class=objective_class,
     ) as objective:
-        return find_map(objective, **kwargs)
+        return run(objective, **kwargs)
 
 
 def planned_objective(
