@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# JAX's persistent compilation cache, shared by the test process, its Ray workers
+# and its subprocesses (they inherit the environment): many tests compile the same
+# samplers for the same models. Set before JAX is imported anywhere.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="raybayes-jax-cache-")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 DATA_DIR = Path(__file__).parent / "data"
 

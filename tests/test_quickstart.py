@@ -13,7 +13,7 @@ def test_quickstart_cli_writes_all_outputs(tmp_path):
     result = CliRunner().invoke(
         app,
         ["quickstart", "--output-dir", str(out), "--stores", "2", "--num-chains", "2",
-         "--num-warmup", "60", "--num-samples", "60", "--num-workers", "2",
+         "--num-warmup", "40", "--num-samples", "40", "--num-workers", "2",
          "--no-progress"],
     )
     assert result.exit_code == 0, result.output
@@ -31,7 +31,7 @@ def test_quickstart_cli_writes_all_outputs(tmp_path):
     import arviz as az
 
     idata = az.from_netcdf(out / "posterior.nc")
-    assert idata.posterior["beta_category"].shape == (2, 60, 11)
+    assert idata.posterior["beta_category"].shape == (2, 40, 11)
     assert {"posterior", "sample_stats", "observed_data"} <= set(idata.groups())
     brands = pd.read_csv(out / "brand_elasticities.csv")
     # Orange juice demand falls with price: most brand elasticities are negative.

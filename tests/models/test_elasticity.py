@@ -110,7 +110,7 @@ def test_unknown_likelihood():
 
 def test_negbin_recovers_product_elasticities():
     data, truth = simulate("negbin")
-    idata = fit(data, "negbin", num_chains=2, num_warmup=300, num_samples=300)
+    idata = fit(data, "negbin", num_chains=2, num_warmup=200, num_samples=200)
     post = idata.posterior
     assert post["beta"].dims == ("chain", "draw", "products")
     assert post["beta_category"].dims == ("chain", "draw", "categories")
@@ -120,9 +120,10 @@ def test_negbin_recovers_product_elasticities():
     category_means = post["beta_category"].values.reshape(-1, NUM_CATEGORIES).mean(0)
     assert np.max(np.abs(category_means - truth["beta_category"])) < 0.5
     assert (table["r_hat"] < 1.05).all()
-    assert int(idata.sample_stats["diverging"].sum()) <= 6  # 1% of the draws
+    assert int(idata.sample_stats["diverging"].sum()) <= 4  # 1% of the draws
 
 
+@pytest.mark.slow  # the negative binomial (default) recovery runs in the suite
 def test_poisson_recovers_product_elasticities():
     data, truth = simulate("poisson")
     idata = fit(data, "poisson", num_chains=1, num_warmup=200, num_samples=200, seed=1)

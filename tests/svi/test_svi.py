@@ -444,6 +444,7 @@ def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_back
     np.testing.assert_array_less(np.abs(loc - mean), 0.25 * mf_sd)
 
 
+@pytest.mark.slow  # the Parquet source itself is tested with MAP (tests/optim)
 def test_workers_reading_parquet_fit_as_the_in_memory_data(tmp_path):
     """With ``source=`` each worker reads its own products; the fit is the same."""
     import functools
