@@ -13,7 +13,8 @@ def test_quickstart_cli_writes_all_outputs(tmp_path):
     result = CliRunner().invoke(
         app,
         ["quickstart", "--output-dir", str(out), "--stores", "2", "--num-chains", "2",
-         "--num-warmup", "40", "--num-samples", "40", "--num-workers", "2",
+         "--num-warmup", "40", "--num-samples", "40", "--max-tree-depth", "6",
+         "--num-workers", "2",
          "--no-progress"],
     )
     assert result.exit_code == 0, result.output

@@ -318,19 +318,19 @@ def test_max_shard_bytes(conjugate):
             max_shard_bytes=budget,
             progress_bar=False,
         )
-    # Twice one worker's budget of data fits on four workers.
+    # Split in two, the same data fit the same budget.
     res = raybayes.fit_svi(
         hierarchical_normal,
         kwargs,
-        num_shards=4,
+        num_shards=2,
         partition=PARTITION,
         num_steps=5,
-        max_shard_bytes=budget // 2 + 64,
+        max_shard_bytes=budget,
         tol=None,
         progress_bar=False,
         num_draws=5,
     )
-    assert max(res.data_bytes) <= budget // 2 + 64
+    assert max(res.data_bytes) <= budget
     assert sum(res.data_bytes) >= total
 
 

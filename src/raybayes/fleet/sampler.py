@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from scipy import stats
 from numpyro.infer.hmc import hmc
 from numpyro.infer.hmc_util import dual_averaging
 from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
@@ -76,7 +77,10 @@ class BatchDraws(NamedTuple):
         diverging: list of ``B`` bool arrays ``(C, S_b)``.
         num_steps: list of ``B`` arrays ``(C, S_b)``: leapfrog steps per draw.
         step_size: ``(B, C)`` step size of each chain after warmup.
-        num_gradients: ``(B,)`` gradient evaluations per model (warmup included).
+        num_gradients: ``(B,)`` gradient evaluations per model (warmup and
+            restarts included; the MAP search is not counted).
+        num_restarts: ``(B,)`` restarts per model (0: the first run was kept or
+            met the target; see :meth:`BatchSampler.nuts`).
     """
 
     draws: list
@@ -84,6 +88,7 @@ class BatchDraws(NamedTuple):
     num_steps: list
     step_size: np.ndarray
     num_gradients: np.ndarray
+    num_restarts: np.ndarray | None = None
 
 
 def _arviz():
@@ -154,6 +159,10 @@ class BatchSampler:
         mass_matrix: ``"laplace"`` (dense ``H^{-1}`` at the MAP, fixed; warmup
             adapts the step size only) or ``"adapt"`` (NumPyro's windowed
             diagonal adaptation).
+        max_restarts: fresh runs (multi-start MAP, new chains) for a model that
+            misses the target after its extensions, or whose first draws show a
+            failed run (R-hat > 1.1, mean tree size above ``2**(max_tree_depth -
+            2)`` leapfrog steps, or more than 10% divergent draws).
         vectorize: vmap over models x chains (default: on accelerators only).
 
     Raises:
@@ -177,6 +186,7 @@ class BatchSampler:
         map_steps: int = 300,
         newton_steps: int = 5,
         mass_matrix: str = "laplace",
+        max_restarts: int = 1,
         vectorize: bool | None = None,
     ):
         if mass_matrix not in ("laplace", "adapt"):
@@ -196,6 +206,7 @@ class BatchSampler:
         self.map_steps = map_steps
         self.newton_steps = newton_steps
         self.mass_matrix = mass_matrix
+        self.max_restarts = max_restarts
         # vmap over models x chains pays off on accelerators; on CPU the vmapped
         # NUTS tree (a while loop that runs as long as its slowest lane, with
         # masked selects on every lane) was measured slower than a loop over
@@ -260,7 +271,7 @@ class BatchSampler:
             h = jnp.where(ok, h, jnp.eye(f.shape[0]))
             lam, vec = jnp.linalg.eigh(h)
             floor = jnp.maximum(1e-6 * jnp.max(jnp.abs(lam)), 1e-6)
-            return jnp.maximum(lam, floor), vec
+            return jnp.maximum(lam, floor), vec, ok & (lam[0] > floor)
 
         def laplace_fit(z, y, mask, cov):
             # Damped Newton from the Adam point; keep a step only if it lowers the
@@ -268,15 +279,19 @@ class BatchSampler:
             f0, _ = jax.flatten_util.ravel_pytree(z)
 
             def newton(_, f):
-                lam, vec = pd_hessian(f, y, mask, cov)
+                lam, vec, _ = pd_hessian(f, y, mask, cov)
                 g = jax.grad(flat_potential)(f, y, mask, cov)
                 new = f - vec @ ((vec.T @ g) / lam)
                 better = flat_potential(new, y, mask, cov) < flat_potential(f, y, mask, cov)
                 return jnp.where(better & jnp.all(jnp.isfinite(new)), new, f)
 
             f = lax.fori_loop(0, self.newton_steps, newton, f0)
-            lam, vec = pd_hessian(f, y, mask, cov)
-            return f, lam, vec
+            lam, vec, curved = pd_hessian(f, y, mask, cov)
+            # A mode: positive curvature everywhere and a Newton decrement
+            # g' H^-1 g (twice the decrease a Newton step promises) near zero.
+            g = jax.grad(flat_potential)(f, y, mask, cov)
+            decrement = jnp.sum((vec.T @ g) ** 2 / lam)
+            return f, lam, vec, curved & (decrement < 1e-2)
 
         def find_map(z0, y, mask, cov):
             opt = optax.adam(0.05)
@@ -290,6 +305,29 @@ class BatchSampler:
 
             (z, _), _ = lax.scan(step, (z0, opt.init(z0)), None, length=self.map_steps)
             return z
+
+        # Chain starts: a Laplace draw ``z* + H^{-1/2} eps``, pulled towards the MAP
+        # (halving the deviation, at most 5 times) while its potential exceeds the
+        # MAP's by more than the 99.9% point of the potential increase of a draw
+        # of the Gaussian itself (chi-square / 2). A draw along a direction of
+        # clipped curvature can otherwise land where the density underflows, and
+        # such a chain never leaves.
+        dim = int(sum(np.size(v) for v in jax.tree_util.tree_leaves(
+            z_template)))
+        max_rise = 0.5 * float(stats.chi2.ppf(0.999, max(dim, 1)))
+        shrink = jnp.array([1.0, 0.5, 0.25, 0.125, 0.0625, 0.0])
+
+        def start_points(f_map, lam, vec, eps, y, mask, cov):
+            # f_map (D,), lam (D,), vec (D, D), eps (C, D) -> (C, D)
+            u0 = flat_potential(f_map, y, mask, cov)
+            dev = jnp.einsum("ij,cj->ci", vec, eps / jnp.sqrt(lam))
+
+            def one(d):
+                u = jax.vmap(lambda a: flat_potential(f_map + a * d, y, mask, cov))(shrink)
+                ok = (jnp.isfinite(u) & (u - u0 <= max_rise)).at[-1].set(True)
+                return f_map + shrink[jnp.argmax(ok)] * d
+
+            return jax.vmap(one)(dev)
 
         def warm_one(key, z0, inv_mass, y, mask, cov):
             # One chain: initialize and run the warmup; returns (state, gradients).
@@ -390,6 +428,8 @@ class BatchSampler:
 
         self._fns = dict(
             find_map=jax.jit(jax.vmap(find_map)),
+            start_points=jax.jit(jax.vmap(start_points)) if self.vectorize
+            else _looped(jax.jit(start_points)),
             laplace_fit=jax.jit(jax.vmap(laplace_fit)),
             unravel=jax.jit(_unravel_leading(unravel, z_template)),
             warm=warm_fn,
@@ -421,9 +461,24 @@ class BatchSampler:
             for name, v in z_template.items()
         }
         z_adam = self._fns["find_map"](z0, y, mask, cov)
-        f_map, lam, vec = self._fns["laplace_fit"](z_adam, y, mask, cov)
-        z_map = self._fns["unravel"](f_map)
-        return y, mask, cov, z_map, num_models, (f_map, lam, vec)
+        f_map, lam, vec, converged = self._fns["laplace_fit"](z_adam, y, mask, cov)
+        laplace = tuple(np.array(a) for a in (f_map, lam, vec))
+        # Where the search stopped short of a mode (typically at the saddle
+        # between relabelled modes of a mixture or HMM, close to the centre), search
+        # again from dispersed starts.
+        todo = np.flatnonzero(~np.asarray(converged))
+        if len(todo):
+            new = self._multistart_laplace(todo, np.asarray(keys), y, mask, cov, laplace, 0)
+            for a, n in zip(laplace, new):
+                a[todo] = n
+        z_map = self._fns["unravel"](laplace[0])
+        return y, mask, cov, z_map, num_models, laplace
+
+    def _sub_batch_size(self, num_models):
+        # Restarts run on sub-batches of one size (one shape to compile): one model
+        # at a time on CPU, where chains are looped anyway; up to 8 at a time when
+        # vectorized (padded with copies).
+        return min(num_models, 8) if self.vectorize else 1
 
     def _constrain_model(self, b, zs, y, mask, cov):
         out = self._fns["constrain"](zs, y[b], mask[b], _take(cov, b))
@@ -465,51 +520,102 @@ class BatchSampler:
         """Run NUTS on every model of the batch until the ESS/R-hat target is met.
 
         Warmup runs first on every chain. With ``mass_matrix="laplace"`` the chains
-        of one model then share one step size, the geometric mean of their
-        dual-averaging estimates: the chains of a model share its mass matrix
-        (nothing is shared between models), and the pooled estimate is steadier
-        than one chain's after a short warmup. Then ``num_samples`` draws per chain;
-        a model whose draws miss the target gets ``extension_samples`` more, up to
-        ``max_extensions`` times; on CPU only the models that miss are advanced.
+        of one model then share one step size, the geometric median of their
+        dual-averaging estimates (the median of the log step sizes): the chains of
+        a model share its mass matrix (nothing is shared between models), the
+        pooled estimate is steadier than one chain's after a short warmup, and a
+        median ignores one chain whose warmup went wrong. Then ``num_samples``
+        draws per chain; a model whose draws miss the target gets
+        ``extension_samples`` more, up to ``max_extensions`` times; on CPU only
+        the models that miss are advanced.
+
+        A model that still misses the target, or whose first draws show a failed
+        run (see ``max_restarts``), is run again from scratch, up to
+        ``max_restarts`` times: its MAP is searched again from ``num_chains``
+        dispersed starts (uniform on ``(-2, 2)`` in the unconstrained space, as
+        NumPyro's ``init_to_uniform``) and the previous MAP, the best is kept, and
+        new chains start from that Laplace approximation. Of its runs the model
+        keeps the one that met the target, else the one with the lowest maximum
+        R-hat; draws of different runs are never mixed. Typical causes: the first
+        MAP search ended in a minor mode, or a chain started in a region where the
+        Laplace mass matrix does not fit.
 
         Args:
             keys: ``(B, 2)`` uint32 PRNG keys, one per model.
             y: ``(B, T)`` observations (NaN or ``mask == False`` = missing).
             mask: ``(B, T)`` bool.
             covariates: ``(B, T, P)`` or ``None``.
-            valid: ``(B,)`` bool; padding lanes (``False``) are never extended.
+            valid: ``(B,)`` bool; padding lanes (``False``) are never extended or
+                restarted.
 
         Returns:
             :class:`BatchDraws` (draws per model, chains x draws).
         """
-        y, mask, cov, _, num_models, (f_map, lam, vec) = self._prepare(
-            keys, y, mask, covariates)
-        c = self.num_chains
-        keys = jnp.asarray(keys)
+        y, mask, cov, _, num_models, laplace = self._prepare(keys, y, mask, covariates)
+        keys = np.asarray(keys)
+        valid = np.ones(num_models, bool) if valid is None else np.asarray(valid, bool)
+        runs = self._run(np.arange(num_models), keys, y, mask, cov, laplace, 0, valid)
+        restarts = np.zeros(num_models, np.int64)
+        size = self._sub_batch_size(num_models)
+        for attempt in range(1, self.max_restarts + 1):
+            todo = [b for b in range(num_models) if valid[b] and not runs[b].ok]
+            for start in range(0, len(todo), size):
+                part = todo[start:start + size]
+                idx = np.array(part + [part[-1]] * (size - len(part)))
+                lap = self._multistart_laplace(idx, keys, y, mask, cov, laplace, attempt)
+                new = self._run(idx, keys, y, mask, cov, lap, attempt,
+                                np.arange(size) < len(part))
+                for j, b in enumerate(part):
+                    old = runs[b]
+                    keep = new[j] if (new[j].ok, -new[j].max_r_hat) >= (
+                        old.ok, -old.max_r_hat) else old
+                    runs[b] = keep._replace(num_gradients=old.num_gradients
+                                            + new[j].num_gradients)
+                    restarts[b] = attempt
+        return BatchDraws(
+            [r.draws for r in runs], [r.diverging for r in runs],
+            [r.num_steps for r in runs], np.stack([r.step_size for r in runs]),
+            np.array([r.num_gradients for r in runs], np.int64), restarts,
+        )
+
+    def _run(self, idx, keys, y, mask, cov, laplace, attempt, valid):
+        """One run (warmup, draws, extensions) for the models ``idx`` of the batch.
+
+        ``laplace`` is ``(f_map, lam, vec)`` of the models ``idx`` (attempt > 0) or of
+        the whole batch (attempt 0, ``idx`` = all). Returns a list of :class:`_Run`.
+        """
+        f_map, lam, vec = (a[idx] for a in laplace) if attempt == 0 else laplace
+        y, mask = y[idx], mask[idx]
+        cov = None if cov is None else cov[idx]
+        n, c = len(idx), self.num_chains
+        mkeys = jnp.asarray(keys[idx])
+        if attempt:
+            mkeys = jax.vmap(lambda k: jax.random.fold_in(k, 1000 + attempt))(mkeys)
         chain_keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(
-            jnp.arange(c)))(keys)
+            jnp.arange(c)))(mkeys)
         jit_keys = jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 99)))(chain_keys)
         # Each chain starts from its own draw of the Laplace approximation.
         eps = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, f_map.shape[1:])))(jit_keys)
-        z_init = self._fns["unravel"](_laplace_draws(f_map, lam, vec, eps))
+        z_init = self._fns["unravel"](
+            self._fns["start_points"](f_map, lam, vec, eps, y, mask, cov))
         inv_mass = jnp.einsum("bij,bj,bkj->bik", vec, 1.0 / lam, vec)
         if not self.vectorize:  # host arrays for the lane-by-lane calls
             chain_keys, z_init, inv_mass = jax.device_get((chain_keys, z_init, inv_mass))
         states, wgrads = self._fns["warm"](chain_keys, z_init, inv_mass, y, mask, cov)
         if self.mass_matrix == "laplace":
             step = np.asarray(states.adapt_state.step_size)
-            pooled = np.exp(np.mean(np.log(step), axis=1, keepdims=True))
+            pooled = np.exp(np.median(np.log(step), axis=1, keepdims=True))
             states = _with_step_size(states, np.broadcast_to(pooled, step.shape))
         states, zs, div, nst = self._fns["sample"](states, y, mask, cov, self.num_samples)
         zs = jax.device_get(zs)
-        parts = [[(_take(zs, b), np.asarray(div[b]), np.asarray(nst[b]))]
-                 for b in range(num_models)]
-        valid = np.ones(num_models, bool) if valid is None else np.asarray(valid)
-        draws = [self._constrain_model(b, parts[b][0][0], y, mask, cov)
-                 for b in range(num_models)]
+        parts = [[(_take(zs, b), np.asarray(div[b]), np.asarray(nst[b]))] for b in range(n)]
+        draws = [self._constrain_model(b, parts[b][0][0], y, mask, cov) for b in range(n)]
+        checks = [self._check(draws[b]) for b in range(n)]
+        # A failed run is restarted rather than extended.
+        failed = [checks[b][1] > 1.1 or parts[b][0][2].mean() > 2 ** (self.max_tree_depth - 2)
+                  or parts[b][0][1].mean() > 0.1 for b in range(n)]
         for _ in range(self.max_extensions):
-            todo = [b for b in range(num_models)
-                    if valid[b] and not self._meets_target(draws[b])]
+            todo = [b for b in range(n) if valid[b] and not checks[b][0] and not failed[b]]
             if not todo:
                 break
             if self.vectorize:
@@ -528,27 +634,109 @@ class BatchSampler:
                 parts[b].append(part)
                 draws[b] = self._constrain_model(b, _cat([p[0] for p in parts[b]]),
                                                  y, mask, cov)
-        divs = [np.concatenate([p[1] for p in parts[b]], axis=1) for b in range(num_models)]
-        nsteps = [np.concatenate([p[2] for p in parts[b]], axis=1) for b in range(num_models)]
-        grads = np.asarray(wgrads).sum(axis=1) + np.array([n.sum() for n in nsteps])
-        return BatchDraws(
-            draws, divs, nsteps, np.asarray(states.adapt_state.step_size), grads,
-        )
+                checks[b] = self._check(draws[b])
+        step_size = np.asarray(states.adapt_state.step_size)
+        wgrads = np.asarray(wgrads).sum(axis=1)
+        out = []
+        for b in range(n):
+            divs = np.concatenate([p[1] for p in parts[b]], axis=1)
+            nsteps = np.concatenate([p[2] for p in parts[b]], axis=1)
+            out.append(_Run(draws[b], divs, nsteps, step_size[b],
+                            int(wgrads[b] + nsteps.sum()), checks[b][0], checks[b][1]))
+        return out
 
-    def _meets_target(self, draws_one_model) -> bool:
+    def _multistart_laplace(self, idx, keys, y, mask, cov, laplace, attempt):
+        """``(f_map, lam, vec)`` of the models ``idx``: the best of a new MAP search
+        from ``num_chains`` dispersed starts each and the first run's MAP.
+
+        The ``len(idx) x num_chains`` searches run in chunks of the batch's own
+        size ``B`` (padded with copies), the shape the MAP functions were compiled
+        for, so that no new compilation is needed.
+        """
+        n, c = len(idx), self.num_chains
+        skeys = np.asarray(jax.vmap(lambda k: jax.random.split(
+            jax.random.fold_in(k, 2000 + attempt), c))(jnp.asarray(keys[idx]))).reshape(n * c, -1)
+        f_old, lam_old, vec_old = (a[idx] for a in laplace)
+        draw = jax.vmap(lambda k: jax.random.uniform(
+            k, f_old.shape[1:], minval=-2.0, maxval=2.0))
+
+        def search(sel, ys, ms, cs):
+            z0 = self._fns["unravel"](draw(skeys[sel]))
+            f, lam, vec, _ = self._fns["laplace_fit"](
+                self._fns["find_map"](z0, ys, ms, cs), ys, ms, cs)
+            u = self._fns["potential"](self._fns["unravel"](f), ys, ms, cs)
+            return f, lam, vec, u
+
+        f, lam, vec, u = self._by_lanes(search, np.repeat(idx, c), y, mask, cov)
+        (u_old,) = self._by_lanes(
+            lambda sel, ys, ms, cs: (self._fns["potential"](
+                self._fns["unravel"](f_old[sel]), ys, ms, cs),), idx, y, mask, cov)
+        u = np.where(np.isfinite(u), u, np.inf).reshape(n, c)
+        best = np.argmin(u, axis=1)
+        f, lam, vec = (a.reshape((n, c) + a.shape[1:])[np.arange(n), best]
+                       for a in (f, lam, vec))
+        use_old = ~(u[np.arange(n), best] < np.where(np.isfinite(u_old), u_old, np.inf))
+        pick = lambda new, old: np.where(  # noqa: E731
+            use_old.reshape((-1,) + (1,) * (new.ndim - 1)), np.asarray(old), new)
+        return pick(f, f_old), pick(lam, lam_old), pick(vec, vec_old)
+
+    @staticmethod
+    def _by_lanes(fn, rows, y, mask, cov):
+        """``fn(sel, y[rows[sel]], mask[...], cov[...])`` over chunks of ``B`` lanes
+        (``B = len(y)``, the compiled batch size; the last chunk padded with copies),
+        concatenated; ``sel`` indexes ``rows``. ``fn`` returns a tuple of arrays."""
+        size, total, outs = y.shape[0], len(rows), []
+        for start in range(0, total, size):
+            sel = np.arange(start, min(start + size, total))
+            keep = len(sel)
+            sel = np.concatenate([sel, np.full(size - keep, sel[-1])])
+            r = rows[sel]
+            res = fn(sel, y[r], mask[r], None if cov is None else cov[r])
+            outs.append([np.asarray(a)[:keep] for a in res])
+        return tuple(np.concatenate(a) for a in zip(*outs))
+
+    def _check(self, draws_one_model) -> tuple[bool, float]:
+        """``(meets the ESS and R-hat target, max R-hat)`` of one model's draws."""
         az = _arviz()
+        ok, worst = True, 1.0
         for value in draws_one_model.values():
             flat = np.asarray(value, np.float64).reshape(value.shape[:2] + (-1,))
             for j in range(flat.shape[-1]):
                 x = flat[..., j]
                 if _is_constant(x):
                     continue
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), np.errstate(all="ignore"):
                     warnings.simplefilter("ignore")
-                    if (az.ess(x, method="bulk") < self.target_ess
-                            or az.rhat(x) > self.target_r_hat):
-                        return False
-        return True
+                    r = float(az.rhat(x))
+                    worst = max(worst, r if np.isfinite(r) else np.inf)
+                    if ok and (az.ess(x, method="bulk") < self.target_ess
+                               or not r <= self.target_r_hat):
+                        ok = False
+        return ok, worst
+
+
+class _Run(NamedTuple):
+    """One model's draws from one run of :meth:`BatchSampler._run`."""
+
+    draws: dict
+    diverging: np.ndarray
+    num_steps: np.ndarray
+    step_size: np.ndarray
+    num_gradients: int
+    ok: bool
+    max_r_hat: float
+
+
+def _looped(fn):
+    """``fn`` (jitted, one model) mapped over the leading axis by a Python loop:
+    one compiled shape whatever the number of models (``None`` passes through)."""
+
+    def mapped(*args):
+        n = len(args[0])
+        return np.stack([np.asarray(fn(*(None if a is None else a[b] for a in args)))
+                         for b in range(n)])
+
+    return mapped
 
 
 def _laplace_draws(f_map, lam, vec, eps):

@@ -116,7 +116,7 @@ def consolidate_manifest(output_dir: Path) -> pa.Table:
     recs = list(read_manifest(output_dir).values())
     cols = ["group_id", "status", "error", "batch_id", "attempts", "num_draws",
             "num_divergences", "max_r_hat", "min_ess_bulk", "min_ess_tail",
-            "num_gradients", "elapsed_s", "predictive_error"]
+            "num_gradients", "num_restarts", "elapsed_s", "predictive_error"]
     table = pa.table({c: [r.get(c) for r in recs] for c in cols}) if recs else pa.table(
         {c: pa.array([], pa.string()) for c in cols}
     )

@@ -234,6 +234,7 @@ class FleetBatchWorker:
                 min_ess_bulk=float(np.nanmin(diag["ess_bulk"])),
                 min_ess_tail=float(np.nanmin(diag["ess_tail"])),
                 num_gradients=int(out.num_gradients[i]),
+                num_restarts=None if out.num_restarts is None else int(out.num_restarts[i]),
             )
             self._write_outputs(rec, diag, draws, t, v, y[i, :n], mask[i, :n],
                                 None if cov is None else cov[i, :n])

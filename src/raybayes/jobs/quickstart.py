@@ -38,6 +38,7 @@ def run_quickstart(
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
+    max_tree_depth: int = 10,
     seed: int = 0,
     likelihood: str = "negbin",
     backend: str = "ray",
@@ -52,7 +53,7 @@ def run_quickstart(
         output_dir: where ``posterior.nc`` (InferenceData), ``product_elasticities.csv``
             and ``brand_elasticities.png`` (forest plot) are written, atomically.
         stores: use only the first ``stores`` stores (``None``: all 83).
-        num_chains, num_warmup, num_samples, seed: NUTS settings.
+        num_chains, num_warmup, num_samples, max_tree_depth, seed: NUTS settings.
         likelihood: ``"negbin"`` or ``"poisson"``.
         backend, num_workers, address: where to run (see :func:`raybayes.sample`).
         progress_bar: show per-chain progress.
@@ -78,6 +79,7 @@ def run_quickstart(
         num_chains=num_chains,
         num_warmup=num_warmup,
         num_samples=num_samples,
+        max_tree_depth=max_tree_depth,
         seed=seed,
         backend=backend,
         num_workers=num_workers,
