@@ -17,7 +17,7 @@ Mass matrix (``mass_matrix=``):
 * ``"laplace"`` (default): the dense inverse mass matrix of every chain is
   ``H^{-1}`` of its own model, fixed; warmup adapts only the step size, by one
   uninterrupted run of dual averaging per chain, and the chains of one model then
-  share the geometric mean of their step sizes. A model
+  share the median of their step sizes (log scale). A model
   fitted to thousands of points has a nearly Gaussian posterior, for which
   ``H^{-1}`` is the ideal preconditioner, so a short warmup suffices and NUTS
   trajectories are short (a few leapfrog steps). The Hessian is made positive
@@ -26,7 +26,9 @@ Mass matrix (``mass_matrix=``):
   schedule), from each chain's own draws; for posteriors far from Gaussian.
 
 Sampling runs to a target: after the first ``num_samples`` draws, models whose
-bulk ESS or R-hat miss the target get more draws (up to ``max_extensions`` times).
+bulk ESS or R-hat miss the target get more draws (up to ``max_extensions`` times);
+models that still miss, or whose run failed, are run again from a new multi-start
+MAP search (``max_restarts``).
 
 No Ray here; :class:`raybayes.fleet.worker.FleetBatchWorker` calls these functions.
 
