@@ -66,6 +66,20 @@ def test_candidates_report_why_a_plate_cannot_be_split(elasticity_kwargs):
     )
 
 
+def test_plate_size_argument_is_found_when_two_sizes_coincide():
+    # As many weeks as products: num_times == num_products == 12.
+    df, _ = simulate_elasticity(num_categories=C, num_products=12, num_weeks=12, seed=4)
+    kwargs = prepare_elasticity_data(
+        df, product_cols=("product",), category_col="category").model_kwargs()
+    assert len(kwargs["category_of_product"]) == kwargs["num_times"] == 12
+    result = plan(elasticity_model, kwargs, num_shards=2)
+    by_plate = {c.plate: c for c in result.candidates}
+    # The products plate is sized by category_of_product, not by num_times.
+    assert by_plate["products"].feasible
+    assert by_plate["products"].partition.size_arg is None
+    assert by_plate["times"].partition.size_arg == "num_times"
+
+
 def test_more_shards_than_plate_entries_is_a_clear_error():
     def model(y):
         mu = numpyro.sample("mu", dist.Normal(0, 1))

@@ -157,7 +157,24 @@ def _candidate_partition(plate, size, sizes, observed_plates, model_kwargs, arra
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     }
     size_args = [k for k, v in ints.items() if int(v) == size]
-    size_arg = size_args[0] if len(size_args) == 1 else None
+    others = [p for p, n in sizes.items() if p != plate and n == size]
+    if others:
+        # Plate sizes coincide (say as many weeks as products): an argument named
+        # after another plate of that size (num_times for "times") sizes that one.
+        size_args = [
+            k for k in size_args
+            if not any(o.rstrip("s").lower() in k.lower() for o in others)
+        ]
+    if len(size_args) > 1:
+        stem = plate.rstrip("s").lower()
+        named = [k for k in size_args if stem in k.lower()]
+        if len(named) != 1:
+            return None, (
+                f"more than one integer argument equals its size {size} "
+                f"({', '.join(size_args)}); pass partition= to say which one sizes it"
+            )
+        size_args = named
+    size_arg = size_args[0] if size_args else None
     if observed_plates and all(plate in p for p in observed_plates):
         # The observations live in this plate: split its rows.
         entity = tuple(k for k, v in arrays.items() if v.shape[0] == size)
