@@ -65,7 +65,8 @@ def main():
           f"({n / wall * 3600:.0f} models per hour on {args.num_workers} cores)")
     print(f"bulk ESS >= 400 and R-hat <= 1.01: {met:.1%} of models; "
           f"median gradients per model {ok['num_gradients'].median():.0f}; "
-          f"divergences {int(ok['num_divergences'].sum())}")
+          f"divergences {int(ok['num_divergences'].sum())}; "
+          f"models restarted {int((ok['num_restarts'] > 0).sum())}")
     print(f"90% interval coverage (99% range for a calibrated fit: {lo:.3f}-{hi:.3f}):")
     for p, g in m.groupby("parameter"):
         print(f"  {p:16s} {g['covered'].mean():.3f}  ({int(g['covered'].sum())}/{len(g)})")

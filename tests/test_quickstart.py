@@ -2,7 +2,6 @@
 
 import numpy as np
 import pandas as pd
-import pytest
 from typer.testing import CliRunner
 
 from raybayes.cli import app

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pytest
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to

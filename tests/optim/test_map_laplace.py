@@ -11,6 +11,7 @@ import pytest
 from numpyro.handlers import reparam
 from numpyro.infer.reparam import LocScaleReparam
 
+from conjugate_normal import hierarchical_normal_model, posterior, simulate
 from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
 from raybayes.distributed import ShardedObjective
 from raybayes.models.elasticity import elasticity_model as _centred_elasticity_model
@@ -27,41 +28,20 @@ elasticity_model = reparam(
 S0, TAU, SIGMA = 2.0, 0.7, 1.3
 
 
-def hierarchical_normal(group_idx, num_groups, y=None):
-    """Conjugate: every conditional is Gaussian, so the Laplace approximation is exact."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, S0))
-    with numpyro.plate("groups", num_groups):
-        theta = numpyro.sample("theta", dist.Normal(mu, TAU))
-    with numpyro.plate("obs", group_idx.shape[0]):
-        numpyro.sample("y", dist.Normal(theta[group_idx], SIGMA), obs=y)
+# Conjugate: every conditional is Gaussian, so the Laplace approximation is exact.
+hierarchical_normal = hierarchical_normal_model(S0, TAU, SIGMA)
 
 
 @pytest.fixture(scope="module")
 def conjugate():
-    rng = np.random.default_rng(0)
-    J = 7
-    group_idx = np.repeat(np.arange(J), rng.integers(2, 9, J)).astype(np.int32)
-    theta = 1.0 + TAU * rng.standard_normal(J)
-    y = (theta[group_idx] + SIGMA * rng.standard_normal(len(group_idx))).astype(
-        np.float32
-    )
-    # Analytic posterior of z = (mu, theta_1..J) and marginal likelihood.
-    n = len(y)
-    A = np.zeros((n, J + 1))
-    A[np.arange(n), 1 + group_idx] = 1.0
-    D = np.zeros((J, J + 1))
-    D[:, 0], D[:, 1:] = -1.0, np.eye(J)
-    prior_prec = D.T @ D / TAU**2
-    prior_prec[0, 0] += 1.0 / S0**2
-    prec = prior_prec + A.T @ A / SIGMA**2
-    cov = np.linalg.inv(prec)
-    mean = cov @ A.T @ y.astype(np.float64) / SIGMA**2
-    Z = A[:, 1:]
+    kwargs = simulate(7, (2, 9), 1.0, TAU, SIGMA)
+    mean, prec, A = posterior(kwargs, S0, TAU, SIGMA)
+    # Marginal likelihood: y ~ N(0, s0^2 11' + tau^2 ZZ' + sigma^2 I).
+    y, n, Z = kwargs["y"].astype(np.float64), len(kwargs["y"]), A[:, 1:]
     marg_cov = S0**2 * np.ones((n, n)) + TAU**2 * Z @ Z.T + SIGMA**2 * np.eye(n)
     sign, logdet = np.linalg.slogdet(marg_cov)
     log_ml = -0.5 * (n * np.log(2 * np.pi) + logdet + y @ np.linalg.solve(marg_cov, y))
-    kwargs = dict(group_idx=group_idx, num_groups=J, y=y)
-    return kwargs, mean, cov, float(log_ml)
+    return kwargs, mean, np.linalg.inv(prec), float(log_ml)
 
 
 @pytest.fixture(scope="module")

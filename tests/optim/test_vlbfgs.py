@@ -11,6 +11,7 @@ import pytest
 from numpyro.handlers import reparam
 from numpyro.infer.reparam import LocScaleReparam
 
+from conjugate_normal import hierarchical_normal_model, posterior, simulate
 from raybayes.core.partition import Partition
 from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
 from raybayes.distributed import ShardedObjective
@@ -46,35 +47,14 @@ PRODUCTS = Partition(
 )
 
 
-def hierarchical_normal(group_idx, num_groups, y=None):
-    """Conjugate: the posterior is Gaussian, its mode is its mean."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, S0))
-    with numpyro.plate("groups", num_groups):
-        theta = numpyro.sample("theta", dist.Normal(mu, TAU))
-    with numpyro.plate("obs", group_idx.shape[0]):
-        numpyro.sample("y", dist.Normal(theta[group_idx], SIGMA), obs=y)
+# Conjugate: the posterior is Gaussian, its mode is its mean.
+hierarchical_normal = hierarchical_normal_model(S0, TAU, SIGMA)
 
 
 @pytest.fixture(scope="module")
 def conjugate():
-    rng = np.random.default_rng(0)
-    J = 7
-    group_idx = np.repeat(np.arange(J), rng.integers(2, 9, J)).astype(np.int32)
-    theta = 1.0 + TAU * rng.standard_normal(J)
-    y = (theta[group_idx] + SIGMA * rng.standard_normal(len(group_idx))).astype(
-        np.float32
-    )
-    # Analytic posterior mean (= mode) of z = (mu, theta_1..J).
-    n = len(y)
-    A = np.zeros((n, J + 1))
-    A[np.arange(n), 1 + group_idx] = 1.0
-    D = np.zeros((J, J + 1))
-    D[:, 0], D[:, 1:] = -1.0, np.eye(J)
-    prior_prec = D.T @ D / TAU**2
-    prior_prec[0, 0] += 1.0 / S0**2
-    prec = prior_prec + A.T @ A / SIGMA**2
-    mean = np.linalg.solve(prec, A.T @ y.astype(np.float64) / SIGMA**2)
-    return dict(group_idx=group_idx, num_groups=J, y=y), mean
+    kwargs = simulate(7, (2, 9), 1.0, TAU, SIGMA)
+    return kwargs, posterior(kwargs, S0, TAU, SIGMA)[0]
 
 
 CONJUGATE_OPTS = dict(tol=1e-14, gtol=1e-9, max_iter=200, progress=False)

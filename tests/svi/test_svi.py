@@ -13,6 +13,7 @@ import pytest
 from numpyro.infer.autoguide import AutoDelta, AutoNormal
 
 import raybayes
+from conjugate_normal import hierarchical_normal_model, posterior, simulate
 from raybayes.core import Partition
 from raybayes.errors import ConfigurationError
 from raybayes.svi.fit import _SVIObjective
@@ -21,13 +22,8 @@ S0, TAU, SIGMA = 3.0, 0.8, 1.0
 J = 48  # groups
 
 
-def hierarchical_normal(group_idx, num_groups, y=None):
-    """Every conditional is Gaussian: the optimal mean-field q is known exactly."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, S0))
-    with numpyro.plate("groups", num_groups):
-        theta = numpyro.sample("theta", dist.Normal(mu, TAU))
-    with numpyro.plate("obs", group_idx.shape[0]):
-        numpyro.sample("y", dist.Normal(theta[group_idx], SIGMA), obs=y)
+# Every conditional is Gaussian: the optimal mean-field q is known exactly.
+hierarchical_normal = hierarchical_normal_model(S0, TAU, SIGMA)
 
 
 PARTITION = Partition(
@@ -46,24 +42,9 @@ def conjugate():
     For a Gaussian target N(m, Lambda^-1), the mean-field Gaussian that maximises
     the ELBO has mean m and variances 1 / Lambda_ii (Bishop, PRML, section 10.1.2).
     """
-    rng = np.random.default_rng(0)
-    counts = rng.integers(3, 12, J)
-    group_idx = np.repeat(np.arange(J), counts).astype(np.int32)
-    rng.shuffle(group_idx)  # observations in any order
-    theta = 1.5 + TAU * rng.standard_normal(J)
-    y = (theta[group_idx] + SIGMA * rng.standard_normal(len(group_idx))).astype(
-        np.float32
-    )
-    n = len(y)
-    A = np.zeros((n, J + 1))
-    A[np.arange(n), 1 + group_idx] = 1.0
-    D = np.zeros((J, J + 1))
-    D[:, 0], D[:, 1:] = -1.0, np.eye(J)
-    prec = D.T @ D / TAU**2 + A.T @ A / SIGMA**2
-    prec[0, 0] += 1.0 / S0**2
-    mean = np.linalg.solve(prec, A.T @ y.astype(np.float64) / SIGMA**2)
+    kwargs = simulate(J, (3, 12), 1.5, TAU, SIGMA, shuffle=True)
+    mean, prec, _ = posterior(kwargs, S0, TAU, SIGMA)
     mf_sd = 1.0 / np.sqrt(np.diag(prec))
-    kwargs = dict(group_idx=group_idx, num_groups=J, y=y)
     return kwargs, mean, mf_sd
 
 

@@ -217,13 +217,20 @@ def find_map(
             x_start = x
             continue
         break
-    elapsed = time.perf_counter() - start
     if status != "converged":
         emit(f"L-BFGS stopped: {status} ({message})")
+    return MAPResult(**_result_fields(
+        objective, x, value, history, evals_before, status, message, grad_norm,
+        time.perf_counter() - start, num_restarts, assemble,
+    ))
+
+
+def _result_fields(objective, x, value, history, evals_before, status, message,
+                   grad_norm, elapsed, num_restarts, assemble):
+    """The fields of :class:`MAPResult` at the end of a run (shared with VL-BFGS)."""
     params = constrained_values(objective, x[None])[0] if assemble else {}
-    params = {k: v[0] for k, v in params.items()}
-    return MAPResult(
-        params=params,
+    return dict(
+        params={k: v[0] for k, v in params.items()},
         x=x,
         loss=float(value),
         num_iterations=len(history),

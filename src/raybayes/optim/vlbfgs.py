@@ -57,7 +57,7 @@ from scipy import optimize
 
 from raybayes.distributed.sharded import ShardedObjective, ShardWorker, _in_precision
 from raybayes.errors import ConfigurationError, ShardError
-from raybayes.optim.map import MAPResult, _progress, constrained_values
+from raybayes.optim.map import MAPResult, _progress, _result_fields
 
 __all__ = [
     "VLBFGSShardWorker",
@@ -650,21 +650,9 @@ def find_map_vector_free(
     if status != "converged":
         emit(f"VL-BFGS stopped: {status} ({message})")
     x = objective.join(state.x, objective.gather_locals())
-    params = constrained_values(objective, x[None])[0] if assemble else {}
-    params = {k: v[0] for k, v in params.items()}
     return VectorFreeMAPResult(
-        params=params,
-        x=x,
-        loss=float(value),
-        num_iterations=len(history),
-        num_evaluations=objective.num_evaluations - evals_before,
-        converged=status == "converged",
-        status=status,
-        message=message,
-        grad_norm=grad_norm,
-        history=history,
-        time_s=elapsed,
-        num_restarts=num_restarts,
+        **_result_fields(objective, x, value, history, evals_before, status, message,
+                         grad_norm, elapsed, num_restarts, assemble),
         bytes_sent=sent,
         bytes_received=received,
         driver_state_bytes=int(peak_state),
