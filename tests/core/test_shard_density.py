@@ -214,7 +214,7 @@ def _arrays(density, kwargs):
 # differ in size. The slow-to-compile models (HMM scan, elasticity, radon) are split
 # in fewer ways; the logistic case covers every S, and S = 1.
 SHARD_COUNTS = {
-    "elasticity": [2, 3],
+    "elasticity": [3],
     "logistic": [1, 2, 3, 4],
     "hmm_fleet": [3],
     "radon": [3],
