@@ -472,7 +472,7 @@ class BatchSampler:
         todo = np.flatnonzero(~np.asarray(converged))
         if len(todo):
             new = self._multistart_laplace(todo, np.asarray(keys), y, mask, cov, laplace, 0)
-            for a, n in zip(laplace, new):
+            for a, n in zip(laplace, new, strict=True):
                 a[todo] = n
         z_map = self._fns["unravel"](laplace[0])
         return y, mask, cov, z_map, num_models, laplace
@@ -696,7 +696,7 @@ class BatchSampler:
             r = rows[sel]
             res = fn(sel, y[r], mask[r], None if cov is None else cov[r])
             outs.append([np.asarray(a)[:keep] for a in res])
-        return tuple(np.concatenate(a) for a in zip(*outs))
+        return tuple(np.concatenate(a) for a in zip(*outs, strict=True))
 
     def _check(self, draws_one_model) -> tuple[bool, float]:
         """``(meets the ESS and R-hat target, max R-hat)`` of one model's draws."""
