@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import jax
 import numpy as np
 
 __all__ = ["model_site_info", "to_inference_data", "summary", "print_summary"]
@@ -37,15 +38,32 @@ def model_site_info(model, model_args=(), model_kwargs=None, seed: int = 0):
     # Substituting init_to_uniform values lets models with improper priors
     # (ImproperUniform) be traced, as NumPyro's MCMC does.
     traced = handlers.substitute(handlers.seed(model, seed), substitute_fn=init_to_uniform)
-    trace = handlers.trace(traced).get_trace(*model_args, **model_kwargs)
+    # Traced abstractly first (nothing is compiled or run: eagerly, a model with a
+    # ``lax.scan`` compiles it, seconds); observed values given as data stay
+    # concrete. A model that computes its observations gets the eager trace.
+    box = {}
+
+    def run():
+        box["trace"] = handlers.trace(traced).get_trace(*model_args, **model_kwargs)
+
+    try:
+        jax.make_jaxpr(run)()
+        trace = box["trace"]
+        if any(isinstance(site.get("value"), jax.core.Tracer)
+               for site in trace.values()
+               if site["type"] == "sample" and site.get("is_observed")
+               and type(site.get("fn")).__name__ != "Unit"):
+            raise TypeError("observed values are computed by the model")
+    except Exception:  # noqa: BLE001 - any failure: trace eagerly as before
+        trace = handlers.trace(traced).get_trace(*model_args, **model_kwargs)
     dims: dict[str, list[str]] = {}
     coords: dict[str, Any] = {}
     observed: dict[str, np.ndarray] = {}
     for name, site in trace.items():
         if site["type"] not in ("sample", "deterministic"):
             continue
-        value = np.asarray(site["value"])
-        shape = value.shape
+        value = site["value"]
+        shape = tuple(np.shape(value))
         event_dim = 0
         if site["type"] == "sample":
             event_dim = len(getattr(site["fn"], "event_shape", ()))
@@ -60,7 +78,7 @@ def model_site_info(model, model_args=(), model_kwargs=None, seed: int = 0):
             coords.setdefault(frame.name, np.arange(frame.size))
         is_factor = type(site.get("fn")).__name__ == "Unit"  # numpyro.factor
         if site["type"] == "sample" and site.get("is_observed") and not is_factor:
-            observed[name] = value
+            observed[name] = np.asarray(value)
         if names:
             dims[name] = names
     return dims, coords, observed

@@ -142,6 +142,19 @@ def check_chain_error(err: ChainError, num_chains: int, message: str, function: 
     assert str(copy) == str(err)
 
 
+def model_with_no_valid_point(y):
+    """The observations are outside the likelihood's support for every ``rate``."""
+    rate = numpyro.sample("rate", dist.Gamma(2.0, 1.0))
+    numpyro.sample("y", dist.Exponential(rate), obs=-y)
+
+
+def test_no_valid_initial_point_names_the_chain():
+    with pytest.raises(ChainError) as info:
+        run(model_with_no_valid_point)
+    assert info.value.unit_id == 0
+    assert "Cannot find valid initial parameters" in info.value.message
+
+
 @pytest.mark.parametrize(("model", "message", "function"), FAILING_MODELS)
 def test_model_error_names_the_chain_in_process(model, message, function):
     with pytest.raises(ChainError) as info:

@@ -159,6 +159,32 @@ def test_posterior_predictive_shapes_and_state_probs():
     assert float(probs[3, 1]) > 0.999 and float(probs[0, 0]) > 0.999
 
 
+@pytest.mark.parametrize("family", ["poisson", "negbin"])
+def test_posterior_predictive_counts_follow_the_emission_distribution(family):
+    """At time points whose state is certain, replicates have the emission's mean
+    and variance (Poisson: 30; negative binomial with concentration 4: 30 +
+    30**2 / 4). 2,000 draws x 4 points: 4 standard errors on the mean, and 8% /
+    15% on the variance (the sd of a sample variance is var * sqrt(2 / n) for
+    Gaussian tails, more for the negative binomial's)."""
+    y = jnp.array([1.0, 0.0, 2.0, 30.0, 28.0, 31.0, 29.0])
+    S = 2000
+    draws = {
+        "rate": jnp.array([[1.0, 30.0]] * S),
+        "transition": jnp.array([[[0.9, 0.1], [0.1, 0.9]]] * S),
+    }
+    var = 30.0
+    if family == "negbin":
+        draws["concentration"] = jnp.full((S,), 4.0)
+        var = 30.0 + 30.0**2 / 4.0
+    y_rep, _, states = hmm_posterior_predictive(jax.random.PRNGKey(1), family, draws, y)
+    assert (np.asarray(states)[:, 3:] == 1).all()
+    high = np.asarray(y_rep)[:, 3:].astype(np.float64).ravel()
+    assert abs(high.mean() - 30.0) < 4 * np.sqrt(var / high.size)
+    assert abs(high.var() / var - 1.0) < (0.08 if family == "poisson" else 0.15)
+    again, _, _ = hmm_posterior_predictive(jax.random.PRNGKey(1), family, draws, y)
+    np.testing.assert_array_equal(again, y_rep)  # seeded by the key
+
+
 # -- Zucchini & MacDonald's earthquake fit ---------------------------------------------
 def test_map_earthquakes_reproduces_zucchini_macdonald():
     """Flat priors, stationary initial distribution: the book's 2-state MLE."""

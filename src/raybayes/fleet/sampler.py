@@ -215,6 +215,7 @@ class BatchSampler:
         # lanes of the same jitted chain, so the default follows the platform.
         self.vectorize = jax.default_backend() != "cpu" if vectorize is None else vectorize
         self._fns = None
+        self._templates = {}
 
     # -- pieces ------------------------------------------------------------------------
     def _kwargs(self, mask, covariates):
@@ -230,12 +231,26 @@ class BatchSampler:
         return constrain_fn(self.model, (y,), self._kwargs(mask, covariates), z)
 
     def _template(self, y, mask, covariates):
-        info = initialize_model(
-            jax.random.PRNGKey(0), self.model, model_args=(jnp.asarray(y[0]),),
-            model_kwargs=self._kwargs(jnp.asarray(mask[0]),
-                                      None if covariates is None else jnp.asarray(covariates[0])),
-        )
-        return info.param_info.z
+        """Zeros shaped like one model's unconstrained latent sites.
+
+        Found by abstract evaluation (``jax.eval_shape``) of NumPyro's
+        ``initialize_model``: nothing is compiled or run (run eagerly, it took
+        seconds per batch, op by op). Cached per data shape.
+        """
+        cov0 = None if covariates is None else covariates[0]
+        shape_key = (np.shape(y)[1:], None if cov0 is None else np.shape(cov0))
+        if shape_key not in self._templates:
+
+            def unconstrained(y0, m0, c0):
+                return initialize_model(
+                    jax.random.PRNGKey(0), self.model, model_args=(y0,),
+                    model_kwargs=self._kwargs(m0, c0),
+                ).param_info.z
+
+            shapes = jax.eval_shape(unconstrained, y[0], mask[0], cov0)
+            self._templates[shape_key] = {
+                k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+        return self._templates[shape_key]
 
     def _cache_key(self, z_template):
         """Settings and shapes that determine the compiled functions (or None)."""

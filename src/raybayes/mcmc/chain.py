@@ -116,6 +116,7 @@ class NUTSChainRunner:
         self.kernel = NUTS(model, **kernel_kwargs)
         self._chunk_fn = None
         self._postprocess_fn = None
+        self._init_fn = None
         self._ready = False
         #: Simulated straggler factor (>= 1) for benchmarks: each chunk is made to
         #: take ``slowdown`` times its compute time.
@@ -127,15 +128,32 @@ class NUTSChainRunner:
 
     # -- set-up ------------------------------------------------------------------
     def _init_state(self, rng_key, init_params=None):
-        state = self.kernel.init(
-            jnp.asarray(rng_key),
-            self.num_warmup,
-            init_params,
-            self.model_args,
-            self.model_kwargs,
-        )
+        # Jitted once per worker: run eagerly, NumPyro's initialisation (the search
+        # for a valid point, the first potential and gradient) compiles its loops
+        # anew for every chain, seconds each for a model with a ``lax.scan``.
+        if self._init_fn is None:
+
+            def init(key, params):
+                return self.kernel.init(
+                    key, self.num_warmup, params, self.model_args, self.model_kwargs
+                )
+
+            self._init_fn = jax.jit(init)
+        state = self._init_fn(jnp.asarray(rng_key), init_params)
         if not self._ready:
             self._build()
+        # Traced, NumPyro cannot raise when no valid point is found; check here.
+        finite = np.isfinite(np.asarray(state.potential_energy)) and all(
+            np.all(np.isfinite(np.asarray(g)))
+            for g in jax.tree_util.tree_leaves(state.z_grad)
+        )
+        if not finite:
+            raise RuntimeError(
+                "Cannot find valid initial parameters: the log density or its "
+                "gradient is not finite at every initial point tried "
+                f"(potential energy {float(state.potential_energy)}). Check the "
+                "model's supports and data, or pass init_params."
+            )
         return state
 
     def _build(self):

@@ -599,42 +599,50 @@ def hmm_posterior_predictive(
         initial: initial distribution, as in the model.
 
     Returns:
-        ``(y_rep, state_prob, states)``: ``y_rep`` ``(S, T)`` int32 replicate counts,
-        ``state_prob`` ``(T, K)`` posterior mean of ``P(z_t = k | y)``, and
+        ``(y_rep, state_prob, states)``: ``y_rep`` ``(S, T)`` int32 replicate counts
+        (NumPy), ``state_prob`` ``(T, K)`` posterior mean of ``P(z_t = k | y)``, and
         ``states`` ``(S, T)`` the sampled state paths.
+
+    The state paths are drawn in JAX (jitted once per family and shape); the
+    replicate counts along them with NumPy's Poisson and gamma generators, seeded
+    from ``rng_key``. JAX's Poisson sampler (a vectorized rejection loop) took
+    0.9 CPU-s for 100 x 10,000 counts on CPU, NumPy's takes about 0.03 s.
     """
-    return _posterior_predictive(
+    mu, probs, states = _predictive_paths(
         rng_key, family, draws, jnp.asarray(y, jnp.result_type(float)), covariates,
         mask, initial,
     )
+    seed = np.asarray(jax.random.key_data(jax.random.fold_in(rng_key, 1))).ravel()
+    rng = np.random.default_rng([int(x) for x in seed])
+    mu = np.asarray(mu, np.float64)
+    if family == "negbin":
+        phi = np.asarray(draws["concentration"], np.float64).reshape(mu.shape[0], -1)
+        if phi.shape[1] > 1:  # one concentration per state
+            phi = np.take_along_axis(phi, np.asarray(states), axis=1)
+        mu = rng.gamma(phi, mu / phi)
+    y_rep = rng.poisson(mu).astype(np.int32)
+    return y_rep, probs, states
 
 
 @partial(jax.jit, static_argnums=(1, 6))
-def _posterior_predictive(rng_key, family, draws, y, covariates, mask, initial):
+def _predictive_paths(rng_key, family, draws, y, covariates, mask, initial):
     # Jitted: compiled once per (family, initial, shapes), then reused across
-    # the models of a fleet.
+    # the models of a fleet. Returns the emission means along FFBS paths.
     num_steps = y.shape[0]
     num_draws = jax.tree_util.tree_leaves(draws)[0].shape[0]
     keys = jax.random.split(rng_key, num_draws)
 
     def one(key, params):
-        k_path, k_obs = jax.random.split(key)
         le = hmm_log_emission(family, y, params, covariates, mask)
         init = _initial(params["transition"], initial)
-        z = ffbs(k_path, init, params["transition"], le)
+        z = ffbs(key, init, params["transition"], le)
         probs = smoothed_state_probs(init, params["transition"], le)
         rate = _time_rate(params, num_steps, covariates)
         mu = jnp.take_along_axis(rate, z[:, None], axis=1)[:, 0]
-        if family == "poisson":
-            y_rep = jax.random.poisson(k_obs, mu)
-        else:
-            phi = params["concentration"]
-            lam = jax.random.gamma(k_obs, phi, (num_steps,)) * mu / phi
-            y_rep = jax.random.poisson(jax.random.fold_in(k_obs, 1), lam)
-        return y_rep.astype(jnp.int32), probs, z
+        return mu, probs, z
 
-    y_rep, probs, states = jax.vmap(one)(keys, draws)
-    return y_rep, jnp.mean(probs, axis=0), states
+    mu, probs, states = jax.vmap(one)(keys, draws)
+    return mu, jnp.mean(probs, axis=0), states
 
 
 #: Registry of ready-made fleet models: name -> (NumPyro model, emission family).
