@@ -25,9 +25,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from numpyro import handlers
 
 from raybayes.core.partition import Partition
+from raybayes.core.tracing import abstract_trace
 from raybayes.core.shard_density import trace_latent_sites
 from raybayes.errors import ConfigurationError, RaybayesWarning
 
@@ -276,7 +276,7 @@ def plan(
     model_kwargs = dict(model_kwargs or {})
     if bytes_per_value is None:
         bytes_per_value = 8 if jax.config.jax_enable_x64 else 4
-    tr = handlers.trace(handlers.seed(model, 0)).get_trace(*model_args, **model_kwargs)
+    tr = abstract_trace(model, model_args, model_kwargs)
     sizes, observed_plates = _plate_sizes(tr)
     arrays = _array_kwargs(model_kwargs)
     total_data = sum(v.nbytes for v in arrays.values())

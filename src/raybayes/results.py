@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import jax
 import numpy as np
 
 __all__ = ["model_site_info", "to_inference_data", "summary", "print_summary"]
@@ -31,31 +30,15 @@ def model_site_info(model, model_args=(), model_kwargs=None, seed: int = 0):
         ``"<site>_dim_<k>"``); ``coords`` maps each plate name to ``arange(size)``;
         ``observed`` maps each observed site to its value as a NumPy array.
     """
-    from numpyro import handlers
     from numpyro.infer.initialization import init_to_uniform
+
+    from raybayes.core.tracing import abstract_trace
 
     model_kwargs = model_kwargs or {}
     # Substituting init_to_uniform values lets models with improper priors
     # (ImproperUniform) be traced, as NumPyro's MCMC does.
-    traced = handlers.substitute(handlers.seed(model, seed), substitute_fn=init_to_uniform)
-    # Traced abstractly first (nothing is compiled or run: eagerly, a model with a
-    # ``lax.scan`` compiles it, seconds); observed values given as data stay
-    # concrete. A model that computes its observations gets the eager trace.
-    box = {}
-
-    def run():
-        box["trace"] = handlers.trace(traced).get_trace(*model_args, **model_kwargs)
-
-    try:
-        jax.make_jaxpr(run)()
-        trace = box["trace"]
-        if any(isinstance(site.get("value"), jax.core.Tracer)
-               for site in trace.values()
-               if site["type"] == "sample" and site.get("is_observed")
-               and type(site.get("fn")).__name__ != "Unit"):
-            raise TypeError("observed values are computed by the model")
-    except Exception:  # noqa: BLE001 - any failure: trace eagerly as before
-        trace = handlers.trace(traced).get_trace(*model_args, **model_kwargs)
+    trace = abstract_trace(model, model_args, model_kwargs, seed=seed,
+                           substitute_fn=init_to_uniform, concrete_observations=True)
     dims: dict[str, list[str]] = {}
     coords: dict[str, Any] = {}
     observed: dict[str, np.ndarray] = {}

@@ -404,10 +404,7 @@ def test_a_lost_worker_restarts_from_its_shard_checkpoint(
 
 
 def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_backend):
-    # Half as many steps as the BSP run above; stale gradients and the shorter
-    # schedule leave more noise: at 1,000 steps three seeds ended 0.19-0.25 sd
-    # from the optimum, at 3,000 steps 0.14-0.21 sd.
-    steps = STEPS // 2
+    # The whole BSP schedule: with half of it, asynchrony left one run 0.34 sd off.
     kwargs, mean, mf_sd = conjugate
     res = raybayes.fit_svi(
         hierarchical_normal,
@@ -415,18 +412,18 @@ def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_back
         num_shards=2,
         partition=PARTITION,
         subsample_size=B,
-        optimizer=_cosine(0.05, steps),
-        local_optimizer=_cosine(0.05, steps * B // 24),
+        optimizer=_cosine(0.05, STEPS),
+        local_optimizer=_cosine(0.05, STEPS * B // 24),
         seed=1,
         staleness=2,
         backend=ray_backend,
         _worker_slowdown={0: (4.0, 0.5)},
-        **{**FIT, "num_steps": steps},
+        **FIT,
     )
-    assert sum(res.staleness.values()) == 2 * steps
+    assert sum(res.staleness.values()) == 2 * STEPS
     assert max(res.staleness) == 2 and res.staleness.get(1, 0) > 0
     loc = np.concatenate([res.params["loc"], res.local_params["loc"][:, 0]])
-    np.testing.assert_array_less(np.abs(loc - mean), 0.3 * mf_sd)
+    np.testing.assert_array_less(np.abs(loc - mean), 0.25 * mf_sd)
 
 
 @pytest.mark.slow  # the Parquet source itself is tested with MAP (tests/optim)

@@ -24,6 +24,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density as _numpyro_log_density
 
 from raybayes.core.partition import Partition
+from raybayes.core.tracing import abstract_trace
 from raybayes.errors import ConfigurationError
 
 __all__ = [
@@ -107,13 +108,14 @@ def trace_latent_sites(
 
     Returns:
         ``(sites, trace)``: latent site name -> :class:`SiteInfo` (trace order), and
-        the NumPyro trace.
+        the NumPyro trace (taken abstractly: latent values are shapes only, see
+        :func:`~raybayes.core.tracing.abstract_trace`).
 
     Raises:
         ConfigurationError: a latent site sits in the observation plate but not in
             the split plate (its values would have no entity to follow).
     """
-    tr = handlers.trace(handlers.seed(model, 0)).get_trace(*model_args, **model_kwargs)
+    tr = abstract_trace(model, model_args, model_kwargs)
     local = partition.local_plates if partition is not None else frozenset()
     sites = {}
     for name, site in tr.items():
