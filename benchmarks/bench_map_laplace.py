@@ -75,6 +75,7 @@ def run_raybayes(kwargs, args):
         beta=beta,
         map_beta=np.asarray(result.params["beta"]),
         log_ml=lap.log_marginal_likelihood,
+        polish=lap.map.message,
         num_global=objective.num_global,
         size=objective.size,
     )
@@ -152,6 +153,7 @@ def main():
             f"G={ours['num_global']}, vector {ours['size']}; RMSE(beta) {rmse(ours['beta'], true_beta):.4f} "
             f"(MAP {rmse(ours['map_beta'], true_beta):.4f}); log p(y) ~ {ours['log_ml']:.1f}"
         )
+        print(f"  MAP and Newton polish: {ours['polish']}")
     if args.skip_peers:
         return
     for name, cls in (
