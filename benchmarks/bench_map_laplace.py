@@ -76,6 +76,7 @@ def run_raybayes(kwargs, args):
         map_beta=np.asarray(result.params["beta"]),
         log_ml=lap.log_marginal_likelihood,
         polish=lap.map.message,
+        hvp=lap.hessian_vector_products,
         num_global=objective.num_global,
         size=objective.size,
     )
@@ -154,6 +155,10 @@ def main():
             f"(MAP {rmse(ours['map_beta'], true_beta):.4f}); log p(y) ~ {ours['log_ml']:.1f}"
         )
         print(f"  MAP and Newton polish: {ours['polish']}")
+        print(
+            f"  final Hessian: {ours['hvp']} Hessian-vector products per shard "
+            f"for {ours['num_global']} global columns"
+        )
     if args.skip_peers:
         return
     for name, cls in (

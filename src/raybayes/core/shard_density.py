@@ -23,6 +23,7 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density as _numpyro_log_density
 
+from raybayes.core.hessian_coloring import ColoredGlobalHessian
 from raybayes.core.partition import Partition
 from raybayes.core.tracing import abstract_trace
 from raybayes.errors import ConfigurationError
@@ -222,6 +223,8 @@ class ShardLogDensity:
         self._value_and_grad = jax.jit(jax.value_and_grad(self._neg, argnums=(0, 1)))
         self._hvp = jax.jit(self._hvp_impl)
         self._columns = jax.jit(self._columns_impl, static_argnums=(5,))
+        self._coloring: ColoredGlobalHessian | None = None
+        self.last_num_hvp = 0
 
     # ------------------------------------------------------------- layouts
     def unflatten(self, global_flat, local_mat) -> dict:
@@ -350,7 +353,7 @@ class ShardLogDensity:
 
         Uses k Hessian-vector products: the tangent with ones in column j of every
         entity returns column j of every block at once, because blocks of different
-        entities do not interact (Curtis-Powell-Reid colouring).
+        entities do not interact (Curtis-Powell-Reid coloring).
         """
         k = self.num_local_per_entity
         tg = jnp.zeros_like(global_flat)
@@ -360,17 +363,41 @@ class ShardLogDensity:
             cols.append(self.hvp(global_flat, local_mat, tg, tl)[1])
         return jnp.stack(cols, axis=-1)
 
-    def global_hessian_columns(self, global_flat, local_mat, batch_size: int = 16):
+    def global_hessian_columns(
+        self, global_flat, local_mat, batch_size: int = 16, coloring: bool = True
+    ):
         """``H_gg (G, G)`` and ``H_lg (num_local_entities, k, G)`` of this shard.
 
-        One Hessian-vector product per global parameter, ``batch_size`` at a time.
+        With ``coloring`` (default), the columns of plated global sites that touch
+        disjoint rows share Hessian-vector products
+        (:class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`; verified
+        against a random product at every call). Otherwise one Hessian-vector
+        product per global parameter. Either way ``batch_size`` products are
+        evaluated together. :attr:`last_num_hvp` holds the number of products.
         """
-        eye = jnp.eye(self.num_global, dtype=global_flat.dtype)
         zl = jnp.zeros_like(local_mat)
-        hgg, hlg = self._columns(
-            global_flat, local_mat, eye, zl, self._arrays, batch_size
-        )
-        return hgg, jnp.moveaxis(hlg, 0, -1)
+        dtype = global_flat.dtype
+
+        def hvp_columns(tangents):
+            t = jnp.asarray(tangents, dtype=dtype)
+            hg, hl = self._columns(
+                global_flat, local_mat, t, zl, self._arrays, batch_size
+            )
+            return np.asarray(hg), np.asarray(hl)
+
+        if not coloring:
+            hg, hl = hvp_columns(np.eye(self.num_global))
+            self.last_num_hvp = self.num_global
+            return jnp.asarray(hg.T, dtype), jnp.moveaxis(jnp.asarray(hl, dtype), 0, -1)
+        if self._coloring is None:
+            layout, offset = [], 0
+            for s in self.global_sites:
+                layout.append((offset, s.unconstrained_shape))
+                offset += int(np.prod(s.unconstrained_shape, dtype=int))
+            self._coloring = ColoredGlobalHessian(layout, self.num_global, dtype)
+        hgg, hlg = self._coloring(hvp_columns)
+        self.last_num_hvp = self._coloring.last_num_hvp
+        return jnp.asarray(hgg, dtype), jnp.asarray(hlg, dtype)
 
 
 def shard_log_density(

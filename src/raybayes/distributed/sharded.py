@@ -165,7 +165,9 @@ class ShardWorker:
 
         With ``H_ll`` block diagonal (blocks ``B_i``, ``(k, k)``) and ``C_i =
         H_{l_i g}`` (``(k, G)``), returns ``H_gg^s - sum_i C_i^T B_i^{-1} C_i``
-        ``(G, G)`` and ``sum_i log det B_i``; keeps ``B_i^{-1}`` and ``C_i`` here.
+        ``(G, G)``, ``sum_i log det B_i``, the number of blocks that are not
+        positive definite and the number of Hessian-vector products used; keeps
+        ``B_i^{-1}`` and ``C_i`` here.
         """
         self._check()
         d = self.density
@@ -176,9 +178,10 @@ class ShardWorker:
             hgg = hgg + (damping / len(self.specs)) * jnp.eye(
                 hgg.shape[0], dtype=hgg.dtype
             )
+        num_hvp = d.last_num_hvp + d.num_local_per_entity
         if d.num_local_per_entity == 0:
             self._laplace = None
-            return np.asarray(hgg), 0.0, 0
+            return np.asarray(hgg), 0.0, 0, num_hvp
         blocks = d.local_hessian_blocks(g, lm)
         blocks = 0.5 * (blocks + jnp.swapaxes(blocks, -1, -2))
         if damping:
@@ -189,7 +192,7 @@ class ShardWorker:
         schur = hgg - jnp.einsum("pkg,pkj,pjh->gh", hlg, binv, hlg)
         logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
         self._laplace = (binv, jnp.linalg.cholesky(binv), hlg)
-        return np.asarray(schur), float(logdet), not_pd
+        return np.asarray(schur), float(logdet), not_pd, num_hvp
 
     @_in_precision
     def newton_reduce(self, grad_local):

@@ -9,8 +9,10 @@ given the global ones, ``H`` is an arrowhead matrix::
     H = [            ]        H_ll = diag(B_1, ..., B_P), B_i of shape (k, k)
         [ C     H_ll ]
 
-Each worker computes its ``B_i`` (k Hessian-vector products, by colouring) and its
-``C_i`` (one Hessian-vector product per global parameter), keeps them, and returns
+Each worker computes its ``B_i`` (k Hessian-vector products, by coloring) and its
+``C_i`` (at most one Hessian-vector product per global parameter; plated globals
+that touch disjoint rows share one, see
+:class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`), keeps them, and returns
 its part of the Schur complement ``S = H_gg - sum_i C_i^T B_i^{-1} C_i``
 (``(G, G)``). The driver adds the parts and factors ``S``. Then
 
@@ -20,9 +22,9 @@ its part of the Schur complement ``S = H_gg - sum_i C_i^T B_i^{-1} C_i``
 * ``log det H = log det S + sum_i log det B_i``, and the Laplace estimate of the
   log marginal likelihood is ``log p(y, x*) + D/2 log(2 pi) - 1/2 log det H``.
 
-The cost is linear in the number of entities (``O(P k^3 + P k G^2)`` flops and
-``G + k`` Hessian-vector passes over the data), and only ``(G, G)`` matrices cross
-the network.
+The cost is linear in the number of entities (``O(P k^3 + P k G^2)`` flops and at
+most ``G + k`` Hessian-vector passes over the data), and only ``(G, G)`` matrices
+cross the network.
 
 References:
     Tierney, L. & Kadane, J. B. (1986). Accurate approximations for posterior
@@ -71,6 +73,9 @@ class LaplaceResult:
         num_not_positive_definite: local blocks whose Hessian was not positive
             definite (0 at a proper mode).
         time_s: wall time of the Hessian, factorisation and draws.
+        hessian_vector_products: Hessian-vector products of the final Hessian,
+            on the busiest shard (``G + k`` without coloring; see
+            :class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`).
     """
 
     idata: Any
@@ -79,6 +84,7 @@ class LaplaceResult:
     global_covariance: np.ndarray
     num_not_positive_definite: int
     time_s: float
+    hessian_vector_products: int = 0
 
 
 def _sum_schur(parts, G):
@@ -117,7 +123,7 @@ def newton_polish(
     value, grad = objective.value_and_grad(x)
     G = objective.num_global
     damping = 0.0
-    steps = factorizations = 0
+    steps = factorizations = num_hvp = 0
     chol, fresh = None, False
     for _ in range(max_steps + 2):
         grad_max = float(np.max(np.abs(grad))) if grad.size else 0.0
@@ -142,6 +148,7 @@ def newton_polish(
                     10 * damping, 1e-3 * max(1.0, np.max(np.abs(np.diag(schur))))
                 )
             factorizations += 1
+            num_hvp = max(num_hvp, max(p[3] for p in parts))
             fresh = True
         reduced = objective._gather("newton_reduce", lambda s: (grad_l[s],))  # noqa: B023
         rhs = -grad_g + np.sum([np.asarray(r, np.float64) for r in reduced], axis=0)
@@ -180,7 +187,8 @@ def newton_polish(
         converged=grad_norm <= gtol or map_result.converged,
         status="converged" if grad_norm <= gtol else map_result.status,
         message=map_result.message
-        + f"; {steps} Newton step(s) with {factorizations} Hessian(s), "
+        + f"; {steps} Newton step(s) with {factorizations} Hessian(s) "
+        f"(at most {num_hvp} Hessian-vector products per shard each), "
         f"|grad|max {grad_norm:.2e}",
         grad_norm=grad_norm,
         history=map_result.history + [float(value)],
@@ -281,6 +289,7 @@ def laplace(
         global_covariance=cov,
         num_not_positive_definite=not_pd,
         time_s=time.perf_counter() - start,
+        hessian_vector_products=int(max(p[3] for p in parts)),
     )
 
 
