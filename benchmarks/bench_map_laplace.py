@@ -61,7 +61,11 @@ def run_raybayes(kwargs, args):
             objective, tol=args.tol, max_iter=args.max_iter, progress=args.progress
         )
         lap = laplace(
-            objective, result, num_draws=args.draws, rng_key=jax.random.PRNGKey(0)
+            objective,
+            result,
+            num_draws=args.draws,
+            rng_key=jax.random.PRNGKey(0),
+            progress=args.progress,
         )
     total = time.perf_counter() - start
     beta = lap.idata.posterior["beta"].values.reshape(args.draws, -1).mean(0)
@@ -112,8 +116,8 @@ def main():
     parser.add_argument("--weeks", type=int, default=156)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backend", default="ray")
-    parser.add_argument("--tol", type=float, default=1e-8)
-    parser.add_argument("--max-iter", type=int, default=500)
+    parser.add_argument("--tol", type=float, default=1e-13)
+    parser.add_argument("--max-iter", type=int, default=3000)
     parser.add_argument("--draws", type=int, default=500)
     parser.add_argument("--svi-steps", type=int, default=3000)
     parser.add_argument("--svi-lr", type=float, default=0.01)

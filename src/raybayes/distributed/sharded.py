@@ -159,7 +159,12 @@ class ShardWorker:
     # -------------------------------------------------------------- Laplace
     @_in_precision
     def laplace_factor(
-        self, global_flat, local_mat, batch_size: int = 16, damping: float = 0.0
+        self,
+        global_flat,
+        local_mat,
+        batch_size: int = 16,
+        damping: float = 0.0,
+        reuse: bool = False,
     ):
         """This shard's part of the Schur complement of the Hessian at the mode.
 
@@ -168,22 +173,35 @@ class ShardWorker:
         ``(G, G)``, ``sum_i log det B_i``, the number of blocks that are not
         positive definite and the number of Hessian-vector products used; keeps
         ``B_i^{-1}`` and ``C_i`` here.
+
+        ``damping`` adds ``damping * I`` to the local blocks and
+        ``damping / num_shards * I`` to ``H_gg`` (Levenberg). With ``reuse``, the
+        Hessian of the previous call is factored again (with another damping)
+        instead of being recomputed; 0 Hessian-vector products are reported.
         """
         self._check()
         d = self.density
         g = jnp.asarray(global_flat, dtype=jnp.result_type(float))
         lm = jnp.asarray(local_mat, dtype=g.dtype)
-        hgg, hlg = d.global_hessian_columns(g, lm, batch_size=batch_size)
+        cached = getattr(self, "_hessian", None)
+        if reuse and cached is not None:
+            hgg, hlg, blocks = cached
+            num_hvp = 0
+        else:
+            hgg, hlg = d.global_hessian_columns(g, lm, batch_size=batch_size)
+            num_hvp = d.last_num_hvp + d.num_local_per_entity
+            blocks = None
+            if d.num_local_per_entity:
+                blocks = d.local_hessian_blocks(g, lm)
+                blocks = 0.5 * (blocks + jnp.swapaxes(blocks, -1, -2))
+            self._hessian = (hgg, hlg, blocks)
         if damping:
             hgg = hgg + (damping / len(self.specs)) * jnp.eye(
                 hgg.shape[0], dtype=hgg.dtype
             )
-        num_hvp = d.last_num_hvp + d.num_local_per_entity
         if d.num_local_per_entity == 0:
             self._laplace = None
             return np.asarray(hgg), 0.0, 0, num_hvp
-        blocks = d.local_hessian_blocks(g, lm)
-        blocks = 0.5 * (blocks + jnp.swapaxes(blocks, -1, -2))
         if damping:
             blocks = blocks + damping * jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
         chol = jnp.linalg.cholesky(blocks)
