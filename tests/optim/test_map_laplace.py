@@ -156,3 +156,63 @@ def test_elasticity_map_laplace_recovers_the_true_elasticities():
     coverage = np.mean((lo <= true) & (true <= hi))
     assert coverage > 0.75  # nominal 0.9; 60 products, binomial sd 0.04
     assert np.isfinite(fit.log_marginal_likelihood)
+
+
+def _eight_schools(sigma, y=None):
+    """Non-centred eight schools (Rubin 1981): a curved ridge in (tau, theta_tilde)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("schools", sigma.shape[0]):
+        theta_tilde = numpyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu + tau * theta_tilde, sigma), obs=y)
+
+
+def test_newton_polish_reaches_the_mode_from_an_indefinite_start():
+    from scipy import optimize
+
+    from raybayes.core import Partition
+    from raybayes.optim import newton_polish
+
+    kwargs = dict(
+        sigma=np.array([15.0, 10, 16, 11, 9, 11, 10, 18]),
+        y=np.array([28.0, 8, -3, 7, -1, 1, 18, 12]),
+    )
+    partition = Partition("schools", entity_args=("sigma", "y"))
+    with ShardedObjective(
+        _eight_schools, kwargs, partition=partition, num_shards=2
+    ) as objective:
+        # mu = 0, log tau = 3, theta_tilde = 2: far up the ridge, where the Hessian
+        # of the negative log joint is indefinite
+        start = np.r_[0.0, 3.0, np.full(8, 2.0)]
+        with jax.enable_x64(True):
+            f = lambda x: objective.value_and_grad(np.asarray(x))[0]  # noqa: E731
+            eps = 1e-4
+            H = np.array(
+                [
+                    [
+                        (
+                            f(start + eps * (np.eye(10)[i] + np.eye(10)[j]))
+                            - f(start + eps * (np.eye(10)[i] - np.eye(10)[j]))
+                            - f(start - eps * (np.eye(10)[i] - np.eye(10)[j]))
+                            + f(start - eps * (np.eye(10)[i] + np.eye(10)[j]))
+                        )
+                        / (4 * eps**2)
+                        for j in range(10)
+                    ]
+                    for i in range(10)
+                ]
+            )
+        assert np.linalg.eigvalsh(0.5 * (H + H.T))[0] < 0
+        rough = find_map(objective, init=start, max_iter=1, progress=False)
+        polished = newton_polish(objective, rough, max_steps=40, gtol=1e-7)
+        ref = optimize.minimize(
+            objective.value_and_grad,
+            start,
+            jac=True,
+            method="L-BFGS-B",
+            options=dict(ftol=1e-15, gtol=1e-10, maxiter=5000),
+        )
+    assert polished.status == "converged", polished.message
+    assert polished.grad_norm <= 1e-7
+    np.testing.assert_allclose(polished.x, ref.x, atol=1e-5)
+    assert polished.loss <= ref.fun + 1e-9

@@ -136,7 +136,7 @@ def newton_polish(
     value, grad = objective.value_and_grad(x)
     G = objective.num_global
     steps = factorizations = num_hvp = rejected = age = 0
-    lam = 0.0  # Levenberg-Marquardt parameter of the global (Schur) system
+    lam = floor = 0.0  # Levenberg-Marquardt parameter of the global system
     eig = basis = None
     for _ in range(4 * max_steps + 4):  # steps, rejected trials and Hessians
         grad_max = float(np.max(np.abs(grad))) if grad.size else 0.0
@@ -180,7 +180,14 @@ def newton_polish(
         )
         step = objective.join(delta_g, delta_l)
         new_value, new_grad = objective.value_and_grad(x + step)
-        if not (np.isfinite(new_value) and new_value <= value):
+        new_max = float(np.max(np.abs(new_grad))) if new_grad.size else 0.0
+        # near the mode the loss changes by less than its rounding error: accept
+        # a step that is level to within rounding if it shrinks the gradient
+        level = new_value <= value + 1e-12 * max(abs(value), 1.0)
+        if not (
+            np.isfinite(new_value)
+            and (new_value <= value or (level and new_max < grad_max))
+        ):
             # reject: a shorter, more gradient-like step from the same Hessian
             rejected += 1
             lam = max(4.0 * lam, 1e-6 * max(abs(eig[-1]) if G else 1.0, 1.0))
@@ -191,12 +198,11 @@ def newton_polish(
         steps += 1
         age += 1
         rejected = 0
-        new_max = float(np.max(np.abs(grad))) if grad.size else 0.0
         emit(
             f"Newton step {steps:3d}  loss {value:.8e}  |grad|max {new_max:.3e}  "
             f"damping {lam:.2e}  {time.perf_counter() - start:7.2f} s"
         )
-        lam = lam / 3.0
+        lam = max(lam / 3.0, floor)
         if new_max > 0.25 * grad_max:  # slow progress: a fresh Hessian
             eig = None
     grad_norm = float(np.max(np.abs(grad))) if grad.size else 0.0
