@@ -181,12 +181,13 @@ def newton_polish(
         step = objective.join(delta_g, delta_l)
         new_value, new_grad = objective.value_and_grad(x + step)
         new_max = float(np.max(np.abs(new_grad))) if new_grad.size else 0.0
-        # near the mode the loss changes by less than its rounding error: accept
-        # a step that is level to within rounding if it shrinks the gradient
-        level = new_value <= value + 1e-12 * max(abs(value), 1.0)
+        # near the mode the loss changes by less than its rounding error: there a
+        # step is judged by the gradient it leaves
+        rounding = 1e-12 * max(abs(value), 1.0)
+        level = abs(new_value - value) <= rounding
         if not (
             np.isfinite(new_value)
-            and (new_value <= value or (level and new_max < grad_max))
+            and (new_value < value - rounding or (level and new_max < grad_max))
         ):
             # reject: a shorter, more gradient-like step from the same Hessian
             rejected += 1
