@@ -219,6 +219,15 @@ class ColoredGlobalHessian:
         self.singles = np.asarray(sorted(singles), dtype=np.int64)
         self.groups = groups
 
+    def _rediscover(self, hvp_columns, seed):
+        """Forget the owners and evaluate again with two probes per group."""
+        for g in self.groups:
+            g.owner = None
+        num = self.last_num_hvp
+        out = self(hvp_columns, seed)
+        self.last_num_hvp += num
+        return out
+
     def __call__(self, hvp_columns: Callable, seed: int = 0):
         """``H_gg (G, G)`` and ``H_lg (P, k, G)`` of the shard (NumPy float64).
 
@@ -267,12 +276,7 @@ class ColoredGlobalHessian:
                 stale = (owner == _NONE) & (y1 != 0)
                 stale[:G] &= ~single_mask
                 if np.any(stale):  # an entry that was 0 at the first point
-                    for other in self.groups:
-                        other.owner = None
-                    num = self.last_num_hvp
-                    out = self(hvp_columns, seed)
-                    self.last_num_hvp += num
-                    return out
+                    return self._rediscover(hvp_columns, seed)
             else:
                 y2 = np.concatenate([hg[pos + 1], hl[pos + 1]])
                 pos += 2
@@ -303,12 +307,7 @@ class ColoredGlobalHessian:
         bound = self.verify_tol * (scale + 1e-12 * max(float(scale.max(initial=0)), 1))
         if not np.all(np.abs(est - actual) <= bound):
             if known:  # the pattern may have grown since the owners were found
-                for g in self.groups:
-                    g.owner = None
-                num = self.last_num_hvp
-                out = self(hvp_columns, seed)
-                self.last_num_hvp += num
-                return out
+                return self._rediscover(hvp_columns, seed)
             warnings.warn(
                 "grouped Hessian-vector products did not reproduce H u for a random "
                 "u; computing the global Hessian columns one at a time for this "
