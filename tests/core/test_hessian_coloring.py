@@ -10,10 +10,11 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-from raybayes.core import Partition, ShardLogDensity
+from raybayes.core import ShardLogDensity
 from raybayes.core import hessian_coloring as hc
 from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
 from raybayes.models.elasticity import elasticity_model
+from raybayes.plan import plan
 
 
 @pytest.fixture(autouse=True)
@@ -27,14 +28,10 @@ def _elasticity_density(num_categories=3, num_products=18, num_weeks=8):
     data = prepare_elasticity_data(
         df, product_cols=("product",), category_col="category"
     )
-    partition = Partition(
-        "products",
-        entity_args=("category_of_product",),
-        index_arg="product_idx",
-        obs_args=("log_price", "time_idx", "units"),
-        obs_plate="obs",
-    )
-    return ShardLogDensity(elasticity_model, data.model_kwargs(), partition)
+    kwargs = data.model_kwargs()
+    partition = plan(elasticity_model, kwargs, num_shards=2).partition
+    assert partition.plate == "products"
+    return ShardLogDensity(elasticity_model, kwargs, partition)
 
 
 def _random_point(density, seed):
