@@ -1,0 +1,211 @@
+"""The public vocabulary shared by every entry point.
+
+Every entry point (:func:`raybayes.sample`, :func:`raybayes.fit_map`,
+:func:`raybayes.laplace_approximation`, :func:`raybayes.fit_svi`,
+:func:`raybayes.fit_many`, the GLM estimators) takes:
+
+- ``seed``: an integer. Every stream of randomness is derived from it with
+  :func:`derive_key` (``fold_in`` of a stable stream id), never ``seed + 1``, so a
+  run with seed ``s`` shares no stream with a run with seed ``s + 1``.
+- the scaling configuration of :class:`ScalingConfig`: ``num_workers``,
+  ``use_gpu``, ``resources_per_worker``, ``address`` (Ray's names).
+- ``backend``: ``"auto"`` (the default), ``"local"``, ``"ray"`` or a backend
+  instance; ``"auto"`` is resolved by :func:`resolve_backend_name`.
+
+Renamed arguments keep their old name for one release through
+:func:`renamed_argument`, which warns with a :class:`FutureWarning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from raybayes.errors import ConfigurationError
+
+__all__ = [
+    "ScalingConfig",
+    "derive_key",
+    "renamed_argument",
+    "resolve_backend_name",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+    """Where the work runs: Ray's scaling vocabulary, accepted by every entry point.
+
+    Args:
+        num_workers: number of worker processes (Ray actors); ``None`` lets the
+            entry point choose (one per shard, or one per CPU for chains).
+        use_gpu: one GPU per worker (Ray only).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 4, "GPU": 1}``.
+        address: a Ray cluster address (``"HOST:PORT"``); ``None`` uses
+            ``RAY_ADDRESS`` when set, else an embedded local Ray instance.
+
+    Raises:
+        ConfigurationError: ``num_workers`` below 1, negative resources, or a
+            ``use_gpu``/``resources_per_worker`` pair that disagree.
+
+    Examples:
+        >>> ScalingConfig(num_workers=4).num_workers
+        4
+    """
+
+    num_workers: int | None = None
+    use_gpu: bool = False
+    resources_per_worker: Mapping[str, float] | None = None
+    address: str | None = None
+
+    def __post_init__(self):
+        n = self.num_workers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigurationError(
+                f"num_workers={n!r} is not allowed; pass a positive integer (or None to "
+                "let raybayes choose)."
+            )
+        for name, value in (self.resources_per_worker or {}).items():
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigurationError(
+                    f"resources_per_worker[{name!r}]={value!r} is not allowed; pass a "
+                    "non-negative number, e.g. {'CPU': 1, 'GPU': 1}."
+                )
+        if self.resources_per_worker is not None and self.use_gpu:
+            if float(self.resources_per_worker.get("GPU", 0)) <= 0:
+                raise ConfigurationError(
+                    "use_gpu=True with resources_per_worker that asks for no GPU; set "
+                    "resources_per_worker['GPU'] or drop use_gpu."
+                )
+
+    @property
+    def wants_cluster(self) -> bool:
+        """True when the settings only make sense on Ray (an address, GPUs, >1 worker)."""
+        return (
+            self.address is not None
+            or bool(os.environ.get("RAY_ADDRESS"))
+            or self.use_gpu
+            or self.resources_per_worker is not None
+            or (self.num_workers is not None and self.num_workers > 1)
+        )
+
+
+def resolve_backend_name(backend: Any, scaling: ScalingConfig, *, parallel_work: int = 1):
+    """The backend an entry point uses for ``backend="auto"``.
+
+    ``"auto"`` is Ray when the scaling configuration asks for a cluster (an address,
+    ``RAY_ADDRESS``, GPUs, custom resources or ``num_workers > 1``), or when the job
+    has independent pieces of work (``parallel_work > 1``: chains, shards) and this
+    machine has more than one CPU; otherwise in-process, so that a one-shot job on
+    one machine does not pay for workers it does not need. Other values pass through.
+
+    Args:
+        backend: ``"auto"``, ``"local"``, ``"ray"`` or a backend instance.
+        scaling: the entry point's :class:`ScalingConfig`.
+        parallel_work: how many pieces of the job could run at once.
+
+    Returns:
+        ``"local"``, ``"ray"`` or the backend instance given.
+
+    Raises:
+        ConfigurationError: an unknown backend name.
+    """
+    if not isinstance(backend, str):
+        return backend
+    if backend not in ("auto", "local", "ray"):
+        raise ConfigurationError(
+            f"backend={backend!r} is not known; use 'auto' (default), 'local' or 'ray'."
+        )
+    if backend != "auto":
+        return backend
+    if scaling.wants_cluster:
+        return "ray"
+    if parallel_work > 1 and (os.cpu_count() or 1) > 1:
+        return "ray"
+    return "local"
+
+
+def derive_key(seed: int, *stream: int | str):
+    """The JAX key of one stream of randomness: ``fold_in`` of each stream id in turn.
+
+    A string id is folded as its CRC-32, so names such as ``"draws"`` give stable,
+    distinct streams. ``derive_key(seed)`` is ``PRNGKey(seed)``.
+
+    Args:
+        seed: the user's integer seed.
+        *stream: stable ids (chain index, shard index, group hash, a stream name).
+
+    Returns:
+        A ``jax.random.PRNGKey``-style key, shape ``(2,)``, dtype ``uint32``.
+
+    Raises:
+        ConfigurationError: ``seed`` is not an integer.
+
+    Examples:
+        >>> import jax
+        >>> bool((derive_key(3, 0) == jax.random.fold_in(jax.random.PRNGKey(3), 0)).all())
+        True
+    """
+    import jax
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            import numpy as np
+
+            if isinstance(seed, np.integer):
+                seed = int(seed)
+            else:
+                raise TypeError
+        except TypeError:
+            raise ConfigurationError(
+                f"seed={seed!r} is not an integer; pass an int such as seed=0."
+            ) from None
+    key = jax.random.PRNGKey(seed)
+    for s in stream:
+        if isinstance(s, str):
+            s = zlib.crc32(s.encode())
+        key = jax.random.fold_in(key, int(s) & 0xFFFFFFFF)
+    return key
+
+
+_MISSING = object()
+
+
+def renamed_argument(
+    kwargs: dict, old: str, new: str, value: Any = _MISSING, *, default: Any = None
+):
+    """Pop a deprecated argument name from ``kwargs`` and return the value to use.
+
+    Used for one release after a rename: the old name still works, with a
+    :class:`FutureWarning` that names the new one.
+
+    Args:
+        kwargs: the entry point's ``**kwargs`` (the old name is popped from it).
+        old: the old argument name.
+        new: the new argument name.
+        value: the value given under the new name (leave unset when the new name
+            was not passed).
+        default: the new argument's default, used to tell whether it was passed.
+
+    Returns:
+        The value under the new name, or under the old one when only that was given.
+
+    Raises:
+        ConfigurationError: both names were given with different values.
+    """
+    if old not in kwargs:
+        return default if value is _MISSING else value
+    old_value = kwargs.pop(old)
+    warnings.warn(
+        f"{old}= is deprecated and will be removed in the next release; use {new}=.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if value is not _MISSING and value is not default and value != default:
+        raise ConfigurationError(
+            f"both {old}= (deprecated) and {new}= were given; pass only {new}=."
+        )
+    return old_value
