@@ -156,3 +156,69 @@ def test_killed_driver_resumes(reference, tmp_path):
     # The same call again resumes and ends with the uninterrupted draws.
     got = raybayes.sample(eight_schools, Y, SIGMA, backend="local", checkpoint_dir=ckpt, **KW)
     assert _same(reference, got)
+
+
+class _PlantedPickle:
+    """Unpickling this creates ``marker``: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant_pickle(folder, marker):
+    import pickle
+
+    (folder / "chain-000").mkdir(parents=True, exist_ok=True)
+    with open(folder / "chain-000" / "state.pkl", "wb") as f:
+        pickle.dump({"state": _PlantedPickle(marker), "num_chunks": 1}, f)
+
+
+SMALL = dict(num_chains=1, num_warmup=20, num_samples=20, chunk_size=10, seed=0,
+             progress_bar=False)
+
+
+def test_old_pickle_checkpoint_is_refused_not_loaded(tmp_path):
+    """Probe 2: a crafted state.pkl ran code when load_draws(folder) was called."""
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    raybayes.sample(eight_schools, Y, SIGMA, backend="local", checkpoint_dir=ckpt, **SMALL)
+    (ckpt / "chain-000" / "state.npz").unlink()  # a folder of the old format
+    _plant_pickle(ckpt, marker)
+    with pytest.raises(raybayes.ConfigurationError, match="old pickle format") as info:
+        load_draws(ckpt)
+    assert "state.pkl" in str(info.value)
+    with pytest.raises(raybayes.ConfigurationError, match="old pickle format"):
+        raybayes.sample(eight_schools, Y, SIGMA, backend="local", checkpoint_dir=ckpt,
+                        **SMALL)
+    assert not marker.exists()
+
+
+def test_planted_pickle_next_to_a_checkpoint_is_ignored(tmp_path):
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    first = raybayes.sample(eight_schools, Y, SIGMA, backend="local", checkpoint_dir=ckpt,
+                            **SMALL)
+    _plant_pickle(ckpt, marker)
+    assert _same(first, load_draws(ckpt))
+    again = raybayes.sample(eight_schools, Y, SIGMA, backend="local", checkpoint_dir=ckpt,
+                            **SMALL)
+    assert _same(first, again)
+    assert not marker.exists()
+    assert not list(ckpt.rglob("*.pkl"))[1:]  # only the planted file; nothing pickled
+
+
+def test_checkpoint_files_respect_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        raybayes.sample(eight_schools, Y, SIGMA, backend="local",
+                        checkpoint_dir=tmp_path / "ckpt", **SMALL)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"run.json", "state.npz", "draws-000000.parquet"}
+    assert not [p for p in files if p.name.startswith(".")]
+    # Group and others may read: 0644 under umask 022 (was 0600 through mkstemp).
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}

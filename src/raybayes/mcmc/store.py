@@ -3,11 +3,13 @@
 Layout of a checkpoint directory::
 
     run.json                      the run's configuration (checked on resume)
-    chain-000/state.pkl           chain state (adaptation state included) + counters
+    chain-000/state.npz           chain state (adaptation state included) + counters
     chain-000/draws-000000.parquet  draws and sample stats of sampling chunk 0
     ...
 
-Every file is written atomically (temporary file + rename). A chunk's draws are
+Chain states are arrays and plain metadata (:mod:`raybayes.checkpoint`), never
+pickles: loading a checkpoint cannot run code. Every file is written atomically
+(temporary file + rename). A chunk's draws are
 written before the state that counts them, so a crash between the two leaves a file
 that the resumed run simply rewrites, byte for byte.
 
@@ -18,7 +20,6 @@ the run so far at any moment, while the run goes on.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raybayes.checkpoint import load_checkpoint, save_checkpoint
 from raybayes.errors import ConfigurationError
 from raybayes.io import atomic_path
 
@@ -105,17 +107,11 @@ class DrawStore:
 
     def write_state(self, chain_id: int, record: dict) -> None:
         """Write a chain's state and counters (atomically)."""
-        path = self._chain_dir(chain_id) / "state.pkl"
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
+        save_checkpoint(self._chain_dir(chain_id) / "state.npz", record)
 
     def read_state(self, chain_id: int) -> dict | None:
-        path = self.directory / f"chain-{chain_id:03d}" / "state.pkl"
-        if not path.exists():
-            return None
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        path = self.directory / f"chain-{chain_id:03d}" / "state.npz"
+        return load_checkpoint(path, legacy_name="state.pkl")
 
     def read_chunks(self, chain_id: int, num_chunks: int) -> tuple[list[dict], list[dict]]:
         """Read the first ``num_chunks`` chunks of a chain: ``(draws, stats)`` lists."""

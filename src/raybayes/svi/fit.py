@@ -23,7 +23,6 @@ all S shards' gradients, each at most ``s`` versions old.
 from __future__ import annotations
 
 import os
-import pickle
 import time
 import warnings
 from collections import defaultdict
@@ -44,7 +43,7 @@ from raybayes.errors import (
     RaybayesWarning,
     WorkerLostError,
 )
-from raybayes.io import atomic_path
+from raybayes.checkpoint import load_checkpoint, save_checkpoint
 from raybayes.optim.map import draws_to_inference_data, merge_shard_values
 from raybayes.progress import LossProgress
 from raybayes.svi.guides import GlobalGuide, resolve_guide
@@ -209,18 +208,13 @@ class _Run:
             losses=np.asarray(self.losses),
             fingerprint=self.cfg["fingerprint"],
         )
-        with (
-            atomic_path(os.path.join(self.ckpt, "global.pkl")) as tmp,
-            open(tmp, "wb") as f,
-        ):
-            pickle.dump(record, f)
+        save_checkpoint(os.path.join(self.ckpt, "global.npz"), record)
 
     def resume(self) -> bool:
-        path = None if self.ckpt is None else os.path.join(self.ckpt, "global.pkl")
-        if path is None or not os.path.exists(path):
+        path = None if self.ckpt is None else os.path.join(self.ckpt, "global.npz")
+        record = None if path is None else load_checkpoint(path)
+        if record is None:
             return False
-        with open(path, "rb") as f:
-            record = pickle.load(f)
         if record["fingerprint"] != self.cfg["fingerprint"]:
             raise ConfigurationError(
                 f"checkpoint_dir {self.ckpt!r} holds a run with other settings "

@@ -21,7 +21,6 @@ state), so local parameters never leave the worker.
 from __future__ import annotations
 
 import os
-import pickle
 import time
 
 import jax
@@ -34,7 +33,7 @@ from numpyro.primitives import Messenger
 
 from raybayes.distributed.sharded import ShardWorker, _in_precision
 from raybayes.errors import ConfigurationError
-from raybayes.io import atomic_path
+from raybayes.checkpoint import load_checkpoint, save_checkpoint
 from raybayes.svi.guides import GlobalGuide, softplus_inv
 
 __all__ = ["SVIShardWorker", "minibatch_scale"]
@@ -378,7 +377,7 @@ class SVIShardWorker(ShardWorker):
     # ------------------------------------------------------------ checkpoints
     def _ckpt_path(self):
         return os.path.join(
-            self.cfg["checkpoint_dir"], f"shard-{self.shard_id:04d}.pkl"
+            self.cfg["checkpoint_dir"], f"shard-{self.shard_id:04d}.npz"
         )
 
     def save_checkpoint(self, version: int) -> None:
@@ -390,17 +389,15 @@ class SVIShardWorker(ShardWorker):
             phi=jax.tree.map(np.asarray, self.phi),
             state=jax.tree.map(np.asarray, self.local_state),
         )
-        with atomic_path(self._ckpt_path()) as tmp, open(tmp, "wb") as f:
-            pickle.dump(record, f)
+        save_checkpoint(self._ckpt_path(), record)
 
     @_in_precision
     def load_checkpoint(self) -> int | None:
         """Restore this shard's locals from its checkpoint; returns its version."""
         path = self._ckpt_path()
-        if not os.path.exists(path):
+        record = load_checkpoint(path)
+        if record is None:
             return None
-        with open(path, "rb") as f:
-            record = pickle.load(f)
         if not np.array_equal(record["entity_ids"], self.entity_ids):
             raise ConfigurationError(
                 f"checkpoint {path} holds other entities than shard {self.shard_id}; "
