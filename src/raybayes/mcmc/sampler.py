@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from raybayes.backends import Backend, get_backend
+from raybayes.core.validation import check_observed_data
 from raybayes.errors import ChainError, ConfigurationError, WorkerLostError
 from raybayes.mcmc.chain import SAMPLE_STATS, ChunkResult, NUTSChainRunner, chain_key
 from raybayes.progress import ChainProgress
@@ -243,6 +244,7 @@ def sample(
     if not callable(model):
         raise ConfigurationError(f"model={model!r} is not callable; pass a NumPyro model function.")
     model_kwargs = dict(model_kwargs or {})
+    check_observed_data(model, model_args, model_kwargs)
     chunk_size = chunk_size or _default_chunk_size(num_warmup, num_samples)
     kernel_kwargs = dict(kernel_kwargs or {})
     kernel_kwargs.update(

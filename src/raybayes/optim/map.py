@@ -360,8 +360,11 @@ def planned_objective(
 ):
     """A :class:`ShardedObjective` (or ``objective_class``), with the split chosen
     by :func:`raybayes.plan` when neither ``partition`` nor ``source`` is given."""
+    from raybayes.core.validation import check_observed_data
     from raybayes.plan import plan
 
+    if source is None:  # with a source, the data are read on the workers
+        check_observed_data(model, model_args, model_kwargs)
     if partition is None and source is None:
         chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
         partition, num_shards = chosen.partition, chosen.num_shards
