@@ -80,3 +80,73 @@ def test_malformed_address(address):
 def test_negative_resources_are_rejected():
     with pytest.raises(ConfigurationError, match="negative"):
         RayBackend(resources_per_worker={"CPU": -1})
+
+
+class _Listener:
+    """A TCP server on 127.0.0.1 that is not Ray: it accepts, then stays silent
+    (``reply=None``) or answers with ``reply``."""
+
+    def __init__(self, reply=None):
+        import socket
+        import threading
+
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.reply is not None:
+                conn.sendall(self.reply)
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    "reply", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n"], ids=["silent", "http1"]
+)
+def test_a_port_that_listens_but_is_not_ray_fails_within_the_timeout(reply):
+    """Probe 7: such a port hung sample(address=...) for more than 110 s."""
+    listener = _Listener(reply)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ClusterConnectionError) as info:
+            raybayes.sample(
+                tiny_model,
+                np.array([0.5], dtype=np.float32),
+                num_chains=1,
+                num_warmup=10,
+                num_samples=10,
+                address=f"127.0.0.1:{listener.port}",
+                progress_bar=False,
+            )
+        elapsed = time.perf_counter() - start
+    finally:
+        listener.close()
+    assert elapsed < 10 + 5  # the default connect timeout, 10 s, plus tracing
+    message = str(info.value)
+    assert f"'127.0.0.1:{listener.port}'" in message
+    assert "is not a Ray cluster" in message and "10 s" in message
+
+
+def test_silent_port_fails_within_a_short_timeout():
+    listener = _Listener()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ClusterConnectionError, match="not a Ray cluster"):
+            RayBackend(f"127.0.0.1:{listener.port}", connect_timeout_s=1.5).start()
+        assert time.perf_counter() - start < 1.5 + 1
+    finally:
+        listener.close()

@@ -212,10 +212,10 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(conjugate, tmp_path):
     first = raybayes.fit_svi(
         hierarchical_normal, kwargs, num_steps=100, checkpoint_dir=tmp_path, **common
     )
-    assert first.num_steps == 100 and (tmp_path / "global.pkl").exists()
-    assert sorted(p.name for p in tmp_path.glob("shard-*.pkl")) == [
-        "shard-0000.pkl",
-        "shard-0001.pkl",
+    assert first.num_steps == 100 and (tmp_path / "global.npz").exists()
+    assert sorted(p.name for p in tmp_path.glob("shard-*.npz")) == [
+        "shard-0000.npz",
+        "shard-0001.npz",
     ]
     resumed = raybayes.fit_svi(
         hierarchical_normal, kwargs, num_steps=200, checkpoint_dir=tmp_path, **common

@@ -7,10 +7,13 @@ environment variable) it connects to an existing cluster and leaves it running.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -178,8 +181,19 @@ def _ship_by_value(objects) -> None:
             pass
 
 
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _check_reachable(address: str, timeout_s: float) -> None:
-    """Fail fast, naming the address and the timeout, if nothing listens there."""
+    """Fail fast, naming the address and the timeout, unless a Ray cluster answers.
+
+    Ray's GCS (and the Ray client server) speak gRPC over HTTP/2: after a client's
+    connection preface the server sends its SETTINGS frame at once, before any
+    authentication. A port where nothing listens, or where something that is not
+    HTTP/2 listens (it stays silent or answers otherwise), fails here within
+    ``timeout_s`` instead of hanging in ``ray.init``.
+    """
     if address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1]
@@ -189,9 +203,10 @@ def _check_reachable(address: str, timeout_s: float) -> None:
             f"address={address!r} is not of the form 'host:port' or 'ray://host:port'. "
             "Pass the address printed by `ray start --head`, e.g. '10.0.0.1:6379'."
         )
+    deadline = time.monotonic() + timeout_s
+    header = b""
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout_s)
     except OSError as err:
         raise ClusterConnectionError(
             f"Could not reach a Ray cluster at {address!r} within {timeout_s:g} s "
@@ -199,6 +214,80 @@ def _check_reachable(address: str, timeout_s: float) -> None:
             "open, or drop address= (and unset RAY_ADDRESS) to use an embedded local "
             "Ray instance."
         ) from None
+    with conn:
+        try:
+            conn.sendall(_HTTP2_PREFACE + _HTTP2_EMPTY_SETTINGS)
+            while len(header) < 9:
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:  # timed out, or reset by a server that is not HTTP/2
+            pass
+    if len(header) < 9 or header[3] != 0x04:  # frame type 4: SETTINGS
+        answer = f"it answered {header!r}" if header else "no answer"
+        raise ClusterConnectionError(
+            f"{address!r} accepts connections but is not a Ray cluster: it did not "
+            f"answer as Ray's gRPC server does within {timeout_s:g} s ({answer}). "
+            "Pass the address printed by `ray start --head` (the GCS port, 6379 by "
+            "default), or 'ray://host:10001' for a Ray client server."
+        )
+
+
+_AUTH_HELP = (
+    "If the cluster uses token authentication (Ray's default), give this process "
+    "the cluster's token: set RAY_AUTH_MODE=token and either RAY_AUTH_TOKEN=<token> "
+    "or the token file (~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH=<file>); `ray "
+    "get-auth-token` prints the token on the head node."
+)
+
+
+def _looks_like_auth_failure(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    if any(w in text for w in ("authenticat", "unauthenticated", "token")):
+        return True
+    return os.environ.get("RAY_AUTH_MODE", "").lower() != "token"
+
+
+@contextlib.contextmanager
+def _quiet_fork_warning():
+    """Silence JAX's fork warning while Ray starts its processes.
+
+    Ray starts every process (GCS, raylet, log monitor, ...) with
+    ``subprocess.Popen(preexec_fn=...)``, and CPython runs the ``os.register_at_fork``
+    hooks before such a fork; once JAX has created its thread pools (the model was
+    traced), its hook warns that forking a multithreaded process may deadlock. The
+    child here does not continue the parent's program: it only blocks SIGINT, sets
+    its parent-death signal and ``exec``s a Ray binary, so the warning does not
+    apply. Workers are started by the raylet, never forked from this process.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning
+        )
+        yield
+
+
+@contextlib.contextmanager
+def _loopback_only(ray):
+    """Start Ray as it starts on a laptop: every service on the loopback interface.
+
+    With ``ENABLE_RAY_CLUSTER`` off (what ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+    sets at import), Ray keeps the node address "127.0.0.1" instead of replacing
+    it by this host's network address, and its servers (GCS, raylet, object
+    manager, workers, agents and their metrics export) bind to loopback only.
+    """
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is None or not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    old = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = old
 
 
 class RayBackend(Backend):
@@ -256,21 +345,29 @@ class RayBackend(Backend):
             logging_level=logging.WARNING,
             log_to_driver=True,
         )
+        loopback = contextlib.nullcontext()
         if self.address:
             _check_reachable(self.address, self.connect_timeout_s)
             kwargs["address"] = self.address
         else:
             # "local": always a new embedded instance. Without it ray.init joins a
             # cluster that `ray start` left running on this machine (and refuses
-            # num_cpus there).
+            # num_cpus there). It serves this process only: loopback, no dashboard.
             kwargs["address"] = "local"
             kwargs["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+            kwargs["_node_ip_address"] = "127.0.0.1"
+            loopback = _loopback_only(ray)
         try:
-            ray.init(**kwargs)
-        except ConnectionError as err:
-            raise ClusterConnectionError(
-                f"Could not connect to the Ray cluster at {self.address!r}: {err}"
-            ) from None
+            with loopback, _quiet_fork_warning():
+                ray.init(**kwargs)
+        except (ConnectionError, RuntimeError) as err:
+            if not self.address:
+                raise
+            ray.shutdown()
+            message = f"Could not connect to the Ray cluster at {self.address!r}: {err}"
+            if _looks_like_auth_failure(err):
+                message += f" {_AUTH_HELP}"
+            raise ClusterConnectionError(message) from None
         self._started_here = True
         return self
 
