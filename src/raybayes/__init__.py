@@ -1,5 +1,10 @@
-"""raybayes: Bayesian inference for NumPyro models, on one machine or a Ray cluster."""
+"""raybayes: Bayesian inference for NumPyro models, on one machine or a Ray cluster.
 
+The public functions are imported on first use, so that ``import raybayes`` (and
+the ``raybayes`` command's ``--help``) does not load JAX or Ray.
+"""
+
+from raybayes._lazy import lazy_exports
 from raybayes.errors import (
     ChainError,
     ClusterConnectionError,
@@ -8,15 +13,29 @@ from raybayes.errors import (
     RaybayesError,
     RaybayesWarning,
 )
-from raybayes.fleet import aggregate, connect_results, fit_many, plot_group
-from raybayes.core import Partition
-from raybayes.mcmc import load_draws, sample
-from raybayes.optim import find_map, laplace, laplace_approximation
-from raybayes.plan import Plan, plan
-from raybayes.results import print_summary, summary, to_inference_data
-from raybayes.svi import SVIResult, fit_svi
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it (imported on first access).
+_LAZY = {
+    "sample": "raybayes.mcmc",
+    "load_draws": "raybayes.mcmc",
+    "plan": "raybayes.plan",
+    "Plan": "raybayes.plan",
+    "Partition": "raybayes.core",
+    "find_map": "raybayes.optim",
+    "laplace": "raybayes.optim",
+    "laplace_approximation": "raybayes.optim",
+    "fit_svi": "raybayes.svi",
+    "SVIResult": "raybayes.svi",
+    "fit_many": "raybayes.fleet",
+    "aggregate": "raybayes.fleet",
+    "plot_group": "raybayes.fleet",
+    "connect_results": "raybayes.fleet",
+    "summary": "raybayes.results",
+    "print_summary": "raybayes.results",
+    "to_inference_data": "raybayes.results",
+}
 
 __all__ = [
     "sample",
@@ -43,3 +62,6 @@ __all__ = [
     "ChainError",
     "ClusterConnectionError",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -11,6 +11,9 @@ app = typer.Typer(
     help="Bayesian inference for NumPyro models on one machine or a Ray cluster.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain help: option names are never cut, and lines wrap at the terminal's
+    # width (80 columns at most), whatever the width.
+    rich_markup_mode=None,
 )
 
 

@@ -107,10 +107,9 @@ def test_every_ray_socket_listens_on_loopback_only(embedded_run):
 def test_no_dashboard_is_served(embedded_run):
     """Ray always starts its head process; without a dashboard it serves no UI."""
     found, _ = embedded_run
-    head = found.get("dashboard") or []
-    assert not head or {"--disable-frontend", "--modules-to-load=UsageStatsHead"} <= set(
-        head
-    ), head
+    head = set(found.get("dashboard") or [])
+    no_ui = {"--disable-frontend", "--modules-to-load=UsageStatsHead"}
+    assert not head or no_ui <= head, head
 
 
 def test_no_fork_warnings(embedded_run):

@@ -235,19 +235,30 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         )
 
 
-_AUTH_HELP = (
-    "If the cluster uses token authentication (Ray's default), give this process "
-    "the cluster's token: set RAY_AUTH_MODE=token and either RAY_AUTH_TOKEN=<token> "
-    "or the token file (~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH=<file>); `ray "
-    "get-auth-token` prints the token on the head node."
-)
+def _connection_help() -> str:
+    """What to check when a cluster that answered refuses this client.
 
-
-def _looks_like_auth_failure(err: BaseException) -> bool:
-    text = f"{type(err).__name__} {err}".lower()
-    if any(w in text for w in ("authenticat", "unauthenticated", "token")):
-        return True
-    return os.environ.get("RAY_AUTH_MODE", "").lower() != "token"
+    Ray's GCS answers any client at the transport level and rejects one without
+    the cluster's token only inside its RPCs, which ``ray.init`` reports as a bare
+    "Failed to connect"; token authentication is the usual cause.
+    """
+    fix = (
+        "set RAY_AUTH_MODE=token and give this process the cluster's token, either "
+        "as RAY_AUTH_TOKEN=<token> or as the token file (~/.ray/auth_token, or the "
+        "file named by RAY_AUTH_TOKEN_PATH); `ray get-auth-token` prints it on the "
+        "head node."
+    )
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if (mode or "").lower() != "token":
+        return (
+            "The cluster answered but refused this client. Ray clusters use token "
+            "authentication by default, and this process runs with RAY_AUTH_MODE="
+            f"{mode or '(unset)'}: {fix}"
+        )
+    return (
+        "The cluster answered but refused this client. Check its token "
+        f"authentication: {fix[0].upper()}{fix[1:]}"
+    )
 
 
 @contextlib.contextmanager
@@ -364,10 +375,10 @@ class RayBackend(Backend):
             if not self.address:
                 raise
             ray.shutdown()
-            message = f"Could not connect to the Ray cluster at {self.address!r}: {err}"
-            if _looks_like_auth_failure(err):
-                message += f" {_AUTH_HELP}"
-            raise ClusterConnectionError(message) from None
+            raise ClusterConnectionError(
+                f"Could not connect to the Ray cluster at {self.address!r}: {err}. "
+                + _connection_help()
+            ) from None
         self._started_here = True
         return self
 
