@@ -105,3 +105,35 @@ def test_old_pickle_next_to_a_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="old pickle format"):
         load_checkpoint(tmp_path / "global.npz")
     assert load_checkpoint(tmp_path / "other.npz") is None
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_fit_svi_does_not_unpickle_an_old_checkpoint(tmp_path):
+    """Probe 2 for fit_svi: a crafted global.pkl where the old format kept it."""
+    import pickle
+
+    import numpyro
+    import numpyro.distributions as dist
+
+    import raybayes
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("obs", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "global.pkl").write_bytes(pickle.dumps({"theta": _Marker(marker)}))
+    with pytest.raises(ConfigurationError, match="old pickle format"):
+        raybayes.fit_svi(model, model_kwargs={"y": np.ones(4)}, num_steps=5,
+                         checkpoint_dir=ckpt, progress_bar=False, num_draws=5)
+    assert not marker.exists()
