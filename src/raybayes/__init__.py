@@ -4,6 +4,8 @@ The public functions are imported on first use, so that ``import raybayes`` (and
 the ``raybayes`` command's ``--help``) does not load JAX or Ray.
 """
 
+from typing import TYPE_CHECKING
+
 from raybayes._lazy import lazy_exports
 from raybayes.errors import (
     ChainError,
@@ -13,6 +15,15 @@ from raybayes.errors import (
     RaybayesError,
     RaybayesWarning,
 )
+
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time, _LAZY
+    from raybayes.core import Partition
+    from raybayes.fleet import aggregate, connect_results, fit_many, plot_group
+    from raybayes.mcmc import load_draws, sample
+    from raybayes.optim import find_map, laplace, laplace_approximation
+    from raybayes.plan import Plan, plan
+    from raybayes.results import print_summary, summary, to_inference_data
+    from raybayes.svi import SVIResult, fit_svi
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,13 @@
 """Fleets of small models: one Bayesian model per group of a partitioned data set."""
 
+from typing import TYPE_CHECKING
+
 from raybayes._lazy import lazy_exports
+
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time, below
+    from raybayes.fleet.aggregate import aggregate, plot_group
+    from raybayes.fleet.driver import FleetResult, fit_many, list_groups
+    from raybayes.fleet.store import connect as connect_results
 
 __all__ = ["fit_many", "FleetResult", "list_groups", "aggregate", "plot_group",
            "connect_results"]
