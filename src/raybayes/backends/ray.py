@@ -1,8 +1,10 @@
 """Ray backend: one Ray actor per worker.
 
 With no address, it starts an embedded local Ray instance on this machine's CPUs and
-stops it on :meth:`RayBackend.shutdown`. With ``address=`` (or the ``RAY_ADDRESS``
-environment variable) it connects to an existing cluster and leaves it running.
+stops it on :meth:`RayBackend.shutdown`; that instance serves this process only:
+every Ray service binds the loopback interface, and no dashboard is served. With
+``address=`` (or the ``RAY_ADDRESS`` environment variable) it connects to an
+existing cluster and leaves it running.
 """
 
 from __future__ import annotations
@@ -313,11 +315,19 @@ class RayBackend(Backend):
             ``{"CPU": 1, "GPU": 1}``. Default ``{"CPU": 1}``, plus one GPU with
             ``use_gpu=True``.
         use_gpu: give each worker one GPU and let JAX use it.
-        connect_timeout_s: how long to wait for a cluster at ``address``.
+        connect_timeout_s: how long to wait, in seconds, for a Ray cluster to answer
+            at ``address`` (nothing listening, or something that is not Ray, fails
+            within it).
 
     Raises:
-        ClusterConnectionError: nothing answers at ``address`` in time.
+        ClusterConnectionError: nothing, or nothing Ray, answers at ``address`` in
+            time; or the cluster refuses this client (token authentication: the
+            message names ``RAY_AUTH_MODE=token`` and where the token goes).
         ConfigurationError: a malformed address or resource request.
+
+    Examples:
+        >>> RayBackend(num_cpus=1).name
+        'ray'
     """
 
     name = "ray"
