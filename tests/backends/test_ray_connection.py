@@ -150,3 +150,14 @@ def test_silent_port_fails_within_a_short_timeout():
         assert time.perf_counter() - start < 1.5 + 1
     finally:
         listener.close()
+
+
+def test_a_tls_cluster_is_only_checked_for_a_listening_port(monkeypatch):
+    from raybayes.backends.ray import _check_reachable
+
+    monkeypatch.setenv("RAY_USE_TLS", "1")  # its GCS expects a TLS handshake first
+    listener = _Listener()
+    try:
+        _check_reachable(f"127.0.0.1:{listener.port}", 1.0)
+    finally:
+        listener.close()

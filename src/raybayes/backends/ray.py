@@ -217,6 +217,8 @@ def _check_reachable(address: str, timeout_s: float) -> None:
             "Ray instance."
         ) from None
     with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS cluster expects a TLS handshake first: TCP must do here
         try:
             conn.sendall(_HTTP2_PREFACE + _HTTP2_EMPTY_SETTINGS)
             while len(header) < 9:
