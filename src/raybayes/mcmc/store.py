@@ -149,6 +149,10 @@ def load_draws(checkpoint_dir: str | Path):
     Returns:
         ``arviz.InferenceData`` (``posterior`` and ``sample_stats``), or ``None``
         if no chain has finished a sampling chunk yet.
+
+    Raises:
+        ConfigurationError: the folder holds chain states of the old pickle format
+            (``state.pkl``), which are never loaded: loading a pickle can run code.
     """
     from raybayes.results import to_inference_data
 
