@@ -20,6 +20,7 @@ from jax import lax
 from numpyro.infer import NUTS
 from numpyro.infer.util import init_to_uniform
 
+from raybayes.config import derive_key
 from raybayes.errors import ChainError
 
 __all__ = ["ChunkResult", "NUTSChainRunner", "chain_key", "SAMPLE_STATS"]
@@ -37,14 +38,26 @@ SAMPLE_STATS = (
 
 
 def chain_key(seed: int, chain_id: int) -> np.ndarray:
-    """The PRNG key of chain ``chain_id``: ``fold_in(PRNGKey(seed), chain_id)``.
+    """The PRNG key of chain ``chain_id``: ``derive_key(seed, chain_id)``.
 
-    It depends on the seed and the chain index only, never on scheduling.
+    That is ``fold_in(PRNGKey(seed), chain_id)``: it depends on the seed and the
+    chain index only, never on scheduling.
+
+    Args:
+        seed: the run's integer seed.
+        chain_id: the chain's index, ``>= 0``.
 
     Returns:
         A ``uint32[2]`` NumPy array.
+
+    Raises:
+        ConfigurationError: ``seed`` is not an integer.
+
+    Examples:
+        >>> chain_key(0, 1).shape
+        (2,)
     """
-    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), chain_id))
+    return np.asarray(derive_key(seed, chain_id))
 
 
 class ChunkResult(NamedTuple):

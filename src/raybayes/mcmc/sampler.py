@@ -4,8 +4,14 @@ The driver owns every chain's state. It hands chunks of iterations to whichever
 worker is free, so chains may outnumber workers and a worker never waits for
 another. The whole chain state comes back with each chunk, so a chain can move
 between workers; since each chain's randomness lives in its own state (seeded by
-``fold_in(PRNGKey(seed), chain)``), the draws are the same on any number of workers
-and on any backend.
+``derive_key(seed, chain)``, that is ``fold_in(PRNGKey(seed), chain)``), the draws
+are the same on any number of workers and on any backend.
+
+:func:`sample` is three steps kept apart: checking the arguments
+(:func:`_check_arguments`, before anything runs), building the frozen run
+configuration (:class:`_RunSettings` for the chains and their scheduling,
+:class:`_StoppingRule` for the run-to-target settings) and the work itself
+(:func:`_run_chains`, then :func:`_to_inference_data`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from raybayes.backends import Backend, get_backend
+from raybayes.config import ScalingConfig, resolve_backend_name
 from raybayes.core.validation import check_observed_data
 from raybayes.errors import ChainError, ConfigurationError, WorkerLostError
 from raybayes.mcmc.chain import SAMPLE_STATS, ChunkResult, NUTSChainRunner, chain_key
@@ -54,140 +61,62 @@ def _default_chunk_size(num_warmup, num_samples):
     return int(min(100, max(10, math.ceil(total / 20))))
 
 
-def sample(
-    model,
-    *model_args,
-    model_kwargs: dict | None = None,
-    num_chains: int = 4,
-    num_warmup: int = 1000,
-    num_samples: int = 1000,
-    seed: int = 0,
-    backend: str | Backend = "ray",
-    num_workers: int | None = None,
-    address: str | None = None,
-    use_gpu: bool = False,
-    resources_per_worker: dict[str, float] | None = None,
-    init_params: dict | None = None,
-    target_accept_prob: float = 0.8,
-    max_tree_depth: int = 10,
-    dense_mass: bool = False,
-    kernel_kwargs: dict | None = None,
-    chunk_size: int | None = None,
-    coords: dict | None = None,
-    dims: dict | None = None,
-    progress_bar: bool = True,
-    target_ess: float | None = None,
-    target_rhat: float | None = None,
-    target_var_names: list[str] | None = None,
-    max_samples: int | None = None,
-    max_time_s: float | None = None,
-    checkpoint_dir: str | None = None,
-    cross_chain_adaptation: bool = False,
-    _scheduling: str = "dynamic",
-    _worker_slowdown: dict[int, float] | None = None,
-):
-    """Draw from a NumPyro model's posterior with NUTS, chains spread over workers.
+@dataclass(frozen=True)
+class _RunSettings:
+    """How the chains run: NUTS settings and scheduling, fixed before any work.
 
-    Each chain's key is ``fold_in(PRNGKey(seed), chain)``; the draws are bitwise
-    identical (on CPU) whatever the backend and the number of workers.
-
-    Args:
-        model: a NumPyro model.
-        *model_args: positional arguments of the model (arrays are sent to the
-            workers once, through the object store).
-        model_kwargs: keyword arguments of the model.
+    Attributes:
         num_chains: number of Markov chains.
-        num_warmup: warmup (adaptation) iterations per chain.
-        num_samples: kept draws per chain.
-        seed: root seed of every chain's key.
-        backend: ``"ray"`` (default; an embedded local Ray instance unless
-            ``address``/``RAY_ADDRESS`` names a cluster), ``"local"`` (in-process)
-            or a :class:`~raybayes.backends.Backend`.
-        num_workers: worker count (default: ``min(num_chains, available CPUs)``).
-        address: Ray cluster address, e.g. ``"10.0.0.1:6379"``.
-        use_gpu: one GPU per worker.
-        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
-        init_params: initial values in the unconstrained space, site -> array.
-        target_accept_prob: NUTS target acceptance probability, in (0, 1).
-        max_tree_depth: maximum NUTS tree depth.
-        dense_mass: adapt a dense mass matrix instead of a diagonal one.
-        kernel_kwargs: further arguments of :class:`numpyro.infer.NUTS`.
-        chunk_size: iterations per unit of remote work (default: about 1/20 of a
-            chain, between 10 and 100).
-        coords, dims: extra ArviZ coordinates and dimensions (override the plate
-            names inferred from the model).
-        progress_bar: show one progress bar per chain on the driver.
-        target_ess: run until the bulk and the tail ESS (ArviZ, rank-normalised) of
-            every parameter (or of ``target_var_names``) reach this value;
-            ``num_samples`` is then the minimum number of draws per chain.
-        target_rhat: run until the rank-normalised split R-hat of every such
-            parameter is at most this value (e.g. 1.01).
-        target_var_names: the sites the targets apply to (default: all latent
-            sites).
-        max_samples: the most draws per chain when a target is given (default
-            ``10 * num_samples``).
-        max_time_s: stop after this many seconds of wall time (the draws so far are
-            returned, and the result says that the time limit stopped the run).
-        checkpoint_dir: write every chain's state (adaptation included) and its
-            draws there after each chunk, atomically. Calling ``sample`` again with
-            the same arguments and directory resumes the run, and ends with the
-            draws of an uninterrupted run. Draws stream there as Parquet files;
-            :func:`raybayes.mcmc.load_draws` reads the run so far at any time.
-        cross_chain_adaptation: pool the mass-matrix adaptation over chains. At
-            the end of each of NumPyro's slow adaptation windows every chain waits
-            for the others, and each chain's running (Welford) estimate of the
-            posterior covariance is replaced by the estimate from the draws of all
-            chains in that window, so each chain's mass matrix is estimated from
-            ``num_chains`` times as many draws. Chains wait at most a few times per
-            warmup (once per window); the draws still do not depend on the number
-            of workers. Helps most with many chains and a short warmup.
+        num_warmup: warmup iterations per chain.
+        seed: root seed; chain ``c`` uses ``derive_key(seed, c)``.
+        chunk_size: iterations per unit of remote work.
+        kernel_kwargs: arguments of :class:`numpyro.infer.NUTS` (the target
+            acceptance probability, tree depth and mass-matrix choice included).
+        init_params: initial unconstrained values, site -> array, or ``None``.
+        cross_chain_adaptation: pool the mass-matrix adaptation over chains.
+        static_scheduling: chain ``c`` always runs on worker ``c % num_workers``
+            (for benchmarks); otherwise a free worker takes the chain that is
+            furthest behind.
+        worker_slowdown: worker index -> slowdown factor (for benchmarks).
+        progress_bar: show one progress bar per chain.
+    """
 
-    Chains advance in chunks of ``chunk_size`` iterations. A free worker always
-    advances the chain that has the fewest iterations, so chains may outnumber
-    workers, a slow worker never holds the others back, and chains stay within a
-    chunk or two of each other. With targets, diagnostics are evaluated each time
-    every chain has a multiple of ``chunk_size`` draws, and the run stops at the
-    first such point that meets them; since that point does not depend on timing,
-    the draws still do not depend on the number of workers. A worker that dies
-    (actor or node) is replaced; its chain continues from its last completed chunk
-    on another worker, and no draw is lost or changed.
+    num_chains: int
+    num_warmup: int
+    seed: int
+    chunk_size: int
+    kernel_kwargs: dict
+    init_params: dict | None
+    cross_chain_adaptation: bool
+    static_scheduling: bool
+    worker_slowdown: dict | None
+    progress_bar: bool
 
-    Returns:
-        ``arviz.InferenceData`` with ``posterior`` (each site
-        ``(num_chains, num_samples, *site_shape)``, plate dims named after the
-        plates), ``sample_stats`` (``diverging``, ``tree_depth``, ``n_steps``,
-        ``step_size``, ``energy``, ``acceptance_rate``, ``lp``) and
-        ``observed_data``. ``idata.attrs`` holds ``stop_reason``
-        (``"num_samples"``, ``"targets_met"``, ``"max_samples"`` or
-        ``"max_time_s"``), ``targets_met`` and the final ``ess_bulk_min``,
-        ``ess_tail_min``, ``r_hat_max`` when targets were given.
 
-    Raises:
-        ConfigurationError: a bad argument (checked before anything runs).
-        ChainError: the model raised in a chain; names the chain, carries the
-            worker's traceback.
-        ClusterConnectionError: the Ray address is unreachable.
+def _check_arguments(
+    model,
+    *,
+    num_chains,
+    num_warmup,
+    num_samples,
+    chunk_size,
+    target_accept_prob,
+    kernel_kwargs,
+    target_ess,
+    target_rhat,
+    target_var_names,
+    max_samples,
+    max_time_s,
+    cross_chain_adaptation,
+    scheduling,
+):
+    """Raise :class:`ConfigurationError` for any bad argument of :func:`sample`.
 
-    References:
-        Hoffman & Gelman (2014), The No-U-Turn Sampler, JMLR 15.
-        Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021), Rank-normalization,
-        folding, and localization: an improved R-hat, Bayesian Analysis 16(2).
-
-    Examples:
-        >>> import numpyro, numpyro.distributions as dist, raybayes
-        >>> def model(y):
-        ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
-        ...     numpyro.sample("y", dist.Normal(mu, 1), obs=y)
-        >>> idata = raybayes.sample(model, np.array([0.5, 1.5]), num_chains=2,
-        ...     num_warmup=100, num_samples=100, backend="local", progress_bar=False)
-        >>> idata.posterior["mu"].shape
-        (2, 100)
+    Runs before the model is traced and before any backend starts.
     """
     _check_positive_int("num_chains", num_chains)
     _check_positive_int("num_warmup", num_warmup, allow_zero=True)
     _check_positive_int("num_samples", num_samples)
-    if num_workers is not None:
-        _check_positive_int("num_workers", num_workers)
     if chunk_size is not None:
         _check_positive_int("chunk_size", chunk_size)
     if not 0 < target_accept_prob < 1:
@@ -239,12 +168,183 @@ def sample(
             "cross_chain_adaptation pools the mass-matrix adaptation, but "
             "kernel_kwargs sets adapt_mass_matrix=False; drop one of the two."
         )
-    if _scheduling not in ("dynamic", "static"):
-        raise ConfigurationError(f"_scheduling={_scheduling!r}; use 'dynamic' or 'static'.")
+    if scheduling not in ("dynamic", "static"):
+        raise ConfigurationError(f"_scheduling={scheduling!r}; use 'dynamic' or 'static'.")
     if not callable(model):
         raise ConfigurationError(f"model={model!r} is not callable; pass a NumPyro model function.")
+
+
+def sample(
+    model,
+    *model_args,
+    model_kwargs: dict | None = None,
+    num_chains: int = 4,
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    seed: int = 0,
+    backend: str | Backend = "auto",
+    num_workers: int | None = None,
+    address: str | None = None,
+    use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
+    init_params: dict | None = None,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    dense_mass: bool = False,
+    kernel_kwargs: dict | None = None,
+    chunk_size: int | None = None,
+    coords: dict | None = None,
+    dims: dict | None = None,
+    progress_bar: bool = True,
+    target_ess: float | None = None,
+    target_rhat: float | None = None,
+    target_var_names: list[str] | None = None,
+    max_samples: int | None = None,
+    max_time_s: float | None = None,
+    checkpoint_dir: str | None = None,
+    cross_chain_adaptation: bool = False,
+    _scheduling: str = "dynamic",
+    _worker_slowdown: dict[int, float] | None = None,
+):
+    """Draw from a NumPyro model's posterior with NUTS, chains spread over workers.
+
+    Each chain's key is ``derive_key(seed, chain)`` (``fold_in(PRNGKey(seed),
+    chain)``); the draws are bitwise identical (on CPU) whatever the backend and
+    the number of workers.
+
+    Args:
+        model: a NumPyro model (a callable).
+        *model_args: positional arguments of the model (arrays are sent to the
+            workers once, through the object store).
+        model_kwargs: keyword arguments of the model.
+        num_chains: number of Markov chains, ``>= 1``.
+        num_warmup: warmup (adaptation) iterations per chain, ``>= 0``.
+        num_samples: kept draws per chain, ``>= 1``.
+        seed: integer root seed of every chain's key.
+        backend: ``"auto"`` (default), ``"local"`` (in-process), ``"ray"`` (an
+            embedded local Ray instance unless ``address``/``RAY_ADDRESS`` names a
+            cluster) or a :class:`~raybayes.backends.Backend` (left running).
+            ``"auto"`` is resolved by :func:`raybayes.config.resolve_backend_name`
+            with one piece of parallel work per chain: Ray when the scaling
+            arguments ask for a cluster (``address``, ``RAY_ADDRESS``, ``use_gpu``,
+            ``resources_per_worker``, ``num_workers > 1``) or when there are several
+            chains and more than one CPU; in-process otherwise (one chain, or one
+            CPU), so that such a job starts no workers it does not need.
+        num_workers: worker count (default: ``min(num_chains, available CPUs)``;
+            one in-process).
+        address: Ray cluster address, e.g. ``"10.0.0.1:6379"``.
+        use_gpu: one GPU per worker (Ray only).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        init_params: initial values in the unconstrained space, site -> array of
+            the site's shape (the same for every chain).
+        target_accept_prob: NUTS target acceptance probability, in (0, 1).
+        max_tree_depth: maximum NUTS tree depth (at most ``2**max_tree_depth - 1``
+            leapfrog steps per draw).
+        dense_mass: adapt a dense mass matrix instead of a diagonal one.
+        kernel_kwargs: further arguments of :class:`numpyro.infer.NUTS`.
+        chunk_size: iterations per unit of remote work (default: about 1/20 of a
+            chain, between 10 and 100).
+        coords, dims: extra ArviZ coordinates and dimensions (override the plate
+            names inferred from the model).
+        progress_bar: show one progress bar per chain on the driver (stderr).
+        target_ess: run until the bulk and the tail ESS (ArviZ, rank-normalised) of
+            every parameter (or of ``target_var_names``) reach this value;
+            ``num_samples`` is then the minimum number of draws per chain.
+        target_rhat: run until the rank-normalised split R-hat of every such
+            parameter is at most this value (e.g. 1.01).
+        target_var_names: the sites the targets apply to (default: all latent
+            sites).
+        max_samples: the most draws per chain when a target is given (default
+            ``10 * num_samples``).
+        max_time_s: stop after this many seconds of wall time (the draws so far are
+            returned, and the result says that the time limit stopped the run).
+        checkpoint_dir: write every chain's state (adaptation included) and its
+            draws there after each chunk, atomically. Calling ``sample`` again with
+            the same arguments and directory resumes the run, and ends with the
+            draws of an uninterrupted run. Draws stream there as Parquet files;
+            :func:`raybayes.mcmc.load_draws` reads the run so far at any time.
+        cross_chain_adaptation: pool the mass-matrix adaptation over chains. At
+            the end of each of NumPyro's slow adaptation windows every chain waits
+            for the others, and each chain's running (Welford) estimate of the
+            posterior covariance is replaced by the estimate from the draws of all
+            chains in that window, so each chain's mass matrix is estimated from
+            ``num_chains`` times as many draws. Chains wait at most a few times per
+            warmup (once per window); the draws still do not depend on the number
+            of workers. Helps most with many chains and a short warmup.
+
+    Chains advance in chunks of ``chunk_size`` iterations. A free worker always
+    advances the chain that has the fewest iterations, so chains may outnumber
+    workers, a slow worker never holds the others back, and chains stay within a
+    chunk or two of each other. With targets, diagnostics are evaluated each time
+    every chain has a multiple of ``chunk_size`` draws, and the run stops at the
+    first such point that meets them; since that point does not depend on timing,
+    the draws still do not depend on the number of workers. A worker that dies
+    (actor or node) is replaced; its chain continues from its last completed chunk
+    on another worker, and no draw is lost or changed.
+
+    Returns:
+        ``arviz.InferenceData`` with ``posterior`` (each site
+        ``(num_chains, num_samples, *site_shape)``, plate dims named after the
+        plates), ``sample_stats`` (``diverging``, ``tree_depth``, ``n_steps``,
+        ``step_size``, ``energy``, ``acceptance_rate``, ``lp``) and
+        ``observed_data``. ``idata.attrs`` holds ``backend`` (the backend's name),
+        ``num_workers``, ``stop_reason`` (``"num_samples"``, ``"targets_met"``,
+        ``"max_samples"`` or ``"max_time_s"``), ``targets_met`` and the final
+        ``ess_bulk_min``, ``ess_tail_min``, ``r_hat_max`` when targets were given.
+
+    Raises:
+        ConfigurationError: a bad argument (checked before the model runs or any
+            backend starts); names the value, the allowed values and the fix.
+        ChainError: the model raised in a chain; names the chain, carries the
+            worker's traceback.
+        ClusterConnectionError: the Ray address is unreachable.
+
+    References:
+        Hoffman & Gelman (2014), The No-U-Turn Sampler, JMLR 15.
+        Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021), Rank-normalization,
+        folding, and localization: an improved R-hat, Bayesian Analysis 16(2).
+
+    Examples:
+        >>> import numpyro, numpyro.distributions as dist, raybayes
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+        ...     numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> idata = raybayes.sample(model, np.array([0.5, 1.5]), num_chains=2,
+        ...     num_warmup=100, num_samples=100, backend="local", progress_bar=False)
+        >>> idata.posterior["mu"].shape
+        (2, 100)
+    """
+    # 1. Checking: every argument, before the model runs or a backend starts.
+    _check_arguments(
+        model,
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        target_accept_prob=target_accept_prob,
+        kernel_kwargs=kernel_kwargs,
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        target_var_names=target_var_names,
+        max_samples=max_samples,
+        max_time_s=max_time_s,
+        cross_chain_adaptation=cross_chain_adaptation,
+        scheduling=_scheduling,
+    )
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        address=address,
+    )
+    engine = get_backend(
+        resolve_backend_name(backend, scaling, parallel_work=num_chains), scaling
+    )
+    # Bad data (NaN, inf) fails here, before any compute.
     model_kwargs = dict(model_kwargs or {})
     check_observed_data(model, model_args, model_kwargs)
+
+    # 2. Configuration: frozen settings of the chains and of the stopping rule.
     chunk_size = chunk_size or _default_chunk_size(num_warmup, num_samples)
     kernel_kwargs = dict(kernel_kwargs or {})
     kernel_kwargs.update(
@@ -252,12 +352,60 @@ def sample(
         max_tree_depth=max_tree_depth,
         dense_mass=dense_mass,
     )
-
-    engine = get_backend(
-        backend, address=address, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+    settings = _RunSettings(
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        seed=seed,
+        chunk_size=chunk_size,
+        kernel_kwargs=kernel_kwargs,
+        init_params=init_params,
+        cross_chain_adaptation=bool(cross_chain_adaptation),
+        static_scheduling=_scheduling == "static",
+        worker_slowdown=_worker_slowdown,
+        progress_bar=progress_bar,
     )
-    # Driver-side trace: plate names for dims, and observed data (runs the model
-    # once; a model that raises fails here, before any worker starts).
+    site_dims, site_coords, observed = _trace_model(
+        model, model_args, model_kwargs, dims, coords, target_var_names
+    )
+    has_target = target_ess is not None or target_rhat is not None
+    stopping = _StoppingRule(
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        var_names=target_var_names,
+        num_samples=num_samples,
+        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
+        max_time_s=max_time_s,
+        step=chunk_size,
+    )
+    store = _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_coords)
+
+    # 3. Work: run the chains, then assemble the InferenceData.
+    chains, outcome, num_workers = _run_chains(
+        engine,
+        owns_engine=not isinstance(backend, Backend),
+        model=model,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+        num_workers=scaling.num_workers,
+        settings=settings,
+        stopping=stopping,
+        store=store,
+    )
+    return _to_inference_data(
+        chains, outcome, observed, site_dims, site_coords, settings, num_workers,
+        engine.name,
+    )
+
+
+def _trace_model(model, model_args, model_kwargs, dims, coords, target_var_names):
+    """Trace the model once on the driver: ArviZ dims and coords, observed data.
+
+    A model that raises fails here, before any worker starts.
+
+    Raises:
+        ChainError: the model raised (for every chain; with the traceback).
+        ConfigurationError: ``target_var_names`` names sites the model lacks.
+    """
     try:
         site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with the traceback
@@ -270,9 +418,7 @@ def sample(
         ) from None
     site_dims.update(dims or {})
     site_coords.update(coords or {})
-    latent = [
-        n for n in site_dims if n not in observed
-    ]
+    latent = [n for n in site_dims if n not in observed]
     if target_var_names is not None:
         unknown = [v for v in target_var_names if v not in site_dims]
         if unknown:
@@ -280,67 +426,88 @@ def sample(
                 f"target_var_names has unknown sites {unknown}; the model has "
                 f"{sorted(latent)}."
             )
-    stopping = _StoppingRule(
-        target_ess=target_ess,
-        target_rhat=target_rhat,
-        var_names=target_var_names,
-        num_samples=num_samples,
-        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
-        max_time_s=max_time_s,
-        step=chunk_size,
-    )
-    store = None
-    if checkpoint_dir is not None:
-        from raybayes.mcmc.store import DrawStore
+    return site_dims, site_coords, observed
 
-        store = DrawStore(checkpoint_dir)
-        store.open(
-            dict(
-                num_chains=num_chains,
-                num_warmup=num_warmup,
-                num_samples=num_samples,
-                chunk_size=chunk_size,
-                seed=seed,
-                cross_chain_adaptation=bool(cross_chain_adaptation),
-                model=getattr(model, "__qualname__", repr(model)),
-                kernel={k: repr(v) for k, v in sorted(kernel_kwargs.items())},
-                dims=site_dims,
-                coords={k: np.asarray(v).tolist() for k, v in site_coords.items()},
-            )
+
+def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_coords):
+    """The checkpoint store of the run (``None`` without ``checkpoint_dir``)."""
+    if checkpoint_dir is None:
+        return None
+    from raybayes.mcmc.store import DrawStore
+
+    store = DrawStore(checkpoint_dir)
+    store.open(
+        dict(
+            num_chains=settings.num_chains,
+            num_warmup=settings.num_warmup,
+            num_samples=num_samples,
+            chunk_size=settings.chunk_size,
+            seed=settings.seed,
+            cross_chain_adaptation=settings.cross_chain_adaptation,
+            model=getattr(model, "__qualname__", repr(model)),
+            kernel={k: repr(v) for k, v in sorted(settings.kernel_kwargs.items())},
+            dims=site_dims,
+            coords={k: np.asarray(v).tolist() for k, v in site_coords.items()},
         )
+    )
+    return store
 
-    owns_engine = not isinstance(backend, Backend)
+
+def _run_chains(
+    engine, *, owns_engine, model, model_args, model_kwargs, num_workers, settings,
+    stopping, store,
+):
+    """Start the workers and run every chain to the stopping rule.
+
+    Returns:
+        ``(chains, outcome, num_workers)``: the :class:`_Chain` records, the
+        scheduler's outcome (stop reason, diagnostics) and the pool size used.
+    """
     engine.start()
     try:
         if num_workers is None:
-            num_workers = max(1, min(num_chains, engine.default_num_workers()))
+            num_workers = max(1, min(settings.num_chains, engine.default_num_workers()))
         args_ref = engine.put((model_args, model_kwargs))
         pool = engine.create_pool(
             _make_runner,
-            (model, args_ref, num_warmup, chunk_size, kernel_kwargs, _worker_slowdown),
+            (
+                model,
+                args_ref,
+                settings.num_warmup,
+                settings.chunk_size,
+                settings.kernel_kwargs,
+                settings.worker_slowdown,
+            ),
             num_workers=num_workers,
             name="nuts",
         )
         try:
             chains, outcome = _ChainScheduler(
                 pool,
-                num_chains=num_chains,
-                num_warmup=num_warmup,
-                seed=seed,
-                chunk_size=chunk_size,
-                init_params=init_params,
+                num_chains=settings.num_chains,
+                num_warmup=settings.num_warmup,
+                seed=settings.seed,
+                chunk_size=settings.chunk_size,
+                init_params=settings.init_params,
                 stopping=stopping,
                 store=store,
-                progress_bar=progress_bar,
-                static=_scheduling == "static",
-                cross_chain=cross_chain_adaptation,
+                progress_bar=settings.progress_bar,
+                static=settings.static_scheduling,
+                cross_chain=settings.cross_chain_adaptation,
             ).run()
         finally:
             pool.shutdown()
     finally:
         if owns_engine:
             engine.shutdown()
+    return chains, outcome, num_workers
 
+
+def _to_inference_data(
+    chains, outcome, observed, site_dims, site_coords, settings, num_workers,
+    backend_name,
+):
+    """Stack the chains' draws (cut to the stopping point) into InferenceData."""
     n = outcome["draws_per_chain"]
     posterior = {
         name: np.stack([np.concatenate([d[name] for d in c.draws])[:n] for c in chains])
@@ -359,10 +526,11 @@ def sample(
         attrs={
             "inference_library": "raybayes",
             "sampler": "NUTS",
-            "num_warmup": num_warmup,
-            "seed": seed,
+            "num_warmup": settings.num_warmup,
+            "seed": settings.seed,
+            "backend": backend_name,
             "num_workers": num_workers,
-            "cross_chain_adaptation": int(bool(cross_chain_adaptation)),
+            "cross_chain_adaptation": int(settings.cross_chain_adaptation),
             **{k: (int(v) if isinstance(v, bool) else v) for k, v in outcome.items() if v is not None},
         },
     )
@@ -385,9 +553,20 @@ def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=No
 _make_runner.accepts_worker_index = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class _StoppingRule:
-    """When to stop sampling: fixed draws, or targets on ESS and R-hat."""
+    """When to stop sampling (the run-to-target settings): fixed draws, or targets
+    on ESS and R-hat checked at draw counts fixed in advance.
+
+    Attributes:
+        target_ess: minimum bulk and tail ESS, or ``None``.
+        target_rhat: maximum split R-hat, or ``None``.
+        var_names: the sites the targets apply to (``None``: all).
+        num_samples: draws per chain without a target; the first check with one.
+        max_samples: the most draws per chain.
+        max_time_s: wall-time limit in seconds, or ``None``.
+        step: draws per chain between two checks (the chunk size).
+    """
 
     target_ess: float | None
     target_rhat: float | None
