@@ -12,7 +12,7 @@ from sklearn.base import clone
 from raybayes.errors import ConfigurationError, DataValidationError, RaybayesWarning
 from raybayes.glm import LogisticRegression, PoissonRegression, ShardedGLMData
 
-TIGHT = dict(tol=1e-10, max_iter=1000, backend="local")
+TIGHT = dict(tol=1e-10, max_steps=1000, backend="local")
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +187,36 @@ def test_clone_and_params():
 
 def test_not_converged_warns(binary):
     X, y = binary
-    with pytest.warns(RaybayesWarning, match="did not converge in max_iter=2"):
-        m = LogisticRegression(max_iter=2, tol=1e-12, backend="local").fit(X, y)
+    with pytest.warns(RaybayesWarning, match="did not converge in max_steps=2"):
+        m = LogisticRegression(max_steps=2, tol=1e-12, backend="local").fit(X, y)
     assert not m.converged_ and m.n_iter_[0] == 2
+
+
+def test_deprecated_max_iter_and_verbose_still_work(binary, capsys):
+    X, y = binary
+    new = LogisticRegression(max_steps=3, tol=1e-12, backend="local")
+    with pytest.warns(RaybayesWarning):
+        new.fit(X, y)
+    old = LogisticRegression(max_iter=3, verbose=False, tol=1e-12, backend="local")
+    with pytest.warns(FutureWarning, match="max_iter= is deprecated.*max_steps="):
+        with pytest.warns(FutureWarning, match="verbose= is deprecated.*progress_bar="):
+            with pytest.warns(RaybayesWarning):
+                old.fit(X, y)
+    np.testing.assert_array_equal(old.coef_, new.coef_)
+    assert old.n_iter_[0] == 3
+    # scikit-learn's clone keeps the old name as given.
+    assert clone(old).get_params()["max_iter"] == 3
+    with pytest.raises(ConfigurationError, match="both max_iter= .* and max_steps="):
+        with pytest.warns(FutureWarning):
+            LogisticRegression(max_iter=3, max_steps=5, backend="local").fit(X, y)
+
+
+def test_auto_backend_fits_in_process_without_workers(binary):
+    X, y = binary
+    m = LogisticRegression(standard_errors=False).fit(X, y)  # backend="auto"
+    assert m.backend_ == "local" and m.num_workers_ == 1
+    ref = LogisticRegression(backend="local", standard_errors=False).fit(X, y)
+    np.testing.assert_array_equal(m.coef_, ref.coef_)
 
 
 # --- bad input -----------------------------------------------------------------
@@ -266,7 +293,10 @@ def test_length_mismatch_and_more_workers_than_rows():
         (dict(penalty="l1", solver="newton"), "solver='newton' does not handle"),
         (dict(C=-1.0), "C=-1.0"),
         (dict(tol=0), "tol=0"),
-        (dict(max_iter=0), "max_iter=0"),
+        (dict(max_steps=0), "max_steps=0"),
+        (dict(num_workers=0), "num_workers=0"),
+        (dict(address="10.0.0.1:6379"), "address=.*backend='ray'"),
+        (dict(backend=3), "backend=3"),
         (dict(backend="spark"), "backend='spark'"),
     ],
 )

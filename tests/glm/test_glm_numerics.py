@@ -109,7 +109,7 @@ def test_lbfgs_and_newton_solve_a_quadratic():
     A = M @ M.T + np.eye(6)
     b = rng.normal(size=6)
     exact = np.linalg.solve(A, b)
-    r1 = minimize_lbfgs(_quadratic(A, b), np.zeros(6), tol=1e-10, max_iter=200)
+    r1 = minimize_lbfgs(_quadratic(A, b), np.zeros(6), tol=1e-10, max_steps=200)
     assert r1.converged and np.allclose(r1.x, exact, atol=1e-8)
     vg = _quadratic(A, b)
     r2 = minimize_newton(
@@ -127,7 +127,7 @@ def test_owlqn_matches_the_lasso_soft_threshold():
     lam = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
     exact = np.sign(c) * np.maximum(np.abs(c) - lam / a, 0)
     vg = lambda x: (float(0.5 * a @ (x - c) ** 2), a * (x - c))  # noqa: E731
-    res = minimize_owlqn(vg, np.zeros(5), lam, tol=1e-10, max_iter=200)
+    res = minimize_owlqn(vg, np.zeros(5), lam, tol=1e-10, max_steps=200)
     assert res.converged
     np.testing.assert_allclose(res.x, exact, atol=1e-9)
     assert np.count_nonzero(res.x) == np.count_nonzero(exact) == 3

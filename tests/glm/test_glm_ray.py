@@ -8,7 +8,7 @@ import pytest
 from raybayes.errors import DataValidationError
 from raybayes.glm import LogisticRegression, PoissonRegression, ShardedGLMData
 
-KW = dict(C=0.1, tol=1e-8, max_iter=500)
+KW = dict(C=0.1, tol=1e-8, max_steps=500)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_ray_equals_local(sharded, local_fit):
 
 
 def test_killed_worker_does_not_change_the_result(sharded, local_fit):
-    sharded.objective._pools[1].kill(0)
+    sharded.objective.kill_worker(1)
     after = LogisticRegression(**KW).fit(sharded)
     np.testing.assert_array_equal(after.coef_, local_fit.coef_)
 

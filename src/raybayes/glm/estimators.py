@@ -18,6 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from raybayes.backends import Backend
+from raybayes.config import ScalingConfig, renamed_argument
 from raybayes.errors import ConfigurationError, RaybayesWarning
 from raybayes.glm.optim import minimize_lbfgs, minimize_newton, minimize_owlqn
 from raybayes.glm.sharded import ShardedGLMData
@@ -26,6 +27,7 @@ from raybayes.glm.validation import check_features, check_positive
 __all__ = ["LogisticRegression", "PoissonRegression"]
 
 _PENALTIES = ("l2", "l1", "elasticnet", None)
+_DEPRECATED = "deprecated"  # default of a renamed argument (scikit-learn's convention)
 _SOLVERS = ("lbfgs", "newton")
 
 
@@ -61,21 +63,48 @@ class _ShardedGLM(BaseEstimator):
                 "term is not differentiable); use solver='lbfgs', which runs OWL-QN."
             )
         check_positive("tol", self.tol)
+        # Resolved once per fit (one FutureWarning for a deprecated name).
+        self._fit_max_steps = max_steps = self._max_steps()
         if (
-            isinstance(self.max_iter, bool)
-            or not isinstance(self.max_iter, (int, np.integer))
-            or self.max_iter < 1
+            isinstance(max_steps, bool)
+            or not isinstance(max_steps, (int, np.integer))
+            or max_steps < 1
         ):
             raise ConfigurationError(
-                f"max_iter={self.max_iter!r}; use a positive integer."
+                f"max_steps={max_steps!r}; use a positive integer, e.g. max_steps=100."
             )
-        if self.backend not in ("ray", "local") and not isinstance(
+        self._fit_progress_bar = self._progress_bar()
+        if self.backend not in ("auto", "ray", "local") and not isinstance(
             self.backend, Backend
         ):
             raise ConfigurationError(
-                f"backend={self.backend!r}; use 'ray' (default), 'local' or a "
+                f"backend={self.backend!r}; use 'auto' (default), 'local', 'ray' or a "
                 "raybayes Backend instance."
             )
+        self._scaling()
+
+    # scikit-learn keeps every constructor argument as given (get_params, clone),
+    # so the deprecated names are resolved when fitting, not in __init__.
+    def _max_steps(self):
+        old = {} if self.max_iter == _DEPRECATED else {"max_iter": self.max_iter}
+        return renamed_argument(old, "max_iter", "max_steps", self.max_steps, default=100)
+
+    def _progress_bar(self):
+        old = {} if self.verbose == _DEPRECATED else {"verbose": self.verbose}
+        return bool(
+            renamed_argument(
+                old, "verbose", "progress_bar", self.progress_bar, default=False
+            )
+        )
+
+    def _scaling(self) -> ScalingConfig:
+        """The estimator's scaling configuration (validated)."""
+        return ScalingConfig(
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            resources_per_worker=self.resources_per_worker,
+            address=self.address,
+        )
 
     def _l1_ratio(self):
         return {"l2": 0.0, "l1": 1.0, None: 0.0}.get(self.penalty, self.l1_ratio)
@@ -98,13 +127,16 @@ class _ShardedGLM(BaseEstimator):
         else:
             if y is None:
                 raise ConfigurationError("fit(X, y) needs y (or a ShardedGLMData X).")
+            scaling = self._scaling()
             data = ShardedGLMData(
                 X,
                 y,
                 self._family,
-                num_workers=self.num_workers,
+                num_workers=scaling.num_workers,
                 backend=self.backend,
-                address=self.address,
+                address=scaling.address,
+                use_gpu=scaling.use_gpu,
+                resources_per_worker=scaling.resources_per_worker,
             )
             owns_data = True
         try:
@@ -135,6 +167,7 @@ class _ShardedGLM(BaseEstimator):
         self.backend_start_s_ = data.backend_start_s
         self.setup_s_ = data.setup_s
         self.num_workers_ = data.num_workers
+        self.backend_ = data.backend_name
         self.n_features_in_ = d
         if data.feature_names is not None:
             self.feature_names_in_ = np.asarray(data.feature_names, dtype=object)
@@ -153,7 +186,11 @@ class _ShardedGLM(BaseEstimator):
             beta[d] = 0.0
             return t.loss / n + 0.5 * l2 * (beta @ beta), t.grad / n + l2 * beta
 
-        kw = dict(tol=self.tol, max_iter=int(self.max_iter), verbose=bool(self.verbose))
+        kw = dict(
+            tol=self.tol,
+            max_steps=int(self._fit_max_steps),
+            progress_bar=self._fit_progress_bar,
+        )
         if use_l1:
             return minimize_owlqn(vg, x0, l1_vec, **kw)
         if self.solver == "lbfgs":
@@ -201,9 +238,10 @@ class _ShardedGLM(BaseEstimator):
             import warnings
 
             warnings.warn(
-                f"{type(self).__name__} did not converge in max_iter={self.max_iter} "
-                f"iterations ({res.message}; max |gradient| {res.grad_max:.3g} > "
-                f"tol={self.tol}). Increase max_iter, or use solver='newton' for "
+                f"{type(self).__name__} did not converge in max_steps="
+                f"{self._fit_max_steps} iterations ({res.message}; max |gradient| "
+                f"{res.grad_max:.3g} > tol={self.tol}). Increase max_steps, or use "
+                "solver='newton' for "
                 "ill-conditioned features.",
                 RaybayesWarning,
                 stacklevel=3,
@@ -304,17 +342,26 @@ _COMMON_ARGS = """
             ill-conditioned features with ``d`` up to a few thousand; L2 only).
         tol: stop when the largest absolute (projected or pseudo-) gradient entry of
             the mean-scaled objective is at most ``tol``, as scikit-learn's lbfgs.
-        max_iter: maximum number of optimizer iterations (as Spark MLlib's
-            ``maxIter`` and scikit-learn's ``max_iter``).
+        max_steps: maximum number of optimizer iterations (Spark MLlib's
+            ``maxIter``, scikit-learn's ``max_iter``).
         standard_errors: compute ``standard_errors_`` and ``covariance_`` by the
             Laplace approximation (one extra pass with the Hessian after L-BFGS).
         num_workers: shard workers (row blocks); ``None`` uses one per CPU of the
-            backend (at most one per row).
-        backend: ``"ray"`` (default; an embedded local Ray instance unless
-            ``address`` or ``RAY_ADDRESS`` names a cluster), ``"local"``
-            (in-process) or a started :class:`raybayes.backends.Backend`.
-        address: Ray cluster address (``backend="ray"`` only).
-        verbose: print one progress line per iteration to stderr."""
+            backend (one in-process; at most one per row).
+        backend: ``"auto"`` (default), ``"local"`` (in-process), ``"ray"`` (an
+            embedded local Ray instance unless ``address`` or ``RAY_ADDRESS`` names
+            a cluster) or a started :class:`raybayes.backends.Backend` (left
+            running). ``"auto"`` is Ray only when the scaling arguments ask for it
+            (``num_workers > 1``, ``address``, ``RAY_ADDRESS``, ``use_gpu``,
+            ``resources_per_worker``); a one-shot fit on one machine otherwise runs
+            in-process and starts no workers (NumPy's BLAS still uses every core).
+        use_gpu: one GPU per worker (``backend="ray"`` only; the GLM numerics are
+            NumPy, so this only reserves the device).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        address: Ray cluster address, ``"host:port"`` (``backend="ray"`` only).
+        progress_bar: show the optimizer's iterations and objective on stderr.
+        max_iter, verbose: deprecated aliases of ``max_steps`` and
+            ``progress_bar`` (a ``FutureWarning``; removed in the next release)."""
 
 
 class LogisticRegression(ClassifierMixin, _ShardedGLM):
@@ -342,15 +389,18 @@ class LogisticRegression(ClassifierMixin, _ShardedGLM):
         covariance_: the inverse Hessian of the penalized negative log likelihood,
             shape ``(n_features + 1, n_features + 1)``.
         objective_: the mean-scaled objective at the optimum.
-        converged_, num_passes_, backend_start_s_, setup_s_, optimize_s_: run facts
-            (passes over the data; seconds to start the backend, to place the shards,
-            and to optimize).
+        converged_, num_passes_, backend_, num_workers_, backend_start_s_,
+            setup_s_, optimize_s_: run facts (passes over the data; the backend's
+            name and worker count; seconds to start the backend, to place the
+            shards, and to optimize).
 
     Raises (from ``fit``):
         DataValidationError: non-finite features, labels outside {{0, 1}}, not two
             classes, length mismatch.
-        ConfigurationError: bad parameters, or more workers than rows.
+        ConfigurationError: bad parameters (naming the value and the allowed
+            ones), or more workers than rows.
         ShardError: a worker failed (with the worker's traceback).
+        ClusterConnectionError: nothing answers at ``address``.
 
     References:
         Andrew & Gao, "Scalable training of L1-regularized log-linear models",
@@ -377,12 +427,16 @@ class LogisticRegression(ClassifierMixin, _ShardedGLM):
         fit_intercept=True,
         solver="lbfgs",
         tol=1e-4,
-        max_iter=100,
+        max_steps=100,
         standard_errors=True,
         num_workers=None,
-        backend="ray",
+        backend="auto",
+        use_gpu=False,
+        resources_per_worker=None,
         address=None,
-        verbose=False,
+        progress_bar=False,
+        max_iter=_DEPRECATED,
+        verbose=_DEPRECATED,
     ):
         self.penalty = penalty
         self.C = C
@@ -390,11 +444,15 @@ class LogisticRegression(ClassifierMixin, _ShardedGLM):
         self.fit_intercept = fit_intercept
         self.solver = solver
         self.tol = tol
-        self.max_iter = max_iter
+        self.max_steps = max_steps
         self.standard_errors = standard_errors
         self.num_workers = num_workers
         self.backend = backend
+        self.use_gpu = use_gpu
+        self.resources_per_worker = resources_per_worker
         self.address = address
+        self.progress_bar = progress_bar
+        self.max_iter = max_iter
         self.verbose = verbose
 
     def _penalty_strengths(self, n):
@@ -488,12 +546,16 @@ class PoissonRegression(RegressorMixin, _ShardedGLM):
         fit_intercept=True,
         solver="lbfgs",
         tol=1e-4,
-        max_iter=100,
+        max_steps=100,
         standard_errors=True,
         num_workers=None,
-        backend="ray",
+        backend="auto",
+        use_gpu=False,
+        resources_per_worker=None,
         address=None,
-        verbose=False,
+        progress_bar=False,
+        max_iter=_DEPRECATED,
+        verbose=_DEPRECATED,
     ):
         self.alpha = alpha
         self.penalty = penalty
@@ -501,11 +563,15 @@ class PoissonRegression(RegressorMixin, _ShardedGLM):
         self.fit_intercept = fit_intercept
         self.solver = solver
         self.tol = tol
-        self.max_iter = max_iter
+        self.max_steps = max_steps
         self.standard_errors = standard_errors
         self.num_workers = num_workers
         self.backend = backend
+        self.use_gpu = use_gpu
+        self.resources_per_worker = resources_per_worker
         self.address = address
+        self.progress_bar = progress_bar
+        self.max_iter = max_iter
         self.verbose = verbose
 
     def _penalty_strengths(self, n):

@@ -13,14 +13,17 @@ pseudo-) gradient at which the solver stops.
 
 from __future__ import annotations
 
-import sys
 from collections import deque
 from collections.abc import Callable
+from contextlib import closing as _closing
 from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
 import scipy.optimize
+
+from raybayes.config import renamed_argument
+from raybayes.progress import LossProgress
 
 __all__ = ["OptimizeResult", "minimize_lbfgs", "minimize_owlqn", "minimize_newton"]
 
@@ -37,7 +40,7 @@ class OptimizeResult(NamedTuple):
         num_iterations: iterations taken.
         num_evaluations: objective evaluations (each one distributed pass over X).
         converged: whether ``grad_max <= tol`` (or the objective stopped changing at
-            machine precision) within ``max_iter``.
+            machine precision) within ``max_steps``.
         message: the reason for stopping, for humans.
         hess: the Hessian at ``x`` when the solver computed it there, else ``None``.
     """
@@ -52,12 +55,24 @@ class OptimizeResult(NamedTuple):
     hess: np.ndarray | None = None
 
 
-def _progress(verbose, name, it, f, gmax):
-    if verbose:
-        print(
-            f"{name} iter {it:4d}  objective {f:.10g}  max|grad| {gmax:.3e}",
-            file=sys.stderr,
-        )
+def _renamed(deprecated: dict, max_steps: int, progress_bar: bool, func: str):
+    """``(max_steps, progress_bar)`` after the deprecated ``max_iter``/``verbose``."""
+    max_steps = renamed_argument(deprecated, "max_iter", "max_steps", max_steps, default=100)
+    progress_bar = renamed_argument(
+        deprecated, "verbose", "progress_bar", progress_bar, default=False
+    )
+    if deprecated:
+        raise TypeError(f"{func}() got unexpected keyword arguments {sorted(deprecated)}")
+    return int(max_steps), bool(progress_bar)
+
+
+def _progress_bar(enabled: bool, name: str, max_steps: int) -> LossProgress:
+    """The shared optimizer progress display: one bar of iterations with the objective."""
+    return LossProgress(max_steps, label=name, enabled=enabled)
+
+
+def _show(bar: LossProgress, it: int, f: float, gmax: float) -> None:
+    bar.update(it, f, extra=f"max|grad| {gmax:.3e}")
 
 
 def minimize_lbfgs(
@@ -65,9 +80,10 @@ def minimize_lbfgs(
     x0: np.ndarray,
     *,
     tol: float = 1e-4,
-    max_iter: int = 100,
+    max_steps: int = 100,
     history: int = 10,
-    verbose: bool = False,
+    progress_bar: bool = False,
+    **deprecated,
 ) -> OptimizeResult:
     """Minimize a smooth objective with SciPy's L-BFGS-B (strong-Wolfe line search).
 
@@ -78,13 +94,21 @@ def minimize_lbfgs(
         value_and_grad: ``x -> (F(x), grad F(x))``.
         x0: start, shape ``(p,)``.
         tol: stop when the largest absolute projected-gradient entry is ``<= tol``.
-        max_iter: at most this many iterations.
+        max_steps: at most this many iterations (``max_iter`` is a deprecated
+            alias).
         history: number of (s, y) pairs kept.
-        verbose: print one progress line per iteration to stderr.
+        progress_bar: show the iterations, objective and largest gradient entry
+            on stderr (:class:`raybayes.progress.LossProgress`; ``verbose`` is a
+            deprecated alias).
 
     Returns:
         :class:`OptimizeResult`. A line-search failure is reported in ``message``
         with ``converged=False``; it does not raise.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ConfigurationError: both ``max_iter`` and ``max_steps`` (or ``verbose`` and
+            ``progress_bar``) given with different values.
 
     References:
         Byrd, Lu, Nocedal & Zhu, "A limited memory algorithm for bound constrained
@@ -95,6 +119,7 @@ def minimize_lbfgs(
         >>> bool(res.converged), float(abs(res.x).max()) < 1e-6
         (True, True)
     """
+    max_steps, progress_bar = _renamed(deprecated, max_steps, progress_bar, "minimize_lbfgs")
     last = {}
 
     def fun(x):
@@ -106,19 +131,25 @@ def minimize_lbfgs(
 
     def callback(intermediate_result):
         count[0] += 1
-        _progress(verbose, "lbfgs", count[0], last["f"], np.max(np.abs(last["g"])))
+        _show(bar, count[0], last["f"], float(np.max(np.abs(last["g"]))))
 
-    res = scipy.optimize.minimize(
-        fun,
-        np.asarray(x0, dtype=np.float64),
-        jac=True,
-        method="L-BFGS-B",
-        callback=callback,
-        options=dict(maxiter=max_iter, maxls=50, gtol=tol, ftol=_FTOL, maxcor=history),
-    )
+    bar = _progress_bar(progress_bar, "lbfgs", max_steps)
+    try:
+        res = scipy.optimize.minimize(
+            fun,
+            np.asarray(x0, dtype=np.float64),
+            jac=True,
+            method="L-BFGS-B",
+            callback=callback,
+            options=dict(
+                maxiter=max_steps, maxls=50, gtol=tol, ftol=_FTOL, maxcor=history
+            ),
+        )
+    finally:
+        bar.close()
     gmax = float(np.max(np.abs(res.jac))) if res.jac.size else 0.0
     message = res.message if isinstance(res.message, str) else str(res.message)
-    converged = bool(res.success) and res.nit < max_iter or gmax <= tol
+    converged = bool(res.success) and res.nit < max_steps or gmax <= tol
     return OptimizeResult(
         res.x, float(res.fun), gmax, int(res.nit), int(res.nfev), converged, message
     )
@@ -158,10 +189,11 @@ def minimize_owlqn(
     l1: np.ndarray,
     *,
     tol: float = 1e-4,
-    max_iter: int = 100,
+    max_steps: int = 100,
     history: int = 10,
     max_linesearch: int = 50,
-    verbose: bool = False,
+    progress_bar: bool = False,
+    **deprecated,
 ) -> OptimizeResult:
     """Minimize ``f(x) + sum_i l1_i |x_i|`` with OWL-QN (f smooth, l1 >= 0).
 
@@ -177,14 +209,21 @@ def minimize_owlqn(
         l1: L1 weight of each coordinate, shape ``(p,)`` (0 for an unpenalized
             intercept).
         tol: stop when the largest absolute pseudo-gradient entry is ``<= tol``.
-        max_iter: at most this many iterations.
+        max_steps: at most this many iterations (``max_iter`` is a deprecated
+            alias).
         history: number of (s, y) pairs kept.
         max_linesearch: backtracking steps before the line search is declared failed.
-        verbose: print one progress line per iteration to stderr.
+        progress_bar: show the iterations, objective and largest gradient entry
+            on stderr (:class:`raybayes.progress.LossProgress`; ``verbose`` is a
+            deprecated alias).
 
     Returns:
         :class:`OptimizeResult`; ``fun`` includes the L1 term. A line-search failure
         ends the run with ``converged=False`` and a message; it does not raise.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ConfigurationError: a deprecated alias given together with its new name.
 
     References:
         Andrew & Gao, "Scalable training of L1-regularized log-linear models",
@@ -196,6 +235,12 @@ def minimize_owlqn(
         >>> np.round(res.x, 6).tolist()  # soft threshold of 2 at 1 and 3
         [1.0, 0.0]
     """
+    max_steps, progress_bar = _renamed(deprecated, max_steps, progress_bar, "minimize_owlqn")
+    with _closing(_progress_bar(progress_bar, "owlqn", max_steps)) as bar:
+        return _owlqn(value_and_grad, x0, l1, tol, max_steps, history, max_linesearch, bar)
+
+
+def _owlqn(value_and_grad, x0, l1, tol, max_steps, history, max_linesearch, bar):
     l1 = np.asarray(l1, dtype=np.float64)
     x = np.asarray(x0, dtype=np.float64).copy()
     f, g = value_and_grad(x)
@@ -209,7 +254,7 @@ def minimize_owlqn(
     it = 0
     if converged:
         message = "pseudo-gradient below tol at the start"
-    while not converged and it < max_iter:
+    while not converged and it < max_steps:
         it += 1
         d = -_two_loop(pg, list(pairs))
         d = np.where(d * pg >= 0, 0.0, d)  # keep only descent coordinates
@@ -239,7 +284,7 @@ def minimize_owlqn(
         x, f, g, F = x_new, f_new, g_new, F_new
         pg = _pseudo_gradient(x, g, l1)
         gmax = float(np.max(np.abs(pg)))
-        _progress(verbose, "owlqn", it, F, gmax)
+        _show(bar, it, F, gmax)
         if gmax <= tol:
             converged, message = True, "pseudo-gradient below tol"
         elif decrease <= _FTOL * max(abs(F), 1.0):
@@ -253,9 +298,10 @@ def minimize_newton(
     x0: np.ndarray,
     *,
     tol: float = 1e-4,
-    max_iter: int = 100,
+    max_steps: int = 100,
     max_linesearch: int = 30,
-    verbose: bool = False,
+    progress_bar: bool = False,
+    **deprecated,
 ) -> OptimizeResult:
     """Minimize a smooth convex objective with a damped Newton method.
 
@@ -270,12 +316,19 @@ def minimize_newton(
         value: ``x -> F(x)``, cheaper than ``value_grad_hess``.
         x0: start, shape ``(p,)``.
         tol: stop when the largest absolute gradient entry is ``<= tol``.
-        max_iter: at most this many iterations.
+        max_steps: at most this many iterations (``max_iter`` is a deprecated
+            alias).
         max_linesearch: backtracking steps before the line search is declared failed.
-        verbose: print one progress line per iteration to stderr.
+        progress_bar: show the iterations, objective and largest gradient entry
+            on stderr (:class:`raybayes.progress.LossProgress`; ``verbose`` is a
+            deprecated alias).
 
     Returns:
         :class:`OptimizeResult`, with the Hessian at the solution in ``hess``.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ConfigurationError: a deprecated alias given together with its new name.
 
     References:
         Nocedal & Wright, "Numerical Optimization", 2nd ed., Springer 2006,
@@ -288,6 +341,12 @@ def minimize_newton(
         >>> np.round(res.x, 6).tolist()
         [0.2, 0.4]
     """
+    max_steps, progress_bar = _renamed(deprecated, max_steps, progress_bar, "minimize_newton")
+    with _closing(_progress_bar(progress_bar, "newton", max_steps)) as bar:
+        return _newton(value_grad_hess, value, x0, tol, max_steps, max_linesearch, bar)
+
+
+def _newton(value_grad_hess, value, x0, tol, max_steps, max_linesearch, bar):
     x = np.asarray(x0, dtype=np.float64).copy()
     f, g, H = value_grad_hess(x)
     nfev = 1
@@ -299,7 +358,7 @@ def minimize_newton(
         else ("maximum number of iterations reached")
     )
     it = 0
-    while not converged and it < max_iter:
+    while not converged and it < max_steps:
         it += 1
         p = _newton_direction(H, g)
         slope = float(g @ p)
@@ -325,7 +384,7 @@ def minimize_newton(
         decrease = f - f_new
         x, f, g, H = x_new, f_new, g_new, H_new
         gmax = float(np.max(np.abs(g)))
-        _progress(verbose, "newton", it, f, gmax)
+        _show(bar, it, f, gmax)
         if gmax <= tol:
             converged, message = True, "gradient below tol"
         elif decrease <= _FTOL * max(abs(f), 1.0):

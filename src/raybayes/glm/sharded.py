@@ -152,6 +152,24 @@ class ShardedGLMObjective:
         hess = sum(p.hess for p in parts) if parts[0].hess is not None else None
         return ShardTerms(loss, grad, hess, self.num_rows)
 
+    def kill_worker(self, shard: int) -> None:
+        """Kill the worker that holds shard ``shard`` (for failure tests).
+
+        The next evaluation finds it lost, rebuilds it from the object store and
+        asks again, so the result does not change.
+
+        Args:
+            shard: the shard index, ``0 <= shard < num_shards``.
+
+        Raises:
+            ConfigurationError: no such shard.
+        """
+        if not 0 <= shard < len(self._pools):
+            raise ConfigurationError(
+                f"shard={shard!r}; this objective has shards 0..{len(self._pools) - 1}."
+            )
+        self._pools[shard].kill(0)
+
     def close(self):
         """Release the workers (the backend itself stays up)."""
         for pool in self._pools:
@@ -183,10 +201,16 @@ class ShardedGLMData:
         X: features, shape ``(n, d)``; float32 stays float32 on the workers.
         y: 0/1 labels (or two classes) for ``"logistic"``; counts for ``"poisson"``.
         family: ``"logistic"`` or ``"poisson"``.
-        num_workers: shard workers; ``None``: one per CPU of the backend.
-        backend: ``"ray"``, ``"local"`` or a :class:`~raybayes.backends.Backend`.
-            A backend given by name is shut down by :meth:`close`.
-        address: Ray cluster address (``backend="ray"`` only).
+        num_workers: shard workers; ``None``: one per CPU of the backend (one
+            in-process).
+        backend: ``"auto"`` (default), ``"local"``, ``"ray"`` or a
+            :class:`~raybayes.backends.Backend`. ``"auto"`` is Ray only when the
+            scaling arguments ask for it (``num_workers > 1``, an address,
+            ``RAY_ADDRESS``, GPUs, custom resources), else in-process. A backend
+            given by name is shut down by :meth:`close`.
+        address: Ray cluster address, ``"host:port"`` (Ray only).
+        use_gpu: one GPU per worker (Ray only).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
         feature_names: names of the ``d`` columns (taken from a DataFrame's columns
             when ``None``).
 
@@ -194,12 +218,15 @@ class ShardedGLMData:
         objective: the :class:`ShardedGLMObjective` over the workers.
         classes: the two labels (``"logistic"``), else ``None``.
         y_mean: mean of the encoded targets.
+        backend_name: ``"local"`` or ``"ray"``: where the shard workers run.
         backend_start_s, setup_s: seconds to start the backend, and to validate,
             place the data and start the workers.
 
     Raises:
         DataValidationError: non-finite features, bad labels or counts.
-        ConfigurationError: an unknown family or backend, more workers than rows.
+        ConfigurationError: an unknown family or backend, a bad scaling setting,
+            more workers than rows.
+        ClusterConnectionError: nothing answers at ``address``.
 
     Examples:
         >>> X = np.arange(8.0).reshape(4, 2); y = np.array([0, 1, 0, 1])
@@ -216,11 +243,14 @@ class ShardedGLMData:
         family="logistic",
         *,
         num_workers=None,
-        backend="ray",
+        backend="auto",
         address=None,
+        use_gpu=False,
+        resources_per_worker=None,
         feature_names=None,
     ):
         from raybayes.backends import get_backend
+        from raybayes.config import ScalingConfig
         from raybayes.glm.validation import (
             check_binary_labels,
             check_counts,
@@ -229,6 +259,17 @@ class ShardedGLMData:
 
         if family not in ("logistic", "poisson"):
             raise ConfigurationError(f"family={family!r}; use 'logistic' or 'poisson'.")
+        scaling = ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources_per_worker,
+            address=address,
+        )
+        # "auto": Ray only when the scaling settings ask for it; a one-shot fit on
+        # one machine runs in-process (BLAS uses the cores) and starts no workers.
+        self._backend = get_backend(backend, scaling)
+        self._owns_backend = not isinstance(backend, Backend)
+        self.backend_name = self._backend.name
         if feature_names is None and hasattr(X, "columns"):
             feature_names = [str(c) for c in X.columns]
         self.feature_names = feature_names
@@ -243,8 +284,6 @@ class ShardedGLMData:
             shard_bounds(X.shape[0], num_workers)  # fail before starting anything
         self.y_mean = float(np.mean(y))
         self.num_rows, self.num_features = X.shape
-        self._backend = get_backend(backend, address=address)
-        self._owns_backend = not isinstance(backend, Backend)
         t1 = time.perf_counter()
         self._backend.start()
         self.backend_start_s = time.perf_counter() - t1
