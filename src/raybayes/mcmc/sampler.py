@@ -225,10 +225,11 @@ def sample(
             embedded local Ray instance unless ``address``/``RAY_ADDRESS`` names a
             cluster) or a :class:`~raybayes.backends.Backend` (left running).
             ``"auto"`` is resolved by :func:`raybayes.config.resolve_backend_name`
-            with one piece of parallel work per chain: Ray when the scaling
-            arguments ask for a cluster (``address``, ``RAY_ADDRESS``, ``use_gpu``,
-            ``resources_per_worker``, ``num_workers > 1``) or when there are several
-            chains and more than one CPU; in-process otherwise (one chain, or one
+            with one piece of parallel work per chain (at most ``num_workers``):
+            Ray when the scaling arguments ask for a cluster (``address``,
+            ``RAY_ADDRESS``, ``use_gpu``, ``resources_per_worker``,
+            ``num_workers > 1``) or when several chains could run at once on more
+            than one CPU; in-process otherwise (one chain, ``num_workers=1`` or one
             CPU), so that such a job starts no workers it does not need.
         num_workers: worker count (default: ``min(num_chains, available CPUs)``;
             one in-process).
@@ -337,8 +338,11 @@ def sample(
         resources_per_worker=resources_per_worker,
         address=address,
     )
+    # Chains that can run at once: one per chain, unless num_workers caps it (one
+    # worker runs its chains one after the other, which in-process does as well).
+    parallel_work = num_chains if num_workers is None else min(num_chains, num_workers)
     engine = get_backend(
-        resolve_backend_name(backend, scaling, parallel_work=num_chains), scaling
+        resolve_backend_name(backend, scaling, parallel_work=parallel_work), scaling
     )
     # Bad data (NaN, inf) fails here, before any compute.
     model_kwargs = dict(model_kwargs or {})
