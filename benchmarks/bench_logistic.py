@@ -10,9 +10,18 @@ Well-conditioned design: raybayes (Ray shard workers, L-BFGS) against
 compared with a tight Newton optimum. Ill-conditioned design (Hessian condition
 number about 1e4): L-BFGS against distributed Newton, and scikit-learn.
 
-Ray start-up (``ray.init``) is timed separately and is *not* included in any fit
-time. "cold" fits include validation, placing the shards and starting the workers;
-"warm" fits run on data that ``ShardedGLMData`` already placed on running workers.
+Four raybayes timings, each against scikit-learn's in the same run:
+
+- cold, default (``LogisticRegression().fit(X, y)``, ``backend="auto"``): what a
+  user's one-shot call costs, everything included. On one machine without
+  ``num_workers`` this runs in-process: no Ray start, no shard placement.
+- cold on Ray, everything included (``num_workers=W``: ``ray.init``, placing the
+  shards, starting the workers, the fit, the shutdown); ``--skip-cold-ray`` skips it.
+- cold on a running Ray instance: validation, placing the shards and starting the
+  workers, but not ``ray.init`` (timed separately).
+- warm: data that ``ShardedGLMData`` already placed, in-process and on Ray workers.
+
+    python benchmarks/bench_logistic.py --rows 500000 --skip-ill   # a loaded machine
 """
 
 from __future__ import annotations
@@ -107,6 +116,11 @@ def main(argv=None):
     p.add_argument(
         "--skip-ill", action="store_true", help="skip the ill-conditioned case"
     )
+    p.add_argument(
+        "--skip-cold-ray",
+        action="store_true",
+        help="skip the cold fit that starts and stops its own Ray instance",
+    )
     args = p.parse_args(argv)
 
     import jax
@@ -145,7 +159,69 @@ def main(argv=None):
         f">= {bound2 * 1e3:.1f} ms (2 threads)"
     )
 
-    # --- Ray start-up (excluded from fit times) -------------------------------------
+    # --- cold fits, everything included (before any Ray instance runs) ---------------
+    def sk_fit():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SkLogReg(C=C, l1_ratio=0.0, tol=tol, solver="lbfgs").fit(X, y)
+
+    def auto_fit():
+        return LogisticRegression(C=C, tol=tol, standard_errors=False).fit(X, y)
+
+    # Interleaved, so that both see the same load.
+    sk_cold, auto_cold = [], []
+    for _ in range(max(1, args.repeats)):
+        t = time.perf_counter()
+        skl = sk_fit()
+        sk_cold.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        auto = auto_fit()
+        auto_cold.append(time.perf_counter() - t)
+    sk_cold_s, auto_cold_s = float(np.median(sk_cold)), float(np.median(auto_cold))
+    print(
+        f"\ncold, default backend ({auto.backend_} x {auto.num_workers_}): median "
+        f"{auto_cold_s:.2f} s of {len(auto_cold)} "
+        f"({', '.join(f'{v:.2f}' for v in auto_cold)}; setup {auto.setup_s_:.2f} s, "
+        f"optimize {auto.optimize_s_:.2f} s); {auto.n_iter_[0]} iterations"
+    )
+    print(
+        f"scikit-learn, same loop: median {sk_cold_s:.2f} s "
+        f"({', '.join(f'{v:.2f}' for v in sk_cold)}); {skl.n_iter_[0]} iterations"
+    )
+    print(
+        f"  ratio cold default / scikit-learn: {auto_cold_s / sk_cold_s:.2f}x  "
+        f"(objective rel. diff "
+        f"{abs(objective(X, y, auto.coef_, auto.intercept_, C) - objective(X, y, skl.coef_, skl.intercept_, C)) / objective(X, y, skl.coef_, skl.intercept_, C):.1e})"
+    )
+    if not args.skip_cold_ray:
+        t = time.perf_counter()
+        ray_cold = LogisticRegression(
+            C=C, tol=tol, num_workers=args.workers, standard_errors=False
+        ).fit(X, y)
+        ray_cold_s = time.perf_counter() - t
+        print(
+            f"cold on Ray, everything included ({ray_cold.backend_} x "
+            f"{ray_cold.num_workers_}): {ray_cold_s:.2f} s = ray.init "
+            f"{ray_cold.backend_start_s_:.2f} s + setup {ray_cold.setup_s_:.2f} s + "
+            f"optimize {ray_cold.optimize_s_:.2f} s + shutdown; "
+            f"{ray_cold_s / sk_cold_s:.2f}x scikit-learn"
+        )
+
+    # --- warm in-process ---------------------------------------------------------
+    with ShardedGLMData(X, y, "logistic", backend="local") as local_data:
+        local_warm = []
+        for _ in range(max(1, args.repeats)):
+            t = time.perf_counter()
+            LogisticRegression(C=C, tol=tol, standard_errors=False).fit(local_data)
+            local_warm.append(time.perf_counter() - t)
+    local_warm_s = float(np.median(local_warm))
+    print(
+        f"warm in-process: median {local_warm_s:.2f} s "
+        f"({', '.join(f'{v:.2f}' for v in local_warm)}); "
+        f"{local_warm_s / sk_cold_s:.2f}x scikit-learn"
+    )
+
+    # --- Ray start-up (excluded from the fit times below) ------------------------
     t = time.perf_counter()
     backend = RayBackend(num_cpus=args.workers).start()
     ray_start = time.perf_counter() - t
@@ -267,6 +343,12 @@ def main(argv=None):
             f"warm {warm_s / sk_s:.2f}x (medians; first fits "
             f"{warm_times[0] / sk_times[0]:.2f}x)   "
             "[target <= 0.67x; Ray start-up excluded]"
+        )
+        print(
+            f"\nsummary (medians; scikit-learn {sk_cold_s:.2f} s in the cold loop, "
+            f"{sk_s:.2f} s later): cold default {auto_cold_s / sk_cold_s:.2f}x, warm "
+            f"in-process {local_warm_s / sk_cold_s:.2f}x, cold on running Ray "
+            f"{cold_s / sk_s:.2f}x, warm Ray {warm_s / sk_s:.2f}x"
         )
         rows.append(("well", cold_s, warm_s, sk_s))
 
