@@ -118,12 +118,34 @@ def summary(idata, var_names=None, hdi_prob: float = 0.9, **kwargs):
     """Posterior summary: mean, sd, HDI, MCSE, bulk/tail ESS and R-hat (ArviZ).
 
     Args:
-        idata: an ``arviz.InferenceData`` with a ``posterior`` group.
-        var_names: sites to summarise (default: all).
-        hdi_prob: mass of the highest-density interval.
+        idata: an ``arviz.InferenceData`` with a ``posterior`` group, each site of
+            shape ``(num_chains, num_draws, *site_shape)`` (as returned by
+            :func:`raybayes.sample`).
+        var_names: sites to summarise (default: all posterior sites).
+        hdi_prob: mass of the highest-density interval, in (0, 1).
+        **kwargs: further arguments of :func:`arviz.summary` (e.g. ``round_to``).
 
     Returns:
-        ``pandas.DataFrame``, one row per scalar parameter.
+        ``pandas.DataFrame``, one row per scalar parameter (``"theta[3]"`` for an
+        element of a vector site), with columns ``mean``, ``sd``,
+        ``hdi_<lower>%``, ``hdi_<upper>%``, ``mcse_mean``, ``mcse_sd``,
+        ``ess_bulk``, ``ess_tail`` and ``r_hat``; ArviZ's default rounding (2
+        decimals). R-hat needs at least 2 chains (NaN otherwise).
+
+    Raises:
+        KeyError: a name in ``var_names`` is not a posterior site.
+
+    References:
+        Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021), Rank-normalization,
+        folding, and localization: an improved R-hat for assessing convergence of
+        MCMC, Bayesian Analysis 16(2). https://doi.org/10.1214/20-BA1221
+
+    Examples:
+        >>> import arviz as az
+        >>> draws = np.random.default_rng(0).normal(size=(2, 500))
+        >>> table = summary(az.from_dict(posterior={"mu": draws}))
+        >>> list(table.index), bool(abs(table.loc["mu", "mean"]) < 0.2)
+        (['mu'], True)
     """
     az = _arviz()
     with warnings.catch_warnings():
@@ -132,7 +154,45 @@ def summary(idata, var_names=None, hdi_prob: float = 0.9, **kwargs):
 
 
 def print_summary(idata, var_names=None, hdi_prob: float = 0.9) -> None:
-    """Print :func:`summary` and the number of divergences, as NumPyro does."""
+    """Print the posterior summary table and the number of divergences.
+
+    The table is :func:`summary`'s (mean, sd, HDI, MCSE, bulk/tail ESS, R-hat; one
+    row per scalar parameter, at most 200 rows shown), printed to stdout, followed
+    by ``Number of divergences: N`` when ``idata`` has a ``sample_stats`` group
+    with ``diverging`` (N summed over chains and draws), as
+    :meth:`numpyro.infer.MCMC.print_summary` does.
+
+    Args:
+        idata: an ``arviz.InferenceData`` with a ``posterior`` group, each site of
+            shape ``(num_chains, num_draws, *site_shape)``.
+        var_names: sites to summarise (default: all posterior sites).
+        hdi_prob: mass of the highest-density interval, in (0, 1).
+
+    Returns:
+        ``None`` (the table goes to stdout; use :func:`summary` for a DataFrame).
+
+    Raises:
+        KeyError: a name in ``var_names`` is not a posterior site.
+
+    References:
+        Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021), Rank-normalization,
+        folding, and localization: an improved R-hat for assessing convergence of
+        MCMC, Bayesian Analysis 16(2). https://doi.org/10.1214/20-BA1221
+
+    Examples:
+        >>> import contextlib, io
+        >>> import arviz as az
+        >>> rng = np.random.default_rng(0)
+        >>> idata = az.from_dict(
+        ...     posterior={"mu": rng.normal(size=(2, 100))},
+        ...     sample_stats={"diverging": np.zeros((2, 100), dtype=bool)},
+        ... )
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):
+        ...     print_summary(idata)
+        >>> "r_hat" in out.getvalue(), out.getvalue().rstrip().splitlines()[-1]
+        (True, 'Number of divergences: 0')
+    """
     import pandas as pd
 
     table = summary(idata, var_names=var_names, hdi_prob=hdi_prob)

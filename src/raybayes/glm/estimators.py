@@ -468,11 +468,24 @@ class LogisticRegression(ClassifierMixin, _ShardedGLM):
     def fit(self, X, y=None):
         """Fit on rows ``X`` of shape ``(n, d)`` and labels ``y`` of shape ``(n,)``.
 
-        ``X`` may instead be a :class:`~raybayes.glm.ShardedGLMData` (with
-        ``y=None``) whose workers already hold the data.
+        The parameters and the data are checked before any worker starts.
+
+        Args:
+            X: features, array-like or DataFrame of shape ``(n, d)`` (float32 stays
+                float32), or a :class:`~raybayes.glm.ShardedGLMData` whose workers
+                already hold the data (then ``y=None``).
+            y: two class labels, shape ``(n,)``; ``classes_[1]`` is the positive one.
 
         Returns:
-            ``self``.
+            ``self``, fitted.
+
+        Raises:
+            ConfigurationError: a bad parameter (named, with the allowed values), a
+                deprecated name given with its new one, or more workers than rows.
+            DataValidationError: non-finite features, labels that are not two
+                classes, a length mismatch (naming the column, count and a row).
+            ShardError: a worker failed (with its traceback).
+            ClusterConnectionError: nothing answers at ``address``.
         """
         self._check_params()
         check_positive("C", self.C, allow_inf=True)
@@ -587,11 +600,24 @@ class PoissonRegression(RegressorMixin, _ShardedGLM):
     def fit(self, X, y=None):
         """Fit on rows ``X`` of shape ``(n, d)`` and counts ``y`` of shape ``(n,)``.
 
-        ``X`` may instead be a :class:`~raybayes.glm.ShardedGLMData` (with
-        ``y=None``) whose workers already hold the data.
+        The parameters and the data are checked before any worker starts.
+
+        Args:
+            X: features, array-like or DataFrame of shape ``(n, d)`` (float32 stays
+                float32), or a :class:`~raybayes.glm.ShardedGLMData` whose workers
+                already hold the data (then ``y=None``).
+            y: non-negative integer counts, shape ``(n,)``.
 
         Returns:
-            ``self``.
+            ``self``, fitted.
+
+        Raises:
+            ConfigurationError: a bad parameter (named, with the allowed values), a
+                deprecated name given with its new one, or more workers than rows.
+            DataValidationError: non-finite features; negative, non-integer or
+                non-finite counts; a length mismatch.
+            ShardError: a worker failed (with its traceback).
+            ClusterConnectionError: nothing answers at ``address``.
         """
         self._check_params()
         a = self.alpha
