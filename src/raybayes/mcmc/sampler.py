@@ -245,8 +245,10 @@ def sample(
         kernel_kwargs: further arguments of :class:`numpyro.infer.NUTS`.
         chunk_size: iterations per unit of remote work (default: about 1/20 of a
             chain, between 10 and 100).
-        coords, dims: extra ArviZ coordinates and dimensions (override the plate
-            names inferred from the model).
+        coords: extra ArviZ coordinates, dimension name -> values (override the
+            plate indices inferred from the model).
+        dims: extra ArviZ dimensions, site name -> dimension names (override the
+            plate names inferred from the model).
         progress_bar: show one progress bar per chain on the driver (stderr).
         target_ess: run until the bulk and the tail ESS (ArviZ, rank-normalised) of
             every parameter (or of ``target_var_names``) reach this value;
