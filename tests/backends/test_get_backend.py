@@ -31,7 +31,9 @@ def test_auto_resolution(monkeypatch, scaling, parallel_work, cpus, expected):
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     backend = get_backend("auto", scaling, parallel_work=parallel_work)
     assert type(backend) is expected
-    assert get_backend(scaling=scaling, parallel_work=parallel_work).name == backend.name
+    assert (
+        get_backend(scaling=scaling, parallel_work=parallel_work).name == backend.name
+    )
 
 
 def test_auto_follows_ray_address(monkeypatch):

@@ -10,7 +10,14 @@ from raybayes.backends.ray import RayBackend
 from raybayes.config import ScalingConfig, resolve_backend_name
 from raybayes.errors import ConfigurationError
 
-__all__ = ["Backend", "Future", "WorkerPool", "LocalBackend", "RayBackend", "get_backend"]
+__all__ = [
+    "Backend",
+    "Future",
+    "WorkerPool",
+    "LocalBackend",
+    "RayBackend",
+    "get_backend",
+]
 
 _ALLOWED = "'auto' (default), 'local', 'ray' or a raybayes.backends.Backend instance"
 

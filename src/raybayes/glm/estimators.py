@@ -87,7 +87,9 @@ class _ShardedGLM(BaseEstimator):
     # so the deprecated names are resolved when fitting, not in __init__.
     def _max_steps(self):
         old = {} if self.max_iter == _DEPRECATED else {"max_iter": self.max_iter}
-        return renamed_argument(old, "max_iter", "max_steps", self.max_steps, default=100)
+        return renamed_argument(
+            old, "max_iter", "max_steps", self.max_steps, default=100
+        )
 
     def _progress_bar(self):
         old = {} if self.verbose == _DEPRECATED else {"verbose": self.verbose}

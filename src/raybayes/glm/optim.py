@@ -57,12 +57,16 @@ class OptimizeResult(NamedTuple):
 
 def _renamed(deprecated: dict, max_steps: int, progress_bar: bool, func: str):
     """``(max_steps, progress_bar)`` after the deprecated ``max_iter``/``verbose``."""
-    max_steps = renamed_argument(deprecated, "max_iter", "max_steps", max_steps, default=100)
+    max_steps = renamed_argument(
+        deprecated, "max_iter", "max_steps", max_steps, default=100
+    )
     progress_bar = renamed_argument(
         deprecated, "verbose", "progress_bar", progress_bar, default=False
     )
     if deprecated:
-        raise TypeError(f"{func}() got unexpected keyword arguments {sorted(deprecated)}")
+        raise TypeError(
+            f"{func}() got unexpected keyword arguments {sorted(deprecated)}"
+        )
     return int(max_steps), bool(progress_bar)
 
 
@@ -119,7 +123,9 @@ def minimize_lbfgs(
         >>> bool(res.converged), float(abs(res.x).max()) < 1e-6
         (True, True)
     """
-    max_steps, progress_bar = _renamed(deprecated, max_steps, progress_bar, "minimize_lbfgs")
+    max_steps, progress_bar = _renamed(
+        deprecated, max_steps, progress_bar, "minimize_lbfgs"
+    )
     last = {}
 
     def fun(x):
@@ -235,9 +241,13 @@ def minimize_owlqn(
         >>> np.round(res.x, 6).tolist()  # soft threshold of 2 at 1 and 3
         [1.0, 0.0]
     """
-    max_steps, progress_bar = _renamed(deprecated, max_steps, progress_bar, "minimize_owlqn")
+    max_steps, progress_bar = _renamed(
+        deprecated, max_steps, progress_bar, "minimize_owlqn"
+    )
     with _closing(_progress_bar(progress_bar, "owlqn", max_steps)) as bar:
-        return _owlqn(value_and_grad, x0, l1, tol, max_steps, history, max_linesearch, bar)
+        return _owlqn(
+            value_and_grad, x0, l1, tol, max_steps, history, max_linesearch, bar
+        )
 
 
 def _owlqn(value_and_grad, x0, l1, tol, max_steps, history, max_linesearch, bar):
@@ -341,7 +351,9 @@ def minimize_newton(
         >>> np.round(res.x, 6).tolist()
         [0.2, 0.4]
     """
-    max_steps, progress_bar = _renamed(deprecated, max_steps, progress_bar, "minimize_newton")
+    max_steps, progress_bar = _renamed(
+        deprecated, max_steps, progress_bar, "minimize_newton"
+    )
     with _closing(_progress_bar(progress_bar, "newton", max_steps)) as bar:
         return _newton(value_grad_hess, value, x0, tol, max_steps, max_linesearch, bar)
 

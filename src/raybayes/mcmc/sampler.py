@@ -383,7 +383,9 @@ def sample(
         max_time_s=max_time_s,
         step=chunk_size,
     )
-    store = _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_coords)
+    store = _open_store(
+        checkpoint_dir, settings, num_samples, model, site_dims, site_coords
+    )
 
     # 3. Work: run the chains, then assemble the InferenceData.
     chains, outcome, num_workers = _run_chains(
@@ -413,7 +415,9 @@ def _trace_model(model, model_args, model_kwargs, dims, coords, target_var_names
         ConfigurationError: ``target_var_names`` names sites the model lacks.
     """
     try:
-        site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
+        site_dims, site_coords, observed = model_site_info(
+            model, model_args, model_kwargs
+        )
     except Exception as err:  # noqa: BLE001 - re-raised with the traceback
         import traceback
 
