@@ -71,7 +71,7 @@ def _renamed(deprecated: dict, max_steps: int, progress_bar: bool, func: str):
 
 
 def _progress_bar(enabled: bool, name: str, max_steps: int) -> LossProgress:
-    """The shared optimizer progress display: one bar of iterations with the objective."""
+    """The shared optimizer progress display: a bar of iterations and the objective."""
     return LossProgress(max_steps, label=name, enabled=enabled)
 
 
