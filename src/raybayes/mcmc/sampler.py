@@ -291,7 +291,8 @@ def sample(
         plates), ``sample_stats`` (``diverging``, ``tree_depth``, ``n_steps``,
         ``step_size``, ``energy``, ``acceptance_rate``, ``lp``) and
         ``observed_data``. ``idata.attrs`` holds ``backend`` (the backend's name),
-        ``num_workers``, ``stop_reason`` (``"num_samples"``, ``"targets_met"``,
+        ``num_workers``, ``worker_restarts`` (workers replaced after a loss),
+        ``stop_reason`` (``"num_samples"``, ``"targets_met"``,
         ``"max_samples"`` or ``"max_time_s"``), ``targets_met`` and the final
         ``ess_bulk_min``, ``ess_tail_min``, ``r_hat_max`` when targets were given.
 
@@ -854,6 +855,7 @@ class _ChainScheduler:
                 f"the run stopped ({self.outcome['stop_reason']}) before any chain "
                 "finished a sampling chunk; raise max_time_s."
             )
+        self.outcome["worker_restarts"] = int(sum(self.restarts))
         return self.chains, self.outcome
 
     def _handle(self, fut, idle):
