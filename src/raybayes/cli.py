@@ -30,7 +30,7 @@ def quickstart(
     likelihood: str = typer.Option("negbin", help="'negbin' or 'poisson'."),
     num_workers: int = typer.Option(0, help="Ray workers (0: one per CPU, at most one per chain)."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or an embedded instance)."),
-    backend: str = typer.Option("ray", help="'ray' or 'local'."),
+    backend: str = typer.Option("auto", help="'auto' (Ray for several chains on several CPUs, else in-process), 'ray' or 'local'."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Fit brand price elasticities of Dominick's orange juice with chain-parallel NUTS."""
