@@ -62,6 +62,29 @@ def _register_subcommands():
     from raybayes.fleet.cli import register as register_fleet
 
     register_fleet(app)
+    _register_serve(app)
+
+
+def _register_serve(app: typer.Typer) -> None:
+    """Add ``raybayes serve`` (its imports happen when the command runs)."""
+
+    @app.command("serve")
+    def serve_cmd(
+        output: Path = typer.Argument(..., help="fit-many output folder (may still be written)."),
+        host: str = typer.Option("127.0.0.1", help="Interface to bind; another than loopback "
+                                 "exposes all results, with no authentication."),
+        port: int = typer.Option(8000, help="TCP port."),
+    ):
+        """Serve a fit-many output folder: JSON API (/openapi.json) and results page (/)."""
+        from raybayes.errors import RaybayesError
+        from raybayes.serve import serve
+
+        typer.echo(f"serving {output} on http://{host}:{port}/ (Ctrl-C stops)")
+        try:
+            serve(output, host=host, port=port)
+        except RaybayesError as err:
+            typer.secho(f"error: {err}", err=True, fg="red")
+            raise typer.Exit(code=2) from None
 
 
 _register_subcommands()
