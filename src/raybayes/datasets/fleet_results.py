@@ -76,7 +76,9 @@ def simulate_fleet_results(
 
     Args:
         output_dir: the output folder to write (created if missing).
-        num_regions, num_demographics, num_networks: the group grid.
+        num_regions: regions in the group grid.
+        num_demographics: demographics per region.
+        num_networks: networks per region and demographic.
         num_steps: hours per group.
         num_draws: predictive draws per group (the summary uses them as 2 chains).
         seed: NumPy seed of the simulation and of the draws.

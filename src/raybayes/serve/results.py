@@ -457,8 +457,9 @@ class FleetResults:
 
         Args:
             key: one value per group key.
-            start, end: the window ``[start, end)``, ISO 8601 text or
+            start: first time of the window ``[start, end)``, ISO 8601 text or
                 ``datetime`` (``None``: unbounded).
+            end: end of the window (excluded).
             interval: central interval mass in (0, 1).
 
         Returns:
@@ -498,7 +499,9 @@ class FleetResults:
             by: group keys to keep (one sum per combination of their values);
                 the others are summed over. Text is split at commas.
             where: ``{key: value or [values]}``: the groups to include.
-            start, end: the window ``[start, end)`` (ISO 8601 or ``datetime``).
+            start: first time of the window ``[start, end)`` (ISO 8601 or
+                ``datetime``; ``None``: unbounded).
+            end: end of the window (excluded).
             interval: central interval mass in (0, 1).
 
         Returns:
@@ -545,7 +548,8 @@ class FleetResults:
 
         Args:
             where: ``{key: value or [values]}``.
-            start, end: the window ``[start, end)``.
+            start: first time of the window ``[start, end)``.
+            end: end of the window (excluded).
 
         Returns:
             ``pandas.DataFrame`` by timestamp: ``y`` (sum over the groups, NaN
