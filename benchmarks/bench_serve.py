@@ -13,6 +13,10 @@ region and the window's start drawn at random, so no two requests are alike
 (the aggregate reads 250 files x 100 draws x 1,000 hours, keeps 4.2 M rows and
 sums them into 16,800 totals).
 
+The server's draws cache (``--cache-mib``, default 1 GiB) holds every group's
+decoded draws after the warm-up (one request per region, timed apart); run with
+``--cache-mib 0`` for DuckDB reading the files at every request.
+
 Peer: the same aggregate with DuckDB in this process over the store's own views
 (``raybayes.fleet.connect_results``: one glob over the hive-partitioned files,
 the region and the window in the WHERE clause), no HTTP; the same random
@@ -134,6 +138,8 @@ def main():
     ap.add_argument("--requests", type=int, default=200, help="requests per level")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--peer-requests", type=int, default=30)
+    ap.add_argument("--cache-mib", type=float, default=1024,
+                    help="the server's draws cache (0: every query reads the files)")
     args = ap.parse_args()
 
     build_s = build_store(args.out, args)
@@ -149,7 +155,8 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "raybayes.cli", "serve", str(args.out), "--port", str(port)],
+        [sys.executable, "-m", "raybayes.cli", "serve", str(args.out), "--port", str(port),
+         "--cache-mib", str(args.cache_mib)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -165,9 +172,13 @@ def main():
         print(f"server up in {time.perf_counter() - t0:.1f} s; RSS "
               f"{rss_mib(server.pid)[0]:.0f} MiB before any aggregate")
         first = datetime(2024, 1, 1)
-        # warm-up: one request per region (file metadata cached), not counted
-        asyncio.run(load(url, requests_plan(args.regions, args.regions, first,
-                                            args.hours, 99), 1))
+        # warm-up, not counted: one request per region (reads every group's file
+        # once: file metadata, and the draws cache when it is on)
+        warm = [{"region": f"r{i}", "start": first.isoformat(),
+                 "end": (first + WEEK).isoformat()} for i in range(args.regions)]
+        lat, wall = asyncio.run(load(url, warm, 1))
+        print(f"warm-up (first request per region, cold): {1000 * lat.mean():.0f} ms each; "
+              f"RSS {rss_mib(server.pid)[0]:.0f} MiB", flush=True)
         results = []
         for c in (int(x) for x in args.concurrency.split(",")):
             plan = requests_plan(args.requests, args.regions, first, args.hours, c)

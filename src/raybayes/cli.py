@@ -74,6 +74,7 @@ def _register_serve(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", help="Interface to bind; another than loopback "
                                  "exposes all results, with no authentication."),
         port: int = typer.Option(8000, help="TCP port."),
+        cache_mib: float = typer.Option(1024, help="Memory for decoded draws, MiB (0: none)."),
     ):
         """Serve a fit-many output folder: JSON API (/openapi.json) and results page (/)."""
         from raybayes.errors import RaybayesError
@@ -81,7 +82,7 @@ def _register_serve(app: typer.Typer) -> None:
 
         typer.echo(f"serving {output} on http://{host}:{port}/ (Ctrl-C stops)")
         try:
-            serve(output, host=host, port=port)
+            serve(output, host=host, port=port, cache_mib=cache_mib)
         except RaybayesError as err:
             typer.secho(f"error: {err}", err=True, fg="red")
             raise typer.Exit(code=2) from None

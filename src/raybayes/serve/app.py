@@ -164,7 +164,7 @@ def _validation_message(err: RequestValidationError) -> str:
 
 # ---------------------------------------------------------------------- the app
 def create_app(output_dir: str | os.PathLike, threads: int | None = None,
-               memory_limit: str | None = None) -> FastAPI:
+               memory_limit: str | None = None, cache_mib: float = 1024) -> FastAPI:
     """The FastAPI application serving one ``fit_many`` output folder (read-only).
 
     Routes (all ``GET``): ``/`` (the results page), ``/api/keys``,
@@ -175,6 +175,8 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
         output_dir: the ``fit_many`` output folder.
         threads: DuckDB threads per query (default: one per core).
         memory_limit: DuckDB memory limit, e.g. ``"2GB"``.
+        cache_mib: memory for decoded predictive draws, MiB (0: none); see
+            :class:`FleetResults`.
 
     Returns:
         ``fastapi.FastAPI``; its ``state.results`` is the :class:`FleetResults`.
@@ -193,7 +195,8 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
     from raybayes import __version__
     from raybayes.serve.page import plotly_js_path, render_page
 
-    results = FleetResults(output_dir, threads=threads, memory_limit=memory_limit)
+    results = FleetResults(output_dir, threads=threads, memory_limit=memory_limit,
+                           cache_mib=cache_mib)
     app = FastAPI(
         title="raybayes fleet results",
         version=__version__,
@@ -332,7 +335,7 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
 
 def serve(output_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
           threads: int | None = None, memory_limit: str | None = None,
-          log_level: str = "info") -> None:
+          cache_mib: float = 1024, log_level: str = "info") -> None:
     """Serve a ``fit_many`` output folder over HTTP (blocks until stopped).
 
     Args:
@@ -343,6 +346,7 @@ def serve(output_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
         port: TCP port.
         threads: DuckDB threads per query.
         memory_limit: DuckDB memory limit, e.g. ``"2GB"``.
+        cache_mib: memory for decoded predictive draws, MiB (0: none).
         log_level: uvicorn's log level.
 
     Raises:
@@ -355,7 +359,8 @@ def serve(output_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
             f"output_dir={str(output_dir)!r} is not a folder; pass the folder that "
             "`raybayes fit-many ... -o OUT` writes."
         )
-    app = create_app(output_dir, threads=threads, memory_limit=memory_limit)
+    app = create_app(output_dir, threads=threads, memory_limit=memory_limit,
+                     cache_mib=cache_mib)
     if host not in LOOPBACK_HOSTS:
         log.warning(
             "serving %s on %s:%d: anyone who can reach this address can read every "
