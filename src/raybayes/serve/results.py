@@ -519,7 +519,8 @@ class FleetResults:
         Returns:
             ``pandas.DataFrame``: the ``by`` columns, ``timestamp``, ``mean``,
             ``lower``, ``upper``, ``num_groups`` (groups summed at that time) and
-            ``num_draws``, sorted by the ``by`` columns and time.
+            ``num_draws``, sorted by the ``by`` columns and time; ``attrs
+            ["num_groups"]`` is the number of groups with draws in the selection.
 
         Raises:
             ConfigurationError: an unknown key or value, a bad interval or window,
