@@ -51,9 +51,16 @@ def build_store(out: Path, args) -> float:
     if (out / "manifest.parquet").exists():
         return 0.0
     t0 = time.perf_counter()
-    simulate_fleet_results(out, args.regions, args.demographics, args.networks,
-                           num_steps=args.hours, num_draws=args.draws, seed=0,
-                           batch_size=50)
+    simulate_fleet_results(
+        out,
+        args.regions,
+        args.demographics,
+        args.networks,
+        num_steps=args.hours,
+        num_draws=args.draws,
+        seed=0,
+        batch_size=50,
+    )
     return time.perf_counter() - t0
 
 
@@ -63,7 +70,10 @@ def rss_mib(pid: int) -> tuple[float, float]:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
         fields[name] = value.strip()
-    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+    return (
+        int(fields["VmRSS"].split()[0]) / 1024,
+        int(fields["VmHWM"].split()[0]) / 1024,
+    )
 
 
 def requests_plan(n, regions, first, hours, seed):
@@ -72,16 +82,23 @@ def requests_plan(n, regions, first, hours, seed):
     plan = []
     for _ in range(n):
         start = first + timedelta(hours=int(rng.integers(0, last_start + 1)))
-        plan.append({"region": f"r{rng.integers(0, regions)}",
-                     "start": start.isoformat(), "end": (start + WEEK).isoformat(),
-                     "interval": "0.9"})
+        plan.append(
+            {
+                "region": f"r{rng.integers(0, regions)}",
+                "start": start.isoformat(),
+                "end": (start + WEEK).isoformat(),
+                "interval": "0.9",
+            }
+        )
     return plan
 
 
 async def load(url, plan, concurrency):
     latencies = []
     queue = list(plan)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency
+    )
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
         async def worker():
@@ -114,8 +131,11 @@ def peer(out: Path, plan):
         FROM sums GROUP BY timestamp ORDER BY timestamp"""
     latencies = []
     for p in plan:
-        params = {"region": p["region"], "start": datetime.fromisoformat(p["start"]),
-                  "end": datetime.fromisoformat(p["end"])}
+        params = {
+            "region": p["region"],
+            "start": datetime.fromisoformat(p["start"]),
+            "end": datetime.fromisoformat(p["end"]),
+        }
         t0 = time.perf_counter()
         rows = con.execute(sql, params).fetchall()
         latencies.append(time.perf_counter() - t0)
@@ -138,26 +158,43 @@ def main():
     ap.add_argument("--requests", type=int, default=200, help="requests per level")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--peer-requests", type=int, default=30)
-    ap.add_argument("--cache-mib", type=float, default=1024,
-                    help="the server's draws cache (0: every query reads the files)")
+    ap.add_argument(
+        "--cache-mib",
+        type=float,
+        default=1024,
+        help="the server's draws cache (0: every query reads the files)",
+    )
     args = ap.parse_args()
 
     build_s = build_store(args.out, args)
     num_groups = args.regions * args.demographics * args.networks
     rows = num_groups * args.draws * args.hours
     size = sum(p.stat().st_size for p in (args.out / "predictive").rglob("*.parquet"))
-    print(f"store: {num_groups} groups x {args.draws} draws x {args.hours} hours = "
-          f"{rows:.3g} draw-rows, predictive files {size / 2**20:.0f} MiB"
-          + (f", written in {build_s:.0f} s" if build_s else " (reused)"))
+    print(
+        f"store: {num_groups} groups x {args.draws} draws x {args.hours} hours = "
+        f"{rows:.3g} draw-rows, predictive files {size / 2**20:.0f} MiB"
+        + (f", written in {build_s:.0f} s" if build_s else " (reused)")
+    )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "raybayes.cli", "serve", str(args.out), "--port", str(port),
-         "--cache-mib", str(args.cache_mib)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "raybayes.cli",
+            "serve",
+            str(args.out),
+            "--port",
+            str(port),
+            "--cache-mib",
+            str(args.cache_mib),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.perf_counter()
@@ -169,25 +206,41 @@ def main():
                 if server.poll() is not None or time.perf_counter() - t0 > 600:
                     raise RuntimeError("the server did not start") from None
                 time.sleep(0.5)
-        print(f"server up in {time.perf_counter() - t0:.1f} s; RSS "
-              f"{rss_mib(server.pid)[0]:.0f} MiB before any aggregate")
+        print(
+            f"server up in {time.perf_counter() - t0:.1f} s; RSS "
+            f"{rss_mib(server.pid)[0]:.0f} MiB before any aggregate"
+        )
         first = datetime(2024, 1, 1)
         # warm-up, not counted: one request per region (reads every group's file
         # once: file metadata, and the draws cache when it is on)
-        warm = [{"region": f"r{i}", "start": first.isoformat(),
-                 "end": (first + WEEK).isoformat()} for i in range(args.regions)]
+        warm = [
+            {
+                "region": f"r{i}",
+                "start": first.isoformat(),
+                "end": (first + WEEK).isoformat(),
+            }
+            for i in range(args.regions)
+        ]
         lat, wall = asyncio.run(load(url, warm, 1))
-        print(f"warm-up (first request per region, cold): {1000 * lat.mean():.0f} ms each; "
-              f"RSS {rss_mib(server.pid)[0]:.0f} MiB", flush=True)
+        print(
+            "warm-up (first request per region, cold): "
+            f"{1000 * lat.mean():.0f} ms each; "
+            f"RSS {rss_mib(server.pid)[0]:.0f} MiB",
+            flush=True,
+        )
         results = []
         for c in (int(x) for x in args.concurrency.split(",")):
             plan = requests_plan(args.requests, args.regions, first, args.hours, c)
             lat, wall = asyncio.run(load(url, plan, c))
             rss, peak = rss_mib(server.pid)
             results.append((c, lat, wall, rss, peak))
-            print(f"clients {c:>2}: p50 {pct(lat, .5):7.0f} ms  p95 {pct(lat, .95):7.0f} ms  "
-                  f"p99 {pct(lat, .99):7.0f} ms  {len(lat) / wall:6.2f} req/s  "
-                  f"RSS {rss:.0f} MiB (peak {peak:.0f})", flush=True)
+            print(
+                f"clients {c:>2}: p50 {pct(lat, 0.5):7.0f} ms  "
+                f"p95 {pct(lat, 0.95):7.0f} ms  "
+                f"p99 {pct(lat, 0.99):7.0f} ms  {len(lat) / wall:6.2f} req/s  "
+                f"RSS {rss:.0f} MiB (peak {peak:.0f})",
+                flush=True,
+            )
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -195,22 +248,35 @@ def main():
         except subprocess.TimeoutExpired:
             server.kill()
 
-    plan = requests_plan(args.peer_requests, args.regions, datetime(2024, 1, 1),
-                         args.hours, 7)
+    plan = requests_plan(
+        args.peer_requests, args.regions, datetime(2024, 1, 1), args.hours, 7
+    )
     peer(args.out, plan[:2])  # warm-up
     lat_peer = peer(args.out, plan)
     one = results[0][1]
-    print(f"peer (DuckDB over the store's views, in process, 1 client): p50 "
-          f"{pct(lat_peer, .5):.0f} ms  p95 {pct(lat_peer, .95):.0f} ms")
-    print(f"ratio of one-client medians, served / peer: "
-          f"{np.median(one) / np.median(lat_peer):.2f}")
-    print("\n| clients | requests | p50 ms | p95 ms | p99 ms | requests/s | server RSS MiB "
-          "(peak) |\n|---|---|---|---|---|---|---|")
+    print(
+        f"peer (DuckDB over the store's views, in process, 1 client): p50 "
+        f"{pct(lat_peer, 0.5):.0f} ms  p95 {pct(lat_peer, 0.95):.0f} ms"
+    )
+    print(
+        f"ratio of one-client medians, served / peer: "
+        f"{np.median(one) / np.median(lat_peer):.2f}"
+    )
+    print(
+        "\n| clients | requests | p50 ms | p95 ms | p99 ms | requests/s "
+        "| server RSS MiB "
+        "(peak) |\n|---|---|---|---|---|---|---|"
+    )
     for c, lat, wall, rss, peak in results:
-        print(f"| {c} | {len(lat)} | {pct(lat, .5):.0f} | {pct(lat, .95):.0f} | "
-              f"{pct(lat, .99):.0f} | {len(lat) / wall:.2f} | {rss:.0f} ({peak:.0f}) |")
-    print(f"| peer, 1 | {len(lat_peer)} | {pct(lat_peer, .5):.0f} | {pct(lat_peer, .95):.0f} "
-          f"| {pct(lat_peer, .99):.0f} | {len(lat_peer) / lat_peer.sum():.2f} | - |")
+        print(
+            f"| {c} | {len(lat)} | {pct(lat, 0.5):.0f} | {pct(lat, 0.95):.0f} | "
+            f"{pct(lat, 0.99):.0f} | {len(lat) / wall:.2f} | {rss:.0f} ({peak:.0f}) |"
+        )
+    print(
+        f"| peer, 1 | {len(lat_peer)} | {pct(lat_peer, 0.5):.0f} "
+        f"| {pct(lat_peer, 0.95):.0f} "
+        f"| {pct(lat_peer, 0.99):.0f} | {len(lat_peer) / lat_peer.sum():.2f} | - |"
+    )
 
 
 if __name__ == "__main__":

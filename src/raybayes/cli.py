@@ -70,13 +70,20 @@ def _register_serve(app: typer.Typer) -> None:
 
     @app.command("serve")
     def serve_cmd(
-        output: Path = typer.Argument(..., help="fit-many output folder (may still be written)."),
-        host: str = typer.Option("127.0.0.1", help="Interface to bind; another than loopback "
-                                 "exposes all results, with no authentication."),
+        output: Path = typer.Argument(  # noqa: B008
+            ..., help="fit-many output folder (it may still be being written)."
+        ),
+        host: str = typer.Option(
+            "127.0.0.1",
+            help="Interface to bind; any other than loopback exposes every result, "
+            "with no authentication.",
+        ),
         port: int = typer.Option(8000, help="TCP port."),
-        cache_mib: float = typer.Option(1024, help="Memory for decoded draws, MiB (0: none)."),
+        cache_mib: float = typer.Option(
+            1024, help="Memory for decoded draws, MiB (0: none)."
+        ),
     ):
-        """Serve a fit-many output folder: JSON API (/openapi.json) and results page (/)."""
+        """Serve a fit-many output folder: JSON API and results page (loopback)."""
         from raybayes.errors import RaybayesError
         from raybayes.serve import serve
 

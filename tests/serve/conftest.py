@@ -15,8 +15,18 @@ def fleet_out(tmp_path_factory) -> Path:
     from raybayes.datasets.fleet_results import simulate_fleet_results
 
     out = tmp_path_factory.mktemp("fleet") / "out"
-    simulate_fleet_results(out, 2, 2, 3, num_steps=NUM_STEPS, num_draws=NUM_DRAWS,
-                           seed=3, failed=[FAILED], invalid=[INVALID], batch_size=4)
+    simulate_fleet_results(
+        out,
+        2,
+        2,
+        3,
+        num_steps=NUM_STEPS,
+        num_draws=NUM_DRAWS,
+        seed=3,
+        failed=[FAILED],
+        invalid=[INVALID],
+        batch_size=4,
+    )
     return out
 
 
@@ -24,5 +34,3 @@ def fleet_out(tmp_path_factory) -> Path:
 def base_url(fleet_out):
     with running_server(fleet_out) as url:
         yield url
-
-

@@ -26,8 +26,13 @@ def running_server(output_dir):
 
     from raybayes.serve import create_app
 
-    config = uvicorn.Config(create_app(output_dir), host="127.0.0.1", port=0,
-                            log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        create_app(output_dir),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -45,10 +50,14 @@ def running_server(output_dir):
 
 
 def group_draws(output_dir: Path, key: dict) -> tuple[np.ndarray, np.ndarray]:
-    """One group's predictive draws from its Parquet file: ``(times (T,), y (D, T))``."""
-    table = pq.read_table(output_dir / "predictive" / store.group_path(key) / "part-0.parquet")
+    """One group's predictive draws from its file: ``(times (T,), y (D, T))``."""
+    table = pq.read_table(
+        output_dir / "predictive" / store.group_path(key) / "part-0.parquet"
+    )
     df = table.to_pandas()
-    wide = df.pivot(index="draw", columns="timestamp", values="y_pred").sort_index(axis=1)
+    wide = df.pivot(index="draw", columns="timestamp", values="y_pred").sort_index(
+        axis=1
+    )
     return wide.columns.to_numpy(), wide.to_numpy(np.float64)
 
 

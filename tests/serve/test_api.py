@@ -1,4 +1,4 @@
-"""raybayes serve: every endpoint and every bad input, against a live server on 127.0.0.1.
+"""raybayes serve: every endpoint and bad input, against a live server on 127.0.0.1.
 
 The references are computed with NumPy from the raw draws in the Parquet files.
 """
@@ -42,7 +42,8 @@ def _folder_state(out: Path) -> dict:
     """Every file of the folder with its size and content hash."""
     return {
         str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(out.rglob("*")) if p.is_file()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -65,8 +66,12 @@ def _check_band(body, times, draws, interval):
     lo = (1 - interval) / 2
     assert pd.to_datetime(body["timestamp"]).to_numpy().tolist() == times.tolist()
     np.testing.assert_allclose(body["mean"], draws.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(body["lower"], np.quantile(draws, lo, axis=0), rtol=1e-12)
-    np.testing.assert_allclose(body["upper"], np.quantile(draws, 1 - lo, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        body["lower"], np.quantile(draws, lo, axis=0), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        body["upper"], np.quantile(draws, 1 - lo, axis=0), rtol=1e-12
+    )
     assert set(body["num_draws"]) == {NUM_DRAWS}
 
 
@@ -74,8 +79,11 @@ def _check_band(body, times, draws, interval):
 def test_keys_lists_keys_values_and_statuses(client):
     body = client.get("/api/keys").json()
     assert body["keys"] == KEYS
-    assert body["values"] == {"region": ["r0", "r1"], "demographic": ["d0", "d1"],
-                              "network": ["n0", "n1", "n2"]}
+    assert body["values"] == {
+        "region": ["r0", "r1"],
+        "demographic": ["d0", "d1"],
+        "network": ["n0", "n1", "n2"],
+    }
     assert body["num_groups"] == 12
     assert body["statuses"] == {"ok": 10, "failed": 1, "invalid": 1}
 
@@ -96,10 +104,12 @@ def test_groups_filters_and_puts_failures_first(client, fleet_out):
     r_hat = [g["max_r_hat"] for g in body["groups"][2:]]
     assert r_hat == sorted(r_hat, reverse=True)
 
-    body = client.get("/api/groups", params=[("region", "r0"), ("network", "n1"),
-                                              ("network", "n2")]).json()
-    assert sorted((g["key"]["demographic"], g["key"]["network"]) for g in body["groups"]) == [
-        ("d0", "n1"), ("d0", "n2"), ("d1", "n1"), ("d1", "n2")]
+    body = client.get(
+        "/api/groups", params=[("region", "r0"), ("network", "n1"), ("network", "n2")]
+    ).json()
+    assert sorted(
+        (g["key"]["demographic"], g["key"]["network"]) for g in body["groups"]
+    ) == [("d0", "n1"), ("d0", "n2"), ("d1", "n1"), ("d1", "n2")]
     body = client.get("/api/groups", params={"status": "failed,invalid"}).json()
     assert [g["key"] for g in body["groups"]] == [FAILED, INVALID]
 
@@ -117,7 +127,9 @@ def test_failures_lists_failed_and_invalid_with_errors(client, fleet_out):
 def test_group_summary_matches_the_summary_file(client, fleet_out):
     body = client.get("/api/group/summary", params=GROUP).json()
     assert body["key"] == GROUP and body["status"] == "ok"
-    ref = pq.read_table(fleet_out / "summary" / store.group_path(GROUP) / "part-0.parquet")
+    ref = pq.read_table(
+        fleet_out / "summary" / store.group_path(GROUP) / "part-0.parquet"
+    )
     ref = ref.to_pandas()
     got = pd.DataFrame(body["parameters"])
     assert got["parameter"].tolist() == ref["parameter"].tolist()
@@ -133,13 +145,15 @@ def test_group_summary_matches_the_summary_file(client, fleet_out):
 
 def test_group_predictive_band_equals_numpy_on_the_raw_draws(client, fleet_out):
     start, end = "2024-01-02T05:00", "2024-01-04T00:00"
-    body = client.get("/api/group/predictive",
-                      params=dict(GROUP, start=start, end=end, interval=0.8)).json()
+    body = client.get(
+        "/api/group/predictive", params=dict(GROUP, start=start, end=end, interval=0.8)
+    ).json()
     times, draws = _summed(fleet_out, [GROUP], start, end)
     assert len(times) == 43
     _check_band(body, times, draws, 0.8)
     states = pq.read_table(
-        fleet_out / "states" / store.group_path(GROUP) / "part-0.parquet").to_pandas()
+        fleet_out / "states" / store.group_path(GROUP) / "part-0.parquet"
+    ).to_pandas()
     states = states.set_index("timestamp").loc[times]
     np.testing.assert_allclose(body["y"], states["y"])
     np.testing.assert_allclose(body["mean_state"], states["p_state_1"], rtol=1e-6)
@@ -148,13 +162,23 @@ def test_group_predictive_band_equals_numpy_on_the_raw_draws(client, fleet_out):
 
 def test_aggregate_by_key_equals_numpy_sums_of_the_raw_draws(client, fleet_out):
     start, end = "2024-01-03", "2024-01-10"
-    body = client.get("/api/aggregate", params=[
-        ("by", "network"), ("region", "r0"), ("start", start), ("end", end),
-        ("interval", "0.9")]).json()
+    body = client.get(
+        "/api/aggregate",
+        params=[
+            ("by", "network"),
+            ("region", "r0"),
+            ("start", start),
+            ("end", end),
+            ("interval", "0.9"),
+        ],
+    ).json()
     assert body["by"] == ["network"] and body["where"] == {"region": ["r0"]}
     assert body["num_groups"] == 5  # r0 has 6 groups, one failed
     assert [s["key"] for s in body["series"]] == [
-        {"network": "n0"}, {"network": "n1"}, {"network": "n2"}]
+        {"network": "n0"},
+        {"network": "n1"},
+        {"network": "n2"},
+    ]
     for series in body["series"]:
         keys = ok_keys(fleet_out, region="r0", network=series["key"]["network"])
         assert set(series["num_groups"]) == {len(keys)}
@@ -170,15 +194,27 @@ def test_aggregate_over_every_group_and_value_lists(client, fleet_out):
     assert len(times) == NUM_STEPS
     _check_band(body["series"][0], times, draws, 0.5)
     # several values of one key, two keys kept (repeated and comma forms agree)
-    params = [("network", "n1"), ("network", "n2"), ("by", "region"), ("by", "demographic"),
-              ("end", "2024-01-02")]
+    params = [
+        ("network", "n1"),
+        ("network", "n2"),
+        ("by", "region"),
+        ("by", "demographic"),
+        ("end", "2024-01-02"),
+    ]
     body = client.get("/api/aggregate", params=params).json()
-    same = client.get("/api/aggregate", params=[
-        ("network", "n1"), ("network", "n2"), ("by", "region,demographic"),
-        ("end", "2024-01-02")]).json()
+    same = client.get(
+        "/api/aggregate",
+        params=[
+            ("network", "n1"),
+            ("network", "n2"),
+            ("by", "region,demographic"),
+            ("end", "2024-01-02"),
+        ],
+    ).json()
     assert body == same
     assert [s["key"] for s in body["series"]] == [
-        {"region": r, "demographic": d} for r in ("r0", "r1") for d in ("d0", "d1")]
+        {"region": r, "demographic": d} for r in ("r0", "r1") for d in ("d0", "d1")
+    ]
     for series in body["series"]:
         keys = ok_keys(fleet_out, network=["n1", "n2"], **series["key"])
         times, draws = _summed(fleet_out, keys, None, "2024-01-02")
@@ -188,8 +224,13 @@ def test_aggregate_over_every_group_and_value_lists(client, fleet_out):
 def test_openapi_schema_and_read_only_methods(client):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {
-        "/api/keys", "/api/groups", "/api/failures", "/api/group/summary",
-        "/api/group/predictive", "/api/aggregate"}
+        "/api/keys",
+        "/api/groups",
+        "/api/failures",
+        "/api/group/summary",
+        "/api/group/predictive",
+        "/api/aggregate",
+    }
     assert all(set(ops) == {"get"} for ops in schema["paths"].values())
     for method in ("POST", "PUT", "DELETE", "PATCH"):
         assert client.request(method, "/api/aggregate").status_code == 405
@@ -213,38 +254,96 @@ def test_page_and_plotly_bundle_are_served_locally(client):
 # ---------------------------------------------------------------------- bad input
 BAD = [
     # (path, params, status, words of the message)
-    ("/api/aggregate", {"by": "channel"}, 400, ["'channel' is not a group key", "region"]),
-    ("/api/aggregate", {"channel": "c0"}, 400, ["unknown query parameter 'channel'",
-                                                "region, demographic, network", "by"]),
+    (
+        "/api/aggregate",
+        {"by": "channel"},
+        400,
+        ["'channel' is not a group key", "region"],
+    ),
+    (
+        "/api/aggregate",
+        {"channel": "c0"},
+        400,
+        ["unknown query parameter 'channel'", "region, demographic, network", "by"],
+    ),
     ("/api/aggregate", {"region": "r9"}, 400, ["region='r9' is not a value", "r0, r1"]),
     ("/api/aggregate", {"interval": "1.5"}, 400, ["strictly between 0 and 1"]),
     ("/api/aggregate", {"interval": "0"}, 400, ["strictly between 0 and 1"]),
     ("/api/aggregate", {"interval": "nan"}, 400, ["strictly between 0 and 1"]),
     ("/api/aggregate", {"interval": "ninety"}, 400, ["interval", "valid number"]),
-    ("/api/aggregate", {"start": "2024-13-01"}, 400, ["start='2024-13-01' is not an ISO 8601"]),
-    ("/api/aggregate", {"end": "next week"}, 400, ["end='next week' is not an ISO 8601"]),
-    ("/api/aggregate", {"start": "2024-01-05", "end": "2024-01-02"}, 400,
-     ["empty time window", "[start, end)"]),
-    ("/api/aggregate", {"start": "2025-01-01"}, 400,
-     ["no predictive draws in the window", "2024-01-01 00:00:00 to 2024-01-10 23:00:00"]),
-    ("/api/aggregate", FAILED, 400, ["empty selection", "status failed", "/api/failures"]),
-    ("/api/aggregate", {"network": "n2", "demographic": "d1", "region": "r1"}, 400,
-     ["empty selection", "status invalid"]),
+    (
+        "/api/aggregate",
+        {"start": "2024-13-01"},
+        400,
+        ["start='2024-13-01' is not an ISO 8601"],
+    ),
+    (
+        "/api/aggregate",
+        {"end": "next week"},
+        400,
+        ["end='next week' is not an ISO 8601"],
+    ),
+    (
+        "/api/aggregate",
+        {"start": "2024-01-05", "end": "2024-01-02"},
+        400,
+        ["empty time window", "[start, end)"],
+    ),
+    (
+        "/api/aggregate",
+        {"start": "2025-01-01"},
+        400,
+        [
+            "no predictive draws in the window",
+            "2024-01-01 00:00:00 to 2024-01-10 23:00:00",
+        ],
+    ),
+    (
+        "/api/aggregate",
+        FAILED,
+        400,
+        ["empty selection", "status failed", "/api/failures"],
+    ),
+    (
+        "/api/aggregate",
+        {"network": "n2", "demographic": "d1", "region": "r1"},
+        400,
+        ["empty selection", "status invalid"],
+    ),
     ("/api/group/summary", {"region": "r0"}, 400, ["missing: demographic, network"]),
-    ("/api/group/summary", [("region", "r0"), ("region", "r1"), ("demographic", "d0"),
-                            ("network", "n1")], 400, ["several values for: region"]),
-    ("/api/group/summary", dict(GROUP, network="n7"), 400, ["network='n7' is not a value"]),
+    (
+        "/api/group/summary",
+        [("region", "r0"), ("region", "r1"), ("demographic", "d0"), ("network", "n1")],
+        400,
+        ["several values for: region"],
+    ),
+    (
+        "/api/group/summary",
+        dict(GROUP, network="n7"),
+        400,
+        ["network='n7' is not a value"],
+    ),
     ("/api/group/predictive", dict(GROUP, start="yesterday"), 400, ["ISO 8601"]),
     ("/api/group/predictive", dict(GROUP, interval="-0.1"), 400, ["between 0 and 1"]),
-    ("/api/group/predictive", FAILED, 404, ["no predictive draws", "simulated failure"]),
+    (
+        "/api/group/predictive",
+        FAILED,
+        404,
+        ["no predictive draws", "simulated failure"],
+    ),
     ("/api/group/predictive", INVALID, 404, ["no predictive draws", "too few points"]),
     ("/api/groups", {"by": "region"}, 400, ["unknown query parameter 'by'", "status"]),
 ]
 
 
-@pytest.mark.parametrize(("path", "params", "status", "words"), BAD,
-                         ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)])
-def test_bad_input_gets_a_4xx_that_says_what_is_allowed(client, path, params, status, words):
+@pytest.mark.parametrize(
+    ("path", "params", "status", "words"),
+    BAD,
+    ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)],
+)
+def test_bad_input_gets_a_4xx_that_says_what_is_allowed(
+    client, path, params, status, words
+):
     r = client.get(path, params=params)
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
@@ -266,19 +365,23 @@ INJECTIONS = [
 
 
 @pytest.mark.parametrize("params", INJECTIONS, ids=range(len(INJECTIONS)))
-def test_sql_injection_attempts_are_rejected_and_change_nothing(client, fleet_out, params):
+def test_sql_injection_attempts_are_rejected_and_change_nothing(
+    client, fleet_out, params
+):
     before = _folder_state(fleet_out)
     reference = client.get("/api/aggregate", params={"by": "region"}).json()
     r = client.get("/api/aggregate", params=params)
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
-    assert "not a group key" in detail or "not a value" in detail or "ISO 8601" in detail
+    assert (
+        "not a group key" in detail or "not a value" in detail or "ISO 8601" in detail
+    )
     assert client.get("/api/aggregate", params={"by": "region"}).json() == reference
     assert _folder_state(fleet_out) == before
     assert not list(Path.cwd().glob("pwned*"))
 
 
-# ---------------------------------------------------------------------- a job still writing
+# ------------------------------------------------------------ a job still writing
 def _publish(src: Path, dst: Path, keys: list[dict], batch: str, *, manifest=True):
     """Copy groups' outputs from a finished folder, atomically, then their manifest file
     (the order fit_many follows)."""
@@ -315,7 +418,9 @@ def test_serves_consistent_results_while_groups_are_being_written(fleet_out, tmp
         times, draws = _summed(fleet_out, r0[:3])
         _check_band(body["series"][0], times, draws, 0.9)
         r = c.get("/api/aggregate", params={"region": "r1"})
-        assert r.status_code == 400 and "region='r1' is not a value" in r.json()["detail"]
+        assert (
+            r.status_code == 400 and "region='r1' is not a value" in r.json()["detail"]
+        )
         # the batch is recorded: its groups appear, without a restart
         _publish(fleet_out, out, r0[3:], "batch-b")
         _publish(fleet_out, out, r1, "batch-c")

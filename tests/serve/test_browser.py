@@ -35,8 +35,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = BROWSER
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--disable-gpu", "--window-size=1300,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1300,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.set_page_load_timeout(120)
@@ -52,7 +57,8 @@ def _show(driver, selection: dict, interval: str):
 
     for key in ("region", "demographic", "network"):
         Select(driver.find_element(By.ID, f"key-{key}")).select_by_visible_text(
-            selection.get(key, "(all)"))
+            selection.get(key, "(all)")
+        )
     for name, value in (("start", START), ("end", END)):
         field = driver.find_element(By.ID, name)
         field.clear()
@@ -62,16 +68,20 @@ def _show(driver, selection: dict, interval: str):
     driver.find_element(By.ID, "show").click()
     wait = WebDriverWait(driver, 120)
     wait.until(lambda d: old.id != d.find_element(By.TAG_NAME, "html").id)
-    wait.until(lambda d: d.execute_script(
-        "const g = document.getElementById('chart');"
-        "return g !== null && g.data !== undefined && "
-        "g.querySelectorAll('.scatterlayer .trace').length === 5;"))
+    wait.until(
+        lambda d: d.execute_script(
+            "const g = document.getElementById('chart');"
+            "return g !== null && g.data !== undefined && "
+            "g.querySelectorAll('.scatterlayer .trace').length === 5;"
+        )
+    )
 
 
 def _traces(driver) -> dict:
     data = driver.execute_script(
         "return document.getElementById('chart').data.map("
-        "t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}));")
+        "t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}));"
+    )
     return {t["name"]: t for t in data}
 
 
@@ -80,9 +90,16 @@ def _table(driver) -> list[dict]:
 
     table = driver.find_element(By.ID, "diagnostics")
     head = [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
-    return [dict(zip(head, [td.text for td in tr.find_elements(By.TAG_NAME, "td")],
-                     strict=True))
-            for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    return [
+        dict(
+            zip(
+                head,
+                [td.text for td in tr.find_elements(By.TAG_NAME, "td")],
+                strict=True,
+            )
+        )
+        for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    ]
 
 
 def _reference(out, keys):
@@ -97,10 +114,17 @@ def _check_chart(traces, times, draws, interval):
     lo = (1 - interval) / 2
     band = next(name for name in traces if "posterior predictive interval" in name)
     assert band.startswith(f"{interval:.0%}")
-    assert pd.to_datetime(traces["predictive mean"]["x"]).to_numpy().tolist() == times.tolist()
+    assert (
+        pd.to_datetime(traces["predictive mean"]["x"]).to_numpy().tolist()
+        == times.tolist()
+    )
     np.testing.assert_allclose(traces["predictive mean"]["y"], draws.mean(0), rtol=1e-9)
-    np.testing.assert_allclose(traces["lower"]["y"], np.quantile(draws, lo, 0), rtol=1e-9)
-    np.testing.assert_allclose(traces[band]["y"], np.quantile(draws, 1 - lo, 0), rtol=1e-9)
+    np.testing.assert_allclose(
+        traces["lower"]["y"], np.quantile(draws, lo, 0), rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        traces[band]["y"], np.quantile(draws, 1 - lo, 0), rtol=1e-9
+    )
 
 
 def test_page_shows_a_group_then_an_aggregate(browser, base_url, fleet_out):
@@ -112,17 +136,20 @@ def test_page_shows_a_group_then_an_aggregate(browser, base_url, fleet_out):
     # one group: observations, band, mean state; its diagnostics row
     _show(browser, GROUP, "0.8")
     assert browser.find_element(By.ID, "title").text == (
-        "Group region=r0, demographic=d1, network=n1")
+        "Group region=r0, demographic=d1, network=n1"
+    )
     traces = _traces(browser)
     times, draws = _reference(fleet_out, [GROUP])
     assert len(times) == 72
     _check_chart(traces, times, draws, 0.8)
     states = pq.read_table(
-        fleet_out / "states" / store.group_path(GROUP) / "part-0.parquet").to_pandas()
+        fleet_out / "states" / store.group_path(GROUP) / "part-0.parquet"
+    ).to_pandas()
     states = states.set_index("timestamp").loc[times]
     np.testing.assert_allclose(traces["observed"]["y"], states["y"])
-    np.testing.assert_allclose(traces["posterior mean state"]["y"], states["p_state_1"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        traces["posterior mean state"]["y"], states["p_state_1"], rtol=1e-6
+    )
     rows = _table(browser)
     rec = store.read_manifest(fleet_out)[store.group_id(GROUP)]
     assert len(rows) == 1

@@ -1,4 +1,4 @@
-"""``raybayes serve`` on the command line: loopback by default, --host/--port, bad folder.
+"""``raybayes serve`` on the command line: loopback default, --host/--port, bad folder.
 
 The subprocess test starts the real command (its import of raybayes takes about
 20 s on a loaded 2-core machine, hence ``slow``); the others run the command
@@ -50,19 +50,22 @@ def test_serve_defaults_to_loopback_and_port_8000(fleet_out, uvicorn_calls):
 
     result = CliRunner().invoke(app, ["serve", str(fleet_out)])
     assert result.exit_code == 0, result.output
-    (fastapi_app, kw), = uvicorn_calls
+    ((fastapi_app, kw),) = uvicorn_calls
     assert (kw["host"], kw["port"]) == ("127.0.0.1", 8000)
     assert fastapi_app.state.results.output_dir == fleet_out.resolve()
     assert "http://127.0.0.1:8000/" in result.output
 
 
-def test_serve_host_and_port_options_warn_off_loopback(fleet_out, uvicorn_calls, caplog):
+def test_serve_host_and_port_options_warn_off_loopback(
+    fleet_out, uvicorn_calls, caplog
+):
     from typer.testing import CliRunner
 
     from raybayes.cli import app
 
-    result = CliRunner().invoke(app, ["serve", str(fleet_out), "--host", "0.0.0.0",
-                                      "--port", "9123"])
+    result = CliRunner().invoke(
+        app, ["serve", str(fleet_out), "--host", "0.0.0.0", "--port", "9123"]
+    )
     assert result.exit_code == 0, result.output
     assert [(kw["host"], kw["port"]) for _, kw in uvicorn_calls] == [("0.0.0.0", 9123)]
     assert "no authentication" in caplog.text
@@ -82,8 +85,18 @@ def test_serve_command_rejects_a_missing_folder(tmp_path, uvicorn_calls):
 def test_serve_command_binds_loopback_by_default(fleet_out):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raybayes.cli", "serve", str(fleet_out), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "raybayes.cli",
+            "serve",
+            str(fleet_out),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 180

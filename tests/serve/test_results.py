@@ -31,16 +31,28 @@ def _copy(src, dst, keys, extra=None):
             target = dst / table / store.group_path(key) / "part-0.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, target)
-        recs.append(dict(records[store.group_id(key)], **(extra or {}).get(
-            store.group_id(key), {})))
+        recs.append(
+            dict(
+                records[store.group_id(key)],
+                **(extra or {}).get(store.group_id(key), {}),
+            )
+        )
     store.write_manifest_records(dst, "batch-0", recs)
 
 
 def test_cache_and_duckdb_paths_agree_and_equal_numpy(fleet_out):
     cached, direct = FleetResults(fleet_out), FleetResults(fleet_out, cache_mib=0)
-    for kw in (dict(by="demographic", where={"network": ["n0", "n2"]},
-                    start="2024-01-04T07:00", end="2024-01-06", interval=0.8),
-               dict(by=["region", "network"]), dict(where={"region": "r1"}, interval=0.99)):
+    for kw in (
+        dict(
+            by="demographic",
+            where={"network": ["n0", "n2"]},
+            start="2024-01-04T07:00",
+            end="2024-01-06",
+            interval=0.8,
+        ),
+        dict(by=["region", "network"]),
+        dict(where={"region": "r1"}, interval=0.99),
+    ):
         a, b = cached.aggregate(**kw), direct.aggregate(**kw)
         pd.testing.assert_frame_equal(a, b, check_dtype=False, rtol=1e-12)
     assert cached._cache.num_bytes > 0 and direct._cache.num_bytes == 0
@@ -49,30 +61,53 @@ def test_cache_and_duckdb_paths_agree_and_equal_numpy(fleet_out):
     got = cached.aggregate(where={"region": "r1"}, interval=0.99)
     total = sum(group_draws(fleet_out, k)[1] for k in ok_keys(fleet_out, region="r1"))
     np.testing.assert_allclose(got["lower"], np.quantile(total, lo, axis=0), rtol=1e-12)
-    np.testing.assert_allclose(got["upper"], np.quantile(total, 1 - lo, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        got["upper"], np.quantile(total, 1 - lo, axis=0), rtol=1e-12
+    )
     band_a = cached.predictive_band(GROUP, "2024-01-03", "2024-01-04")
     band_b = direct.predictive_band(GROUP, "2024-01-03", "2024-01-04")
     pd.testing.assert_frame_equal(band_a, band_b, check_dtype=False, rtol=1e-12)
 
 
-def test_groups_with_other_draws_or_times_are_summed_where_they_overlap(fleet_out, tmp_path):
+def test_groups_with_other_draws_or_times_are_summed_where_they_overlap(
+    fleet_out, tmp_path
+):
     keys = ok_keys(fleet_out, region="r1")[:3]
     _copy(fleet_out, tmp_path, keys)
     # group 0 loses its last 10 hours (a shorter series), group 1 loses draw 5 at one
     # time (not a full grid: the cache declines it and DuckDB sums what is there)
-    for i, drop in ((0, lambda df: df[df["timestamp"] < df["timestamp"].max()
-                                      - pd.Timedelta(hours=9)]),
-                    (1, lambda df: df[~((df["draw"] == 5) & (df["timestamp"]
-                                                            == df["timestamp"].min()))])):
+    for i, drop in (
+        (
+            0,
+            lambda df: df[
+                df["timestamp"] < df["timestamp"].max() - pd.Timedelta(hours=9)
+            ],
+        ),
+        (
+            1,
+            lambda df: df[
+                ~((df["draw"] == 5) & (df["timestamp"] == df["timestamp"].min()))
+            ],
+        ),
+    ):
         path = tmp_path / "predictive" / store.group_path(keys[i]) / "part-0.parquet"
         df = drop(pq.read_table(path).to_pandas())
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
-    frames = [pq.read_table(tmp_path / "predictive" / store.group_path(k) /
-                            "part-0.parquet").to_pandas() for k in keys]
-    sums = pd.concat(frames).groupby(["timestamp", "draw"])["y_pred"].agg(["sum", "count"])
-    ref = sums.groupby("timestamp").agg(mean=("sum", "mean"), num_groups=("count", "max"),
-                                        lower=("sum", lambda x: np.quantile(x, 0.05)),
-                                        upper=("sum", lambda x: np.quantile(x, 0.95)))
+    frames = [
+        pq.read_table(
+            tmp_path / "predictive" / store.group_path(k) / "part-0.parquet"
+        ).to_pandas()
+        for k in keys
+    ]
+    sums = (
+        pd.concat(frames).groupby(["timestamp", "draw"])["y_pred"].agg(["sum", "count"])
+    )
+    ref = sums.groupby("timestamp").agg(
+        mean=("sum", "mean"),
+        num_groups=("count", "max"),
+        lower=("sum", lambda x: np.quantile(x, 0.05)),
+        upper=("sum", lambda x: np.quantile(x, 0.95)),
+    )
     for results in (FleetResults(tmp_path), FleetResults(tmp_path, cache_mib=0)):
         got = results.aggregate().set_index("timestamp")
         np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-12)
@@ -83,9 +118,12 @@ def test_groups_with_other_draws_or_times_are_summed_where_they_overlap(fleet_ou
     # without the incomplete group, the cache covers the other two: times that
     # only one of them has count one group
     results = FleetResults(tmp_path)
-    got = results.aggregate(where={"network": [keys[0]["network"], keys[2]["network"]],
-                                   "demographic": [keys[0]["demographic"],
-                                                   keys[2]["demographic"]]})
+    got = results.aggregate(
+        where={
+            "network": [keys[0]["network"], keys[2]["network"]],
+            "demographic": [keys[0]["demographic"], keys[2]["demographic"]],
+        }
+    )
     assert results._cache.num_bytes > 0
     assert got["num_groups"].iloc[-1] == 1 and got["num_groups"].iloc[0] == 2
 
@@ -128,8 +166,10 @@ def test_draw_cache_evicts_the_least_recently_used(tmp_path):
 
 def test_manifest_fields_and_statuses_it_does_not_know(fleet_out, tmp_path):
     keys = ok_keys(fleet_out, region="r0")[:2]
-    extra = {store.group_id(keys[0]): {"missed_target": True, "config_hash": "abc"},
-             store.group_id(keys[1]): {"status": "missed_target"}}
+    extra = {
+        store.group_id(keys[0]): {"missed_target": True, "config_hash": "abc"},
+        store.group_id(keys[1]): {"status": "missed_target"},
+    }
     _copy(fleet_out, tmp_path, keys, extra)
     results = FleetResults(tmp_path)
     rows = results.group_records()

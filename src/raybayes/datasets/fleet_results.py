@@ -38,10 +38,13 @@ def _parameter_draws(rng, row, num_steps, num_draws):
     sd = 1.0 / np.sqrt(rates * np.maximum(share * num_steps, 1.0))
     rate = rates * np.exp(sd * rng.standard_normal((num_draws, 2)))
     rate = np.sort(rate, axis=1)  # the model's rates are ordered
-    trans = np.stack([
-        rng.dirichlet(200 * np.array([1 - p01, p01]), num_draws),
-        rng.dirichlet(200 * np.array([p10, 1 - p10]), num_draws),
-    ], axis=1)
+    trans = np.stack(
+        [
+            rng.dirichlet(200 * np.array([1 - p01, p01]), num_draws),
+            rng.dirichlet(200 * np.array([p10, 1 - p10]), num_draws),
+        ],
+        axis=1,
+    )
     return {"rate": rate.astype(np.float32), "transition": trans.astype(np.float32)}
 
 
@@ -102,7 +105,8 @@ def simulate_fleet_results(
         >>> import tempfile
         >>> out = tempfile.mkdtemp()
         >>> truth = simulate_fleet_results(out, 1, 1, 2, num_steps=48, num_draws=4)
-        >>> sorted(p.name for p in Path(out).iterdir())  # doctest: +NORMALIZE_WHITESPACE
+        >>> sorted(p.name for p in Path(out).iterdir())
+        ... # doctest: +NORMALIZE_WHITESPACE
         ['fleet.duckdb', 'manifest', 'manifest.parquet', 'predictive', 'simulation',
          'states', 'summary']
     """
@@ -113,12 +117,23 @@ def simulate_fleet_results(
     from raybayes.models.hmm import hmm_posterior_predictive
 
     if num_draws < 2:
-        raise ValueError(f"num_draws={num_draws}: at least 2 draws are needed (2 chains).")
+        raise ValueError(
+            f"num_draws={num_draws}: at least 2 draws are needed (2 chains)."
+        )
     out = Path(output_dir)
     sim = out / "simulation"
-    truth = simulate_fleet(sim, num_regions, num_demographics, num_networks,
-                           num_steps=num_steps, seed=seed, start=start)
-    known = {store.group_id({k: row[k] for k in GROUP_KEYS}) for _, row in truth.iterrows()}
+    truth = simulate_fleet(
+        sim,
+        num_regions,
+        num_demographics,
+        num_networks,
+        num_steps=num_steps,
+        seed=seed,
+        start=start,
+    )
+    known = {
+        store.group_id({k: row[k] for k in GROUP_KEYS}) for _, row in truth.iterrows()
+    }
     special = {}
     for status, keys in (("failed", failed), ("invalid", invalid)):
         for key in keys:
@@ -136,15 +151,30 @@ def simulate_fleet_results(
         gid = store.group_id(key)
         rec = {"group_id": gid, "key": key, "batch_id": f"batch-{batch:05d}"}
         if special.get(gid) == "failed":
-            rec.update(status="failed", attempts=2,
-                       error="RuntimeError: simulated failure of the batch and the group")
+            rec.update(
+                status="failed",
+                attempts=2,
+                error="RuntimeError: simulated failure of the batch and the group",
+            )
         elif special.get(gid) == "invalid":
-            rec.update(status="invalid", error=(
-                "too few points: 12 rows, at least min_points=48 needed."))
+            rec.update(
+                status="invalid",
+                error=("too few points: 12 rows, at least min_points=48 needed."),
+            )
         else:
-            _write_group(out, store, diagnostics, hmm_posterior_predictive, data, rng,
-                         jax.random.fold_in(root, store.group_seed(gid)), rec, row,
-                         num_steps, num_draws)
+            _write_group(
+                out,
+                store,
+                diagnostics,
+                hmm_posterior_predictive,
+                data,
+                rng,
+                jax.random.fold_in(root, store.group_seed(gid)),
+                rec,
+                row,
+                num_steps,
+                num_draws,
+            )
         records.append(rec)
         if len(records) == batch_size or i == len(rows) - 1:
             store.write_manifest_records(out, rec["batch_id"], records)
@@ -155,39 +185,52 @@ def simulate_fleet_results(
     return truth
 
 
-def _write_group(out, store, diagnostics, predictive, data, rng, key, rec, row,
-                 num_steps, num_draws):
+def _write_group(
+    out, store, diagnostics, predictive, data, rng, key, rec, row, num_steps, num_draws
+):
     import pyarrow.compute as pc
 
-    expr = ((pc.field("region") == row["region"])
-            & (pc.field("demographic") == row["demographic"])
-            & (pc.field("network") == row["network"]))
+    expr = (
+        (pc.field("region") == row["region"])
+        & (pc.field("demographic") == row["demographic"])
+        & (pc.field("network") == row["network"])
+    )
     table = data.to_table(columns=["timestamp", "count"], filter=expr)
     t = table.column("timestamp").to_numpy()
     v = table.column("count").cast(pa.float64()).to_numpy(zero_copy_only=False)
     draws = _parameter_draws(rng, row, num_steps, num_draws)
     half = num_draws // 2
-    diag = diagnostics({k: d[: 2 * half].reshape((2, half) + d.shape[1:])
-                        for k, d in draws.items()})
+    diag = diagnostics(
+        {k: d[: 2 * half].reshape((2, half) + d.shape[1:]) for k, d in draws.items()}
+    )
     y_rep, probs, _ = predictive(key, "poisson", draws, v.astype(np.float32))
     y_rep, probs = np.asarray(y_rep), np.asarray(probs)
     rec.update(
-        status="ok", error=None, attempts=1, num_draws=int(num_draws),
-        num_divergences=0, max_r_hat=float(np.nanmax(diag["r_hat"])),
+        status="ok",
+        error=None,
+        attempts=1,
+        num_draws=int(num_draws),
+        num_divergences=0,
+        max_r_hat=float(np.nanmax(diag["r_hat"])),
         min_ess_bulk=float(np.nanmin(diag["ess_bulk"])),
-        min_ess_tail=float(np.nanmin(diag["ess_tail"])), num_gradients=0,
-        num_restarts=0, elapsed_s=0.0,
+        min_ess_tail=float(np.nanmin(diag["ess_tail"])),
+        num_gradients=0,
+        num_restarts=0,
+        elapsed_s=0.0,
     )
     sub = store.group_path(rec["key"])
     summary = pa.table(diag).append_column(
-        "num_divergences", pa.array([0] * len(diag["parameter"]), pa.int64()))
+        "num_divergences", pa.array([0] * len(diag["parameter"]), pa.int64())
+    )
     store.atomic_write_parquet(out / "summary" / sub / "part-0.parquet", summary)
     n = len(t)
-    pred = pa.table({
-        "timestamp": pa.array(np.tile(t, num_draws)),
-        "draw": pa.array(np.repeat(np.arange(num_draws, dtype=np.int32), n)),
-        "y_pred": pa.array(y_rep.reshape(-1)),
-    })
+    pred = pa.table(
+        {
+            "timestamp": pa.array(np.tile(t, num_draws)),
+            "draw": pa.array(np.repeat(np.arange(num_draws, dtype=np.int32), n)),
+            "y_pred": pa.array(y_rep.reshape(-1)),
+        }
+    )
     store.atomic_write_parquet(out / "predictive" / sub / "part-0.parquet", pred)
     cols = {"timestamp": pa.array(t), "y": pa.array(v)}
     for k in range(probs.shape[1]):

@@ -35,7 +35,9 @@ _FILTER_HELP = (
     "`/api/keys`), e.g. `?region=r0&network=n1&network=n2`: one or several values "
     "per key; groups must match every key given."
 )
-_WINDOW_HELP = "ISO 8601 time, e.g. 2024-01-01 or 2024-01-01T06:00; the window is [start, end)."
+_WINDOW_HELP = (
+    "ISO 8601 time, e.g. 2024-01-01 or 2024-01-01T06:00; the window is [start, end)."
+)
 
 
 # ---------------------------------------------------------------------- schemas
@@ -69,10 +71,13 @@ class SummaryResponse(BaseModel):
     key: dict[str, str]
     group_id: str
     status: str
-    record: dict = Field(description="The manifest record: R-hat, ESS, divergences, ...")
+    record: dict = Field(
+        description="The manifest record: R-hat, ESS, divergences, ..."
+    )
     parameters: list[dict] = Field(
         description="Posterior summary, one row per scalar parameter: mean, sd, q05, "
-        "q95, mcse_mean, ess_bulk, ess_tail, r_hat.")
+        "q95, mcse_mean, ess_bulk, ess_tail, r_hat."
+    )
 
 
 class PredictiveResponse(BaseModel):
@@ -88,7 +93,8 @@ class PredictiveResponse(BaseModel):
     y: list[float | None] = Field(description="Observed counts (null: missing).")
     y_pred_mean: list[float | None]
     mean_state: list[float | None] = Field(
-        description="Posterior mean state index, sum_k k P(z_t = k | y).")
+        description="Posterior mean state index, sum_k k P(z_t = k | y)."
+    )
 
 
 class AggregateSeries(BaseModel):
@@ -119,8 +125,10 @@ class FailuresResponse(BaseModel):
 
 # ---------------------------------------------------------------------- helpers
 def _values(series: pd.Series) -> list:
-    return [None if (isinstance(v, float) and not math.isfinite(v)) else v
-            for v in series.tolist()]
+    return [
+        None if (isinstance(v, float) and not math.isfinite(v)) else v
+        for v in series.tolist()
+    ]
 
 
 def _times(series: pd.Series) -> list[datetime]:
@@ -128,8 +136,13 @@ def _times(series: pd.Series) -> list[datetime]:
 
 
 def _records(rows: list[dict], keys: list[str]) -> list[dict]:
-    return [dict({k: v for k, v in row.items() if k not in keys},
-                 key={k: row[k] for k in keys if k in row}) for row in rows]
+    return [
+        dict(
+            {k: v for k, v in row.items() if k not in keys},
+            key={k: row[k] for k in keys if k in row},
+        )
+        for row in rows
+    ]
 
 
 def _where(request: Request, results: FleetResults, own: tuple[str, ...]) -> dict:
@@ -158,13 +171,19 @@ def _validation_message(err: RequestValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("query", "path"))
         got = e.get("input")
-        parts.append(f"{loc}: {e.get('msg')}" + (f" (got {got!r})" if got is not None else ""))
+        parts.append(
+            f"{loc}: {e.get('msg')}" + (f" (got {got!r})" if got is not None else "")
+        )
     return "; ".join(parts) or str(err)
 
 
 # ---------------------------------------------------------------------- the app
-def create_app(output_dir: str | os.PathLike, threads: int | None = None,
-               memory_limit: str | None = None, cache_mib: float = 1024) -> FastAPI:
+def create_app(
+    output_dir: str | os.PathLike,
+    threads: int | None = None,
+    memory_limit: str | None = None,
+    cache_mib: float = 1024,
+) -> FastAPI:
     """The FastAPI application serving one ``fit_many`` output folder (read-only).
 
     Routes (all ``GET``): ``/`` (the results page), ``/api/keys``,
@@ -195,8 +214,9 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
     from raybayes import __version__
     from raybayes.serve.page import plotly_js_path, render_page
 
-    results = FleetResults(output_dir, threads=threads, memory_limit=memory_limit,
-                           cache_mib=cache_mib)
+    results = FleetResults(
+        output_dir, threads=threads, memory_limit=memory_limit, cache_mib=cache_mib
+    )
     app = FastAPI(
         title="raybayes fleet results",
         version=__version__,
@@ -235,21 +255,35 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
         statuses: dict[str, int] = {}
         for row in rows:
             statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-        return KeysResponse(keys=results.keys, values=results.key_values(),
-                            num_groups=len(rows), statuses=statuses)
+        return KeysResponse(
+            keys=results.keys,
+            values=results.key_values(),
+            num_groups=len(rows),
+            statuses=statuses,
+        )
 
-    @app.get("/api/groups", response_model=GroupsResponse, tags=["groups"],
-             description="The recorded groups and their diagnostics, failures first."
-             + _FILTER_HELP)
-    def groups(request: Request, status: list[str] = Query(
-            default=[], description="Keep these statuses only (ok, failed, invalid, ...).")):
+    @app.get(
+        "/api/groups",
+        response_model=GroupsResponse,
+        tags=["groups"],
+        description="The recorded groups and their diagnostics, failures first."
+        + _FILTER_HELP,
+    )
+    def groups(
+        request: Request,
+        status: list[str] = Query(  # noqa: B008
+            default=[],
+            description="Keep these statuses only (ok, failed, invalid, ...).",
+        ),
+    ):
         where = _where(request, results, ("status",))
         rows = results.group_records(where)
         if status:
             keep = set(_split(status))
             rows = [r for r in rows if r["status"] in keep]
-        return GroupsResponse(keys=results.keys, num_groups=len(rows),
-                              groups=_records(rows, results.keys))
+        return GroupsResponse(
+            keys=results.keys, num_groups=len(rows), groups=_records(rows, results.keys)
+        )
 
     @app.get("/api/failures", response_model=FailuresResponse, tags=["groups"])
     def failures():
@@ -261,19 +295,27 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
             groups=_records(rows, results.keys),
         )
 
-    @app.get("/api/group/summary", response_model=SummaryResponse, tags=["group"],
-             description="One group's posterior summary and diagnostics. Name the "
-             "group by one value of every key, e.g. "
-             "`?region=r0&demographic=d0&network=n1`.",
-             responses={404: {"description": "No such group."}})
+    @app.get(
+        "/api/group/summary",
+        response_model=SummaryResponse,
+        tags=["group"],
+        description="One group's posterior summary and diagnostics. Name the "
+        "group by one value of every key, e.g. "
+        "`?region=r0&demographic=d0&network=n1`.",
+        responses={404: {"description": "No such group."}},
+    )
     def group_summary(request: Request):
         return results.summary(_where(request, results, ()))
 
-    @app.get("/api/group/predictive", response_model=PredictiveResponse, tags=["group"],
-             description="One group's posterior predictive band (mean and exact "
-             "central interval of its draws), observations and posterior mean state "
-             "over a time window. Name the group by one value of every key.",
-             responses={404: {"description": "No such group, or no draws."}})
+    @app.get(
+        "/api/group/predictive",
+        response_model=PredictiveResponse,
+        tags=["group"],
+        description="One group's posterior predictive band (mean and exact "
+        "central interval of its draws), observations and posterior mean state "
+        "over a time window. Name the group by one value of every key.",
+        responses={404: {"description": "No such group, or no draws."}},
+    )
     def group_predictive(
         request: Request,
         start: str | None = Query(None, description=_WINDOW_HELP),
@@ -283,22 +325,34 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
         key = _where(request, results, ("start", "end", "interval"))
         df = results.predictive_band(key, start, end, interval)
         return PredictiveResponse(
-            key={k: v[0] for k, v in key.items()}, interval=interval,
-            timestamp=_times(df["timestamp"]), mean=_values(df["mean"]),
-            lower=_values(df["lower"]), upper=_values(df["upper"]),
-            num_draws=_values(df["num_draws"]), y=_values(df["y"]),
-            y_pred_mean=_values(df["y_pred_mean"]), mean_state=_values(df["mean_state"]),
+            key={k: v[0] for k, v in key.items()},
+            interval=interval,
+            timestamp=_times(df["timestamp"]),
+            mean=_values(df["mean"]),
+            lower=_values(df["lower"]),
+            upper=_values(df["upper"]),
+            num_draws=_values(df["num_draws"]),
+            y=_values(df["y"]),
+            y_pred_mean=_values(df["y_pred_mean"]),
+            mean_state=_values(df["mean_state"]),
         )
 
-    @app.get("/api/aggregate", response_model=AggregateResponse, tags=["aggregate"],
-             description="Sum the selected groups' posterior predictive draws draw by "
-             "draw (draw i of the sum is the sum of the groups' draws i), per "
-             "combination of the `by` keys, over a time window; return the mean and "
-             "the exact central interval of the summed draws." + _FILTER_HELP)
+    @app.get(
+        "/api/aggregate",
+        response_model=AggregateResponse,
+        tags=["aggregate"],
+        description="Sum the selected groups' posterior predictive draws draw by "
+        "draw (draw i of the sum is the sum of the groups' draws i), per "
+        "combination of the `by` keys, over a time window; return the mean and "
+        "the exact central interval of the summed draws." + _FILTER_HELP,
+    )
     def aggregate(
         request: Request,
-        by: list[str] = Query(default=[], description="Keys to keep (repeat or "
-                              "comma-separate); the others are summed over."),
+        by: list[str] = Query(  # noqa: B008
+            default=[],
+            description="Keys to keep (repeat or "
+            "comma-separate); the others are summed over.",
+        ),
         start: str | None = Query(None, description=_WINDOW_HELP),
         end: str | None = Query(None, description=_WINDOW_HELP),
         interval: float = Query(0.9, description="Central interval mass, in (0, 1)."),
@@ -307,17 +361,27 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
         by = list(dict.fromkeys(_split(by)))
         df = results.aggregate(by, where, start, end, interval)
         series = []
-        for combo, part in (df.groupby(by, sort=True) if by else [((), df)]):
+        for combo, part in df.groupby(by, sort=True) if by else [((), df)]:
             combo = combo if isinstance(combo, tuple) else (combo,)
-            series.append(AggregateSeries(
-                key=dict(zip(by, map(str, combo), strict=True)),
-                timestamp=_times(part["timestamp"]), mean=_values(part["mean"]),
-                lower=_values(part["lower"]), upper=_values(part["upper"]),
-                num_groups=_values(part["num_groups"]), num_draws=_values(part["num_draws"]),
-            ))
+            series.append(
+                AggregateSeries(
+                    key=dict(zip(by, map(str, combo), strict=True)),
+                    timestamp=_times(part["timestamp"]),
+                    mean=_values(part["mean"]),
+                    lower=_values(part["lower"]),
+                    upper=_values(part["upper"]),
+                    num_groups=_values(part["num_groups"]),
+                    num_draws=_values(part["num_draws"]),
+                )
+            )
         return AggregateResponse(
-            by=by, where=where, interval=interval, start=parse_time(start, "start"),
-            end=parse_time(end, "end"), num_groups=df.attrs["num_groups"], series=series,
+            by=by,
+            where=where,
+            interval=interval,
+            start=parse_time(start, "start"),
+            end=parse_time(end, "end"),
+            num_groups=df.attrs["num_groups"],
+            series=series,
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -327,15 +391,24 @@ def create_app(output_dir: str | os.PathLike, threads: int | None = None,
 
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js():
-        return FileResponse(plotly_js_path(), media_type="text/javascript",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return FileResponse(
+            plotly_js_path(),
+            media_type="text/javascript",
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
 
     return app
 
 
-def serve(output_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-          threads: int | None = None, memory_limit: str | None = None,
-          cache_mib: float = 1024, log_level: str = "info") -> None:
+def serve(
+    output_dir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    threads: int | None = None,
+    memory_limit: str | None = None,
+    cache_mib: float = 1024,
+    log_level: str = "info",
+) -> None:
     """Serve a ``fit_many`` output folder over HTTP (blocks until stopped).
 
     Args:
@@ -359,12 +432,15 @@ def serve(output_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
             f"output_dir={str(output_dir)!r} is not a folder; pass the folder that "
             "`raybayes fit-many ... -o OUT` writes."
         )
-    app = create_app(output_dir, threads=threads, memory_limit=memory_limit,
-                     cache_mib=cache_mib)
+    app = create_app(
+        output_dir, threads=threads, memory_limit=memory_limit, cache_mib=cache_mib
+    )
     if host not in LOOPBACK_HOSTS:
         log.warning(
             "serving %s on %s:%d: anyone who can reach this address can read every "
             "group's results; there is no authentication and no TLS.",
-            output_dir, host, port)
+            output_dir,
+            host,
+            port,
+        )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
-

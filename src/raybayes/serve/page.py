@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
-from markupsafe import Markup
 import pandas as pd
+from markupsafe import Markup
 
 from raybayes.errors import ConfigurationError
 from raybayes.serve.results import FleetResults, parse_interval, parse_time
@@ -28,56 +28,20 @@ __all__ = ["render_page", "plotly_js_path", "build_figure", "DEFAULT_WINDOW"]
 DEFAULT_WINDOW = timedelta(days=14)
 MAX_TABLE_ROWS = 500
 _INTERVALS = ("0.5", "0.8", "0.9", "0.95", "0.99")
-_DIAGNOSTICS = ("status", "max_r_hat", "min_ess_bulk", "min_ess_tail", "num_divergences",
-                "num_draws", "num_restarts", "error")
+_DIAGNOSTICS = (
+    "status",
+    "max_r_hat",
+    "min_ess_bulk",
+    "min_ess_tail",
+    "num_divergences",
+    "num_draws",
+    "num_restarts",
+    "error",
+)
 
-_TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>raybayes fleet results</title>
-<script src="/static/plotly.min.js"></script>
-<style>
-body { font-family: system-ui, sans-serif; margin: 1.5em; }
-form { display: flex; gap: 1em; flex-wrap: wrap; align-items: end; }
-label { display: flex; flex-direction: column; font-size: 0.9em; }
-.error { color: #b00020; font-weight: bold; }
-table { border-collapse: collapse; font-size: 0.85em; margin-top: 1em; }
-th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
-tr.failed td, tr.invalid td { background: #fde8e8; }
-</style>
-</head>
-<body>
-<h1>Fleet results</h1>
-<p>{{ num_groups }} groups recorded ({{ statuses }}).
- API: <a href="/openapi.json">/openapi.json</a>, <a href="/api/failures">/api/failures</a>.</p>
-<form id="selection" method="get" action="/">
-{% for key, values in keys %}
-<label>{{ key }}
-<select name="{{ key }}" id="key-{{ key }}">
-<option value="">(all)</option>
-{% for v in values %}<option value="{{ v }}"{% if selected.get(key) == v %} selected{% endif %}>{{ v }}</option>
-{% endfor %}
-</select></label>
-{% endfor %}
-<label>start <input type="text" name="start" id="start" value="{{ start }}" size="19"></label>
-<label>end <input type="text" name="end" id="end" value="{{ end }}" size="19"></label>
-<label>interval
-<select name="interval" id="interval">
-{% for v in intervals %}<option value="{{ v }}"{% if v == interval %} selected{% endif %}>{{ v }}</option>
-{% endfor %}
-</select></label>
-<button type="submit" id="show">Show</button>
-</form>
-{% if error %}<p class="error" id="error">{{ error }}</p>{% endif %}
-<h2 id="title">{{ title }}</h2>
-{{ chart }}
-<h2>Diagnostics</h2>
-<p id="table-note">{{ table_note }}</p>
-{{ table }}
-</body>
-</html>
-""")
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("raybayes.serve", "templates"), autoescape=True
+)
 
 
 def plotly_js_path() -> Path:
@@ -107,47 +71,99 @@ def build_figure(band: pd.DataFrame, observed: pd.DataFrame, interval: float):
 
     t = [ts.isoformat() for ts in pd.to_datetime(band["timestamp"])]
     to = [ts.isoformat() for ts in pd.to_datetime(observed["timestamp"])]
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25],
-                        vertical_spacing=0.05)
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.75, 0.25],
+        vertical_spacing=0.05,
+    )
     label = f"{interval:.0%} posterior predictive interval"
-    fig.add_trace(go.Scatter(x=t, y=col(band, "lower"), name="lower", mode="lines",
-                             line={"width": 0, "shape": "hv"}, showlegend=False,
-                             legendgroup="band"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=t, y=col(band, "upper"), name=label, mode="lines",
-                             line={"width": 0, "shape": "hv"}, fill="tonexty",
-                             fillcolor="rgba(31, 119, 180, 0.3)", legendgroup="band"),
-                  row=1, col=1)
-    fig.add_trace(go.Scatter(x=t, y=col(band, "mean"), name="predictive mean",
-                             mode="lines", line={"color": "rgb(31, 119, 180)", "width": 1}),
-                  row=1, col=1)
-    fig.add_trace(go.Scatter(x=to, y=col(observed, "y"), name="observed", mode="markers",
-                             marker={"color": "black", "size": 3}), row=1, col=1)
-    fig.add_trace(go.Scatter(x=to, y=col(observed, "mean_state"),
-                             name="posterior mean state", mode="lines",
-                             line={"color": "rgb(214, 39, 40)"}), row=2, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=t,
+            y=col(band, "lower"),
+            name="lower",
+            mode="lines",
+            line={"width": 0, "shape": "hv"},
+            showlegend=False,
+            legendgroup="band",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=t,
+            y=col(band, "upper"),
+            name=label,
+            mode="lines",
+            line={"width": 0, "shape": "hv"},
+            fill="tonexty",
+            fillcolor="rgba(31, 119, 180, 0.3)",
+            legendgroup="band",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=t,
+            y=col(band, "mean"),
+            name="predictive mean",
+            mode="lines",
+            line={"color": "rgb(31, 119, 180)", "width": 1},
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=to,
+            y=col(observed, "y"),
+            name="observed",
+            mode="markers",
+            marker={"color": "black", "size": 3},
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=to,
+            y=col(observed, "mean_state"),
+            name="posterior mean state",
+            mode="lines",
+            line={"color": "rgb(214, 39, 40)"},
+        ),
+        row=2,
+        col=1,
+    )
     fig.update_yaxes(title_text="count", row=1, col=1)
     fig.update_yaxes(title_text="mean state", row=2, col=1)
-    fig.update_layout(height=560, margin={"t": 40, "b": 40},
-                      legend={"orientation": "h", "y": 1.08})
+    fig.update_layout(
+        height=560, margin={"t": 40, "b": 40}, legend={"orientation": "h", "y": 1.08}
+    )
     return fig
 
 
 def _table(df: pd.DataFrame, keys: list[str]) -> str:
     cols = keys + [c for c in _DIAGNOSTICS if c in df.columns]
     df = df[cols].head(MAX_TABLE_ROWS).copy()
-    formats = {"max_r_hat": "{:.3f}", "min_ess_bulk": "{:.0f}", "min_ess_tail": "{:.0f}",
-               "num_divergences": "{:.0f}", "num_draws": "{:.0f}", "num_restarts": "{:.0f}"}
+    formats = {
+        "max_r_hat": "{:.3f}",
+        "min_ess_bulk": "{:.0f}",
+        "min_ess_tail": "{:.0f}",
+        "num_divergences": "{:.0f}",
+        "num_draws": "{:.0f}",
+        "num_restarts": "{:.0f}",
+    }
     for name, fmt in formats.items():
         if name in df:
             df[name] = [("" if pd.isna(v) else fmt.format(float(v))) for v in df[name]]
     df = df.fillna("").astype(str)
-    env = jinja2.Environment(autoescape=True)
-    return env.from_string("""<table id="diagnostics">
-<thead><tr>{% for c in cols %}<th>{{ c }}</th>{% endfor %}</tr></thead>
-<tbody>
-{% for row in rows %}<tr class="{{ row.status }}">{% for c in cols %}<td>{{ row[c] }}</td>{% endfor %}</tr>
-{% endfor %}</tbody>
-</table>""").render(cols=cols, rows=df.to_dict("records"))
+    template = _TEMPLATES.get_template("table.html")
+    return template.render(cols=cols, rows=df.to_dict("records"))
 
 
 def render_page(results: FleetResults, params) -> tuple[str, int]:
@@ -174,16 +190,22 @@ def render_page(results: FleetResults, params) -> tuple[str, int]:
     interval_text = given.get("interval") or "0.9"
     start_text, end_text = given.get("start") or "", given.get("end") or ""
     try:
-        unknown = [n for n in given if n not in keys and n not in ("start", "end", "interval")]
+        unknown = [
+            n for n in given if n not in keys and n not in ("start", "end", "interval")
+        ]
         if unknown:
             raise ConfigurationError(
-                f"unknown parameter {unknown[0]!r}: use the group keys ({', '.join(keys)}), "
-                "start, end or interval.")
+                f"unknown parameter {unknown[0]!r}: use the group keys "
+                f"({', '.join(keys)}), "
+                "start, end or interval."
+            )
         interval = parse_interval(interval_text)
         start, end = parse_time(start_text, "start"), parse_time(end_text, "end")
         if not keys:
-            raise ConfigurationError("no groups are recorded yet; reload when fit-many "
-                                     "has finished its first batch.")
+            raise ConfigurationError(
+                "no groups are recorded yet; reload when fit-many "
+                "has finished its first batch."
+            )
         if start is None:
             start = results.time_range(selected)[0]
         if end is None:
@@ -202,17 +224,27 @@ def render_page(results: FleetResults, params) -> tuple[str, int]:
     except ConfigurationError as err:
         error, status = str(err), 400
     try:
-        table_df = results.groups({k: v for k, v in selected.items() if v in values.get(k, [])})
+        table_df = results.groups(
+            {k: v for k, v in selected.items() if v in values.get(k, [])}
+        )
     except ConfigurationError:
         table_df = results.groups()
     counts = results.groups()["status"].value_counts()
     shown = min(len(table_df), MAX_TABLE_ROWS)
-    html = _TEMPLATE.render(
-        keys=[(k, values[k]) for k in keys], selected=selected, start=start_text,
-        end=end_text, interval=interval_text, intervals=_INTERVALS, error=error,
-        title=title, chart=Markup(chart),
+    html = _TEMPLATES.get_template("page.html").render(
+        keys=[(k, values[k]) for k in keys],
+        selected=selected,
+        start=start_text,
+        end=end_text,
+        interval=interval_text,
+        intervals=_INTERVALS,
+        error=error,
+        title=title,
+        chart=Markup(chart),
         table=Markup(_table(table_df, keys)),
-        table_note=f"{shown} of {len(table_df)} groups in the selection, failures first.",
+        table_note=(
+            f"{shown} of {len(table_df)} groups in the selection, failures first."
+        ),
         num_groups=int(counts.sum()),
         statuses=", ".join(f"{k} {v}" for k, v in counts.items()) or "none",
     )

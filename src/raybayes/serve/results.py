@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,13 @@ import pandas as pd
 from raybayes.errors import ConfigurationError
 from raybayes.fleet import store
 
-__all__ = ["FleetResults", "UnknownGroupError", "DrawCache", "parse_time", "parse_interval"]
+__all__ = [
+    "FleetResults",
+    "UnknownGroupError",
+    "DrawCache",
+    "parse_time",
+    "parse_interval",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,7 @@ def parse_time(value, name: str = "start") -> datetime | None:
                 "2024-01-01T06:00."
             ) from None
     if t.tzinfo is not None:
-        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+        t = t.astimezone(UTC).replace(tzinfo=None)
     return t
 
 
@@ -162,8 +168,13 @@ class FleetResults:
         (2, 48)
     """
 
-    def __init__(self, output_dir: str | os.PathLike, threads: int | None = None,
-                 memory_limit: str | None = None, cache_mib: float = 1024):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        threads: int | None = None,
+        memory_limit: str | None = None,
+        cache_mib: float = 1024,
+    ):
         import duckdb
 
         self.output_dir = Path(output_dir).resolve()
@@ -173,7 +184,9 @@ class FleetResults:
                 "that `raybayes fit-many ... -o OUT` writes."
             )
         if not cache_mib >= 0:
-            raise ConfigurationError(f"cache_mib={cache_mib} must be >= 0 (0: no cache).")
+            raise ConfigurationError(
+                f"cache_mib={cache_mib} must be >= 0 (0: no cache)."
+            )
         self._cache = DrawCache(int(cache_mib * 2**20))
         config = {
             "autoinstall_known_extensions": "false",
@@ -221,8 +234,12 @@ class FleetResults:
             try:
                 records = store.read_manifest(self.output_dir) if version else {}
             except (OSError, ValueError, KeyError, TypeError) as err:
-                log.warning("could not read the manifest of %s (%s); keeping the "
-                            "groups read before", self.output_dir, err)
+                log.warning(
+                    "could not read the manifest of %s (%s); keeping the "
+                    "groups read before",
+                    self.output_dir,
+                    err,
+                )
                 return False
             self._snapshot = self._build(version, records, old)
         return True
@@ -256,7 +273,8 @@ class FleetResults:
                 folder = self.output_dir / table / store.group_path(key)
                 try:
                     names = sorted(
-                        e.name for e in os.scandir(folder)
+                        e.name
+                        for e in os.scandir(folder)
                         if e.name.endswith(".parquet") and not e.name.startswith(".")
                     )
                 except (FileNotFoundError, NotADirectoryError):
@@ -298,8 +316,10 @@ class FleetResults:
             ConfigurationError: an unknown key or value.
         """
         snap = self._current()
-        rows = [self._record_row(snap, gid)
-                for gid in self._match(snap, self._check_where(snap, where))]
+        rows = [
+            self._record_row(snap, gid)
+            for gid in self._match(snap, self._check_where(snap, where))
+        ]
         rank = {"failed": 0, "invalid": 1, "ok": 3}
 
         def order(row):
@@ -339,7 +359,9 @@ class FleetResults:
         return row
 
     # ------------------------------------------------------------------ selection
-    def _check_where(self, snap: _Snapshot, where: Mapping | None) -> dict[str, list[str]]:
+    def _check_where(
+        self, snap: _Snapshot, where: Mapping | None
+    ) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for name, values in (where or {}).items():
             if name not in snap.keys:
@@ -365,7 +387,8 @@ class FleetResults:
     @staticmethod
     def _match(snap: _Snapshot, where: dict[str, list[str]]) -> list[str]:
         return sorted(
-            gid for gid, key in snap.group_keys.items()
+            gid
+            for gid, key in snap.group_keys.items()
             if all(key.get(k) in vals for k, vals in where.items())
         )
 
@@ -376,8 +399,13 @@ class FleetResults:
             statuses = sorted({str(snap.records[g].get("status")) for g in gids})
             raise ConfigurationError(
                 f"empty selection: no group with stored {table} draws matches {text}"
-                + (f" ({len(gids)} recorded group(s) match, with status {', '.join(statuses)}; "
-                   "see /api/failures)" if gids else "")
+                + (
+                    f" ({len(gids)} recorded group(s) match, with status "
+                    f"{', '.join(statuses)}; "
+                    "see /api/failures)"
+                    if gids
+                    else ""
+                )
                 + ". Choose other key values (see /api/keys)."
             )
         return done
@@ -389,15 +417,20 @@ class FleetResults:
         if missing or several:
             raise ConfigurationError(
                 "a group is named by one value of each group key ("
-                + ", ".join(snap.keys) + "); "
-                + (f"missing: {', '.join(missing)}" if missing
-                   else f"several values for: {', '.join(several)}")
+                + ", ".join(snap.keys)
+                + "); "
+                + (
+                    f"missing: {', '.join(missing)}"
+                    if missing
+                    else f"several values for: {', '.join(several)}"
+                )
                 + ". For several groups use the aggregate."
             )
         gids = self._match(snap, where)
         if not gids:
             raise UnknownGroupError(
-                f"no recorded group has the key {dict((k, v[0]) for k, v in where.items())}."
+                "no recorded group has the key "
+                f"{dict((k, v[0]) for k, v in where.items())}."
             )
         return gids[0]
 
@@ -457,14 +490,24 @@ class FleetResults:
         if files:
             df = self._query(
                 "SELECT * FROM read_parquet($files, hive_partitioning = false, "
-                "union_by_name = true)", {"files": files})
-            params = [{k: _plain(v) for k, v in r.items()} for r in df.to_dict("records")]
+                "union_by_name = true)",
+                {"files": files},
+            )
+            params = [
+                {k: _plain(v) for k, v in r.items()} for r in df.to_dict("records")
+            ]
         record = {k: v for k, v in row.items() if k not in snap.keys}
-        return {"key": snap.group_keys[gid], "group_id": gid, "status": row["status"],
-                "record": record, "parameters": params}
+        return {
+            "key": snap.group_keys[gid],
+            "group_id": gid,
+            "status": row["status"],
+            "record": record,
+            "parameters": params,
+        }
 
-    def predictive_band(self, key: Mapping, start=None, end=None,
-                        interval: float = 0.9) -> pd.DataFrame:
+    def predictive_band(
+        self, key: Mapping, start=None, end=None, interval: float = 0.9
+    ) -> pd.DataFrame:
         """One group's posterior predictive band, observations and mean state.
 
         Args:
@@ -491,14 +534,21 @@ class FleetResults:
             rec = snap.records[gid]
             raise UnknownGroupError(
                 f"group {snap.group_keys[gid]} has no predictive draws (status "
-                f"{rec.get('status')}: {rec.get('error') or rec.get('predictive_error')})."
+                f"{rec.get('status')}: "
+                f"{rec.get('error') or rec.get('predictive_error')})."
             )
         band = self._band(snap.files[gid]["predictive"], start, end, interval)
         states = self._states(snap.files[gid].get("states", []), start, end)
         return self._join(band, states)
 
-    def aggregate(self, by: Sequence[str] | str = (), where: Mapping | None = None,
-                  start=None, end=None, interval: float = 0.9) -> pd.DataFrame:
+    def aggregate(
+        self,
+        by: Sequence[str] | str = (),
+        where: Mapping | None = None,
+        start=None,
+        end=None,
+        interval: float = 0.9,
+    ) -> pd.DataFrame:
         """Sum the groups' predictive draws draw by draw; mean and central interval.
 
         Draw ``i`` of the sum at time ``t`` is the sum over the selected groups of
@@ -556,7 +606,9 @@ class FleetResults:
         out.attrs["num_groups"] = len(gids)
         return out
 
-    def observed(self, where: Mapping | None = None, start=None, end=None) -> pd.DataFrame:
+    def observed(
+        self, where: Mapping | None = None, start=None, end=None
+    ) -> pd.DataFrame:
         """Observations, predictive means and mean state of the selected groups.
 
         Args:
@@ -588,8 +640,12 @@ class FleetResults:
         files = [f for g in gids for f in snap.files[g]["states"]]
         df = self._query(
             "SELECT MIN(timestamp) AS t0, MAX(timestamp) AS t1 FROM "
-            "read_parquet($files, hive_partitioning = false)", {"files": files})
-        return pd.Timestamp(df["t0"][0]).to_pydatetime(), pd.Timestamp(df["t1"][0]).to_pydatetime()
+            "read_parquet($files, hive_partitioning = false)",
+            {"files": files},
+        )
+        return pd.Timestamp(df["t0"][0]).to_pydatetime(), pd.Timestamp(
+            df["t1"][0]
+        ).to_pydatetime()
 
     # ------------------------------------------------------------------ SQL
     def _band(self, files, start, end, interval, check_empty=True) -> pd.DataFrame:
@@ -604,7 +660,8 @@ class FleetResults:
             return df
         params = {"files": list(files), "q": [lo, 1 - lo]}
         where = self._time_filter(t0, t1, params)
-        df = self._query(f"""
+        df = self._query(
+            f"""
             WITH sums AS (
                 SELECT timestamp, draw, SUM(y_pred) AS total, COUNT(*) AS num_groups
                 FROM read_parquet($files, hive_partitioning = false)
@@ -612,7 +669,9 @@ class FleetResults:
                 GROUP BY timestamp, draw)
             SELECT timestamp, AVG(total) AS mean, QUANTILE_CONT(total, $q) AS q,
                    MAX(num_groups) AS num_groups, COUNT(*) AS num_draws
-            FROM sums GROUP BY timestamp ORDER BY timestamp""", params)
+            FROM sums GROUP BY timestamp ORDER BY timestamp""",
+            params,
+        )
         q = np.array(df.pop("q").tolist(), dtype=float).reshape(-1, 2)
         df.insert(2, "lower", q[:, 0])
         df.insert(3, "upper", q[:, 1])
@@ -642,7 +701,8 @@ class FleetResults:
             cols = cur.execute(
                 "SELECT timestamp, draw, y_pred FROM read_parquet($files, "
                 "hive_partitioning = false) ORDER BY draw, timestamp",
-                {"files": [path]}).fetchnumpy()
+                {"files": [path]},
+            ).fetchnumpy()
         finally:
             cur.close()
         draw = np.asarray(cols["draw"])
@@ -651,10 +711,17 @@ class FleetResults:
         if n == 0 or n % len(ids):
             return None
         num_draws = len(ids)
-        times = np.asarray(cols["timestamp"]).astype("datetime64[ns]").reshape(num_draws, -1)
+        times = (
+            np.asarray(cols["timestamp"])
+            .astype("datetime64[ns]")
+            .reshape(num_draws, -1)
+        )
         draw = draw.reshape(num_draws, -1)
-        if not ((draw == ids[:, None]).all() and (times == times[:1]).all()
-                and (np.diff(times[0]) > np.timedelta64(0, "ns")).all()):
+        if not (
+            (draw == ids[:, None]).all()
+            and (times == times[:1]).all()
+            and (np.diff(times[0]) > np.timedelta64(0, "ns")).all()
+        ):
             return None
         values = np.ma.getdata(cols["y_pred"])
         if np.ma.is_masked(cols["y_pred"]):
@@ -668,20 +735,27 @@ class FleetResults:
             return pd.DataFrame(columns=cols)
         cur = self._con.cursor()
         try:
-            names = [r[0] for r in cur.execute(
-                "DESCRIBE SELECT * FROM read_parquet($files, hive_partitioning = false, "
-                "union_by_name = true)", {"files": files}).fetchall()]
+            names = [
+                r[0]
+                for r in cur.execute(
+                    "DESCRIBE SELECT * FROM read_parquet($files, "
+                    "hive_partitioning = false, union_by_name = true)",
+                    {"files": files},
+                ).fetchall()
+            ]
         finally:
             cur.close()
-        states = sorted((int(m.group(1)), n) for n in names
-                        if (m := _STATE_COLUMN.match(n)))
+        states = sorted(
+            (int(m.group(1)), n) for n in names if (m := _STATE_COLUMN.match(n))
+        )
         # Column names come from the files' schema and match p_state_<digits>.
         state_sql = " + ".join(f'{k} * COALESCE("{n}", 0)' for k, n in states) or "NULL"
         params = {"files": list(files)}
         where = self._time_filter(t0, t1, params)
         y = "y" if "y" in names else "NULL"
         ypm = "y_pred_mean" if "y_pred_mean" in names else "NULL"
-        df = self._query(f"""
+        df = self._query(
+            f"""
             SELECT timestamp,
                    CASE WHEN COUNT({y}) = COUNT(*) THEN SUM({y}) END AS y,
                    SUM({ypm}) AS y_pred_mean,
@@ -689,20 +763,26 @@ class FleetResults:
                    COUNT(*) AS num_groups
             FROM read_parquet($files, hive_partitioning = false, union_by_name = true)
             {where}
-            GROUP BY timestamp ORDER BY timestamp""", params)
+            GROUP BY timestamp ORDER BY timestamp""",
+            params,
+        )
         return df[cols]
 
     @staticmethod
     def _join(band: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
         states = states.drop(columns=["num_groups"])
-        out = band.drop(columns=["num_groups"]).merge(states, on="timestamp", how="left")
+        out = band.drop(columns=["num_groups"]).merge(
+            states, on="timestamp", how="left"
+        )
         return out
 
     def _empty_window(self, combos, start, end) -> ConfigurationError:
         files = [f for fs in combos.values() for f in fs]
         df = self._query(
             "SELECT MIN(timestamp) AS t0, MAX(timestamp) AS t1 FROM "
-            "read_parquet($files, hive_partitioning = false)", {"files": files})
+            "read_parquet($files, hive_partitioning = false)",
+            {"files": files},
+        )
         return ConfigurationError(
             f"no predictive draws in the window [{start or '...'}, {end or '...'}); "
             f"the selected groups' draws cover {df['t0'][0]} to {df['t1'][0]}: choose "
@@ -761,7 +841,11 @@ def _sum_grids(grids, t0, t1, lo) -> pd.DataFrame:
     parts = []
     for times, draws in grids:
         i0 = 0 if t0 is None else np.searchsorted(times, np.datetime64(t0, "ns"))
-        i1 = len(times) if t1 is None else np.searchsorted(times, np.datetime64(t1, "ns"))
+        i1 = (
+            len(times)
+            if t1 is None
+            else np.searchsorted(times, np.datetime64(t1, "ns"))
+        )
         parts.append((times[i0:i1], draws[:, i0:i1]))
     num_draws = grids[0][1].shape[0]
     first = parts[0][0]
@@ -784,5 +868,13 @@ def _sum_grids(grids, t0, t1, lo) -> pd.DataFrame:
         mean = total.mean(axis=0)
     else:
         q, mean = np.zeros((2, 0)), np.zeros(0)
-    return pd.DataFrame({"timestamp": times, "mean": mean, "lower": q[0], "upper": q[1],
-                         "num_groups": count, "num_draws": np.full(len(times), num_draws)})
+    return pd.DataFrame(
+        {
+            "timestamp": times,
+            "mean": mean,
+            "lower": q[0],
+            "upper": q[1],
+            "num_groups": count,
+            "num_draws": np.full(len(times), num_draws),
+        }
+    )
