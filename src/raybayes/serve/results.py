@@ -202,6 +202,7 @@ class FleetResults:
         self._con.execute("SET enable_progress_bar = false")
         self._con.execute("SET lock_configuration = true")
         self._lock = threading.Lock()
+        self._time_axes: dict = {}
         self._snapshot = _Snapshot()
         self.refresh()
 
@@ -680,7 +681,8 @@ class FleetResults:
         return df
 
     def _grids(self, files) -> list | None:
-        """Cached ``(times, draws)`` grids of the files, or ``None`` (use DuckDB)."""
+        """Cached ``(times, draws, bound)`` grids of the files, or ``None`` (use
+        DuckDB)."""
         if not self._cache.max_bytes:
             return None
         grids = []
@@ -694,8 +696,8 @@ class FleetResults:
         return grids
 
     def _read_grid(self, path: str):
-        """One predictive file as ``(times (T,), draws (D, T))``, or ``None`` when
-        its rows are not a full draws x times grid."""
+        """One predictive file as ``(times (T,), draws (D, T), bound)``, or ``None``
+        when its rows are not a full draws x times grid."""
         cur = self._con.cursor()
         try:
             cols = cur.execute(
@@ -723,10 +725,24 @@ class FleetResults:
             and (np.diff(times[0]) > np.timedelta64(0, "ns")).all()
         ):
             return None
-        values = np.ma.getdata(cols["y_pred"])
         if np.ma.is_masked(cols["y_pred"]):
             return None
-        return times[0].copy(), np.asarray(values).reshape(num_draws, -1)
+        values = np.asarray(np.ma.getdata(cols["y_pred"])).reshape(num_draws, -1)
+        bound = None  # largest |value| of small-integer draws: int32 sums are safe
+        if values.dtype.kind in "iu" and values.dtype.itemsize <= 4 and values.size:
+            bound = max(int(values.max()), -int(values.min()))
+        return self._intern(times[0]), values, bound
+
+    def _intern(self, times: np.ndarray) -> np.ndarray:
+        """One shared array per distinct time axis (groups mostly share theirs)."""
+        key = (len(times), hash(times.tobytes()))
+        with self._lock:
+            known = self._time_axes.get(key)
+            if known is not None and np.array_equal(known, times):
+                return known
+            times = times.copy()
+            self._time_axes[key] = times
+            return times
 
     def _states(self, files, start, end) -> pd.DataFrame:
         t0, t1 = self._window(start, end)
@@ -821,7 +837,7 @@ class DrawCache:
         value = read(path)
         if value is None:
             return None
-        size = sum(a.nbytes for a in value)
+        size = _nbytes(value)
         if size > self.max_bytes:
             return None
         with self._lock:
@@ -830,32 +846,44 @@ class DrawCache:
                 self.num_bytes += size
                 while self.num_bytes > self.max_bytes:
                     _, old = self._items.popitem(last=False)
-                    self.num_bytes -= sum(a.nbytes for a in old)
+                    self.num_bytes -= _nbytes(old)
         return value
 
 
+def _nbytes(value) -> int:
+    return sum(getattr(a, "nbytes", 0) for a in value)
+
+
 def _sum_grids(grids, t0, t1, lo) -> pd.DataFrame:
-    """Draw-by-draw sums of ``(times, draws)`` grids over ``[t0, t1)``: mean,
+    """Draw-by-draw sums of ``(times, draws, bound)`` grids over ``[t0, t1)``: mean,
     central interval (NumPy's linear quantiles, as DuckDB's ``quantile_cont``),
-    groups per time."""
-    parts = []
-    for times, draws in grids:
-        i0 = 0 if t0 is None else np.searchsorted(times, np.datetime64(t0, "ns"))
-        i1 = (
-            len(times)
-            if t1 is None
-            else np.searchsorted(times, np.datetime64(t1, "ns"))
-        )
-        parts.append((times[i0:i1], draws[:, i0:i1]))
+    groups per time. Small-integer draws are summed in int32 when their bounds
+    rule out an overflow (exact, and faster), else in float64."""
+
+    def window(times):
+        i0 = 0 if t0 is None else int(np.searchsorted(times, np.datetime64(t0, "ns")))
+        i1 = len(times)
+        if t1 is not None:
+            i1 = int(np.searchsorted(times, np.datetime64(t1, "ns")))
+        return i0, i1
+
     num_draws = grids[0][1].shape[0]
-    first = parts[0][0]
-    if all(len(t) == len(first) and (t == first).all() for t, _ in parts):
-        times = first
-        total = np.zeros((num_draws, len(times)))
-        for _, d in parts:
-            total += d
-        count = np.full(len(times), len(parts))
+    axes = {id(g[0]): g[0] for g in grids}
+    if len(axes) == 1:  # one shared time axis: add the windows' slices
+        i0, i1 = window(grids[0][0])
+        times = grids[0][0][i0:i1]
+        small = all(g[2] is not None for g in grids)
+        small = small and sum(g[2] for g in grids) < 2**31 - 1
+        acc = np.zeros((num_draws, len(times)), np.int32 if small else np.float64)
+        for _, draws, _ in grids:
+            np.add(acc, draws[:, i0:i1], out=acc)
+        total = acc.astype(np.float64)
+        count = np.full(len(times), len(grids))
     else:
+        parts = []
+        for t, draws, _ in grids:
+            i0, i1 = window(t)
+            parts.append((t[i0:i1], draws[:, i0:i1]))
         times = np.unique(np.concatenate([t for t, _ in parts]))
         total = np.zeros((num_draws, len(times)))
         count = np.zeros(len(times), np.int64)
