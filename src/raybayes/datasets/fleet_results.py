@@ -104,7 +104,7 @@ def simulate_fleet_results(
     Examples:
         >>> import tempfile
         >>> out = tempfile.mkdtemp()
-        >>> truth = simulate_fleet_results(out, 1, 1, 2, num_steps=48, num_draws=4)
+        >>> truth = simulate_fleet_results(out, 1, 1, 2, num_steps=48, num_draws=20)
         >>> sorted(p.name for p in Path(out).iterdir())
         ... # doctest: +NORMALIZE_WHITESPACE
         ['fleet.duckdb', 'manifest', 'manifest.parquet', 'predictive', 'simulation',
