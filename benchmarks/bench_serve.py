@@ -76,6 +76,12 @@ def rss_mib(pid: int) -> tuple[float, float]:
     )
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def requests_plan(n, regions, first, hours, seed):
     rng = np.random.default_rng(seed)
     last_start = hours - 24 * 7
@@ -231,13 +237,16 @@ def main():
         results = []
         for c in (int(x) for x in args.concurrency.split(",")):
             plan = requests_plan(args.requests, args.regions, first, args.hours, c)
+            cpu0 = cpu_s(server.pid)
             lat, wall = asyncio.run(load(url, plan, c))
+            cpu = (cpu_s(server.pid) - cpu0) / len(lat)
             rss, peak = rss_mib(server.pid)
-            results.append((c, lat, wall, rss, peak))
+            results.append((c, lat, wall, rss, peak, cpu))
             print(
                 f"clients {c:>2}: p50 {pct(lat, 0.5):7.0f} ms  "
                 f"p95 {pct(lat, 0.95):7.0f} ms  "
                 f"p99 {pct(lat, 0.99):7.0f} ms  {len(lat) / wall:6.2f} req/s  "
+                f"server CPU {1000 * cpu:.0f} ms/request  "
                 f"RSS {rss:.0f} MiB (peak {peak:.0f})",
                 flush=True,
             )
@@ -252,7 +261,9 @@ def main():
         args.peer_requests, args.regions, datetime(2024, 1, 1), args.hours, 7
     )
     peer(args.out, plan[:2])  # warm-up
+    cpu0 = time.process_time()
     lat_peer = peer(args.out, plan)
+    cpu_peer = (time.process_time() - cpu0) / len(lat_peer)
     one = results[0][1]
     print(
         f"peer (DuckDB over the store's views, in process, 1 client): p50 "
@@ -264,18 +275,20 @@ def main():
     )
     print(
         "\n| clients | requests | p50 ms | p95 ms | p99 ms | requests/s "
-        "| server RSS MiB "
-        "(peak) |\n|---|---|---|---|---|---|---|"
+        "| server CPU ms/request | server RSS MiB (peak) |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
-    for c, lat, wall, rss, peak in results:
+    for c, lat, wall, rss, peak, cpu in results:
         print(
             f"| {c} | {len(lat)} | {pct(lat, 0.5):.0f} | {pct(lat, 0.95):.0f} | "
-            f"{pct(lat, 0.99):.0f} | {len(lat) / wall:.2f} | {rss:.0f} ({peak:.0f}) |"
+            f"{pct(lat, 0.99):.0f} | {len(lat) / wall:.2f} | {1000 * cpu:.0f} | "
+            f"{rss:.0f} ({peak:.0f}) |"
         )
     print(
         f"| peer, 1 | {len(lat_peer)} | {pct(lat_peer, 0.5):.0f} "
         f"| {pct(lat_peer, 0.95):.0f} "
-        f"| {pct(lat_peer, 0.99):.0f} | {len(lat_peer) / lat_peer.sum():.2f} | - |"
+        f"| {pct(lat_peer, 0.99):.0f} | {len(lat_peer) / lat_peer.sum():.2f} "
+        f"| {1000 * cpu_peer:.0f} (in process) | - |"
     )
 
 
