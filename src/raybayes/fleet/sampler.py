@@ -53,10 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from scipy import stats
 from numpyro.infer.hmc import hmc
 from numpyro.infer.hmc_util import dual_averaging
 from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
+from scipy import stats
+
+from raybayes.config import renamed_argument
 
 __all__ = ["BatchSampler", "BatchDraws", "diagnostics"]
 
@@ -83,6 +85,8 @@ class BatchDraws(NamedTuple):
             restarts included; the MAP search is not counted).
         num_restarts: ``(B,)`` restarts per model (0: the first run was kept or
             met the target; see :meth:`BatchSampler.nuts`).
+        met_target: ``(B,)`` bool, whether the kept draws of each model meet the
+            ESS/R-hat target (NUTS; ``None`` for Laplace draws).
     """
 
     draws: list
@@ -91,6 +95,7 @@ class BatchDraws(NamedTuple):
     step_size: np.ndarray
     num_gradients: np.ndarray
     num_restarts: np.ndarray | None = None
+    met_target: np.ndarray | None = None
 
 
 def _arviz():
@@ -150,7 +155,8 @@ class BatchSampler:
             ``mass_matrix="laplace"``, 300 with ``"adapt"``).
         num_samples: draws per chain in the first round.
         target_ess: bulk ESS every parameter must reach.
-        target_r_hat: R-hat every parameter must stay below.
+        target_rhat: R-hat every parameter must stay below (``target_r_hat`` is
+            a deprecated alias).
         max_extensions: extra rounds of ``extension_samples`` draws for models
             that miss.
         extension_samples: draws per chain per extra round (default
@@ -180,7 +186,7 @@ class BatchSampler:
         num_warmup: int | None = None,
         num_samples: int = 250,
         target_ess: float = 400.0,
-        target_r_hat: float = 1.01,
+        target_rhat: float = 1.01,
         max_extensions: int = 3,
         extension_samples: int | None = None,
         target_accept_prob: float = 0.8,
@@ -190,7 +196,12 @@ class BatchSampler:
         mass_matrix: str = "laplace",
         max_restarts: int = 1,
         vectorize: bool | None = None,
+        **deprecated,
     ):
+        target_rhat = renamed_argument(deprecated, "target_r_hat", "target_rhat",
+                                       target_rhat, default=1.01)
+        if deprecated:
+            raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
         if mass_matrix not in ("laplace", "adapt"):
             raise ValueError(f"mass_matrix={mass_matrix!r}; use 'laplace' or 'adapt'.")
         self.model = model
@@ -200,7 +211,7 @@ class BatchSampler:
             else num_warmup
         self.num_samples = num_samples
         self.target_ess = target_ess
-        self.target_r_hat = target_r_hat
+        self.target_rhat = target_rhat
         self.max_extensions = max_extensions
         self.extension_samples = max(1, extension_samples or num_samples // 2)
         self.target_accept_prob = target_accept_prob
@@ -594,6 +605,7 @@ class BatchSampler:
             [r.draws for r in runs], [r.diverging for r in runs],
             [r.num_steps for r in runs], np.stack([r.step_size for r in runs]),
             np.array([r.num_gradients for r in runs], np.int64), restarts,
+            np.array([r.ok for r in runs], bool),
         )
 
     def _run(self, idx, keys, y, mask, cov, laplace, attempt, valid):
@@ -728,7 +740,7 @@ class BatchSampler:
                     r = float(az.rhat(x))
                     worst = max(worst, r if np.isfinite(r) else np.inf)
                     if ok and (az.ess(x, method="bulk") < self.target_ess
-                               or not r <= self.target_r_hat):
+                               or not r <= self.target_rhat):
                         ok = False
         return ok, worst
 
