@@ -62,7 +62,9 @@ def fitted(tmp_path_factory):
     inf = _counts(3).astype(float)
     inf[7] = np.inf
     _write(data, {"r": "x", "g": "d_inf"}, T, inf)
-    _write(data, {"r": "x", "g": "e_null_time"}, [None] + list(T[1:]), _counts(4),
+    null_time = pa.array(T).to_pylist()
+    null_time[0] = None
+    _write(data, {"r": "x", "g": "e_null_time"}, null_time, _counts(4),
            time_type=pa.timestamp("ns"))
     old = os.umask(0o022)
     try:
