@@ -316,11 +316,11 @@ def fit_many(
         >>> import tempfile, pathlib
         >>> from raybayes.datasets.fleet import simulate_fleet
         >>> root = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = simulate_fleet(root, 1, 1, 1, num_steps=60)
-        >>> res = fit_many(root / "data", ["region"], root / "out", method="map",
-        ...                backend="local", num_predictive_draws=0, progress_bar=False)
-        >>> (res.num_ok, res.num_failed)
-        (1, 0)
+        >>> _ = simulate_fleet(root, 1, 1, 2, num_steps=24)  # 24 < min_points rows
+        >>> res = fit_many(root / "data", ["region", "network"], root / "out",
+        ...                backend="local", progress_bar=False)
+        >>> (res.num_groups, res.num_invalid, res.exit_code)
+        (2, 2, 3)
     """
     start = time.perf_counter()
     target_rhat = renamed_argument(deprecated, "target_r_hat", "target_rhat",
