@@ -39,8 +39,11 @@ def _counts(seed, n=60):
 
 
 def _modes(folder):
-    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode)
-            for p in Path(folder).rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode)
+        for p in Path(folder).rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +67,33 @@ def fitted(tmp_path_factory):
     _write(data, {"r": "x", "g": "d_inf"}, T, inf)
     null_time = pa.array(T).to_pylist()
     null_time[0] = None
-    _write(data, {"r": "x", "g": "e_null_time"}, null_time, _counts(4),
-           time_type=pa.timestamp("ns"))
+    _write(
+        data,
+        {"r": "x", "g": "e_null_time"},
+        null_time,
+        _counts(4),
+        time_type=pa.timestamp("ns"),
+    )
     old = os.umask(0o022)
     try:
-        result = CliRunner().invoke(app, [
-            "fit-many", str(data), "-o", str(root / "out"), "--group-keys", "r,g",
-            "--method", "map", "--backend", "local", "--num-predictive-draws", "10",
-            "--no-progress"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "fit-many",
+                str(data),
+                "-o",
+                str(root / "out"),
+                "--group-keys",
+                "r,g",
+                "--method",
+                "map",
+                "--backend",
+                "local",
+                "--num-predictive-draws",
+                "10",
+                "--no-progress",
+            ],
+        )
     finally:
         os.umask(old)
     return root, result
@@ -120,21 +142,36 @@ def test_plot_group_takes_keys_in_any_order(fitted, tmp_path):
     """Probe 9: keys in another order than the folders', unknown groups, --hours 0."""
     root, _ = fitted
     out, png = str(root / "out"), tmp_path / "g.png"
-    ok = CliRunner().invoke(app, ["plot-group", out, "--key",
-                                  '{"g": "b_int", "r": "x"}', "--to", str(png)])
+    ok = CliRunner().invoke(
+        app, ["plot-group", out, "--key", '{"g": "b_int", "r": "x"}', "--to", str(png)]
+    )
     assert ok.exit_code == 0, ok.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["g.png"]  # no temporary left
-    unknown = CliRunner().invoke(app, ["plot-group", out, "--key",
-                                       '{"g": "zzz", "r": "x"}', "--to", str(png)])
+    unknown = CliRunner().invoke(
+        app, ["plot-group", out, "--key", '{"g": "zzz", "r": "x"}', "--to", str(png)]
+    )
     assert unknown.exit_code == 2 and "error: no group" in unknown.output
     assert "Traceback" not in unknown.output
     names = CliRunner().invoke(app, ["plot-group", out, "--key", '{"g": "b_int"}'])
     assert names.exit_code == 2 and "group keys" in names.output
-    bad = CliRunner().invoke(app, ["plot-group", out, "--key", '{"g": "d_inf", "r": "x"}'])
+    bad = CliRunner().invoke(
+        app, ["plot-group", out, "--key", '{"g": "d_inf", "r": "x"}']
+    )
     assert bad.exit_code == 2 and "invalid" in bad.output and "infinite" in bad.output
-    zero = CliRunner().invoke(app, ["plot-group", out, "--key", '{"g": "b_int", "r": "x"}',
-                                    "--hours", "0", "--to", str(png)])
+    zero = CliRunner().invoke(
+        app,
+        [
+            "plot-group",
+            out,
+            "--key",
+            '{"g": "b_int", "r": "x"}',
+            "--hours",
+            "0",
+            "--to",
+            str(png),
+        ],
+    )
     assert zero.exit_code == 2 and "hours=0" in zero.output
 
 
@@ -143,8 +180,11 @@ def test_aggregate_checks_its_keys(fitted, tmp_path):
     root, _ = fitted
     out = str(root / "out")
     run = CliRunner().invoke
-    for by, words in (("", "--by is empty"), ("draw", "'draw' is not a group key"),
-                      ("g; DROP TABLE x", "is not a group key")):
+    for by, words in (
+        ("", "--by is empty"),
+        ("draw", "'draw' is not a group key"),
+        ("g; DROP TABLE x", "is not a group key"),
+    ):
         res = run(app, ["aggregate", out, "--by", by])
         assert res.exit_code == 2 and words in res.output, res.output
     res = run(app, ["aggregate", str(tmp_path / "nothing"), "--by", "g"])
@@ -188,22 +228,46 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["settings"]["method"] == "map" and len(run["input"]["files"]) == 2
     with pytest.raises(ConfigurationError) as err:
-        fit_many(data, ["g"], tmp_path / "out", **dict(QUICK, method="laplace"),
-                 model="negbin_hmm", num_states=3)
+        fit_many(
+            data,
+            ["g"],
+            tmp_path / "out",
+            **dict(QUICK, method="laplace"),
+            model="negbin_hmm",
+            num_states=3,
+        )
     msg = str(err.value)
     assert "method: 'map' -> 'laplace'" in msg
     assert "model: 'poisson_hmm' -> 'negbin_hmm'" in msg
     assert "num_states: 2 -> 3" in msg and "--overwrite" in msg
     assert fit_many(data, ["g"], tmp_path / "out", **QUICK).num_skipped == 2
     # Scheduling settings may change.
-    assert fit_many(data, ["g"], tmp_path / "out", **QUICK, batch_size=1).num_skipped == 2
-    again = fit_many(data, ["g"], tmp_path / "out", **dict(QUICK, method="laplace"),
-                     overwrite=True)
+    assert (
+        fit_many(data, ["g"], tmp_path / "out", **QUICK, batch_size=1).num_skipped == 2
+    )
+    again = fit_many(
+        data, ["g"], tmp_path / "out", **dict(QUICK, method="laplace"), overwrite=True
+    )
     assert again.num_skipped == 0 and again.num_invalid == 2
-    res = CliRunner().invoke(app, ["fit-many", str(data), "-o", str(tmp_path / "out"),
-                                   "--group-keys", "g", "--method", "map",
-                                   "--backend", "local", "--no-progress"])
-    assert res.exit_code == 2 and "error: " in res.output and "--overwrite" in res.output
+    res = CliRunner().invoke(
+        app,
+        [
+            "fit-many",
+            str(data),
+            "-o",
+            str(tmp_path / "out"),
+            "--group-keys",
+            "g",
+            "--method",
+            "map",
+            "--backend",
+            "local",
+            "--no-progress",
+        ],
+    )
+    assert (
+        res.exit_code == 2 and "error: " in res.output and "--overwrite" in res.output
+    )
 
 
 def test_fixed_file_is_retried(tmp_path):
@@ -227,8 +291,19 @@ def test_bad_settings_are_refused_up_front(tmp_path):
     """Probe 5: --num-chains 0 is refused with its own message, exit status 2, no
     traceback; --debug shows the exception."""
     data = _short_data(tmp_path)
-    args = ["fit-many", str(data), "-o", str(tmp_path / "out"), "--group-keys", "g",
-            "--num-chains", "0", "--backend", "local", "--no-progress"]
+    args = [
+        "fit-many",
+        str(data),
+        "-o",
+        str(tmp_path / "out"),
+        "--group-keys",
+        "g",
+        "--num-chains",
+        "0",
+        "--backend",
+        "local",
+        "--no-progress",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2
     assert "error: num_chains=0 is not allowed; pass at least 1 chain" in res.output
@@ -241,10 +316,10 @@ def test_bad_settings_are_refused_up_front(tmp_path):
         fit_many(data, ["g"], tmp_path / "out", target_r_hat=1.01, **QUICK)
 
 
-FAILING_MODEL = '''
+FAILING_MODEL = """
 def broken(y, mask=None, covariates=None):
     raise RuntimeError("this model cannot be fitted")
-'''
+"""
 
 
 def test_failed_groups_give_a_nonzero_exit_status(tmp_path):
@@ -252,10 +327,24 @@ def test_failed_groups_give_a_nonzero_exit_status(tmp_path):
     (tmp_path / "m.py").write_text(FAILING_MODEL)
     for g in ("a", "b"):
         _write(tmp_path / "data", {"g": g}, T, _counts(0))
-    res = CliRunner().invoke(app, [
-        "fit-many", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--group-keys",
-        "g", "--model", f"{tmp_path / 'm.py'}:broken", "--method", "map",
-        "--backend", "local", "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "fit-many",
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "out"),
+            "--group-keys",
+            "g",
+            "--model",
+            f"{tmp_path / 'm.py'}:broken",
+            "--method",
+            "map",
+            "--backend",
+            "local",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 1, res.output
     assert "failed 2" in res.output
     # An all-failed folder: aggregate says so.
@@ -274,24 +363,27 @@ def test_time_grid_checks():
     text and +inf are errors naming the column, the count and the first row."""
     y = np.arange(60.0) % 5
     keep = np.r_[0:30, 33:60]
-    t, v, filled = validate_group(_table(T[keep][::-1], y[keep][::-1]), "timestamp",
-                                  "count", 10)
+    t, v, filled = validate_group(
+        _table(T[keep][::-1], y[keep][::-1]), "timestamp", "count", 10
+    )
     assert filled == 3 and len(t) == 60 and (t == T).all()
     assert np.isnan(v[30:33]).all() and np.array_equal(v[keep], y[keep])
     off = T.copy()
     off[40] = off[40] + np.timedelta64(30, "m")
     with pytest.raises(DataValidationError, match="irregular time steps.*1 timestamps"):
         validate_group(_table(off, y), "timestamp", "count", 10)
-    t2, *_ = validate_group(_table(T[::2], y[::2]), "timestamp", "count", 10,
-                            frequency="2h")
+    t2, *_ = validate_group(
+        _table(T[::2], y[::2]), "timestamp", "count", 10, frequency="2h"
+    )
     assert len(t2) == 30
     text = [str(x) for x in pd.DatetimeIndex(T)]
     text[3] = "not a time"
     with pytest.raises(DataValidationError, match="unparseable.*1 rows.*row 3") as err:
         validate_group(_table(text, y), "timestamp", "count", 10)
     assert err.value.column == "timestamp" and err.value.num_bad_rows == 1
-    parsed, *_ = validate_group(_table([str(x) for x in pd.DatetimeIndex(T)], y),
-                                "timestamp", "count", 10)
+    parsed, *_ = validate_group(
+        _table([str(x) for x in pd.DatetimeIndex(T)], y), "timestamp", "count", 10
+    )
     assert (parsed == T).all()
     inf = y.copy()
     inf[[4, 8]] = [np.inf, -np.inf]
@@ -303,14 +395,14 @@ def test_time_grid_checks():
         validate_group(_table(stray, y), "timestamp", "count", 10)
 
 
-USER_MODEL = '''
+USER_MODEL = """
 import numpyro, numpyro.distributions as dist
 
 def iid_poisson(y, mask=None, covariates=None):
     rate = numpyro.sample("rate", dist.Gamma(2.0, 0.1))
     with numpyro.plate("time", mask.shape[0]):
         numpyro.sample("y", dist.Poisson(rate).mask(mask), obs=y)
-'''
+"""
 
 
 def test_missed_target_is_flagged_and_user_groups_plot(tmp_path):
@@ -319,12 +411,34 @@ def test_missed_target_is_flagged_and_user_groups_plot(tmp_path):
     user-model group (no state panel) instead of an IndexError."""
     (tmp_path / "m.py").write_text(USER_MODEL)
     _write(tmp_path / "data", {"g": "a"}, T, _counts(0))
-    res = CliRunner().invoke(app, [
-        "fit-many", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--group-keys",
-        "g", "--model", f"{tmp_path / 'm.py'}:iid_poisson", "--backend", "local",
-        "--num-chains", "2", "--num-warmup", "30", "--num-samples", "30",
-        "--target-ess", "100000", "--max-extensions", "0",
-        "--num-predictive-draws", "10", "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "fit-many",
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "out"),
+            "--group-keys",
+            "g",
+            "--model",
+            f"{tmp_path / 'm.py'}:iid_poisson",
+            "--backend",
+            "local",
+            "--num-chains",
+            "2",
+            "--num-warmup",
+            "30",
+            "--num-samples",
+            "30",
+            "--target-ess",
+            "100000",
+            "--max-extensions",
+            "0",
+            "--num-predictive-draws",
+            "10",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "ok 1 (1 missed the ESS/R-hat target)" in res.output
     (rec,) = read_manifest(tmp_path / "out").values()
@@ -332,7 +446,9 @@ def test_missed_target_is_flagged_and_user_groups_plot(tmp_path):
     man = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert man["met_target"].tolist() == [False]
     png = tmp_path / "g.png"
-    plot = CliRunner().invoke(app, ["plot-group", str(tmp_path / "out"), "--key",
-                                    '{"g": "a"}', "--to", str(png)])
+    plot = CliRunner().invoke(
+        app,
+        ["plot-group", str(tmp_path / "out"), "--key", '{"g": "a"}', "--to", str(png)],
+    )
     assert plot.exit_code == 0, plot.output
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -41,8 +41,11 @@ def _data():
     mask = np.ones(40, bool)
     mask[30:] = False
     precision = mask.sum() + PRIOR_SD**-2
-    return (jnp.asarray(y), jnp.asarray(mask), None), float((y * mask).sum() / precision), \
-        float(precision)
+    return (
+        (jnp.asarray(y), jnp.asarray(mask), None),
+        float((y * mask).sum() / precision),
+        float(precision),
+    )
 
 
 def test_map_and_laplace_find_the_exact_posterior():
@@ -68,15 +71,20 @@ def test_warmup_and_draws_follow_the_init_step_contract():
     series = SeriesModel(gaussian_mean, {})
     data, mean, precision = _data()
     kernel = nuts_kernel(series)
-    settings = NutsSettings(num_warmup=100, target_accept_prob=0.8, max_tree_depth=6,
-                            laplace_mass=True)
+    settings = NutsSettings(
+        num_warmup=100, target_accept_prob=0.8, max_tree_depth=6, laplace_mass=True
+    )
     key = jax.random.PRNGKey(1)
     inv_mass = jnp.eye(1) / precision
-    state = warmup_init(kernel, settings, key, {"mu": jnp.asarray(mean)}, inv_mass, data)
+    state = warmup_init(
+        kernel, settings, key, {"mu": jnp.asarray(mean)}, inv_mass, data
+    )
     assert isinstance(state, WarmupState) and state.dual_averaging is not None
     state2, info = warmup_step(kernel, settings, state, data)
     assert isinstance(info, NutsInfo) and info.position["mu"].shape == ()
-    assert float(state2.hmc.adapt_state.step_size) != float(state.hmc.adapt_state.step_size)
+    assert float(state2.hmc.adapt_state.step_size) != float(
+        state.hmc.adapt_state.step_size
+    )
     # Same key and settings: the same warmup (pure functions).
     run = jax.jit(warmup, static_argnums=(0, 1))
     a, grads = run(kernel, settings, key, {"mu": jnp.asarray(mean)}, inv_mass, data)

@@ -37,7 +37,9 @@ def _open_output(output_dir: str | Path) -> tuple[Path, list[str], dict]:
     if run is not None:
         keys = list(run["settings"]["group_keys"])
     else:
-        keys = list(dict.fromkeys(k for r in records.values() for k in r.get("key", {})))
+        keys = list(
+            dict.fromkeys(k for r in records.values() for k in r.get("key", {}))
+        )
     return out, keys, records
 
 
@@ -48,7 +50,9 @@ def _status_counts(records: dict) -> str:
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none recorded"
 
 
-def aggregate(output_dir: str | Path, by: list[str] | str, interval: float = 0.9) -> pd.DataFrame:
+def aggregate(
+    output_dir: str | Path, by: list[str] | str, interval: float = 0.9
+) -> pd.DataFrame:
     """Sum posterior predictive draws over groups, by the given keys, draw by draw.
 
     Args:
@@ -132,8 +136,14 @@ def find_group(output_dir: str | Path, key: dict) -> dict:
     )
 
 
-def plot_group(output_dir: str | Path, key: dict, path: str | Path, hours: int = 24 * 14,
-               interval: float = 0.9, state: int = -1):
+def plot_group(
+    output_dir: str | Path,
+    key: dict,
+    path: str | Path,
+    hours: int = 24 * 14,
+    interval: float = 0.9,
+    state: int = -1,
+):
     """Plot one group: observations, posterior predictive band, state probability.
 
     The PNG is written atomically. User models (no hidden states known to
@@ -157,10 +167,13 @@ def plot_group(output_dir: str | Path, key: dict, path: str | Path, hours: int =
             predictive draws.
 
     Examples:
-        >>> plot_group("out/", {"network": "n1", "region": "r0"}, "g.png")  # doctest: +SKIP
+        >>> key = {"network": "n1", "region": "r0"}
+        >>> plot_group("out/", key, "g.png")  # doctest: +SKIP
     """
     if isinstance(hours, bool) or not isinstance(hours, int) or hours < 1:
-        raise ConfigurationError(f"hours={hours!r} must be a positive number of points.")
+        raise ConfigurationError(
+            f"hours={hours!r} must be a positive number of points."
+        )
     if not 0 < interval < 1:
         raise ConfigurationError(f"interval={interval} must lie in (0, 1), e.g. 0.9.")
     rec = find_group(output_dir, key)
@@ -191,14 +204,27 @@ def plot_group(output_dir: str | Path, key: dict, path: str | Path, hours: int =
     band = pred.groupby("timestamp")["y_pred"].quantile([lo, hi]).unstack()
     pcols = [c for c in states.columns if c.startswith("p_state_")]
     if pcols:
-        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
+        fig, (ax, ax2) = plt.subplots(
+            2, 1, figsize=(11, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        )
     else:
         fig, ax = plt.subplots(1, 1, figsize=(11, 4))
-    ax.fill_between(band.index, band[lo], band[hi], color="C0", alpha=0.3,
-                    step="mid", label=f"{interval:.0%} posterior predictive")
-    ax.plot(states["timestamp"], states["y_pred_mean"], color="C0", lw=1,
-            label="predictive mean")
+    ax.fill_between(
+        band.index,
+        band[lo],
+        band[hi],
+        color="C0",
+        alpha=0.3,
+        step="mid",
+        label=f"{interval:.0%} posterior predictive",
+    )
+    ax.plot(
+        states["timestamp"],
+        states["y_pred_mean"],
+        color="C0",
+        lw=1,
+        label="predictive mean",
+    )
     ax.plot(states["timestamp"], states["y"], "k.", ms=3, label="observed")
     ax.set_ylabel("count")
     ax.set_title(", ".join(f"{k}={v}" for k, v in rec["key"].items()))

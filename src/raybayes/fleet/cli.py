@@ -41,23 +41,28 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Hive-partitioned Parquet data set."),
         output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
         group_keys: str = typer.Option(
-            ..., "--group-keys", help="e.g. region,demographic,network"),
+            ..., "--group-keys", help="e.g. region,demographic,network"
+        ),
         model: str = typer.Option(
-            "poisson_hmm", help="poisson_hmm, negbin_hmm or file.py:function"),
+            "poisson_hmm", help="poisson_hmm, negbin_hmm or file.py:function"
+        ),
         num_states: int = typer.Option(2, "--num-states", "-K"),
         method: str = typer.Option("nuts", help="nuts, laplace or map"),
         time_column: str = typer.Option("timestamp"),
         value_column: str = typer.Option("count"),
         frequency: str = typer.Option(
-            "1h", help="time step; missing steps are missing values"),
+            "1h", help="time step; missing steps are missing values"
+        ),
         seasonality: int = typer.Option(0, help="hour-of-day/week harmonics (0: none)"),
         batch_size: int = typer.Option(8),
         num_chains: int = typer.Option(4),
         num_warmup: int = typer.Option(
-            None, help="default 60 with --mass-matrix laplace, 300 with adapt"),
+            None, help="default 60 with --mass-matrix laplace, 300 with adapt"
+        ),
         num_samples: int = typer.Option(250),
         mass_matrix: str = typer.Option(
-            "laplace", help="laplace (inverse Hessian at the MAP, fixed) or adapt"),
+            "laplace", help="laplace (inverse Hessian at the MAP, fixed) or adapt"
+        ),
         target_ess: float = typer.Option(400.0),
         target_rhat: float = typer.Option(1.01),
         max_extensions: int = typer.Option(3),
@@ -69,7 +74,8 @@ def register(app: typer.Typer) -> None:
         use_gpu: bool = typer.Option(False, "--use-gpu", help="one GPU per worker"),
         address: str = typer.Option(None, help="Ray cluster address"),
         overwrite: bool = typer.Option(
-            False, "--overwrite", help="discard an earlier job's outputs in --output"),
+            False, "--overwrite", help="discard an earlier job's outputs in --output"
+        ),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         debug: bool = _DEBUG,
     ):
@@ -79,15 +85,33 @@ def register(app: typer.Typer) -> None:
             from raybayes.fleet import fit_many
 
             return fit_many(
-                data, group_keys, output, model=model, num_states=num_states,
-                method=method, time_column=time_column, value_column=value_column,
-                frequency=frequency, seasonality=seasonality, batch_size=batch_size,
-                num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
-                mass_matrix=mass_matrix, target_ess=target_ess, target_rhat=target_rhat,
+                data,
+                group_keys,
+                output,
+                model=model,
+                num_states=num_states,
+                method=method,
+                time_column=time_column,
+                value_column=value_column,
+                frequency=frequency,
+                seasonality=seasonality,
+                batch_size=batch_size,
+                num_chains=num_chains,
+                num_warmup=num_warmup,
+                num_samples=num_samples,
+                mass_matrix=mass_matrix,
+                target_ess=target_ess,
+                target_rhat=target_rhat,
                 max_extensions=max_extensions,
-                num_predictive_draws=num_predictive_draws, min_points=min_points,
-                seed=seed, backend=backend, num_workers=num_workers, use_gpu=use_gpu,
-                address=address, overwrite=overwrite, progress_bar=progress,
+                num_predictive_draws=num_predictive_draws,
+                min_points=min_points,
+                seed=seed,
+                backend=backend,
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                address=address,
+                overwrite=overwrite,
+                progress_bar=progress,
             )
 
         res = _guard(debug, run)
@@ -101,7 +125,8 @@ def register(app: typer.Typer) -> None:
         by: str = typer.Option(..., "--by", help="group keys to keep, e.g. network"),
         interval: float = typer.Option(0.9, "--interval"),
         to: Path = typer.Option(
-            None, "--to", help="write .parquet or .csv instead of printing"),
+            None, "--to", help="write .parquet or .csv instead of printing"
+        ),
         debug: bool = _DEBUG,
     ):
         """Sum predictive draws across groups, draw by draw; print mean and interval."""
@@ -113,7 +138,8 @@ def register(app: typer.Typer) -> None:
 
             if to is not None and to.suffix not in (".csv", ".parquet"):
                 raise ConfigurationError(
-                    f"--to {str(to)!r}: name a .csv or .parquet file.")
+                    f"--to {str(to)!r}: name a .csv or .parquet file."
+                )
             df = aggregate(output, by, interval)
             if to is None:
                 typer.echo(df.to_string(index=False))
@@ -131,7 +157,8 @@ def register(app: typer.Typer) -> None:
     def plot_group_cmd(
         output: Path = typer.Argument(..., help="fit-many output folder."),
         key: str = typer.Option(
-            ..., "--key", help='JSON, e.g. {"region": "r0", "network": "n1"}'),
+            ..., "--key", help='JSON, e.g. {"region": "r0", "network": "n1"}'
+        ),
         to: Path = typer.Option(Path("group.png"), "--to"),
         hours: int = typer.Option(24 * 14, help="points shown (from the first)"),
         debug: bool = _DEBUG,
@@ -147,11 +174,13 @@ def register(app: typer.Typer) -> None:
             except json.JSONDecodeError as err:
                 raise ConfigurationError(
                     f"--key {key!r} is not JSON ({err.msg}); pass e.g. "
-                    '\'{"region": "r0", "network": "n1"}\'.') from None
+                    '\'{"region": "r0", "network": "n1"}\'.'
+                ) from None
             if not isinstance(parsed, dict):
                 raise ConfigurationError(
                     f"--key {key!r} is not a JSON object; pass e.g. "
-                    '\'{"region": "r0", "network": "n1"}\'.')
+                    '\'{"region": "r0", "network": "n1"}\'.'
+                )
             plot_group(output, parsed, to, hours=hours)
             typer.echo(f"wrote {to}")
 

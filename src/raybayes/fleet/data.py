@@ -34,7 +34,7 @@ __all__ = [
 
 
 def _data_files(root: Path) -> list[Path]:
-    """Data files under ``root`` as pyarrow lists them (hidden and ``_`` names skipped)."""
+    """Data files under ``root`` as pyarrow lists them (skips ``.x`` and ``_x``)."""
     if root.is_file():
         return [root]
     out = []
@@ -47,7 +47,9 @@ def _data_files(root: Path) -> list[Path]:
 def _partition_fields(root: Path, path: Path) -> dict[str, str]:
     parts = path.relative_to(root).parts[:-1] if root.is_dir() else ()
     return {
-        unquote(p.split("=", 1)[0]): unquote(p.split("=", 1)[1]) for p in parts if "=" in p
+        unquote(p.split("=", 1)[0]): unquote(p.split("=", 1)[1])
+        for p in parts
+        if "=" in p
     }
 
 
@@ -65,8 +67,14 @@ class FleetInput:
             every data file.
     """
 
-    def __init__(self, root: Path, schema: pa.Schema, groups: list[dict], files: list,
-                 files_of: dict[str, list[int]] | None):
+    def __init__(
+        self,
+        root: Path,
+        schema: pa.Schema,
+        groups: list[dict],
+        files: list,
+        files_of: dict[str, list[int]] | None,
+    ):
         self.root = root
         self.schema = schema
         self.groups = groups
@@ -79,10 +87,14 @@ class FleetInput:
         When the group keys are partition folders, only the group's own files count;
         otherwise every file of the data set does.
         """
-        idx = self._files_of.get(gid, []) if self._files_of is not None else range(
-            len(self.files))
-        text = "\n".join(f"{self.files[i][0]}\t{self.files[i][1]}\t{self.files[i][2]}"
-                         for i in idx)
+        idx = (
+            self._files_of.get(gid, [])
+            if self._files_of is not None
+            else range(len(self.files))
+        )
+        text = "\n".join(
+            f"{self.files[i][0]}\t{self.files[i][1]}\t{self.files[i][2]}" for i in idx
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -97,13 +109,16 @@ def dataset_from(root: str | Path, schema: pa.Schema | bytes):
         schema = pa.ipc.read_schema(pa.py_buffer(schema))
     part = pa.schema([f for f in schema if f.metadata == {b"raybayes": b"partition"}])
     return ds.dataset(
-        str(root), format="parquet", schema=schema,
+        str(root),
+        format="parquet",
+        schema=schema,
         partitioning=ds.partitioning(part, flavor="hive") if len(part) else None,
     )
 
 
-def open_input(data: str | Path, group_keys: list[str], time_column: str,
-               value_column: str) -> FleetInput:
+def open_input(
+    data: str | Path, group_keys: list[str], time_column: str, value_column: str
+) -> FleetInput:
     """List the files and groups of a fleet data set and fix its schema.
 
     Args:
@@ -144,12 +159,16 @@ def open_input(data: str | Path, group_keys: list[str], time_column: str,
         if f.name in part_names:
             continue
         fields.append(pa.field(f.name, pa.float64()) if f.name == value_column else f)
-    fields += [pa.field(k, pa.string(), metadata={"raybayes": "partition"})
-               for k in part_names]
+    fields += [
+        pa.field(k, pa.string(), metadata={"raybayes": "partition"}) for k in part_names
+    ]
     schema = pa.schema(fields)
     names = schema.names
-    for role, cols in (("group key", group_keys), ("time", [time_column]),
-                       ("value", [value_column])):
+    for role, cols in (
+        ("group key", group_keys),
+        ("time", [time_column]),
+        ("value", [value_column]),
+    ):
         missing = [c for c in cols if c not in names]
         if missing:
             raise ConfigurationError(
@@ -177,15 +196,20 @@ def open_input(data: str | Path, group_keys: list[str], time_column: str,
         files_of = None
         table = dataset_from(root, schema).to_table(columns=group_keys)
         table = table.group_by(group_keys).aggregate([])
-        groups = [dict(zip(group_keys, row, strict=True)) for row in zip(
-            *[table.column(k).to_pylist() for k in group_keys], strict=True)]
+        groups = [
+            dict(zip(group_keys, row, strict=True))
+            for row in zip(
+                *[table.column(k).to_pylist() for k in group_keys], strict=True
+            )
+        ]
     groups.sort(key=store.group_id)
     return FleetInput(root, schema, groups, files, files_of)
 
 
 def _bad(message, column, rows, example):
-    return DataValidationError(message, column=column, num_bad_rows=int(rows),
-                               example=example)
+    return DataValidationError(
+        message, column=column, num_bad_rows=int(rows), example=example
+    )
 
 
 def _timestamps(col: pa.ChunkedArray, time_column: str) -> np.ndarray:
@@ -194,9 +218,13 @@ def _timestamps(col: pa.ChunkedArray, time_column: str) -> np.ndarray:
     if nulls.any():
         first = int(np.flatnonzero(nulls)[0])
         raise _bad(
-            f"null timestamps in column {time_column!r}: {int(nulls.sum())} rows, first "
+            f"null timestamps in column {time_column!r}: {int(nulls.sum())} rows, "
+            "first "
             f"at row {first} of the group. Drop those rows or fill in their times.",
-            time_column, nulls.sum(), {"row": first})
+            time_column,
+            nulls.sum(),
+            {"row": first},
+        )
     typ = col.type
     if pa.types.is_timestamp(typ) or pa.types.is_date(typ):
         return np.asarray(col.to_numpy(zero_copy_only=False)).astype("datetime64[ns]")
@@ -210,17 +238,29 @@ def _timestamps(col: pa.ChunkedArray, time_column: str) -> np.ndarray:
                 f"unparseable timestamps in column {time_column!r}: {int(bad.sum())} "
                 f"rows, e.g. {text.iloc[first]!r} at row {first} of the group. Use "
                 "ISO 8601 text (2024-01-01T05:00) or a Parquet timestamp column.",
-                time_column, bad.sum(), {"row": first, time_column: text.iloc[first]})
+                time_column,
+                bad.sum(),
+                {"row": first, time_column: text.iloc[first]},
+            )
         if parsed.dt.tz is not None:
             parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
         return parsed.to_numpy().astype("datetime64[ns]")
     raise _bad(
         f"column {time_column!r} has type {typ}, not timestamps; store a Parquet "
-        "timestamp column or ISO 8601 text.", time_column, len(col), None)
+        "timestamp column or ISO 8601 text.",
+        time_column,
+        len(col),
+        None,
+    )
 
 
-def validate_group(table: pa.Table, time_column: str, value_column: str,
-                   min_points: int, frequency: str = "1h"):
+def validate_group(
+    table: pa.Table,
+    time_column: str,
+    value_column: str,
+    min_points: int,
+    frequency: str = "1h",
+):
     """Check one group's rows; return its series on a regular time grid.
 
     Missing values (null or NaN) are allowed: they are marginalized. Steps absent
@@ -246,8 +286,12 @@ def validate_group(table: pa.Table, time_column: str, value_column: str,
     """
     n = table.num_rows
     if n < min_points:
-        raise _bad(f"too few points: {n} rows, at least min_points={min_points} needed.",
-                   value_column, n, None)
+        raise _bad(
+            f"too few points: {n} rows, at least min_points={min_points} needed.",
+            value_column,
+            n,
+            None,
+        )
     t = _timestamps(table.column(time_column), time_column)
     v = table.column(value_column).cast(pa.float64()).to_numpy(zero_copy_only=False)
     v = np.asarray(v, np.float64)
@@ -255,11 +299,14 @@ def validate_group(table: pa.Table, time_column: str, value_column: str,
     if inf.size:
         i = int(inf[0])
         raise _bad(
-            f"infinite counts in column {value_column!r}: {inf.size} rows, first at row "
-            f"{i} of the group ({value_column}={v[i]} at {t[i]}). Counts must be finite; "
+            f"infinite counts in column {value_column!r}: {inf.size} rows, first at "
+            f"row {i} of the group ({value_column}={v[i]} at {t[i]}). Counts must be "
+            "finite; "
             "a missing count is null or NaN.",
-            value_column, inf.size, {"row": i, time_column: str(t[i]),
-                                     value_column: float(v[i])})
+            value_column,
+            inf.size,
+            {"row": i, time_column: str(t[i]), value_column: float(v[i])},
+        )
     order = np.argsort(t, kind="stable")
     t, v = t[order], v[order]
     dup = np.nonzero(t[1:] == t[:-1])[0]
@@ -267,32 +314,43 @@ def validate_group(table: pa.Table, time_column: str, value_column: str,
         raise _bad(
             f"duplicated timestamps in column {time_column!r}: {dup.size} duplicates, "
             f"e.g. {t[dup[0]]}. Aggregate or drop duplicate rows.",
-            time_column, dup.size, {time_column: str(t[dup[0]])})
+            time_column,
+            dup.size,
+            {time_column: str(t[dup[0]])},
+        )
     finite = np.isfinite(v)
     neg = np.nonzero(finite & (v < 0))[0]
     if neg.size:
         raise _bad(
             f"negative counts in column {value_column!r}: {neg.size} rows, e.g. "
             f"{value_column}={v[neg[0]]} at {t[neg[0]]}.",
-            value_column, neg.size, {time_column: str(t[neg[0]]),
-                                     value_column: float(v[neg[0]])})
+            value_column,
+            neg.size,
+            {time_column: str(t[neg[0]]), value_column: float(v[neg[0]])},
+        )
     frac = np.nonzero(finite & (v != np.round(v)))[0]
     if frac.size:
         raise _bad(
             f"non-integer counts in column {value_column!r}: {frac.size} rows, e.g. "
             f"{value_column}={v[frac[0]]} at {t[frac[0]]}.",
-            value_column, frac.size, {time_column: str(t[frac[0]]),
-                                      value_column: float(v[frac[0]])})
+            value_column,
+            frac.size,
+            {time_column: str(t[frac[0]]), value_column: float(v[frac[0]])},
+        )
     step = np.timedelta64(pd.Timedelta(frequency).value, "ns")
     offset = (t - t[0]) / step
     off = np.flatnonzero(offset != np.round(offset))
     if off.size:
         i = int(off[0])
         raise _bad(
-            f"irregular time steps in column {time_column!r}: {off.size} timestamps are "
+            f"irregular time steps in column {time_column!r}: {off.size} timestamps "
+            "are "
             f"off the {frequency} grid that starts at {t[0]}, e.g. {t[i]}. Round the "
             f"times to the grid, or pass the data's step as frequency=.",
-            time_column, off.size, {time_column: str(t[i])})
+            time_column,
+            off.size,
+            {time_column: str(t[i])},
+        )
     idx = np.round(offset).astype(np.int64)
     length = int(idx[-1]) + 1 if len(idx) else 0
     num_filled = length - len(t)
@@ -302,7 +360,10 @@ def validate_group(table: pa.Table, time_column: str, value_column: str,
             f"gaps in column {time_column!r}: the {frequency} grid from {t[0]} to "
             f"{t[-1]} has {length} steps but only {len(t)} rows (the largest gap "
             f"follows {t[gap]}). Check for stray timestamps.",
-            time_column, num_filled, {time_column: str(t[gap])})
+            time_column,
+            num_filled,
+            {time_column: str(t[gap])},
+        )
     if num_filled:
         grid_v = np.full(length, np.nan)
         grid_v[idx] = v
@@ -311,5 +372,9 @@ def validate_group(table: pa.Table, time_column: str, value_column: str,
     if int(np.isfinite(v).sum()) < min_points:
         raise _bad(
             f"too few points: {int(np.isfinite(v).sum())} non-missing values, at least "
-            f"min_points={min_points} needed.", value_column, n, None)
+            f"min_points={min_points} needed.",
+            value_column,
+            n,
+            None,
+        )
     return t, v, num_filled

@@ -3,10 +3,11 @@
 The driver lists the groups (from the partition folders, reading no data), checks
 the stored run configuration of the output folder, forms batches deterministically
 (groups sorted by id, ``batch_size`` per batch), skips groups the manifest already
-records with unchanged input, and hands batches to whichever worker is free. Workers read their own groups' files and write their outputs; the
-driver only writes the manifest, one atomic file per finished batch. A failed batch
-is retried once, then its groups are fitted one by one; a group that still fails
-is recorded with its error and the job goes on.
+records with unchanged input, and hands batches to whichever worker is free. Workers
+read their own groups' files and write their outputs; the driver only writes the
+manifest, one atomic file per finished batch. A failed batch is retried once, then
+its groups are fitted one by one; a group that still fails is recorded with its
+error and the job goes on.
 """
 
 from __future__ import annotations
@@ -78,10 +79,14 @@ class FleetResult:
 
     def summary_line(self) -> str:
         """One line of counts, as the command line prints it."""
-        missed = (f" ({self.num_missed_target} missed the ESS/R-hat target)"
-                  if self.num_missed_target else "")
-        changed = (f", refitted (input changed) {self.num_changed}"
-                   if self.num_changed else "")
+        missed = (
+            f" ({self.num_missed_target} missed the ESS/R-hat target)"
+            if self.num_missed_target
+            else ""
+        )
+        changed = (
+            f", refitted (input changed) {self.num_changed}" if self.num_changed else ""
+        )
         return (
             f"groups {self.num_groups}: ok {self.num_ok}{missed}, invalid "
             f"{self.num_invalid}, failed {self.num_failed}, skipped (done before) "
@@ -116,15 +121,33 @@ def _batch_id(keys):
 # The scheduling settings (batch_size, backend, num_workers, use_gpu,
 # resources_per_worker, address, progress_bar) do not change the draws and may differ.
 _SETTINGS = (
-    "data", "group_keys", "model", "model_source_sha256", "num_states", "method",
-    "time_column", "value_column", "frequency", "seasonality", "num_chains",
-    "num_warmup", "num_samples", "mass_matrix", "target_ess", "target_rhat",
-    "max_extensions", "num_predictive_draws", "min_points", "seed", "model_kwargs",
+    "data",
+    "group_keys",
+    "model",
+    "model_source_sha256",
+    "num_states",
+    "method",
+    "time_column",
+    "value_column",
+    "frequency",
+    "seasonality",
+    "num_chains",
+    "num_warmup",
+    "num_samples",
+    "mass_matrix",
+    "target_ess",
+    "target_rhat",
+    "max_extensions",
+    "num_predictive_draws",
+    "min_points",
+    "seed",
+    "model_kwargs",
 )
 
 
 def _check_settings(s: dict) -> None:
     """Refuse settings no group could be fitted with, before anything runs."""
+
     def need(cond, name, fix):
         if not cond:
             raise ConfigurationError(f"{name}={s[name]!r} is not allowed; {fix}.")
@@ -135,28 +158,66 @@ def _check_settings(s: dict) -> None:
     def is_num(x):
         return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
 
-    need(s["method"] in ("nuts", "laplace", "map"), "method", "use 'nuts', 'laplace' or 'map'")
-    need(s["mass_matrix"] in ("laplace", "adapt"), "mass_matrix", "use 'laplace' or 'adapt'")
-    need(is_int(s["num_chains"]) and s["num_chains"] >= 1, "num_chains",
-         "pass at least 1 chain per model (4 is the usual choice)")
-    need(is_int(s["num_samples"]) and s["num_samples"] >= 1, "num_samples",
-         "pass at least 1 draw per chain (e.g. 250)")
-    need(is_int(s["num_warmup"]) and s["num_warmup"] >= 0, "num_warmup",
-         "pass 0 or more warmup iterations (e.g. 60 with mass_matrix='laplace')")
-    need(is_int(s["num_states"]) and s["num_states"] >= 1, "num_states",
-         "pass the number of hidden states, at least 1 (e.g. 2)")
-    need(is_int(s["seasonality"]) and s["seasonality"] >= 0, "seasonality",
-         "pass 0 (none) or a number of harmonics")
-    need(is_int(s["max_extensions"]) and s["max_extensions"] >= 0, "max_extensions",
-         "pass 0 or more")
-    need(is_int(s["num_predictive_draws"]) and s["num_predictive_draws"] >= 0,
-         "num_predictive_draws", "pass 0 (none) or more (e.g. 100)")
-    need(is_int(s["min_points"]) and s["min_points"] >= 1, "min_points",
-         "pass at least 1 (e.g. 48)")
-    need(is_num(s["target_ess"]) and s["target_ess"] > 0, "target_ess",
-         "pass a positive bulk ESS (e.g. 400)")
-    need(is_num(s["target_rhat"]) and s["target_rhat"] >= 1, "target_rhat",
-         "pass an R-hat bound of at least 1 (e.g. 1.01)")
+    need(
+        s["method"] in ("nuts", "laplace", "map"),
+        "method",
+        "use 'nuts', 'laplace' or 'map'",
+    )
+    need(
+        s["mass_matrix"] in ("laplace", "adapt"),
+        "mass_matrix",
+        "use 'laplace' or 'adapt'",
+    )
+    need(
+        is_int(s["num_chains"]) and s["num_chains"] >= 1,
+        "num_chains",
+        "pass at least 1 chain per model (4 is the usual choice)",
+    )
+    need(
+        is_int(s["num_samples"]) and s["num_samples"] >= 1,
+        "num_samples",
+        "pass at least 1 draw per chain (e.g. 250)",
+    )
+    need(
+        is_int(s["num_warmup"]) and s["num_warmup"] >= 0,
+        "num_warmup",
+        "pass 0 or more warmup iterations (e.g. 60 with mass_matrix='laplace')",
+    )
+    need(
+        is_int(s["num_states"]) and s["num_states"] >= 1,
+        "num_states",
+        "pass the number of hidden states, at least 1 (e.g. 2)",
+    )
+    need(
+        is_int(s["seasonality"]) and s["seasonality"] >= 0,
+        "seasonality",
+        "pass 0 (none) or a number of harmonics",
+    )
+    need(
+        is_int(s["max_extensions"]) and s["max_extensions"] >= 0,
+        "max_extensions",
+        "pass 0 or more",
+    )
+    need(
+        is_int(s["num_predictive_draws"]) and s["num_predictive_draws"] >= 0,
+        "num_predictive_draws",
+        "pass 0 (none) or more (e.g. 100)",
+    )
+    need(
+        is_int(s["min_points"]) and s["min_points"] >= 1,
+        "min_points",
+        "pass at least 1 (e.g. 48)",
+    )
+    need(
+        is_num(s["target_ess"]) and s["target_ess"] > 0,
+        "target_ess",
+        "pass a positive bulk ESS (e.g. 400)",
+    )
+    need(
+        is_num(s["target_rhat"]) and s["target_rhat"] >= 1,
+        "target_rhat",
+        "pass an R-hat bound of at least 1 (e.g. 1.01)",
+    )
     need(is_int(s["seed"]), "seed", "pass an integer such as 0")
     try:
         ok = pd.Timedelta(s["frequency"]) > pd.Timedelta(0)
@@ -323,10 +384,13 @@ def fit_many(
         (2, 2, 3)
     """
     start = time.perf_counter()
-    target_rhat = renamed_argument(deprecated, "target_r_hat", "target_rhat",
-                                   target_rhat, default=1.01)
+    target_rhat = renamed_argument(
+        deprecated, "target_r_hat", "target_rhat", target_rhat, default=1.01
+    )
     if deprecated:
-        raise TypeError(f"fit_many() got unexpected keyword arguments {sorted(deprecated)}")
+        raise TypeError(
+            f"fit_many() got unexpected keyword arguments {sorted(deprecated)}"
+        )
     if isinstance(group_keys, str):
         group_keys = [k.strip() for k in group_keys.split(",") if k.strip()]
     if not group_keys:
@@ -335,18 +399,35 @@ def fit_many(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigurationError(f"batch_size={batch_size!r} must be an integer >= 1.")
-    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                            resources_per_worker=resources_per_worker, address=address)
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        address=address,
+    )
     if num_warmup is None:
         num_warmup = 60 if mass_matrix == "laplace" else 300
     settings = dict(
-        data=str(Path(data).resolve()), group_keys=list(group_keys), model=model,
-        model_source_sha256=_model_source(model), num_states=num_states, method=method,
-        time_column=time_column, value_column=value_column, frequency=frequency,
-        seasonality=seasonality, num_chains=num_chains, num_warmup=num_warmup,
-        num_samples=num_samples, mass_matrix=mass_matrix, target_ess=target_ess,
-        target_rhat=target_rhat, max_extensions=max_extensions,
-        num_predictive_draws=num_predictive_draws, min_points=min_points, seed=seed,
+        data=str(Path(data).resolve()),
+        group_keys=list(group_keys),
+        model=model,
+        model_source_sha256=_model_source(model),
+        num_states=num_states,
+        method=method,
+        time_column=time_column,
+        value_column=value_column,
+        frequency=frequency,
+        seasonality=seasonality,
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        mass_matrix=mass_matrix,
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        max_extensions=max_extensions,
+        num_predictive_draws=num_predictive_draws,
+        min_points=min_points,
+        seed=seed,
         model_kwargs=model_kwargs or {},
     )
     _check_settings(settings)
@@ -357,14 +438,23 @@ def fit_many(
     stored = _plain(settings)
     _prepare_output(output_dir, stored, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    store.write_run_config(output_dir, {
-        "format": 1,
-        "settings": stored,
-        "scheduling": _plain(dict(batch_size=batch_size, num_workers=num_workers,
-                                  use_gpu=use_gpu, address=address,
-                                  resources_per_worker=resources_per_worker)),
-        "input": {"files": [list(f) for f in inp.files]},
-    })
+    store.write_run_config(
+        output_dir,
+        {
+            "format": 1,
+            "settings": stored,
+            "scheduling": _plain(
+                dict(
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    use_gpu=use_gpu,
+                    address=address,
+                    resources_per_worker=resources_per_worker,
+                )
+            ),
+            "input": {"files": [list(f) for f in inp.files]},
+        },
+    )
     config = dict(
         settings,
         output_dir=str(output_dir.resolve()),
@@ -372,7 +462,9 @@ def fit_many(
         schema=schema_bytes(inp.schema),
         model_kwargs=model_kwargs or {},
     )
-    fingerprints = {store.group_id(k): inp.fingerprint(store.group_id(k)) for k in groups}
+    fingerprints = {
+        store.group_id(k): inp.fingerprint(store.group_id(k)) for k in groups
+    }
     done = store.read_manifest(output_dir)
     finished, num_changed = set(), 0
     for gid, fp in fingerprints.items():
@@ -398,8 +490,12 @@ def fit_many(
 
     try:
         name = resolve_backend_name(backend, scaling, parallel_work=len(todo))
-        engine = get_backend(name, address=address, use_gpu=use_gpu,
-                             resources_per_worker=resources_per_worker)
+        engine = get_backend(
+            name,
+            address=address,
+            use_gpu=use_gpu,
+            resources_per_worker=resources_per_worker,
+        )
         owns = not isinstance(backend, Backend)
         engine.start()
         try:
@@ -409,8 +505,16 @@ def fit_many(
                     FleetBatchWorker, (config,), num_workers=n, name="fleet"
                 )
                 try:
-                    _drive(pool, todo, output_dir, len(groups), num_skipped,
-                           progress_bar, fingerprints, _after_submit)
+                    _drive(
+                        pool,
+                        todo,
+                        output_dir,
+                        len(groups),
+                        num_skipped,
+                        progress_bar,
+                        fingerprints,
+                        _after_submit,
+                    )
                 finally:
                     pool.shutdown()
         finally:
@@ -446,8 +550,16 @@ def _remove_unvouched(output_dir: Path, keys: list[dict], records: dict) -> None
             store.remove_group_outputs(output_dir, key)
 
 
-def _drive(pool, todo, output_dir, total, num_skipped, progress_bar, fingerprints,
-           after_submit=None):
+def _drive(
+    pool,
+    todo,
+    output_dir,
+    total,
+    num_skipped,
+    progress_bar,
+    fingerprints,
+    after_submit=None,
+):
     queue = list(todo)  # (batch_id, keys, attempt)
     idle = list(range(pool.size))
     pending = []

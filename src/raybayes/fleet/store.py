@@ -57,7 +57,9 @@ def group_id(key: dict) -> str:
 
 def group_seed(gid: str) -> int:
     """A stable 31-bit integer from a group id (first bytes of its SHA-256)."""
-    return int.from_bytes(hashlib.sha256(gid.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    return (
+        int.from_bytes(hashlib.sha256(gid.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    )
 
 
 def group_path(key: dict) -> str:
@@ -91,8 +93,10 @@ def remove_group_outputs(output_dir: Path, key: dict) -> None:
 
 def write_run_config(output_dir: Path, run: dict) -> None:
     """Store the job's settings and input fingerprint as ``run.json`` (atomically)."""
-    atomic_write_bytes(Path(output_dir) / RUN_FILE,
-                       json.dumps(run, indent=1, sort_keys=True, default=str).encode())
+    atomic_write_bytes(
+        Path(output_dir) / RUN_FILE,
+        json.dumps(run, indent=1, sort_keys=True, default=str).encode(),
+    )
 
 
 def read_run_config(output_dir: Path) -> dict | None:
@@ -140,12 +144,29 @@ def read_manifest(output_dir: Path) -> dict[str, dict]:
 def consolidate_manifest(output_dir: Path) -> pa.Table:
     """Write ``manifest.parquet`` (all groups, one row each) atomically."""
     recs = list(read_manifest(output_dir).values())
-    cols = ["group_id", "status", "error", "batch_id", "attempts", "num_draws",
-            "num_divergences", "max_r_hat", "min_ess_bulk", "min_ess_tail",
-            "num_gradients", "num_restarts", "elapsed_s", "predictive_error",
-            "met_target", "num_filled_steps", "input_fingerprint"]
-    table = pa.table({c: [r.get(c) for r in recs] for c in cols}) if recs else pa.table(
-        {c: pa.array([], pa.string()) for c in cols}
+    cols = [
+        "group_id",
+        "status",
+        "error",
+        "batch_id",
+        "attempts",
+        "num_draws",
+        "num_divergences",
+        "max_r_hat",
+        "min_ess_bulk",
+        "min_ess_tail",
+        "num_gradients",
+        "num_restarts",
+        "elapsed_s",
+        "predictive_error",
+        "met_target",
+        "num_filled_steps",
+        "input_fingerprint",
+    ]
+    table = (
+        pa.table({c: [r.get(c) for r in recs] for c in cols})
+        if recs
+        else pa.table({c: pa.array([], pa.string()) for c in cols})
     )
     keys = sorted({k for r in recs for k in r.get("key", {})}, key=lambda k: k)
     for k in keys:
@@ -187,7 +208,9 @@ def _create_views(con, output_dir: Path) -> None:
     manifest = output_dir / "manifest.parquet"
     if manifest.exists():
         path = str(manifest).replace("'", "''")
-        con.execute(f"CREATE OR REPLACE VIEW manifest AS SELECT * FROM read_parquet('{path}')")
+        con.execute(
+            f"CREATE OR REPLACE VIEW manifest AS SELECT * FROM read_parquet('{path}')"
+        )
 
 
 def write_duckdb(output_dir: Path) -> Path:
