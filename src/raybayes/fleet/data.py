@@ -33,13 +33,18 @@ __all__ = [
 ]
 
 
-def _data_files(root: Path) -> list[Path]:
+def _data_files(root: Path, exclude: Path | None = None) -> list[Path]:
     """Data files under ``root`` as pyarrow lists them (skips ``.x`` and ``_x``)."""
     if root.is_file():
         return [root]
     out = []
+    skip = exclude.resolve() if exclude is not None else None
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith((".", "_")) and (Path(folder) / d).resolve() != skip
+        )
         out += [Path(folder) / f for f in sorted(files) if not f.startswith((".", "_"))]
     return out
 
@@ -97,27 +102,58 @@ class FleetInput:
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def group_files(self, gid: str) -> list[str] | None:
+        """Relative paths of the group's files (``None``: keys inside the files)."""
+        if self._files_of is None:
+            return None
+        return [self.files[i][0] for i in self._files_of.get(gid, [])]
+
 
 def schema_bytes(schema: pa.Schema) -> bytes:
     """The schema serialized (to hand it to workers)."""
     return schema.serialize().to_pybytes()
 
 
-def dataset_from(root: str | Path, schema: pa.Schema | bytes):
-    """``pyarrow.dataset.Dataset`` of ``root`` read with ``schema`` (no inspection)."""
+def dataset_from(
+    root: str | Path,
+    schema: pa.Schema | bytes,
+    files: list[str] | None = None,
+    exclude: str | Path | None = None,
+):
+    """``pyarrow.dataset.Dataset`` read with ``schema`` (no file is inspected).
+
+    Args:
+        root: the data folder.
+        schema: from :class:`FleetInput` (or its serialized bytes).
+        files: paths relative to ``root`` to read (default: every data file).
+        exclude: a folder inside ``root`` to leave out (the job's output folder).
+    """
     if isinstance(schema, (bytes, bytearray)):
         schema = pa.ipc.read_schema(pa.py_buffer(schema))
     part = pa.schema([f for f in schema if f.metadata == {b"raybayes": b"partition"}])
+    root = Path(root)
+    if files is None:
+        paths = [
+            str(p)
+            for p in _data_files(root, None if exclude is None else Path(exclude))
+        ]
+    else:
+        paths = [str(root / f) for f in files]
     return ds.dataset(
-        str(root),
+        paths,
         format="parquet",
         schema=schema,
         partitioning=ds.partitioning(part, flavor="hive") if len(part) else None,
+        partition_base_dir=str(root),
     )
 
 
 def open_input(
-    data: str | Path, group_keys: list[str], time_column: str, value_column: str
+    data: str | Path,
+    group_keys: list[str],
+    time_column: str,
+    value_column: str,
+    exclude: str | Path | None = None,
 ) -> FleetInput:
     """List the files and groups of a fleet data set and fix its schema.
 
@@ -125,6 +161,7 @@ def open_input(
         data: folder of a hive-partitioned Parquet data set (``k1=v1/k2=v2/*.parquet``).
         group_keys: key columns (partition fields or columns of the files).
         time_column, value_column: the timestamps and the counts.
+        exclude: a folder inside ``data`` that is not data (the output folder).
 
     Returns:
         :class:`FleetInput`.
@@ -140,7 +177,7 @@ def open_input(
             f"data={str(data)!r} does not exist; pass the folder of a hive-partitioned "
             "Parquet data set."
         )
-    paths = _data_files(root)
+    paths = _data_files(root, None if exclude is None else Path(exclude))
     file_schema = None
     for p in paths:
         try:
@@ -194,7 +231,7 @@ def open_input(
         groups = list(keys.values())
     else:
         files_of = None
-        table = dataset_from(root, schema).to_table(columns=group_keys)
+        table = dataset_from(root, schema, exclude=exclude).to_table(columns=group_keys)
         table = table.group_by(group_keys).aggregate([])
         groups = [
             dict(zip(group_keys, row, strict=True))

@@ -433,7 +433,7 @@ def fit_many(
     _check_settings(settings)
     resolve_model(model)  # fail early on a bad model spec
     output_dir = Path(output_dir)
-    inp = open_input(data, group_keys, time_column, value_column)
+    inp = open_input(data, group_keys, time_column, value_column, exclude=output_dir)
     groups = inp.groups
     stored = _plain(settings)
     _prepare_output(output_dir, stored, overwrite)
@@ -462,6 +462,7 @@ def fit_many(
         schema=schema_bytes(inp.schema),
         model_kwargs=model_kwargs or {},
     )
+    files = {store.group_id(k): inp.group_files(store.group_id(k)) for k in groups}
     fingerprints = {
         store.group_id(k): inp.fingerprint(store.group_id(k)) for k in groups
     }
@@ -513,6 +514,7 @@ def fit_many(
                         num_skipped,
                         progress_bar,
                         fingerprints,
+                        files,
                         _after_submit,
                     )
                 finally:
@@ -558,6 +560,7 @@ def _drive(
     num_skipped,
     progress_bar,
     fingerprints,
+    files,
     after_submit=None,
 ):
     queue = list(todo)  # (batch_id, keys, attempt)
@@ -580,8 +583,14 @@ def _drive(
             while idle and queue:
                 batch_id, keys, attempt = queue.pop(0)
                 worker = idle.pop(0)
+                group_files = [files.get(store.group_id(k)) for k in keys]
                 fut = pool.submit(
-                    worker, "fit_batch", batch_id, keys, tag=(batch_id, keys, attempt)
+                    worker,
+                    "fit_batch",
+                    batch_id,
+                    keys,
+                    group_files,
+                    tag=(batch_id, keys, attempt),
                 )
                 pending.append(fut)
                 submitted += 1

@@ -86,7 +86,8 @@ class FleetBatchWorker:
     @property
     def dataset(self):
         if self._dataset is None:
-            self._dataset = dataset_from(self.config["data"], self.config["schema"])
+            c = self.config
+            self._dataset = dataset_from(c["data"], c["schema"], exclude=c["output_dir"])
         return self._dataset
 
     def _sampler_for(self):
@@ -103,31 +104,43 @@ class FleetBatchWorker:
             )
         return self._sampler
 
-    def read_group(self, key: dict) -> pa.Table:
-        """Rows of one group (only its partitions are read)."""
+    def read_group(self, key: dict, files: list[str] | None = None) -> pa.Table:
+        """Rows of one group: only ``files`` (its partition's files) when given."""
         expr = reduce(
             lambda a, b: a & b,
             [pc.field(k) == pa.scalar(v) for k, v in key.items()],
         )
-        cols = [self.config["time_column"], self.config["value_column"]]
-        return self.dataset.to_table(columns=cols, filter=expr)
+        c = self.config
+        cols = [c["time_column"], c["value_column"]]
+        dataset = self.dataset if files is None else dataset_from(
+            c["data"], c["schema"], files=files)
+        return dataset.to_table(columns=cols, filter=expr)
 
-    def fit_batch(self, batch_id: str, keys: list[dict]) -> list[dict]:
+    def fit_batch(
+        self, batch_id: str, keys: list[dict], files: list | None = None
+    ) -> list[dict]:
         """Fit every group of a batch; write outputs; return one record per group.
 
         A group with bad data gets status ``invalid`` and its error; the others go
         on. An exception in the vectorized fit propagates (the driver retries the
         batch, then its groups one by one).
+
+        Args:
+            batch_id: the batch's stable id.
+            keys: the groups' keys.
+            files: per group, its files relative to the data folder (``None``: read
+                the group by filtering the whole data set).
         """
         c = self.config
         start = time.perf_counter()
         records, good = [], []
-        for key in keys:
+        files = files or [None] * len(keys)
+        for key, group_files in zip(keys, files, strict=True):
             gid = store.group_id(key)
             rec = {"group_id": gid, "key": key, "batch_id": batch_id}
             try:
                 t, v, filled = validate_group(
-                    self.read_group(key), c["time_column"], c["value_column"],
+                    self.read_group(key, group_files), c["time_column"], c["value_column"],
                     c["min_points"], c.get("frequency", "1h"))
                 rec["num_filled_steps"] = filled
                 good.append((rec, t, v))
