@@ -332,33 +332,41 @@ def fit_many(
         num_states: K of the registry HMMs.
         method: ``"nuts"`` (default), ``"laplace"`` or ``"map"`` (Laplace draws,
             plus the MAP in the summary).
-        time_column, value_column: column names of the timestamps and counts.
+        time_column: column of the timestamps.
+        value_column: column of the counts.
         frequency: the series' time step (pandas offset alias, default ``"1h"``).
             Steps missing from the grid become missing values; timestamps off the
             grid make the group ``invalid``.
         seasonality: harmonics of hour-of-day / hour-of-week covariates (0: none).
         batch_size: groups per unit of remote work.
-        num_chains, num_warmup, num_samples: NUTS settings (``num_samples`` in
-            the first round; a model that misses bulk ESS >= ``target_ess`` or
-            R-hat <= ``target_rhat`` gets ``num_samples // 2`` more, at most
-            ``max_extensions`` times, and is flagged ``met_target=False`` in the
-            manifest if it still misses). ``num_warmup`` defaults to 60 with
+        num_chains: NUTS chains per model.
+        num_warmup: warmup iterations per chain; default 60 with
             ``mass_matrix="laplace"`` (only the step size is adapted) and 300
             with ``"adapt"``.
+        num_samples: draws per chain in the first round; a model that misses bulk
+            ESS >= ``target_ess`` or R-hat <= ``target_rhat`` gets
+            ``num_samples // 2`` more, at most ``max_extensions`` times, and is
+            flagged ``met_target=False`` in the manifest if it still misses.
         mass_matrix: ``"laplace"`` (default): every chain of a model uses the
             dense inverse Hessian of the model's log posterior at its MAP as its
             inverse mass matrix, fixed, and starts from a draw of that Laplace
             approximation; ``"adapt"``: NumPyro's windowed adaptation of a
             diagonal mass matrix. See :class:`raybayes.fleet.sampler.BatchSampler`.
-        target_ess, target_rhat: the per-parameter targets (bulk ESS, R-hat).
+        target_ess: the bulk ESS every parameter should reach.
+        target_rhat: the R-hat every parameter should stay below.
         max_extensions: extra rounds of draws for models that miss the target.
         num_predictive_draws: posterior predictive draws stored per group.
         min_points: fewer non-missing points make a group ``invalid``.
         seed: root seed (an integer).
         backend: ``"auto"`` (default; see :func:`raybayes.config.resolve_backend_name`),
             ``"local"``, ``"ray"`` or a backend instance.
-        num_workers, use_gpu, resources_per_worker, address: the scaling
-            configuration (see :class:`raybayes.config.ScalingConfig`).
+        num_workers: worker processes (default: one per CPU, at most one per
+            batch); the scaling settings are those of
+            :class:`raybayes.config.ScalingConfig`.
+        use_gpu: one GPU per worker (Ray only).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        address: a Ray cluster address (default: ``RAY_ADDRESS`` or an embedded
+            instance).
         progress_bar: show models done/failed, models per second and time left.
         overwrite: discard the outputs of an earlier job in ``output_dir`` first.
         model_kwargs: extra keyword arguments of the model.
