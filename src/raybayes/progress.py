@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["ChainProgress", "LossProgress"]
+__all__ = ["ChainProgress", "LossProgress", "ModelProgress"]
 
 
 class ChainProgress:
@@ -140,6 +140,64 @@ class LossProgress:
                 )
             return
         self._progress.update(self._task, completed=completed, loss=loss, extra=extra)
+
+    def close(self):
+        if self.enabled and not self._plain:
+            self._progress.stop()
+
+
+class ModelProgress:
+    """One bar of independent models done: ok and failed counts, models/s, time left.
+
+    When stderr is not a terminal it prints a plain line at most every
+    ``log_every_s`` seconds instead.
+
+    Args:
+        total: models in the job.
+        done: models already done (an earlier run) when the bar starts.
+        enabled: draw nothing when ``False``.
+        log_every_s: seconds between plain lines.
+    """
+
+    def __init__(self, total: int, done: int = 0, enabled: bool = True, log_every_s=30.0):
+        import time
+
+        self.enabled = enabled
+        if not enabled:
+            return
+        self._time, self._every, self._total, self._done0 = (
+            time.monotonic, log_every_s, total, done)
+        self._start = self._last = self._time()
+        console = Console(file=sys.stderr)
+        self._plain = not console.is_terminal
+        if self._plain:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]models"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ok {task.fields[ok]} failed {task.fields[failed]}"),
+            TextColumn("{task.fields[rate]:.2f} models/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._task = self._progress.add_task(
+            "", total=total, completed=done, ok=done, failed=0, rate=0.0)
+        self._progress.start()
+
+    def update(self, done: int, ok: int, failed: int):
+        if not self.enabled:
+            return
+        now = self._time()
+        rate = (done - self._done0) / max(now - self._start, 1e-9)
+        if self._plain:
+            if now - self._last >= self._every:
+                self._last = now
+                print(f"[{now - self._start:6.0f} s] models: {done}/{self._total} "
+                      f"(ok {ok}, failed {failed}), {rate:.2f} models/s",
+                      file=sys.stderr, flush=True)
+            return
+        self._progress.update(self._task, completed=done, ok=ok, failed=failed, rate=rate)
 
     def close(self):
         if self.enabled and not self._plain:

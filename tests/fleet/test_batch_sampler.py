@@ -44,7 +44,7 @@ def test_nuts_draws_match_the_conjugate_posterior(vectorize, restart):
     # run must still be exact.
     sampler = BatchSampler(
         iid_poisson, num_chains=4, num_warmup=100, num_samples=150,
-        max_extensions=0 if restart else 1, target_r_hat=0.5 if restart else 1.01,
+        max_extensions=0 if restart else 1, target_rhat=0.5 if restart else 1.01,
         max_restarts=1 if restart else 0, vectorize=vectorize,
     )
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(0), 2))

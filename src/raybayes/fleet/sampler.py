@@ -45,7 +45,8 @@ References:
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -53,12 +54,38 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from scipy import stats
 from numpyro.infer.hmc import hmc
 from numpyro.infer.hmc_util import dual_averaging
 from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
+from scipy import stats
 
-__all__ = ["BatchSampler", "BatchDraws", "diagnostics"]
+from raybayes.config import renamed_argument
+
+__all__ = [
+    "BatchSampler",
+    "BatchDraws",
+    "diagnostics",
+    "SeriesModel",
+    "NutsSettings",
+    "MapState",
+    "MapInfo",
+    "LaplaceApproximation",
+    "WarmupState",
+    "NutsInfo",
+    "map_init",
+    "map_step",
+    "find_map",
+    "positive_definite_hessian",
+    "laplace_fit",
+    "start_points",
+    "nuts_kernel",
+    "warmup_init",
+    "warmup_step",
+    "warmup",
+    "nuts_step",
+    "nuts_draws",
+    "compile_batch_functions",
+]
 
 # Jitted functions of BatchSampler, shared by samplers with the same model and
 # settings in one process, so that repeated fits (every batch of a fleet, nightly
@@ -83,6 +110,8 @@ class BatchDraws(NamedTuple):
             restarts included; the MAP search is not counted).
         num_restarts: ``(B,)`` restarts per model (0: the first run was kept or
             met the target; see :meth:`BatchSampler.nuts`).
+        met_target: ``(B,)`` bool, whether the kept draws of each model meet the
+            ESS/R-hat target (NUTS; ``None`` for Laplace draws).
     """
 
     draws: list
@@ -91,6 +120,7 @@ class BatchDraws(NamedTuple):
     step_size: np.ndarray
     num_gradients: np.ndarray
     num_restarts: np.ndarray | None = None
+    met_target: np.ndarray | None = None
 
 
 def _arviz():
@@ -150,7 +180,8 @@ class BatchSampler:
             ``mass_matrix="laplace"``, 300 with ``"adapt"``).
         num_samples: draws per chain in the first round.
         target_ess: bulk ESS every parameter must reach.
-        target_r_hat: R-hat every parameter must stay below.
+        target_rhat: R-hat every parameter must stay below (``target_r_hat`` is
+            a deprecated alias).
         max_extensions: extra rounds of ``extension_samples`` draws for models
             that miss.
         extension_samples: draws per chain per extra round (default
@@ -180,7 +211,7 @@ class BatchSampler:
         num_warmup: int | None = None,
         num_samples: int = 250,
         target_ess: float = 400.0,
-        target_r_hat: float = 1.01,
+        target_rhat: float = 1.01,
         max_extensions: int = 3,
         extension_samples: int | None = None,
         target_accept_prob: float = 0.8,
@@ -190,7 +221,12 @@ class BatchSampler:
         mass_matrix: str = "laplace",
         max_restarts: int = 1,
         vectorize: bool | None = None,
+        **deprecated,
     ):
+        target_rhat = renamed_argument(deprecated, "target_r_hat", "target_rhat",
+                                       target_rhat, default=1.01)
+        if deprecated:
+            raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
         if mass_matrix not in ("laplace", "adapt"):
             raise ValueError(f"mass_matrix={mass_matrix!r}; use 'laplace' or 'adapt'.")
         self.model = model
@@ -200,7 +236,7 @@ class BatchSampler:
             else num_warmup
         self.num_samples = num_samples
         self.target_ess = target_ess
-        self.target_r_hat = target_r_hat
+        self.target_rhat = target_rhat
         self.max_extensions = max_extensions
         self.extension_samples = max(1, extension_samples or num_samples // 2)
         self.target_accept_prob = target_accept_prob
@@ -223,12 +259,6 @@ class BatchSampler:
         if covariates is not None:
             kw["covariates"] = covariates
         return kw
-
-    def _potential(self, z, y, mask, covariates):
-        return potential_energy(self.model, (y,), self._kwargs(mask, covariates), z)
-
-    def _constrain(self, z, y, mask, covariates):
-        return constrain_fn(self.model, (y,), self._kwargs(mask, covariates), z)
 
     def _template(self, y, mask, covariates):
         """Zeros shaped like one model's unconstrained latent sites.
@@ -268,192 +298,13 @@ class BatchSampler:
         return key
 
     def _build(self, z_template):
-        init_kernel, sample_kernel = hmc(
-            potential_fn_gen=lambda y, mask, cov: (lambda z: self._potential(z, y, mask, cov)),
-            algo="NUTS",
-        )
-        num_warmup, tap, mtd = self.num_warmup, self.target_accept_prob, self.max_tree_depth
-        laplace_mass = self.mass_matrix == "laplace"
-        _, unravel = jax.flatten_util.ravel_pytree(z_template)
-
-        def flat_potential(f, y, mask, cov):
-            return self._potential(unravel(f), y, mask, cov)
-
-        def pd_hessian(f, y, mask, cov):
-            # Hessian in the unconstrained space, eigenvalues clipped so that it is
-            # positive definite; returns (eigenvalues, eigenvectors).
-            h = jax.hessian(flat_potential)(f, y, mask, cov)
-            h = 0.5 * (h + h.T)
-            ok = jnp.all(jnp.isfinite(h))
-            h = jnp.where(ok, h, jnp.eye(f.shape[0]))
-            lam, vec = jnp.linalg.eigh(h)
-            floor = jnp.maximum(1e-6 * jnp.max(jnp.abs(lam)), 1e-6)
-            return jnp.maximum(lam, floor), vec, ok & (lam[0] > floor)
-
-        def laplace_fit(z, y, mask, cov):
-            # Damped Newton from the Adam point; keep a step only if it lowers the
-            # potential. Returns the mode and (eigenvalues, eigenvectors) of H there.
-            f0, _ = jax.flatten_util.ravel_pytree(z)
-
-            def newton(_, f):
-                lam, vec, _ = pd_hessian(f, y, mask, cov)
-                g = jax.grad(flat_potential)(f, y, mask, cov)
-                new = f - vec @ ((vec.T @ g) / lam)
-                better = flat_potential(new, y, mask, cov) < flat_potential(f, y, mask, cov)
-                return jnp.where(better & jnp.all(jnp.isfinite(new)), new, f)
-
-            f = lax.fori_loop(0, self.newton_steps, newton, f0)
-            lam, vec, curved = pd_hessian(f, y, mask, cov)
-            # A mode: positive curvature everywhere and a Newton decrement
-            # g' H^-1 g (twice the decrease a Newton step promises) near zero.
-            g = jax.grad(flat_potential)(f, y, mask, cov)
-            decrement = jnp.sum((vec.T @ g) ** 2 / lam)
-            return f, lam, vec, curved & (decrement < 1e-2)
-
-        def find_map(z0, y, mask, cov):
-            opt = optax.adam(0.05)
-
-            def step(carry, _):
-                z, s = carry
-                g = jax.grad(self._potential)(z, y, mask, cov)
-                g = jax.tree_util.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, 0.0), g)
-                upd, s = opt.update(g, s, z)
-                return (optax.apply_updates(z, upd), s), None
-
-            (z, _), _ = lax.scan(step, (z0, opt.init(z0)), None, length=self.map_steps)
-            return z
-
-        # Chain starts: a Laplace draw ``z* + H^{-1/2} eps``, pulled towards the MAP
-        # (halving the deviation, at most 5 times) while its potential exceeds the
-        # MAP's by more than the 99.9% point of the potential increase of a draw
-        # of the Gaussian itself (chi-square / 2). A draw along a direction of
-        # clipped curvature can otherwise land where the density underflows, and
-        # such a chain never leaves.
-        dim = int(sum(np.size(v) for v in jax.tree_util.tree_leaves(
-            z_template)))
-        max_rise = 0.5 * float(stats.chi2.ppf(0.999, max(dim, 1)))
-        shrink = jnp.array([1.0, 0.5, 0.25, 0.125, 0.0625, 0.0])
-
-        def start_points(f_map, lam, vec, eps, y, mask, cov):
-            # f_map (D,), lam (D,), vec (D, D), eps (C, D) -> (C, D)
-            u0 = flat_potential(f_map, y, mask, cov)
-            dev = jnp.einsum("ij,cj->ci", vec, eps / jnp.sqrt(lam))
-
-            def one(d):
-                u = jax.vmap(lambda a: flat_potential(f_map + a * d, y, mask, cov))(shrink)
-                ok = (jnp.isfinite(u) & (u - u0 <= max_rise)).at[-1].set(True)
-                return f_map + shrink[jnp.argmax(ok)] * d
-
-            return jax.vmap(one)(dev)
-
-        def warm_one(key, z0, inv_mass, y, mask, cov):
-            # One chain: initialize and run the warmup; returns (state, gradients).
-            args = (y, mask, cov)
-            if not laplace_mass:
-                state = init_kernel(
-                    z0, num_warmup, model_args=args, rng_key=key,
-                    target_accept_prob=tap, max_tree_depth=mtd,
-                )
-                if not num_warmup:
-                    return state, jnp.zeros((), jnp.int32)
-
-                def body(s, _):
-                    s = sample_kernel(s, model_args=args)
-                    return s, s.num_steps
-
-                state, steps = lax.scan(body, state, None, length=num_warmup)
-                return state, jnp.sum(steps)
-            # Fixed (Laplace) mass matrix: one uninterrupted run of dual averaging
-            # (Hoffman & Gelman 2014, Sec. 3.2) over the whole warmup, from step
-            # size 1 (the scale of a preconditioned Gaussian). NumPyro's warmup
-            # would restart it at the end of its mass-matrix windows even when the
-            # mass matrix is not adapted, leaving a few iterations to settle.
-            state = init_kernel(
-                z0, 0, step_size=1.0, inverse_mass_matrix=inv_mass, dense_mass=True,
-                adapt_step_size=False, adapt_mass_matrix=False, model_args=args,
-                rng_key=key, target_accept_prob=tap, max_tree_depth=mtd,
-            )
-            if not num_warmup:
-                return state, jnp.zeros((), jnp.int32)
-            da_init, da_update = dual_averaging()
-            da = da_init(jnp.log(10.0 * state.adapt_state.step_size))
-
-            def da_body(carry, _):
-                s, d = carry
-                s = sample_kernel(s, model_args=args)
-                d = da_update(tap - s.accept_prob, d)
-                return (_with_step_size(s, jnp.exp(d[0])), d), s.num_steps
-
-            (state, da), steps = lax.scan(da_body, (state, da), None, length=num_warmup)
-            return _with_step_size(state, jnp.exp(da[1])), jnp.sum(steps)
-
-        def sample_one(state, y, mask, cov, length):
-            # One chain: ``length`` draws; returns (state, z, diverging, num_steps).
-            def body(s, _):
-                s = sample_kernel(s, model_args=(y, mask, cov))
-                return s, (s.z, s.diverging, s.num_steps)
-
-            state, (zs, div, nst) = lax.scan(body, state, None, length=length)
-            return state, zs, div, nst
-
-        def constrain_model(zs, y, mask, cov):
-            # zs leaves (C, S, ...) of one model
-            return jax.vmap(jax.vmap(lambda q: self._constrain(q, y, mask, cov)))(zs)
-
-        if self.vectorize:
-            # All lanes (models x chains) in one vmapped program.
-            def warm_batch(keys, z_init, inv_mass, y, mask, cov):
-                def per_model(k, z0, im, yy, mm, cc):
-                    return jax.vmap(lambda kk, zz: warm_one(kk, zz, im, yy, mm, cc))(k, z0)
-
-                return jax.vmap(per_model)(keys, z_init, inv_mass, y, mask, cov)
-
-            def sample_batch(states, y, mask, cov, length):
-                def per_model(st, yy, mm, cc):
-                    return jax.vmap(lambda s: sample_one(s, yy, mm, cc, length))(st)
-
-                return jax.vmap(per_model)(states, y, mask, cov)
-
-            warm_fn = jax.jit(warm_batch)
-            sample_fn = jax.jit(sample_batch, static_argnums=4)
-        else:
-            # On CPU: the same jitted chain, called lane by lane.
-            warm_lane = jax.jit(warm_one)
-            sample_lane = jax.jit(sample_one, static_argnums=4)
-
-            def warm_fn(keys, z_init, inv_mass, y, mask, cov):
-                return _stack([
-                    _stack([
-                        warm_lane(keys[b, i], _take(z_init, b, i), inv_mass[b], y[b],
-                                  mask[b], _take(cov, b))
-                        for i in range(keys.shape[1])
-                    ])
-                    for b in range(keys.shape[0])
-                ])
-
-            def sample_fn(states, y, mask, cov, length, models=None):
-                nb = y.shape[0] if models is None else len(models)
-                models = range(y.shape[0]) if models is None else models
-                nc = jax.tree_util.tree_leaves(states)[0].shape[1]
-                return _stack([
-                    _stack([
-                        sample_lane(_take(states, b, i), y[b], mask[b], _take(cov, b), length)
-                        for i in range(nc)
-                    ])
-                    for b in models
-                ]) if nb else None
-
-        self._fns = dict(
-            find_map=jax.jit(jax.vmap(find_map)) if self.vectorize
-            else _looped(jax.jit(find_map)),
-            start_points=jax.jit(jax.vmap(start_points)) if self.vectorize
-            else _looped(jax.jit(start_points)),
-            laplace_fit=jax.jit(jax.vmap(laplace_fit)),
-            unravel=jax.jit(_unravel_leading(unravel, z_template)),
-            warm=warm_fn,
-            sample=sample_fn,
-            constrain=jax.jit(constrain_model),
-            potential=jax.jit(jax.vmap(self._potential)),
+        """Compile the batch functions of :func:`compile_batch_functions`."""
+        self._fns = compile_batch_functions(
+            SeriesModel(self.model, self.model_kwargs), z_template,
+            NutsSettings(self.num_warmup, self.target_accept_prob, self.max_tree_depth,
+                         self.mass_matrix == "laplace"),
+            map_steps=self.map_steps, newton_steps=self.newton_steps,
+            vectorize=self.vectorize,
         )
 
     def _prepare(self, keys, y, mask, covariates):
@@ -594,6 +445,7 @@ class BatchSampler:
             [r.draws for r in runs], [r.diverging for r in runs],
             [r.num_steps for r in runs], np.stack([r.step_size for r in runs]),
             np.array([r.num_gradients for r in runs], np.int64), restarts,
+            np.array([r.ok for r in runs], bool),
         )
 
     def _run(self, idx, keys, y, mask, cov, laplace, attempt, valid):
@@ -728,7 +580,7 @@ class BatchSampler:
                     r = float(az.rhat(x))
                     worst = max(worst, r if np.isfinite(r) else np.inf)
                     if ok and (az.ess(x, method="bulk") < self.target_ess
-                               or not r <= self.target_r_hat):
+                               or not r <= self.target_rhat):
                         ok = False
         return ok, worst
 
@@ -812,3 +664,445 @@ def _stack(items):
 
 def _cat(parts):
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *parts)
+
+
+# -- the algorithm, as pure functions of one model's data ------------------------------
+#
+# Contracts follow BlackJAX and Optax: an iterative method is ``init(...) -> State``
+# and ``step(..., state) -> (State, Info)``, with NamedTuple states and infos, and no
+# hidden state. NUTS keeps its PRNG key inside NumPyro's ``HMCState`` (as NumPyro's
+# kernels do), so its step takes no separate key. Every function here takes one
+# model's data ``(y, mask, covariates)``: ``y`` ``(T,)``, ``mask`` ``(T,)`` bool,
+# ``covariates`` ``(T, P)`` or ``None``; the batch over models is added by
+# ``jax.vmap`` or a Python loop in :func:`compile_batch_functions`.
+
+
+class SeriesModel(NamedTuple):
+    """A NumPyro model of one series with its static keyword arguments.
+
+    Attributes:
+        model: called as ``model(y, mask=mask, covariates=X, **model_kwargs)``
+            (``covariates`` only when not ``None``).
+        model_kwargs: static keyword arguments (e.g. ``num_states``).
+    """
+
+    model: Callable
+    model_kwargs: dict
+
+    def kwargs(self, mask, covariates) -> dict:
+        """The model's keyword arguments for one series."""
+        kw = dict(self.model_kwargs, mask=mask)
+        if covariates is not None:
+            kw["covariates"] = covariates
+        return kw
+
+    def potential(self, z, y, mask, covariates):
+        """Potential energy (negative log joint density) at unconstrained ``z``."""
+        return potential_energy(self.model, (y,), self.kwargs(mask, covariates), z)
+
+    def constrain(self, z, y, mask, covariates):
+        """Constrained values of the latent sites at unconstrained ``z``."""
+        return constrain_fn(self.model, (y,), self.kwargs(mask, covariates), z)
+
+
+class NutsSettings(NamedTuple):
+    """Settings of one chain's NUTS warmup (hashable, static under jit).
+
+    Attributes:
+        num_warmup: warmup iterations.
+        target_accept_prob: dual averaging's target acceptance probability.
+        max_tree_depth: NUTS maximum tree depth.
+        laplace_mass: ``True``: fixed dense inverse mass matrix, step size adapted by
+            one run of dual averaging; ``False``: NumPyro's windowed adaptation.
+    """
+
+    num_warmup: int
+    target_accept_prob: float
+    max_tree_depth: int
+    laplace_mass: bool
+
+
+class MapState(NamedTuple):
+    """State of the MAP search (Adam, Optax): position and optimizer state."""
+
+    position: dict
+    opt_state: optax.OptState
+
+
+class MapInfo(NamedTuple):
+    """Per-step information of the MAP search.
+
+    Attributes:
+        grad_is_finite: ``False`` when some gradient entry was not finite (it was
+            replaced by 0 for the step).
+    """
+
+    grad_is_finite: jax.Array
+
+
+class LaplaceApproximation(NamedTuple):
+    """``N(position, H^-1)`` in the flattened unconstrained space of one model.
+
+    Attributes:
+        position: ``(D,)`` the mode.
+        eigenvalues: ``(D,)`` of the Hessian ``H`` of the potential at the mode,
+            clipped to be positive.
+        eigenvectors: ``(D, D)``, columns.
+        converged: ``()`` bool: positive curvature everywhere and a Newton decrement
+            below 0.01 (a mode, not a saddle).
+    """
+
+    position: jax.Array
+    eigenvalues: jax.Array
+    eigenvectors: jax.Array
+    converged: jax.Array
+
+
+class WarmupState(NamedTuple):
+    """State of one chain's warmup.
+
+    Attributes:
+        hmc: NumPyro's ``HMCState`` (position, step size, mass matrix, PRNG key).
+        dual_averaging: dual averaging state (fixed mass matrix only, else ``None``).
+    """
+
+    hmc: Any
+    dual_averaging: Any = None
+
+
+class NutsInfo(NamedTuple):
+    """Per-iteration information of NUTS.
+
+    Attributes:
+        position: the unconstrained draw (a dict of site arrays).
+        diverging: ``()`` bool.
+        num_steps: ``()`` leapfrog steps of the trajectory.
+        accept_prob: ``()`` mean Metropolis acceptance probability.
+    """
+
+    position: dict
+    diverging: jax.Array
+    num_steps: jax.Array
+    accept_prob: jax.Array
+
+
+def map_init(position: dict, learning_rate: float = 0.05) -> MapState:
+    """Start the MAP search (Adam) at an unconstrained ``position``."""
+    return MapState(position, optax.adam(learning_rate).init(position))
+
+
+def map_step(series: SeriesModel, data: tuple, state: MapState,
+             learning_rate: float = 0.05) -> tuple[MapState, MapInfo]:
+    """One Adam step on the potential; non-finite gradient entries count as 0.
+
+    Args:
+        series: the model.
+        data: ``(y, mask, covariates)`` of one series.
+        state: the current :class:`MapState`.
+        learning_rate: Adam's step size.
+
+    Returns:
+        ``(MapState, MapInfo)``.
+
+    References:
+        Kingma & Ba (2015), Adam: A method for stochastic optimization, ICLR.
+    """
+    g = jax.grad(series.potential)(state.position, *data)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a))
+                                for a in jax.tree_util.tree_leaves(g)]))
+    g = jax.tree_util.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, 0.0), g)
+    upd, opt_state = optax.adam(learning_rate).update(g, state.opt_state, state.position)
+    return MapState(optax.apply_updates(state.position, upd), opt_state), MapInfo(finite)
+
+
+def find_map(series: SeriesModel, position: dict, data: tuple, num_steps: int,
+             learning_rate: float = 0.05) -> dict:
+    """``num_steps`` Adam steps towards the MAP from ``position`` (unconstrained)."""
+
+    def body(state, _):
+        return map_step(series, data, state, learning_rate)
+
+    state, _ = lax.scan(body, map_init(position, learning_rate), None, length=num_steps)
+    return state.position
+
+
+def positive_definite_hessian(flat_potential: Callable, f: jax.Array):
+    """Hessian of ``flat_potential`` at ``f``, eigenvalues clipped to be positive.
+
+    A non-finite Hessian is replaced by the identity.
+
+    Args:
+        flat_potential: ``(D,) -> ()``.
+        f: ``(D,)``.
+
+    Returns:
+        ``(eigenvalues (D,), eigenvectors (D, D), curved)``; ``curved`` is ``True``
+        when the Hessian was finite and its smallest eigenvalue above the floor
+        ``max(1e-6 max|lambda|, 1e-6)``.
+    """
+    h = jax.hessian(flat_potential)(f)
+    h = 0.5 * (h + h.T)
+    ok = jnp.all(jnp.isfinite(h))
+    h = jnp.where(ok, h, jnp.eye(f.shape[0]))
+    lam, vec = jnp.linalg.eigh(h)
+    floor = jnp.maximum(1e-6 * jnp.max(jnp.abs(lam)), 1e-6)
+    return jnp.maximum(lam, floor), vec, ok & (lam[0] > floor)
+
+
+def laplace_fit(flat_potential: Callable, position: dict,
+                num_newton_steps: int) -> LaplaceApproximation:
+    """Damped Newton steps from ``position``, then the Laplace approximation there.
+
+    A Newton step (with the clipped Hessian) is kept only if it lowers the
+    potential and is finite.
+
+    Args:
+        flat_potential: ``(D,) -> ()`` potential of the flattened position.
+        position: unconstrained start (a dict of site arrays).
+        num_newton_steps: Newton steps.
+
+    Returns:
+        :class:`LaplaceApproximation`.
+
+    References:
+        Tierney & Kadane (1986), Accurate approximations for posterior moments
+        and marginal densities, JASA 81(393).
+    """
+    f0, _ = jax.flatten_util.ravel_pytree(position)
+
+    def newton(_, f):
+        lam, vec, _ = positive_definite_hessian(flat_potential, f)
+        g = jax.grad(flat_potential)(f)
+        new = f - vec @ ((vec.T @ g) / lam)
+        better = flat_potential(new) < flat_potential(f)
+        return jnp.where(better & jnp.all(jnp.isfinite(new)), new, f)
+
+    f = lax.fori_loop(0, num_newton_steps, newton, f0)
+    lam, vec, curved = positive_definite_hessian(flat_potential, f)
+    # A mode: positive curvature everywhere and a Newton decrement g' H^-1 g
+    # (twice the decrease a Newton step promises) near zero.
+    g = jax.grad(flat_potential)(f)
+    decrement = jnp.sum((vec.T @ g) ** 2 / lam)
+    return LaplaceApproximation(f, lam, vec, curved & (decrement < 1e-2))
+
+
+_SHRINK = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+
+
+def start_points(flat_potential: Callable, f_map, lam, vec, eps, max_rise: float):
+    """Chain starts: Laplace draws ``f_map + H^{-1/2} eps`` pulled towards the mode.
+
+    Each draw's deviation is halved (at most 5 times, then dropped) while its
+    potential exceeds the mode's by more than ``max_rise`` (use the 99.9% point of
+    the potential rise of a draw of the Gaussian itself, chi-square(D) / 2): a draw
+    along a direction of clipped curvature can otherwise land where the density
+    underflows, and such a chain never leaves.
+
+    Args:
+        flat_potential: ``(D,) -> ()``.
+        f_map, lam: ``(D,)``; vec: ``(D, D)``: the Laplace approximation.
+        eps: ``(C, D)`` standard normal draws.
+        max_rise: the largest potential rise accepted.
+
+    Returns:
+        ``(C, D)`` starting points.
+    """
+    shrink = jnp.array(_SHRINK)
+    u0 = flat_potential(f_map)
+    dev = jnp.einsum("ij,cj->ci", vec, eps / jnp.sqrt(lam))
+
+    def one(d):
+        u = jax.vmap(lambda a: flat_potential(f_map + a * d))(shrink)
+        ok = (jnp.isfinite(u) & (u - u0 <= max_rise)).at[-1].set(True)
+        return f_map + shrink[jnp.argmax(ok)] * d
+
+    return jax.vmap(one)(dev)
+
+
+def nuts_kernel(series: SeriesModel):
+    """NumPyro's functional NUTS ``(init_kernel, sample_kernel)`` for ``series``.
+
+    Both kernels take ``model_args=(y, mask, covariates)``.
+
+    References:
+        Hoffman & Gelman (2014), The No-U-Turn Sampler, JMLR 15.
+    """
+    return hmc(
+        potential_fn_gen=lambda y, mask, cov: (lambda z: series.potential(z, y, mask, cov)),
+        algo="NUTS",
+    )
+
+
+def warmup_init(kernel, settings: NutsSettings, rng_key, position: dict,
+                inverse_mass_matrix, data: tuple) -> WarmupState:
+    """Initialize one chain's warmup at ``position``.
+
+    With ``settings.laplace_mass`` the dense ``inverse_mass_matrix`` ``(D, D)`` is
+    fixed and the step size starts at 1 (the scale of a preconditioned Gaussian);
+    dual averaging starts at ``log(10 * step size)``. Otherwise NumPyro's windowed
+    adaptation of a diagonal mass matrix runs (``inverse_mass_matrix`` unused).
+    """
+    init_kernel, _ = kernel
+    s = settings
+    if not s.laplace_mass:
+        return WarmupState(init_kernel(
+            position, s.num_warmup, model_args=data, rng_key=rng_key,
+            target_accept_prob=s.target_accept_prob, max_tree_depth=s.max_tree_depth,
+        ))
+    state = init_kernel(
+        position, 0, step_size=1.0, inverse_mass_matrix=inverse_mass_matrix,
+        dense_mass=True, adapt_step_size=False, adapt_mass_matrix=False, model_args=data,
+        rng_key=rng_key, target_accept_prob=s.target_accept_prob,
+        max_tree_depth=s.max_tree_depth,
+    )
+    da_init, _ = dual_averaging()
+    return WarmupState(state, da_init(jnp.log(10.0 * state.adapt_state.step_size)))
+
+
+def warmup_step(kernel, settings: NutsSettings, state: WarmupState,
+                data: tuple) -> tuple[WarmupState, NutsInfo]:
+    """One warmup iteration (the PRNG key is carried in ``state.hmc``).
+
+    With a fixed mass matrix, one uninterrupted run of dual averaging over the whole
+    warmup (Hoffman & Gelman 2014, Sec. 3.2): NumPyro's warmup would restart it at
+    the end of its mass-matrix windows even when the mass matrix is not adapted.
+    """
+    _, sample_kernel = kernel
+    s = sample_kernel(state.hmc, model_args=data)
+    info = NutsInfo(s.z, s.diverging, s.num_steps, s.accept_prob)
+    if not settings.laplace_mass:
+        return WarmupState(s), info
+    _, da_update = dual_averaging()
+    d = da_update(settings.target_accept_prob - s.accept_prob, state.dual_averaging)
+    return WarmupState(_with_step_size(s, jnp.exp(d[0])), d), info
+
+
+def warmup(kernel, settings: NutsSettings, rng_key, position: dict, inverse_mass_matrix,
+           data: tuple):
+    """One chain's whole warmup; returns ``(HMCState, num_gradients)``.
+
+    With a fixed mass matrix the final step size is dual averaging's averaged one.
+    """
+    state = warmup_init(kernel, settings, rng_key, position, inverse_mass_matrix, data)
+    if not settings.num_warmup:
+        return state.hmc, jnp.zeros((), jnp.int32)
+
+    def body(st, _):
+        st, info = warmup_step(kernel, settings, st, data)
+        return st, info.num_steps
+
+    state, steps = lax.scan(body, state, None, length=settings.num_warmup)
+    hmc_state = state.hmc
+    if settings.laplace_mass:
+        hmc_state = _with_step_size(hmc_state, jnp.exp(state.dual_averaging[1]))
+    return hmc_state, jnp.sum(steps)
+
+
+def nuts_step(kernel, state, data: tuple):
+    """One NUTS draw: ``(HMCState, NutsInfo)`` (the PRNG key is in ``state``)."""
+    _, sample_kernel = kernel
+    s = sample_kernel(state, model_args=data)
+    return s, NutsInfo(s.z, s.diverging, s.num_steps, s.accept_prob)
+
+
+def nuts_draws(kernel, state, data: tuple, num_draws: int):
+    """``num_draws`` NUTS draws of one chain.
+
+    Returns:
+        ``(state, positions, diverging, num_steps)``: positions a dict of
+        ``(num_draws, *site_shape)`` arrays, the others ``(num_draws,)``.
+    """
+
+    def body(s, _):
+        s, info = nuts_step(kernel, s, data)
+        return s, (info.position, info.diverging, info.num_steps)
+
+    state, (zs, div, nst) = lax.scan(body, state, None, length=num_draws)
+    return state, zs, div, nst
+
+
+def compile_batch_functions(series: SeriesModel, z_template: dict,
+                            settings: NutsSettings, *, map_steps: int,
+                            newton_steps: int, vectorize: bool) -> dict:
+    """The jitted batch functions of :class:`BatchSampler`, from the pure ones above.
+
+    With ``vectorize`` every function is ``vmap``-ed over models (and chains);
+    otherwise the same jitted one-model (one-chain) function is called model by
+    model (chain by chain), with host NumPy arrays between calls.
+
+    Returns:
+        dict of callables over a batch: ``find_map``, ``start_points``,
+        ``laplace_fit``, ``unravel``, ``warm``, ``sample``, ``constrain``,
+        ``potential``.
+    """
+    _, unravel = jax.flatten_util.ravel_pytree(z_template)
+    kernel = nuts_kernel(series)
+    dim = int(sum(np.size(v) for v in jax.tree_util.tree_leaves(z_template)))
+    max_rise = 0.5 * float(stats.chi2.ppf(0.999, max(dim, 1)))
+
+    def flat(y, mask, cov):
+        return lambda f: series.potential(unravel(f), y, mask, cov)
+
+    def map_one(z0, y, mask, cov):
+        return find_map(series, z0, (y, mask, cov), map_steps)
+
+    def laplace_one(z, y, mask, cov):
+        return tuple(laplace_fit(flat(y, mask, cov), z, newton_steps))
+
+    def starts_one(f_map, lam, vec, eps, y, mask, cov):
+        return start_points(flat(y, mask, cov), f_map, lam, vec, eps, max_rise)
+
+    def warm_one(key, z0, inv_mass, y, mask, cov):
+        return warmup(kernel, settings, key, z0, inv_mass, (y, mask, cov))
+
+    def sample_one(state, y, mask, cov, length):
+        return nuts_draws(kernel, state, (y, mask, cov), length)
+
+    def constrain_one(zs, y, mask, cov):  # zs leaves (C, S, ...) of one model
+        return jax.vmap(jax.vmap(lambda q: series.constrain(q, y, mask, cov)))(zs)
+
+    if vectorize:
+        def warm_fn(keys, z_init, inv_mass, y, mask, cov):
+            def per_model(k, z0, im, yy, mm, cc):
+                return jax.vmap(lambda kk, zz: warm_one(kk, zz, im, yy, mm, cc))(k, z0)
+
+            return jax.vmap(per_model)(keys, z_init, inv_mass, y, mask, cov)
+
+        def sample_batch(states, y, mask, cov, length):
+            def per_model(st, yy, mm, cc):
+                return jax.vmap(lambda s: sample_one(s, yy, mm, cc, length))(st)
+
+            return jax.vmap(per_model)(states, y, mask, cov)
+
+        warm_fn = jax.jit(warm_fn)
+        sample_fn = jax.jit(sample_batch, static_argnums=4)
+    else:
+        warm_lane = jax.jit(warm_one)
+        sample_lane = jax.jit(sample_one, static_argnums=4)
+
+        def warm_fn(keys, z_init, inv_mass, y, mask, cov):
+            return _stack([_stack([
+                warm_lane(keys[b, i], _take(z_init, b, i), inv_mass[b], y[b], mask[b],
+                          _take(cov, b))
+                for i in range(keys.shape[1])]) for b in range(keys.shape[0])])
+
+        def sample_fn(states, y, mask, cov, length, models=None):
+            models = range(y.shape[0]) if models is None else models
+            nc = jax.tree_util.tree_leaves(states)[0].shape[1]
+            return _stack([_stack([
+                sample_lane(_take(states, b, i), y[b], mask[b], _take(cov, b), length)
+                for i in range(nc)]) for b in models]) if len(models) else None
+
+    def batched(fn):
+        return jax.jit(jax.vmap(fn)) if vectorize else _looped(jax.jit(fn))
+
+    return dict(
+        find_map=batched(map_one),
+        start_points=batched(starts_one),
+        laplace_fit=jax.jit(jax.vmap(laplace_one)),
+        unravel=jax.jit(_unravel_leading(unravel, z_template)),
+        warm=warm_fn,
+        sample=sample_fn,
+        constrain=jax.jit(constrain_one),
+        potential=jax.jit(jax.vmap(series.potential)),
+    )

@@ -8,23 +8,26 @@ Layout under ``output_dir``::
     manifest/<batch id>.json                 one record per group of a finished batch
     manifest.parquet                         all records (rewritten at the end)
     fleet.duckdb                             views over the above
+    run.json                                 the job's settings and input files
 
-Every file is written to a temporary name in the same folder and moved into place
-with ``os.replace`` (atomic on POSIX), so a reader never sees half a file and a
-rerun overwrites rather than duplicates.
+Every file is written through :func:`raybayes.io.atomic_path` (a temporary name in
+the same folder, then ``os.replace``, atomic on POSIX; the mode follows the umask),
+so a reader never sees half a file and a rerun overwrites rather than duplicates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import shutil
+import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from raybayes import io
 
 __all__ = [
     "group_id",
@@ -36,9 +39,15 @@ __all__ = [
     "write_manifest_records",
     "consolidate_manifest",
     "connect",
+    "remove_group_outputs",
+    "write_run_config",
+    "read_run_config",
 ]
 
 TABLES = ("summary", "predictive", "states")
+RUN_FILE = "run.json"
+#: Every name ``fit_many`` writes in an output folder (``--overwrite`` removes these).
+OUTPUT_NAMES = TABLES + ("manifest", "manifest.parquet", "fleet.duckdb", RUN_FILE)
 
 
 def group_id(key: dict) -> str:
@@ -48,7 +57,9 @@ def group_id(key: dict) -> str:
 
 def group_seed(gid: str) -> int:
     """A stable 31-bit integer from a group id (first bytes of its SHA-256)."""
-    return int.from_bytes(hashlib.sha256(gid.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    return (
+        int.from_bytes(hashlib.sha256(gid.encode()).digest()[:4], "little") & 0x7FFFFFFF
+    )
 
 
 def group_path(key: dict) -> str:
@@ -57,39 +68,52 @@ def group_path(key: dict) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` atomically (see :func:`raybayes.io.atomic_path`)."""
+    io.atomic_write_bytes(path, data)
 
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    """Write a Parquet file atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write a Parquet file atomically (see :func:`raybayes.io.atomic_path`)."""
+    with io.atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+
+def remove_group_outputs(output_dir: Path, key: dict) -> None:
+    """Remove a group's ``summary``/``predictive``/``states`` files (if any).
+
+    Called before a group is fitted again and for groups that have no ``ok``
+    record, so that no output outlives the record that vouches for it.
+    """
+    sub = group_path(key)
+    for table in TABLES:
+        folder = Path(output_dir) / table / sub
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_run_config(output_dir: Path, run: dict) -> None:
+    """Store the job's settings and input fingerprint as ``run.json`` (atomically)."""
+    atomic_write_bytes(
+        Path(output_dir) / RUN_FILE,
+        json.dumps(run, indent=1, sort_keys=True, default=str).encode(),
+    )
+
+
+def read_run_config(output_dir: Path) -> dict | None:
+    """The stored ``run.json`` of an output folder, or ``None``."""
+    path = Path(output_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_manifest_records(output_dir: Path, name: str, records: list[dict]) -> None:
-    """Record finished groups (one JSON file per batch, written atomically)."""
+    """Record finished groups (one JSON file per batch, written atomically).
+
+    Each record gets ``recorded_ns`` (wall clock), so that the latest record of a
+    group wins when it has several (a retried or refitted group).
+    """
+    now = time.time_ns()
+    for rec in records:
+        rec.setdefault("recorded_ns", now)
     data = json.dumps(records, default=str).encode()
     atomic_write_bytes(Path(output_dir) / "manifest" / f"{name}.json", data)
 
@@ -97,7 +121,8 @@ def write_manifest_records(output_dir: Path, name: str, records: list[dict]) -> 
 def read_manifest(output_dir: Path) -> dict[str, dict]:
     """The latest record of every group in the manifest: group id -> record.
 
-    A group recorded as ``ok`` stays ``ok`` whatever other records say.
+    Records are ordered by ``recorded_ns``; of records without it (older folders)
+    an ``ok`` record wins.
     """
     out: dict[str, dict] = {}
     folder = Path(output_dir) / "manifest"
@@ -106,7 +131,12 @@ def read_manifest(output_dir: Path) -> dict[str, dict]:
     for path in sorted(folder.glob("*.json")):
         for rec in json.loads(path.read_text()):
             prev = out.get(rec["group_id"])
-            if prev is None or prev["status"] != "ok":
+            if prev is None:
+                out[rec["group_id"]] = rec
+            elif "recorded_ns" in rec and "recorded_ns" in prev:
+                if rec["recorded_ns"] >= prev["recorded_ns"]:
+                    out[rec["group_id"]] = rec
+            elif prev["status"] != "ok":
                 out[rec["group_id"]] = rec
     return out
 
@@ -114,11 +144,29 @@ def read_manifest(output_dir: Path) -> dict[str, dict]:
 def consolidate_manifest(output_dir: Path) -> pa.Table:
     """Write ``manifest.parquet`` (all groups, one row each) atomically."""
     recs = list(read_manifest(output_dir).values())
-    cols = ["group_id", "status", "error", "batch_id", "attempts", "num_draws",
-            "num_divergences", "max_r_hat", "min_ess_bulk", "min_ess_tail",
-            "num_gradients", "num_restarts", "elapsed_s", "predictive_error"]
-    table = pa.table({c: [r.get(c) for r in recs] for c in cols}) if recs else pa.table(
-        {c: pa.array([], pa.string()) for c in cols}
+    cols = [
+        "group_id",
+        "status",
+        "error",
+        "batch_id",
+        "attempts",
+        "num_draws",
+        "num_divergences",
+        "max_r_hat",
+        "min_ess_bulk",
+        "min_ess_tail",
+        "num_gradients",
+        "num_restarts",
+        "elapsed_s",
+        "predictive_error",
+        "met_target",
+        "num_filled_steps",
+        "input_fingerprint",
+    ]
+    table = (
+        pa.table({c: [r.get(c) for r in recs] for c in cols})
+        if recs
+        else pa.table({c: pa.array([], pa.string()) for c in cols})
     )
     keys = sorted({k for r in recs for k in r.get("key", {})}, key=lambda k: k)
     for k in keys:
@@ -160,7 +208,9 @@ def _create_views(con, output_dir: Path) -> None:
     manifest = output_dir / "manifest.parquet"
     if manifest.exists():
         path = str(manifest).replace("'", "''")
-        con.execute(f"CREATE OR REPLACE VIEW manifest AS SELECT * FROM read_parquet('{path}')")
+        con.execute(
+            f"CREATE OR REPLACE VIEW manifest AS SELECT * FROM read_parquet('{path}')"
+        )
 
 
 def write_duckdb(output_dir: Path) -> Path:
@@ -169,13 +219,11 @@ def write_duckdb(output_dir: Path) -> Path:
 
     output_dir = Path(output_dir)
     final = output_dir / "fleet.duckdb"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".duckdb", dir=output_dir)
-    os.close(fd)
-    os.unlink(tmp)
-    con = duckdb.connect(tmp)
-    try:
-        _create_views(con, output_dir.resolve())
-    finally:
-        con.close()
-    os.replace(tmp, final)
+    with io.atomic_path(final) as tmp:
+        tmp.unlink()  # DuckDB creates its own file
+        con = duckdb.connect(str(tmp))
+        try:
+            _create_views(con, output_dir.resolve())
+        finally:
+            con.close()
     return final

@@ -3,7 +3,8 @@
 A :class:`FleetBatchWorker` lives on a worker (a Ray actor, or in-process). For a
 batch it reads each group's rows straight from the partitioned Parquet data set
 (pyarrow filters on the partition keys, so only that group's files are opened),
-validates them, fits all valid groups at once with :class:`BatchSampler`, writes
+validates them (:func:`raybayes.fleet.data.validate_group`), fits all valid groups
+at once with :class:`BatchSampler`, writes
 each group's outputs atomically and returns small per-group records (status,
 error, diagnostics) to the driver. No Ray imports here.
 """
@@ -17,16 +18,20 @@ import traceback
 from functools import reduce
 from pathlib import Path
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
+from raybayes.config import derive_key
 from raybayes.errors import ConfigurationError, DataValidationError
 from raybayes.fleet import store
+from raybayes.fleet.data import dataset_from, validate_group
 from raybayes.fleet.sampler import BatchSampler, diagnostics
-from raybayes.models.hmm import HMM_REGISTRY, hmm_posterior_predictive, seasonal_features
+from raybayes.models.hmm import (
+    HMM_REGISTRY,
+    hmm_posterior_predictive,
+    seasonal_features,
+)
 
 __all__ = ["FleetBatchWorker", "resolve_model", "validate_group"]
 
@@ -65,57 +70,6 @@ def resolve_model(model: str):
     )
 
 
-def validate_group(table: pa.Table, time_column: str, value_column: str, min_points: int):
-    """Check one group's rows; return sorted ``(timestamps, values)``.
-
-    Missing values (null/NaN) are allowed (they are marginalized).
-
-    Raises:
-        DataValidationError: too few points, non-integer or negative counts,
-            duplicated timestamps.
-    """
-    n = table.num_rows
-    if n < min_points:
-        raise DataValidationError(
-            f"too few points: {n} rows, at least min_points={min_points} needed.",
-            column=value_column, num_bad_rows=n,
-        )
-    t = table.column(time_column).to_numpy(zero_copy_only=False)
-    v = table.column(value_column).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    order = np.argsort(t, kind="stable")
-    t, v = t[order], v[order]
-    dup = np.nonzero(t[1:] == t[:-1])[0]
-    if dup.size:
-        raise DataValidationError(
-            f"duplicated timestamps in column {time_column!r}: {dup.size} duplicates, "
-            f"e.g. {t[dup[0]]}. Aggregate or drop duplicate rows.",
-            column=time_column, num_bad_rows=int(dup.size), example={time_column: str(t[dup[0]])},
-        )
-    finite = np.isfinite(v)
-    neg = np.nonzero(finite & (v < 0))[0]
-    if neg.size:
-        raise DataValidationError(
-            f"negative counts in column {value_column!r}: {neg.size} rows, e.g. "
-            f"{value_column}={v[neg[0]]} at {t[neg[0]]}.",
-            column=value_column, num_bad_rows=int(neg.size),
-            example={time_column: str(t[neg[0]]), value_column: float(v[neg[0]])},
-        )
-    frac = np.nonzero(finite & (v != np.round(v)))[0]
-    if frac.size:
-        raise DataValidationError(
-            f"non-integer counts in column {value_column!r}: {frac.size} rows, e.g. "
-            f"{value_column}={v[frac[0]]} at {t[frac[0]]}.",
-            column=value_column, num_bad_rows=int(frac.size),
-            example={time_column: str(t[frac[0]]), value_column: float(v[frac[0]])},
-        )
-    if finite.sum() < min_points:
-        raise DataValidationError(
-            f"too few points: {int(finite.sum())} non-missing values, at least "
-            f"min_points={min_points} needed.", column=value_column,
-        )
-    return t, v
-
-
 class FleetBatchWorker:
     """Fits batches of groups of a partitioned data set (held on each worker).
 
@@ -132,7 +86,8 @@ class FleetBatchWorker:
     @property
     def dataset(self):
         if self._dataset is None:
-            self._dataset = ds.dataset(self.config["data"], format="parquet", partitioning="hive")
+            c = self.config
+            self._dataset = dataset_from(c["data"], c["schema"], exclude=c["output_dir"])
         return self._dataset
 
     def _sampler_for(self):
@@ -144,40 +99,54 @@ class FleetBatchWorker:
                 self.model, kw,
                 num_chains=c["num_chains"], num_warmup=c["num_warmup"],
                 num_samples=c["num_samples"], target_ess=c["target_ess"],
-                target_r_hat=c["target_r_hat"], max_extensions=c["max_extensions"],
+                target_rhat=c["target_rhat"], max_extensions=c["max_extensions"],
                 mass_matrix=c.get("mass_matrix", "laplace"),
             )
         return self._sampler
 
-    def read_group(self, key: dict) -> pa.Table:
-        """Rows of one group (only its partitions are read)."""
+    def read_group(self, key: dict, files: list[str] | None = None) -> pa.Table:
+        """Rows of one group: only ``files`` (its partition's files) when given."""
         expr = reduce(
             lambda a, b: a & b,
             [pc.field(k) == pa.scalar(v) for k, v in key.items()],
         )
-        cols = [self.config["time_column"], self.config["value_column"]]
-        return self.dataset.to_table(columns=cols, filter=expr)
+        c = self.config
+        cols = [c["time_column"], c["value_column"]]
+        dataset = self.dataset if files is None else dataset_from(
+            c["data"], c["schema"], files=files)
+        return dataset.to_table(columns=cols, filter=expr)
 
-    def fit_batch(self, batch_id: str, keys: list[dict]) -> list[dict]:
+    def fit_batch(
+        self, batch_id: str, keys: list[dict], files: list | None = None
+    ) -> list[dict]:
         """Fit every group of a batch; write outputs; return one record per group.
 
         A group with bad data gets status ``invalid`` and its error; the others go
         on. An exception in the vectorized fit propagates (the driver retries the
         batch, then its groups one by one).
+
+        Args:
+            batch_id: the batch's stable id.
+            keys: the groups' keys.
+            files: per group, its files relative to the data folder (``None``: read
+                the group by filtering the whole data set).
         """
         c = self.config
         start = time.perf_counter()
         records, good = [], []
-        for key in keys:
+        files = files or [None] * len(keys)
+        for key, group_files in zip(keys, files, strict=True):
             gid = store.group_id(key)
             rec = {"group_id": gid, "key": key, "batch_id": batch_id}
             try:
-                t, v = validate_group(self.read_group(key), c["time_column"],
-                                      c["value_column"], c["min_points"])
+                t, v, filled = validate_group(
+                    self.read_group(key, group_files), c["time_column"], c["value_column"],
+                    c["min_points"], c.get("frequency", "1h"))
+                rec["num_filled_steps"] = filled
                 good.append((rec, t, v))
             except DataValidationError as err:
                 rec.update(status="invalid", error=str(err))
-            except (pa.ArrowException, ValueError, TypeError) as err:
+            except (pa.ArrowException, OSError, ValueError, TypeError) as err:
                 rec.update(status="invalid", error=f"could not read the group's rows: {err}")
             records.append(rec)
         if good:
@@ -199,7 +168,6 @@ class FleetBatchWorker:
         cov = None
         if c["seasonality"]:
             cov = np.zeros((batch_size, num_steps, 4 * c["seasonality"]), np.float32)
-        root = jax.random.PRNGKey(c["seed"])
         keys = []
         for i, g in enumerate(lanes):
             rec, t, v = good[g]
@@ -208,7 +176,7 @@ class FleetBatchWorker:
             mask[i, : len(v)] = finite
             if cov is not None:
                 cov[i, : len(t)] = seasonal_features(t, c["seasonality"])
-            keys.append(jax.random.fold_in(root, store.group_seed(rec["group_id"])))
+            keys.append(derive_key(c["seed"], store.group_seed(rec["group_id"])))
         keys = np.stack([np.asarray(k) for k in keys])
         valid = np.arange(batch_size) < len(good)
         sampler = self._sampler_for()
@@ -235,6 +203,7 @@ class FleetBatchWorker:
                 min_ess_tail=float(np.nanmin(diag["ess_tail"])),
                 num_gradients=int(out.num_gradients[i]),
                 num_restarts=None if out.num_restarts is None else int(out.num_restarts[i]),
+                met_target=None if out.met_target is None else bool(out.met_target[i]),
             )
             self._write_outputs(rec, diag, draws, t, v, y[i, :n], mask[i, :n],
                                 None if cov is None else cov[i, :n])
@@ -279,6 +248,7 @@ class FleetBatchWorker:
         c = self.config
         out = Path(c["output_dir"])
         sub = store.group_path(rec["key"])
+        store.remove_group_outputs(out, rec["key"])  # none of an earlier fit remains
         summary = pa.table(diag)
         summary = summary.append_column(
             "num_divergences", pa.array([rec["num_divergences"]] * summary.num_rows, pa.int64())
@@ -290,9 +260,7 @@ class FleetBatchWorker:
         total = next(iter(flat.values())).shape[0]
         idx = np.linspace(0, total - 1, c["num_predictive_draws"]).round().astype(int)
         sub_draws = {k: val[idx] for k, val in flat.items()}
-        key = jax.random.fold_in(
-            jax.random.PRNGKey(c["seed"] + 1), store.group_seed(rec["group_id"])
-        )
+        key = derive_key(c["seed"], "predictive", store.group_seed(rec["group_id"]))
         y_in = np.where(mask, y, np.nan).astype(np.float32)
         if self.family is None:
             try:
