@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -49,6 +50,68 @@ def quickstart(
             likelihood=likelihood,
             backend=backend,
             num_workers=num_workers or None,
+            address=address,
+            progress_bar=progress,
+            echo=typer.echo,
+        )
+    except RaybayesError as err:
+        typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(code=2) from None
+
+
+class _Method(str, Enum):
+    nuts = "nuts"
+    laplace = "laplace"
+    svi = "svi"
+
+
+@app.command("fit-elasticity")
+def fit_elasticity(
+    data: Path = typer.Argument(..., help="Sales table: a CSV file or a partitioned Parquet folder."),
+    method: _Method = typer.Option(_Method.nuts, help="Inference method."),
+    output_dir: Path = typer.Option(Path("raybayes-pricing"), "--output", "-o", help="Folder for the results."),
+    product_col: list[str] = typer.Option(["store", "brand"], help="Column(s) that identify a product (repeat the option)."),
+    category_col: str = typer.Option("brand", help="Column of the category."),
+    time_col: str = typer.Option("week", help="Column of the period (week)."),
+    units_col: str = typer.Option("units", help="Column of the units sold (integers >= 0)."),
+    price_col: str = typer.Option("price", help="Column of the price (> 0)."),
+    likelihood: str = typer.Option("negbin", help="'negbin' or 'poisson'."),
+    seed: int = typer.Option(0, help="Root seed."),
+    num_chains: int = typer.Option(4, help="NUTS: Markov chains."),
+    num_warmup: int = typer.Option(500, help="NUTS: warmup iterations per chain."),
+    num_samples: int = typer.Option(500, help="NUTS: draws kept per chain."),
+    num_steps: int = typer.Option(10_000, help="SVI: optimizer steps (at most)."),
+    num_draws: int = typer.Option(1000, help="Laplace, SVI: draws from the approximation."),
+    num_shards: int = typer.Option(None, help="Laplace, SVI: shards of the products (one worker each)."),
+    num_workers: int = typer.Option(None, help="Ray workers (NUTS: one per chain at most)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or an embedded instance)."),
+    backend: str = typer.Option("auto", help="'auto', 'ray' or 'local'."),
+    progress: bool = typer.Option(True, help="Show progress."),
+):
+    """Fit product and category price elasticities of your own sales table."""
+    from raybayes.errors import RaybayesError
+    from raybayes.jobs.pricing import run_fit_elasticity
+
+    try:
+        run_fit_elasticity(
+            data,
+            output_dir,
+            method=method.value,
+            product_cols=product_col,
+            category_col=category_col,
+            time_col=time_col,
+            units_col=units_col,
+            price_col=price_col,
+            likelihood=likelihood,
+            seed=seed,
+            num_chains=num_chains,
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            num_steps=num_steps,
+            num_draws=num_draws,
+            num_shards=num_shards,
+            backend=backend,
+            num_workers=num_workers,
             address=address,
             progress_bar=progress,
             echo=typer.echo,
