@@ -330,11 +330,15 @@ def run_fit_elasticity(
             ``category_elasticities.png`` are written, each atomically.
         method: ``"nuts"``, ``"laplace"`` or ``"svi"``.
         product_cols: columns whose combination identifies a product.
-        category_col, time_col, units_col, price_col: the category, period, units
-            sold (integers >= 0) and price (> 0) columns.
+        category_col: column of the category (constant within a product).
+        time_col: column of the period (week).
+        units_col: column of the units sold (integers >= 0).
+        price_col: column of the price (> 0).
         likelihood: ``"negbin"`` or ``"poisson"``.
         seed: root seed (same seed, same result, whatever the number of workers).
-        num_chains, num_warmup, num_samples: NUTS settings (per chain).
+        num_chains: NUTS: Markov chains.
+        num_warmup: NUTS: warmup iterations per chain.
+        num_samples: NUTS: draws kept per chain.
         num_steps: SVI optimizer steps (at most; it stops earlier on convergence).
         num_draws: draws from the Laplace or SVI approximation.
         num_shards: shards of the products for Laplace and SVI (one worker each;
