@@ -10,17 +10,19 @@ from typer.testing import CliRunner
 from raybayes.cli import app
 from raybayes.datasets import simulate_elasticity
 
-# 6 products x 52 weeks, Poisson sales of about exp(5) = 150 units a week: the
-# product elasticities are identified to about 0.1 (posterior sd), so the posterior
-# means must lie near the simulation truth.
-NUM_PRODUCTS, NUM_WEEKS = 6, 52
+# 12 products in 3 categories x 52 weeks, Poisson sales of about exp(3) = 20 units a
+# week. With the simulator's price moves (sd of log price about 0.13 within a
+# product) each product's own data give its elasticity to a standard error of about
+# 0.22 / (0.13 * sqrt(52)) = 0.23; pooling over the category only narrows that.
+NUM_CATEGORIES, NUM_PRODUCTS, NUM_WEEKS = 3, 12, 52
+NUM_ROWS = NUM_PRODUCTS * NUM_WEEKS
 OPTIONS = ["--product-col", "product", "--category-col", "category",
            "--likelihood", "poisson", "--backend", "local", "--no-progress"]
 
 
 def _simulate():
-    return simulate_elasticity(2, NUM_PRODUCTS, NUM_WEEKS, seed=3, mean_log_units=5.0,
-                               likelihood="poisson")
+    return simulate_elasticity(NUM_CATEGORIES, NUM_PRODUCTS, NUM_WEEKS, seed=3,
+                               mean_log_units=3.0, likelihood="poisson")
 
 
 def _invoke(*args):
@@ -64,16 +66,18 @@ def test_laplace_writes_readable_outputs_near_the_truth(laplace_run, sales):
     products = pd.read_csv(out / "product_elasticities.csv")
     categories = pd.read_csv(out / "category_elasticities.csv")
     assert list(products["product"]) == list(range(NUM_PRODUCTS))
-    assert list(categories["category"]) == [0, 1]
+    assert list(categories["category"]) == list(range(NUM_CATEGORIES))
     truth = sales[1]["beta"]
     mean, sd = products["elasticity_mean"].to_numpy(), products["elasticity_sd"].to_numpy()
-    assert np.all((sd > 0.01) & (sd < 0.5))
-    # Each posterior mean within 4 posterior sd of the truth (a 6e-5 chance per
-    # product if the posterior were exact), and close in absolute terms too.
-    assert np.all(np.abs(mean - truth) < 4 * sd), (mean, truth, sd)
-    assert np.sqrt(np.mean((mean - truth) ** 2)) < 0.3
-    assert (products["elasticity_q5"] < truth).mean() >= 0.5
-    assert np.all(products["elasticity_q5"] < products["elasticity_q95"])
+    # Tolerances from the standard error of 0.23 above: RMSE within 1.5 of them,
+    # every product within 3 (0.7), and the means follow the truth's spread (sd 0.6).
+    err = mean - truth
+    assert np.sqrt(np.mean(err**2)) < 0.35, (mean, truth)
+    assert np.abs(err).max() < 0.7, (mean, truth)
+    assert np.corrcoef(mean, truth)[0, 1] > 0.8
+    assert np.all(sd > 0)
+    # Laplace intervals are wide (BENCHMARKS.md): all 90% intervals hold the truth.
+    assert np.all((products["elasticity_q5"] < truth) & (truth < products["elasticity_q95"]))
 
 
 def test_partitioned_parquet_gives_the_csv_result(tmp_path, sales, laplace_run):
@@ -110,7 +114,7 @@ def test_nan_units_are_counted_with_an_example(tmp_path, sales):
     df = sales[0].copy()
     df.loc[[5, 9], "units"] = np.nan
     msg = _bad(tmp_path, df)
-    assert "column 'units': 2 of 312 rows are NaN" in msg and "first at row 5" in msg
+    assert f"column 'units': 2 of {NUM_ROWS} rows are NaN" in msg and "first at row 5" in msg
 
 
 def test_non_positive_price_is_refused(tmp_path, sales):
@@ -118,7 +122,7 @@ def test_non_positive_price_is_refused(tmp_path, sales):
     df.loc[7, "price"] = 0.0
     df.loc[8, "price"] = -1.5
     msg = _bad(tmp_path, df)
-    assert "column 'price': 2 of 312 rows are zero or negative" in msg
+    assert f"column 'price': 2 of {NUM_ROWS} rows are zero or negative" in msg
     assert "Prices must be > 0" in msg
 
 
@@ -126,14 +130,14 @@ def test_negative_units_are_refused(tmp_path, sales):
     df = sales[0].copy()
     df.loc[11, "units"] = -3
     msg = _bad(tmp_path, df)
-    assert "column 'units': 1 of 312 rows are negative" in msg and "row 11" in msg
+    assert f"column 'units': 1 of {NUM_ROWS} rows are negative" in msg and "row 11" in msg
 
 
 def test_missing_product_id_is_refused(tmp_path, sales):
     df = sales[0].astype({"product": float})
     df.loc[4, "product"] = np.nan
     msg = _bad(tmp_path, df)
-    assert "column 'product': 1 of 312 rows are missing" in msg
+    assert f"column 'product': 1 of {NUM_ROWS} rows are missing" in msg
 
 
 def test_unreadable_or_absent_table_is_a_clear_error(tmp_path):
@@ -160,5 +164,17 @@ def test_nuts_reports_its_diagnostics(tmp_path, csv_path, sales):
     assert result.exit_code == 0, result.output
     assert "max R-hat" in result.output and "divergences after warmup" in result.output
     products = pd.read_csv(out / "product_elasticities.csv")
-    mean, sd = products["elasticity_mean"].to_numpy(), products["elasticity_sd"].to_numpy()
-    assert np.all(np.abs(mean - sales[1]["beta"]) < 4 * sd)
+    err = products["elasticity_mean"].to_numpy() - sales[1]["beta"]
+    assert np.sqrt(np.mean(err**2)) < 0.35 and np.abs(err).max() < 0.7
+
+
+def test_unreachable_ray_address_is_a_clear_error(tmp_path, csv_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "fit-elasticity", str(csv_path), "--method", "laplace", "-o", str(out),
+        "--product-col", "product", "--category-col", "category", "--no-progress",
+        "--address", "127.0.0.1:1",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "127.0.0.1:1" in result.output and "Traceback" not in result.output
+    assert not out.exists()
