@@ -178,3 +178,15 @@ def test_unreachable_ray_address_is_a_clear_error(tmp_path, csv_path):
     assert result.exit_code == 2, result.output
     assert "127.0.0.1:1" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_svi_quotes_its_calibration_and_fits_near_the_truth(tmp_path, csv_path, sales):
+    out = tmp_path / "out"
+    result = _invoke(csv_path, "--method", "svi", "-o", out, "--num-steps", 1500,
+                     "--num-draws", 400, *OPTIONS)
+    assert result.exit_code == 0, result.output
+    assert "0.837" in result.output and "0.95x" in result.output
+    products = pd.read_csv(out / "product_elasticities.csv")
+    err = products["elasticity_mean"].to_numpy() - sales[1]["beta"]
+    assert np.sqrt(np.mean(err**2)) < 0.35 and np.abs(err).max() < 0.7

@@ -500,7 +500,7 @@ def plot_category_elasticities(table: pd.DataFrame, path, *, method: str = ""):
     ax.axvline(0.0, color="grey", lw=0.5)
     ax.set_xlabel("price elasticity")
     title = "Category price elasticity (posterior mean, 90% interval)"
-    ax.set_title(f"{title}\n{method}" if method else title, fontsize=10)
+    ax.set_title(f"{title}\nmethod: {method}" if method else title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
