@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -59,7 +59,7 @@ def quickstart(
         raise typer.Exit(code=2) from None
 
 
-class _Method(str, Enum):
+class _Method(StrEnum):
     nuts = "nuts"
     laplace = "laplace"
     svi = "svi"

@@ -16,13 +16,28 @@ from raybayes.datasets import simulate_elasticity
 # 0.22 / (0.13 * sqrt(52)) = 0.23; pooling over the category only narrows that.
 NUM_CATEGORIES, NUM_PRODUCTS, NUM_WEEKS = 3, 12, 52
 NUM_ROWS = NUM_PRODUCTS * NUM_WEEKS
-OPTIONS = ["--product-col", "product", "--category-col", "category",
-           "--likelihood", "poisson", "--backend", "local", "--no-progress"]
+OPTIONS = [
+    "--product-col",
+    "product",
+    "--category-col",
+    "category",
+    "--likelihood",
+    "poisson",
+    "--backend",
+    "local",
+    "--no-progress",
+]
 
 
 def _simulate():
-    return simulate_elasticity(NUM_CATEGORIES, NUM_PRODUCTS, NUM_WEEKS, seed=3,
-                               mean_log_units=3.0, likelihood="poisson")
+    return simulate_elasticity(
+        NUM_CATEGORIES,
+        NUM_PRODUCTS,
+        NUM_WEEKS,
+        seed=3,
+        mean_log_units=3.0,
+        likelihood="poisson",
+    )
 
 
 def _invoke(*args):
@@ -44,8 +59,9 @@ def csv_path(tmp_path_factory, sales):
 @pytest.fixture(scope="module")
 def laplace_run(tmp_path_factory, csv_path):
     out = tmp_path_factory.mktemp("laplace")
-    result = _invoke(csv_path, "--method", "laplace", "-o", out, "--num-draws", 400,
-                     *OPTIONS)
+    result = _invoke(
+        csv_path, "--method", "laplace", "-o", out, "--num-draws", 400, *OPTIONS
+    )
     return result, out
 
 
@@ -55,8 +71,12 @@ def test_laplace_writes_readable_outputs_near_the_truth(laplace_run, sales):
     # It says which method it used and quotes the measured calibration.
     assert "Method: laplace" in result.output
     assert "0.977" in result.output and "2.03x" in result.output
-    names = {"posterior.nc", "product_elasticities.csv", "category_elasticities.csv",
-             "category_elasticities.png"}
+    names = {
+        "posterior.nc",
+        "product_elasticities.csv",
+        "category_elasticities.csv",
+        "category_elasticities.png",
+    }
     assert {p.name for p in out.iterdir()} == names  # no temporary file left behind
     assert (out / "category_elasticities.png").read_bytes()[:4] == b"\x89PNG"
     import arviz as az
@@ -68,7 +88,10 @@ def test_laplace_writes_readable_outputs_near_the_truth(laplace_run, sales):
     assert list(products["product"]) == list(range(NUM_PRODUCTS))
     assert list(categories["category"]) == list(range(NUM_CATEGORIES))
     truth = sales[1]["beta"]
-    mean, sd = products["elasticity_mean"].to_numpy(), products["elasticity_sd"].to_numpy()
+    mean, sd = (
+        products["elasticity_mean"].to_numpy(),
+        products["elasticity_sd"].to_numpy(),
+    )
     # Tolerances from the standard error of 0.23 above: RMSE within 1.5 of them,
     # every product within 3 (0.7), and the means follow the truth's spread (sd 0.6).
     err = mean - truth
@@ -77,20 +100,25 @@ def test_laplace_writes_readable_outputs_near_the_truth(laplace_run, sales):
     assert np.corrcoef(mean, truth)[0, 1] > 0.8
     assert np.all(sd > 0)
     # Laplace intervals are wide (BENCHMARKS.md): all 90% intervals hold the truth.
-    assert np.all((products["elasticity_q5"] < truth) & (truth < products["elasticity_q95"]))
+    assert np.all(
+        (products["elasticity_q5"] < truth) & (truth < products["elasticity_q95"])
+    )
 
 
 def test_partitioned_parquet_gives_the_csv_result(tmp_path, sales, laplace_run):
     folder = tmp_path / "sales"
     sales[0].to_parquet(folder, partition_cols=["category"])
     out = tmp_path / "out"
-    result = _invoke(folder, "--method", "laplace", "-o", out, "--num-draws", 400,
-                     *OPTIONS)
+    result = _invoke(
+        folder, "--method", "laplace", "-o", out, "--num-draws", 400, *OPTIONS
+    )
     assert result.exit_code == 0, result.output
     got = pd.read_csv(out / "product_elasticities.csv")
     want = pd.read_csv(laplace_run[1] / "product_elasticities.csv")
     assert list(got["category"]) == list(want["category"])
-    np.testing.assert_allclose(got["elasticity_mean"], want["elasticity_mean"], atol=2e-3)
+    np.testing.assert_allclose(
+        got["elasticity_mean"], want["elasticity_mean"], atol=2e-3
+    )
     np.testing.assert_allclose(got["elasticity_sd"], want["elasticity_sd"], rtol=2e-2)
 
 
@@ -114,7 +142,10 @@ def test_nan_units_are_counted_with_an_example(tmp_path, sales):
     df = sales[0].copy()
     df.loc[[5, 9], "units"] = np.nan
     msg = _bad(tmp_path, df)
-    assert f"column 'units': 2 of {NUM_ROWS} rows are NaN" in msg and "first at row 5" in msg
+    assert (
+        f"column 'units': 2 of {NUM_ROWS} rows are NaN" in msg
+        and "first at row 5" in msg
+    )
 
 
 def test_non_positive_price_is_refused(tmp_path, sales):
@@ -130,7 +161,9 @@ def test_negative_units_are_refused(tmp_path, sales):
     df = sales[0].copy()
     df.loc[11, "units"] = -3
     msg = _bad(tmp_path, df)
-    assert f"column 'units': 1 of {NUM_ROWS} rows are negative" in msg and "row 11" in msg
+    assert (
+        f"column 'units': 1 of {NUM_ROWS} rows are negative" in msg and "row 11" in msg
+    )
 
 
 def test_missing_product_id_is_refused(tmp_path, sales):
@@ -159,8 +192,20 @@ def test_bad_options_fail_before_reading(tmp_path, csv_path):
 @pytest.mark.slow
 def test_nuts_reports_its_diagnostics(tmp_path, csv_path, sales):
     out = tmp_path / "out"
-    result = _invoke(csv_path, "--method", "nuts", "-o", out, "--num-chains", 2,
-                     "--num-warmup", 200, "--num-samples", 200, *OPTIONS)
+    result = _invoke(
+        csv_path,
+        "--method",
+        "nuts",
+        "-o",
+        out,
+        "--num-chains",
+        2,
+        "--num-warmup",
+        200,
+        "--num-samples",
+        200,
+        *OPTIONS,
+    )
     assert result.exit_code == 0, result.output
     assert "max R-hat" in result.output and "divergences after warmup" in result.output
     products = pd.read_csv(out / "product_elasticities.csv")
@@ -170,11 +215,24 @@ def test_nuts_reports_its_diagnostics(tmp_path, csv_path, sales):
 
 def test_unreachable_ray_address_is_a_clear_error(tmp_path, csv_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, [
-        "fit-elasticity", str(csv_path), "--method", "laplace", "-o", str(out),
-        "--product-col", "product", "--category-col", "category", "--no-progress",
-        "--address", "127.0.0.1:1",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "fit-elasticity",
+            str(csv_path),
+            "--method",
+            "laplace",
+            "-o",
+            str(out),
+            "--product-col",
+            "product",
+            "--category-col",
+            "category",
+            "--no-progress",
+            "--address",
+            "127.0.0.1:1",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "127.0.0.1:1" in result.output and "Traceback" not in result.output
     assert not out.exists()
@@ -183,8 +241,18 @@ def test_unreachable_ray_address_is_a_clear_error(tmp_path, csv_path):
 @pytest.mark.slow
 def test_svi_quotes_its_calibration_and_fits_near_the_truth(tmp_path, csv_path, sales):
     out = tmp_path / "out"
-    result = _invoke(csv_path, "--method", "svi", "-o", out, "--num-steps", 1500,
-                     "--num-draws", 400, *OPTIONS)
+    result = _invoke(
+        csv_path,
+        "--method",
+        "svi",
+        "-o",
+        out,
+        "--num-steps",
+        1500,
+        "--num-draws",
+        400,
+        *OPTIONS,
+    )
     assert result.exit_code == 0, result.output
     assert "0.837" in result.output and "0.95x" in result.output
     products = pd.read_csv(out / "product_elasticities.csv")

@@ -43,9 +43,11 @@ CALIBRATION = {
 
 _METHOD_NAMES = {
     "nuts": "NUTS (Hoffman & Gelman 2014), chains spread over workers",
-    "laplace": "the Laplace approximation at the MAP (sharded L-BFGS, arrowhead Hessian)",
+    "laplace": "a Gaussian at the MAP (sharded L-BFGS, arrowhead Hessian)",
     "svi": "mean-field SVI (sharded, AutoNormal guide)",
 }
+
+_LABELS = {"nuts": "NUTS", "laplace": "Laplace", "svi": "SVI"}
 
 
 @dataclass
@@ -75,7 +77,7 @@ class PricingResult:
 
 
 def read_sales_table(path: str | Path) -> pd.DataFrame:
-    """Read a sales table from a CSV file, a Parquet file or a partitioned Parquet folder.
+    """Read a sales table: a CSV file, a Parquet file or a partitioned Parquet folder.
 
     A hive-partitioned folder (``sales/category=3/part-0.parquet``) gives its
     partition keys back as ordinary columns, with their inferred types.
@@ -93,7 +95,8 @@ def read_sales_table(path: str | Path) -> pd.DataFrame:
     Examples:
         >>> import tempfile, os
         >>> d = tempfile.mkdtemp()
-        >>> _ = pd.DataFrame({"a": [1, 2]}).to_csv(os.path.join(d, "t.csv"), index=False)
+        >>> path = os.path.join(d, "t.csv")
+        >>> pd.DataFrame({"a": [1, 2]}).to_csv(path, index=False)
         >>> read_sales_table(os.path.join(d, "t.csv")).shape
         (2, 1)
     """
@@ -107,7 +110,8 @@ def read_sales_table(path: str | Path) -> pd.DataFrame:
         if path.is_dir():
             if not any(path.rglob("*.parquet")):
                 raise DataValidationError(
-                    f"the folder {str(path)!r} holds no *.parquet file; pass a CSV file "
+                    f"the folder {str(path)!r} holds no *.parquet file; pass a CSV "
+                    "file "
                     "or a (hive-)partitioned Parquet folder."
                 )
             df = pd.read_parquet(path)
@@ -119,7 +123,8 @@ def read_sales_table(path: str | Path) -> pd.DataFrame:
         raise
     except Exception as err:  # a parser's error: say which file and why
         raise DataValidationError(
-            f"could not read the sales table {str(path)!r}: {err}. Pass a CSV file with "
+            f"could not read the sales table {str(path)!r}: {err}. Pass a CSV "
+            "file with "
             "a header row, or a Parquet file or folder."
         ) from None
     # Partition keys come back as pandas categoricals; give them plain values.
@@ -129,8 +134,17 @@ def read_sales_table(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def _check_options(method, num_chains, num_warmup, num_samples, num_steps, num_draws,
-                   num_shards, num_workers, likelihood):
+def _check_options(
+    method,
+    num_chains,
+    num_warmup,
+    num_samples,
+    num_steps,
+    num_draws,
+    num_shards,
+    num_workers,
+    likelihood,
+):
     if method not in METHODS:
         raise ConfigurationError(
             f"method={method!r} is not known; use one of {', '.join(METHODS)}."
@@ -151,20 +165,41 @@ def _check_options(method, num_chains, num_warmup, num_samples, num_steps, num_d
             raise ConfigurationError(
                 f"{name}={value!r} is not allowed; pass an integer >= {low}."
             )
-    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
+    if num_workers is not None and (
+        not isinstance(num_workers, int) or num_workers < 1
+    ):
         raise ConfigurationError(
             f"num_workers={num_workers!r} is not allowed; pass a positive integer."
         )
-    if method != "nuts" and num_workers is not None and num_shards is not None \
-            and num_workers != num_shards:
+    if (
+        method != "nuts"
+        and num_workers is not None
+        and num_shards is not None
+        and num_workers != num_shards
+    ):
         raise ConfigurationError(
-            f"num_workers={num_workers} and num_shards={num_shards} differ; {method} runs "
+            f"num_workers={num_workers} and num_shards={num_shards} differ; "
+            f"{method} runs "
             "one worker per shard, so pass one of them (or the same number)."
         )
 
 
-def _fit(method, model_kwargs, *, seed, num_chains, num_warmup, num_samples, num_steps,
-         num_draws, num_shards, backend, num_workers, coords, progress_bar):
+def _fit(
+    method,
+    model_kwargs,
+    *,
+    seed,
+    num_chains,
+    num_warmup,
+    num_samples,
+    num_steps,
+    num_draws,
+    num_shards,
+    backend,
+    num_workers,
+    coords,
+    progress_bar,
+):
     """Run the chosen method; every call into the inference API is here.
 
     Returns ``(idata, extra)``: ``extra`` holds what the report needs.
@@ -211,7 +246,10 @@ def _fit(method, model_kwargs, *, seed, num_chains, num_warmup, num_samples, num
         num_draws=num_draws,
         progress_bar=progress_bar,
     )
-    return result.idata, {"num_steps": result.num_steps, "stop_reason": result.stop_reason}
+    return result.idata, {
+        "num_steps": result.num_steps,
+        "stop_reason": result.stop_reason,
+    }
 
 
 def _draws(idata, name):
@@ -229,8 +267,16 @@ def _trust_lines(method, idata, extra):
     if method == "nuts":
         from raybayes.results import summary
 
-        diag = summary(idata, var_names=["beta", "beta_category", "beta_global",
-                                         "sigma_category", "sigma_beta"])
+        diag = summary(
+            idata,
+            var_names=[
+                "beta",
+                "beta_category",
+                "beta_global",
+                "sigma_category",
+                "sigma_beta",
+            ],
+        )
         r_hat = float(np.nanmax(diag["r_hat"].to_numpy()))
         ess_bulk = float(np.nanmin(diag["ess_bulk"].to_numpy()))
         ess_tail = float(np.nanmin(diag["ess_tail"].to_numpy()))
@@ -243,7 +289,8 @@ def _trust_lines(method, idata, extra):
         ]
         if ok:
             lines.append(
-                "The chains agree (R-hat <= 1.01), every parameter has >= 400 effective "
+                "The chains agree (R-hat <= 1.01), every parameter has >= 400 "
+                "effective "
                 "draws, and no transition diverged: the 90% intervals are Monte Carlo "
                 "accurate for this model."
             )
@@ -259,9 +306,10 @@ def _trust_lines(method, idata, extra):
     lines = [
         f"How far the intervals can be trusted: on the calibration benchmark of "
         f"BENCHMARKS.md (3 simulated data sets of 100 products x 52 weeks), the "
-        f"{cal['nominal']:.0%} intervals of {method.upper() if method == 'svi' else 'Laplace'}"
+        f"{cal['nominal']:.0%} intervals of {_LABELS[method]}"
         f" covered the true product elasticities {cal['coverage']:.3f} of the time "
-        f"(NUTS {nuts['coverage']:.3f}) and were {cal['width_vs_nuts']:.2f}x as wide as "
+        f"(NUTS {nuts['coverage']:.3f}) and were {cal['width_vs_nuts']:.2f}x as wide "
+        "as "
         f"NUTS's.",
     ]
     if method == "laplace":
@@ -270,10 +318,13 @@ def _trust_lines(method, idata, extra):
             "--method nuts for calibrated intervals."
         )
         if extra.get("map_status") not in (None, "converged"):
-            lines.append(f"Warning: the MAP optimizer stopped with {extra['map_status']!r}.")
+            lines.append(
+                f"Warning: the MAP optimizer stopped with {extra['map_status']!r}."
+            )
         if extra.get("num_not_positive_definite"):
             lines.append(
-                f"Warning: {extra['num_not_positive_definite']} local Hessian blocks were "
+                f"Warning: {extra['num_not_positive_definite']} local Hessian blocks "
+                "were "
                 "not positive definite (not at a proper mode)."
             )
     else:
@@ -281,8 +332,10 @@ def _trust_lines(method, idata, extra):
             "Read: mean-field SVI intervals are slightly too narrow (they cover a few "
             "points less than nominal); use --method nuts for calibrated intervals."
         )
-        lines.append(f"SVI stopped after {extra.get('num_steps')} steps "
-                     f"({extra.get('stop_reason')}).")
+        lines.append(
+            f"SVI stopped after {extra.get('num_steps')} steps "
+            f"({extra.get('stop_reason')})."
+        )
     return lines
 
 
@@ -375,9 +428,20 @@ def run_fit_elasticity(
     from raybayes.datasets import prepare_elasticity_data
 
     start = time.perf_counter()
-    product_cols = [product_cols] if isinstance(product_cols, str) else list(product_cols)
-    _check_options(method, num_chains, num_warmup, num_samples, num_steps, num_draws,
-                   num_shards, num_workers, likelihood)
+    product_cols = (
+        [product_cols] if isinstance(product_cols, str) else list(product_cols)
+    )
+    _check_options(
+        method,
+        num_chains,
+        num_warmup,
+        num_samples,
+        num_steps,
+        num_draws,
+        num_shards,
+        num_workers,
+        likelihood,
+    )
     if method != "nuts" and num_shards is None:
         num_shards = num_workers or 1
     df = data if isinstance(data, pd.DataFrame) else read_sales_table(data)
@@ -395,7 +459,8 @@ def run_fit_elasticity(
     )
     parallel = num_chains if method == "nuts" else num_shards
     backend_name = resolve_backend_name(
-        backend, ScalingConfig(num_workers=num_workers, address=address),
+        backend,
+        ScalingConfig(num_workers=num_workers, address=address),
         parallel_work=parallel,
     )
     if backend_name == "local" and address is not None:
@@ -434,12 +499,21 @@ def run_fit_elasticity(
     beta_category = _draws(idata, "beta_category")
     products = prepared.products.copy()
     products["category"] = np.asarray(prepared.categories)[prepared.category_of_product]
-    (products["elasticity_mean"], products["elasticity_sd"], products["elasticity_q5"],
-     products["elasticity_q95"]) = _interval_table(beta)
+    (
+        products["elasticity_mean"],
+        products["elasticity_sd"],
+        products["elasticity_q5"],
+        products["elasticity_q95"],
+    ) = _interval_table(beta)
     mean, sd, q5, q95 = _interval_table(beta_category)
     categories = pd.DataFrame(
-        {"category": np.asarray(prepared.categories), "mean": mean, "sd": sd,
-         "q5": q5, "q95": q95}
+        {
+            "category": np.asarray(prepared.categories),
+            "mean": mean,
+            "sd": sd,
+            "q5": q5,
+            "q95": q95,
+        }
     )
     trust = _trust_lines(method, idata, extra)
 
@@ -460,11 +534,19 @@ def run_fit_elasticity(
         "category_plot": output_dir / "category_elasticities.png",
     }
     idata.attrs["method"] = method
-    atomic_write(files["inference_data"], lambda p: idata.to_netcdf(str(p), engine="h5netcdf"))
-    atomic_write(files["product_elasticities"], lambda p: products.to_csv(p, index=False))
-    atomic_write(files["category_elasticities"], lambda p: categories.to_csv(p, index=False))
-    atomic_write(files["category_plot"],
-                 lambda p: plot_category_elasticities(categories, p, method=method))
+    atomic_write(
+        files["inference_data"], lambda p: idata.to_netcdf(str(p), engine="h5netcdf")
+    )
+    atomic_write(
+        files["product_elasticities"], lambda p: products.to_csv(p, index=False)
+    )
+    atomic_write(
+        files["category_elasticities"], lambda p: categories.to_csv(p, index=False)
+    )
+    atomic_write(
+        files["category_plot"],
+        lambda p: plot_category_elasticities(categories, p, method=method),
+    )
     elapsed = time.perf_counter() - start
     echo("\nWrote:")
     for path in files.values():
@@ -491,9 +573,12 @@ def plot_category_elasticities(table: pd.DataFrame, path, *, method: str = ""):
     y = np.arange(n)[::-1]
     mean = table["mean"].to_numpy()
     ax.errorbar(
-        mean, y,
+        mean,
+        y,
         xerr=[mean - table["q5"].to_numpy(), table["q95"].to_numpy() - mean],
-        fmt="o", color="C0", capsize=3,
+        fmt="o",
+        color="C0",
+        capsize=3,
     )
     ax.set_yticks(y)
     ax.set_yticklabels([str(c) for c in table["category"]])
