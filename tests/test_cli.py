@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-COMMANDS = [[], ["quickstart"], ["fit-elasticity"], ["fit-many"], ["aggregate"], ["plot-group"]]
+COMMANDS = [
+    [], ["quickstart"], ["fit-elasticity"], ["fit-many"], ["aggregate"], ["plot-group"],
+]
 
 PROBE = """
 import json, sys
