@@ -226,6 +226,17 @@ class ShardLogDensity:
         self._coloring: ColoredGlobalHessian | None = None
         self.last_num_hvp = 0
 
+    # ------------------------------------------------------------- accessors
+    @property
+    def arrays(self) -> dict:
+        """The shard's array arguments of the model (name -> JAX array)."""
+        return self._arrays
+
+    @property
+    def static_kwargs(self) -> dict:
+        """The shard's non-array (static) keyword arguments of the model."""
+        return self._static
+
     # ------------------------------------------------------------- layouts
     def unflatten(self, global_flat, local_mat) -> dict:
         """Unconstrained site values from the flat layout.
