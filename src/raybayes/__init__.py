@@ -7,6 +7,7 @@ the ``raybayes`` command's ``--help``) does not load JAX or Ray.
 from typing import TYPE_CHECKING
 
 from raybayes._lazy import lazy_exports
+from raybayes.config import ScalingConfig
 from raybayes.errors import (
     ChainError,
     ClusterConnectionError,
@@ -20,7 +21,14 @@ if TYPE_CHECKING:  # for type checkers and the API reference; at run time, _LAZY
     from raybayes.core import Partition
     from raybayes.fleet import aggregate, connect_results, fit_many, plot_group
     from raybayes.mcmc import load_draws, sample
-    from raybayes.optim import find_map, laplace, laplace_approximation
+    from raybayes.optim import (
+        LaplaceResult,
+        MAPResult,
+        find_map,
+        fit_map,
+        laplace,
+        laplace_approximation,
+    )
     from raybayes.plan import Plan, plan
     from raybayes.results import print_summary, summary, to_inference_data
     from raybayes.svi import SVIResult, fit_svi
@@ -35,6 +43,9 @@ _LAZY = {
     "Plan": "raybayes.plan",
     "Partition": "raybayes.core",
     "find_map": "raybayes.optim",
+    "fit_map": "raybayes.optim",
+    "MAPResult": "raybayes.optim",
+    "LaplaceResult": "raybayes.optim",
     "laplace": "raybayes.optim",
     "laplace_approximation": "raybayes.optim",
     "fit_svi": "raybayes.svi",
@@ -54,9 +65,13 @@ __all__ = [
     "plan",
     "Plan",
     "Partition",
+    "fit_map",
+    "MAPResult",
     "find_map",
     "laplace",
     "laplace_approximation",
+    "LaplaceResult",
+    "ScalingConfig",
     "fit_svi",
     "SVIResult",
     "fit_many",

@@ -32,6 +32,8 @@ __all__ = [
     "derive_key",
     "renamed_argument",
     "resolve_backend_name",
+    "reject_unknown_arguments",
+    "split_model_arguments",
 ]
 
 
@@ -209,3 +211,75 @@ def renamed_argument(
             f"both {old}= (deprecated) and {new}= were given; pass only {new}=."
         )
     return old_value
+
+
+def split_model_arguments(
+    model_args: tuple, model_kwargs: Mapping[str, Any] | None, kwargs: dict
+) -> tuple[tuple, dict]:
+    """The ``(model_args, model_kwargs)`` of an entry point with the signature
+    ``(model, *model_args, model_kwargs=None, ...)``, old call forms included.
+
+    For one release the old forms keep working with a :class:`FutureWarning`: the
+    model's keyword arguments as the first positional argument after the model (a
+    :class:`~collections.abc.Mapping`), and ``model_args=`` as a keyword.
+
+    Args:
+        model_args: the entry point's ``*model_args``.
+        model_kwargs: its ``model_kwargs=``.
+        kwargs: its ``**kwargs`` (``model_args`` is popped from it).
+
+    Returns:
+        ``(model_args, model_kwargs)``; ``model_kwargs`` is ``{}`` when not given.
+
+    Raises:
+        ConfigurationError: the model's keyword arguments were given twice.
+
+    Examples:
+        >>> split_model_arguments((1.0,), {"y": 2}, {})
+        ((1.0,), {'y': 2})
+    """
+    model_args = tuple(model_args)
+    if model_args and isinstance(model_args[0], Mapping):
+        warnings.warn(
+            "passing the model's keyword arguments as the second positional argument "
+            "is deprecated and will be removed in the next release; use "
+            "model_kwargs=.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if model_kwargs is not None:
+            raise ConfigurationError(
+                "the model's keyword arguments were given twice (positionally and as "
+                "model_kwargs=); pass only model_kwargs=."
+            )
+        model_kwargs, model_args = model_args[0], model_args[1:]
+    if "model_args" in kwargs:
+        old = tuple(kwargs.pop("model_args") or ())
+        warnings.warn(
+            "model_args= is deprecated and will be removed in the next release; pass "
+            "the model's positional arguments after the model: f(model, *model_args).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if model_args and old:
+            raise ConfigurationError(
+                "the model's positional arguments were given twice (after the model "
+                "and as model_args=); pass them only after the model."
+            )
+        model_args = model_args or old
+    return model_args, dict(model_kwargs) if model_kwargs is not None else {}
+
+
+def reject_unknown_arguments(kwargs: Mapping[str, Any], name: str) -> None:
+    """Raise for keyword arguments an entry point does not take (what is left of its
+    ``**kwargs`` after the deprecated names were popped).
+
+    Raises:
+        ConfigurationError: ``kwargs`` is not empty; names the first argument.
+    """
+    if kwargs:
+        first = next(iter(kwargs))
+        raise ConfigurationError(
+            f"{name}() got an unknown argument {first}=; see help({name}) for the "
+            "arguments it takes."
+        )

@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["ChainProgress", "LossProgress", "ModelProgress"]
+__all__ = ["ChainProgress", "LossProgress", "ModelProgress", "progress_lines"]
 
 
 class ChainProgress:
@@ -202,3 +202,28 @@ class ModelProgress:
     def close(self):
         if self.enabled and not self._plain:
             self._progress.stop()
+
+
+def progress_lines(enabled: bool, logger_name: str = "raybayes"):
+    """A function that reports one line of an optimizer's progress.
+
+    Every line is logged at INFO on the logger ``logger_name``; with ``enabled`` it
+    is also printed to stderr (flushed), for runs watched in a terminal or a log.
+
+    Args:
+        enabled: also print to stderr.
+        logger_name: the :mod:`logging` logger's name.
+
+    Returns:
+        ``emit(line: str) -> None``.
+    """
+    import logging
+
+    logger = logging.getLogger(logger_name)
+
+    def emit(line: str) -> None:
+        logger.info(line)
+        if enabled:
+            print(line, file=sys.stderr, flush=True)
+
+    return emit

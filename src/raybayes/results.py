@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["model_site_info", "to_inference_data", "summary", "print_summary"]
+__all__ = [
+    "draws_to_inference_data",
+    "model_site_info",
+    "print_summary",
+    "summary",
+    "to_inference_data",
+]
 
 
 def _arviz():
@@ -200,3 +206,43 @@ def print_summary(idata, var_names=None, hdi_prob: float = 0.9) -> None:
         print(table)
     if "sample_stats" in idata.groups() and "diverging" in idata.sample_stats:
         print(f"\nNumber of divergences: {int(idata.sample_stats['diverging'].sum())}")
+
+
+def draws_to_inference_data(
+    values: dict[str, np.ndarray],
+    axes: dict[str, int],
+    plate: str | None,
+    attrs: dict[str, Any] | None = None,
+):
+    """InferenceData (one chain) of draws assembled over shards.
+
+    Sites that follow the split plate get the plate's name as their entity
+    dimension, with coordinates ``0 .. num_entities - 1``.
+
+    Args:
+        values: site -> ``(num_draws, *site_shape)`` constrained draws (the output
+            of :func:`raybayes.distributed.constrained_values`).
+        axes: site -> entity axis of the site value (without the draw axis).
+        plate: name of the split plate, or ``None``.
+        attrs: attributes of the InferenceData.
+
+    Returns:
+        ``arviz.InferenceData`` with a ``posterior`` group of shape
+        ``(1, num_draws, *site_shape)`` per site.
+    """
+    dims = {}
+    for name, value in values.items():
+        if name in axes and plate is not None:
+            names = [f"{name}_dim_{k}" for k in range(np.ndim(value) - 1)]
+            names[axes[name]] = plate
+            dims[name] = names
+    coords = {}
+    if axes and plate is not None:
+        first = next(iter(axes))
+        coords = {plate: np.arange(values[first].shape[axes[first] + 1])}
+    return to_inference_data(
+        {k: np.asarray(v)[None] for k, v in values.items()},
+        dims=dims,
+        coords=coords,
+        attrs=attrs or {},
+    )

@@ -49,13 +49,14 @@ def conjugate_fit(conjugate):
     kwargs = conjugate[0]
     return laplace_approximation(
         hierarchical_normal,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=3,
-        num_draws=4000,
-        rng_key=jax.random.PRNGKey(1),
+        backend="local",
+        num_samples=4000,
+        seed=1,
         tol=1e-12,
         gtol=1e-6,
-        progress=False,
+        progress_bar=False,
     )
 
 
@@ -103,13 +104,14 @@ def test_draws_do_not_depend_on_the_number_of_shards(conjugate, conjugate_fit):
     kwargs = conjugate[0]
     one = laplace_approximation(
         hierarchical_normal,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=1,
-        num_draws=4000,
-        rng_key=jax.random.PRNGKey(1),
+        backend="local",
+        num_samples=4000,
+        seed=1,
         tol=1e-12,
         gtol=1e-6,
-        progress=False,
+        progress_bar=False,
     )
     a = one.idata.posterior["theta"].values
     b = conjugate_fit.idata.posterior["theta"].values
@@ -123,7 +125,7 @@ def test_line_search_failure_is_reported_not_raised():
         numpyro.factor("f", jnp.where(mu < 1.0, -((mu - 3.0) ** 2), jnp.nan))
 
     with ShardedObjective(model, {}, partition=None, num_shards=1) as objective:
-        r = find_map(objective, progress=False, max_iter=50)
+        r = find_map(objective, progress_bar=False, max_steps=50)
     assert not r.converged
     assert r.status in ("non_finite", "line_search_failed")
     assert float(r.params["mu"]) < 1.0
@@ -139,11 +141,12 @@ def test_elasticity_map_laplace_recovers_the_true_elasticities():
     )
     fit = laplace_approximation(
         elasticity_model,
-        data.model_kwargs(),
+        model_kwargs=data.model_kwargs(),
         num_shards=2,
-        num_draws=500,
-        progress=False,
-        max_iter=500,
+        backend="local",
+        num_samples=500,
+        progress_bar=False,
+        max_steps=500,
         tol=1e-10,
     )
     beta = fit.idata.posterior["beta"].values.reshape(500, -1)
@@ -203,7 +206,7 @@ def test_newton_polish_reaches_the_mode_from_an_indefinite_start():
                 ]
             )
         assert np.linalg.eigvalsh(0.5 * (H + H.T))[0] < 0
-        rough = find_map(objective, init=start, max_iter=1, progress=False)
+        rough = find_map(objective, init=start, max_steps=1, progress_bar=False)
         polished = newton_polish(objective, rough, max_steps=40, gtol=1e-7)
         ref = optimize.minimize(
             objective.value_and_grad,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -57,10 +56,10 @@ def sales(tmp_path_factory):
 
 
 def _fit(objective):
-    result = find_map(objective, tol=1e-10, gtol=1e-4, max_iter=400, progress=False)
-    return result, laplace(
-        objective, result, num_draws=200, rng_key=jax.random.PRNGKey(3)
+    result = find_map(
+        objective, tol=1e-10, gtol=1e-4, max_steps=400, progress_bar=False
     )
+    return result, laplace(objective, result, num_samples=200, seed=3)
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def conjugate():
     return kwargs, posterior(kwargs, S0, TAU, SIGMA)[0]
 
 
-CONJUGATE_OPTS = dict(tol=1e-14, gtol=1e-9, max_iter=200, progress=False)
+CONJUGATE_OPTS = dict(tol=1e-14, gtol=1e-9, max_steps=200, progress_bar=False)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,9 @@ def conjugate_runs(conjugate):
         one = find_map_vector_free(objective, **CONJUGATE_OPTS)
     three = fit_map(  # through fit_map's switch, without assembling the sites
         hierarchical_normal,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=3,
+        backend="local",
         partition=GROUPS,
         vector_free=True,
         assemble=False,
@@ -142,16 +143,16 @@ def test_bad_input_is_refused_before_any_work(conjugate):
             dict(init=np.zeros(objective.size + 1)),
             dict(tol=0.0),
             dict(history_size=0),
-            dict(max_iter=0),
+            dict(max_steps=0),
         ):
             with pytest.raises(ConfigurationError):
-                find_map_vector_free(objective, progress=False, **bad)
+                find_map_vector_free(objective, progress_bar=False, **bad)
         assert (objective.num_evaluations, objective.bytes_sent) == before
     with ShardedObjective(
         hierarchical_normal, kwargs, partition=GROUPS, num_shards=1
     ) as plain:
         with pytest.raises(ConfigurationError, match="VectorFreeObjective"):
-            find_map_vector_free(plain, progress=False)
+            find_map_vector_free(plain, progress_bar=False)
 
 
 def test_line_search_failure_is_reported_not_raised():
@@ -161,7 +162,7 @@ def test_line_search_failure_is_reported_not_raised():
         numpyro.factor("f", jnp.where(mu < 1.0, -((mu - 3.0) ** 2), jnp.nan))
 
     with VectorFreeObjective(model, {}, partition=None, num_shards=1) as objective:
-        r = find_map_vector_free(objective, progress=False, max_iter=50)
+        r = find_map_vector_free(objective, progress_bar=False, max_steps=50)
     assert not r.converged
     assert r.status in ("non_finite", "line_search_failed")
     assert float(r.params["mu"]) < 1.0
@@ -179,7 +180,7 @@ def elasticity_kwargs():
 def test_elasticity_map_equals_find_map_and_does_not_depend_on_shards(
     elasticity_kwargs,
 ):
-    opts = dict(tol=1e-14, gtol=1e-7, max_iter=2000, progress=False)
+    opts = dict(tol=1e-14, gtol=1e-7, max_steps=2000, progress_bar=False)
     # A VectorFreeObjective is a ShardedObjective: find_map runs on the same workers.
     with VectorFreeObjective(
         elasticity_model, elasticity_kwargs, partition=PRODUCTS, num_shards=1

@@ -55,8 +55,8 @@ def _cosine(lr, steps):
 STEPS = 3000
 # Short runs of two shards, 8 groups of each per step.
 SHORT = dict(num_shards=2, partition=PARTITION, subsample_size=8, tol=None,
-             progress_bar=False, learning_rate=0.05)
-FIT = dict(num_steps=STEPS, tol=None, progress_bar=False, num_draws=200)
+             progress_bar=False, learning_rate=0.05, backend="local")
+FIT = dict(num_steps=STEPS, tol=None, progress_bar=False, num_samples=200)
 B = 6  # of about 24 groups per shard
 
 
@@ -66,8 +66,9 @@ def minibatch_fit(conjugate):
     # runs on its own count of updates.
     return raybayes.fit_svi(
         hierarchical_normal,
-        conjugate[0],
+        model_kwargs=conjugate[0],
         num_shards=2,
+        backend="local",
         partition=PARTITION,
         subsample_size=B,
         optimizer=_cosine(0.05, STEPS),
@@ -175,13 +176,14 @@ def test_full_batch_fit_does_not_depend_on_the_number_of_shards(conjugate):
     fits = [
         raybayes.fit_svi(
             hierarchical_normal,
-            kwargs,
+            model_kwargs=kwargs,
             num_shards=s,
+            backend="local",
             partition=PARTITION,
             num_steps=150,
             tol=None,
             progress_bar=False,
-            num_draws=10,
+            num_samples=10,
             learning_rate=0.05,
             x64=True,
         )
@@ -199,18 +201,25 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(conjugate, tmp_path):
     kwargs = conjugate[0]
     common = dict(
         num_shards=2,
+        backend="local",
         partition=PARTITION,
         subsample_size=8,
         tol=None,
         progress_bar=False,
-        num_draws=10,
+        num_samples=10,
         learning_rate=0.05,
         seed=3,
         checkpoint_every=50,
     )
-    whole = raybayes.fit_svi(hierarchical_normal, kwargs, num_steps=200, **common)
+    whole = raybayes.fit_svi(
+        hierarchical_normal, model_kwargs=kwargs, num_steps=200, **common
+    )
     first = raybayes.fit_svi(
-        hierarchical_normal, kwargs, num_steps=100, checkpoint_dir=tmp_path, **common
+        hierarchical_normal,
+        model_kwargs=kwargs,
+        num_steps=100,
+        checkpoint_dir=tmp_path,
+        **common,
     )
     assert first.num_steps == 100 and (tmp_path / "global.npz").exists()
     assert sorted(p.name for p in tmp_path.glob("shard-*.npz")) == [
@@ -218,7 +227,11 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(conjugate, tmp_path):
         "shard-0001.npz",
     ]
     resumed = raybayes.fit_svi(
-        hierarchical_normal, kwargs, num_steps=200, checkpoint_dir=tmp_path, **common
+        hierarchical_normal,
+        model_kwargs=kwargs,
+        num_steps=200,
+        checkpoint_dir=tmp_path,
+        **common,
     )
     assert resumed.num_steps == 200 and len(resumed.losses) == 200
     np.testing.assert_array_equal(resumed.params["loc"], whole.params["loc"])
@@ -231,7 +244,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(conjugate, tmp_path):
 def test_convergence_stops_early(conjugate):
     res = raybayes.fit_svi(
         hierarchical_normal,
-        conjugate[0],
+        model_kwargs=conjugate[0],
         num_shards=1,
         partition=PARTITION,
         num_steps=5000,
@@ -239,7 +252,7 @@ def test_convergence_stops_early(conjugate):
         window=50,
         learning_rate=0.05,
         progress_bar=False,
-        num_draws=10,
+        num_samples=10,
     )
     assert res.stop_reason == "converged" and res.num_steps < 5000
 
@@ -254,15 +267,16 @@ def test_callback_sees_draws_and_can_stop(conjugate):
 
     res = raybayes.fit_svi(
         hierarchical_normal,
-        conjugate[0],
+        model_kwargs=conjugate[0],
         num_shards=2,
+        backend="local",
         partition=PARTITION,
         num_steps=1000,
         tol=None,
         callback=cb,
         callback_every=30,
         progress_bar=False,
-        num_draws=10,
+        num_samples=10,
     )
     assert res.stop_reason == "callback" and res.num_steps == 60
     assert [s[:2] for s in seen] == [(30, (20, J)), (60, (20, J))]
@@ -272,15 +286,16 @@ def test_callback_sees_draws_and_can_stop(conjugate):
 def test_lowrank_guide_runs_and_reports_its_factor(conjugate):
     res = raybayes.fit_svi(
         hierarchical_normal,
-        conjugate[0],
+        model_kwargs=conjugate[0],
         num_shards=2,
+        backend="local",
         partition=PARTITION,
         guide="lowrank",
         num_steps=300,
         tol=None,
         learning_rate=0.05,
         progress_bar=False,
-        num_draws=10,
+        num_samples=10,
     )
     assert res.family == "lowrank" and res.params["cov_factor"].shape == (1, 1)
 
@@ -292,7 +307,7 @@ def test_max_shard_bytes(conjugate):
     with pytest.raises(ConfigurationError, match="max_shard_bytes"):
         raybayes.fit_svi(
             hierarchical_normal,
-            kwargs,
+            model_kwargs=kwargs,
             num_shards=1,
             partition=PARTITION,
             num_steps=5,
@@ -302,14 +317,15 @@ def test_max_shard_bytes(conjugate):
     # Split in two, the same data fit the same budget.
     res = raybayes.fit_svi(
         hierarchical_normal,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=2,
+        backend="local",
         partition=PARTITION,
         num_steps=5,
         max_shard_bytes=budget,
         tol=None,
         progress_bar=False,
-        num_draws=5,
+        num_samples=5,
     )
     assert max(res.data_bytes) <= budget
     assert sum(res.data_bytes) >= total
@@ -341,8 +357,9 @@ def test_bad_input_is_refused_before_any_step(conjugate, kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
         raybayes.fit_svi(
             hierarchical_normal,
-            conjugate[0],
+            model_kwargs=conjugate[0],
             num_shards=2,
+            backend="local",
             partition=PARTITION,
             num_steps=10,
             progress_bar=False,
@@ -356,16 +373,22 @@ def test_non_finite_elbo_at_the_start_names_the_site():
         ConfigurationError, match="site 'y' has a non-finite log density"
     ):
         raybayes.fit_svi(
-            positive_model, dict(y=y), num_shards=1, num_steps=10, progress_bar=False
+            positive_model,
+            model_kwargs=dict(y=y),
+            num_shards=1,
+            num_steps=10,
+            progress_bar=False,
         )
 
 
 # ----------------------------------------------------------------------- on Ray
 def test_ray_workers_give_the_in_process_fit(conjugate, ray_backend):
-    common = dict(SHORT, num_steps=100, num_draws=20, seed=5)
-    local = raybayes.fit_svi(hierarchical_normal, conjugate[0], **common)
+    common = dict(SHORT, num_steps=100, num_samples=20, seed=5)
+    local = raybayes.fit_svi(hierarchical_normal, model_kwargs=conjugate[0], **common)
     remote = raybayes.fit_svi(
-        hierarchical_normal, conjugate[0], backend=ray_backend, **common
+        hierarchical_normal,
+        model_kwargs=conjugate[0],
+        **dict(common, backend=ray_backend),
     )
     np.testing.assert_array_equal(local.params["loc"], remote.params["loc"])
     np.testing.assert_array_equal(local.local_params["loc"], remote.local_params["loc"])
@@ -380,7 +403,7 @@ def test_a_lost_worker_restarts_from_its_shard_checkpoint(
 ):
     """Killed right after a checkpoint, the shard reloads exactly the state it had,
     so the fit is the one without the failure."""
-    common = dict(SHORT, num_steps=160, num_draws=20, seed=6, backend=ray_backend,
+    common = dict(SHORT, num_steps=160, num_samples=20, seed=6, backend=ray_backend,
                   checkpoint_every=50)
     killed = []
 
@@ -389,10 +412,10 @@ def test_a_lost_worker_restarts_from_its_shard_checkpoint(
             info._run.pool.kill(0)
             killed.append(info.step)
 
-    whole = raybayes.fit_svi(hierarchical_normal, conjugate[0], **common)
+    whole = raybayes.fit_svi(hierarchical_normal, model_kwargs=conjugate[0], **common)
     hurt = raybayes.fit_svi(
         hierarchical_normal,
-        conjugate[0],
+        model_kwargs=conjugate[0],
         callback=kill_at_100,
         callback_every=50,
         checkpoint_dir=tmp_path,
@@ -409,7 +432,7 @@ def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_back
     kwargs, mean, mf_sd = conjugate
     res = raybayes.fit_svi(
         hierarchical_normal,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=2,
         partition=PARTITION,
         subsample_size=B,
@@ -463,15 +486,16 @@ def test_workers_reading_parquet_fit_as_the_in_memory_data(tmp_path):
     ).partition
     common = dict(
         num_shards=2,
+        backend="local",
         partition=part,
         num_steps=40,
         tol=None,
         progress_bar=False,
-        num_draws=10,
+        num_samples=10,
         learning_rate=0.05,
         x64=True,
     )
-    memory = raybayes.fit_svi(elasticity_model, kwargs, **common)
+    memory = raybayes.fit_svi(elasticity_model, model_kwargs=kwargs, **common)
     source = ParquetShards(
         tmp_path,
         functools.partial(elasticity_kwargs_from_table, num_categories=C, num_times=T),

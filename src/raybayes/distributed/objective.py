@@ -339,9 +339,14 @@ def planned_objective(
 
     Raises:
         ConfigurationError: see :func:`raybayes.plan` and :class:`ShardedObjective`.
+        DataValidationError: an observed site's data hold NaN or inf (in-memory
+            data; checked before any worker starts).
     """
+    from raybayes.core.validation import check_observed_data
     from raybayes.plan import plan
 
+    if source is None:  # with a source, the data are read on the workers
+        check_observed_data(model, model_args, model_kwargs)
     if partition is None and source is None:
         chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
         partition, num_shards = chosen.partition, chosen.num_shards

@@ -1,12 +1,24 @@
-"""Distributed MAP (L-BFGS over shard workers) and the Laplace approximation."""
+"""Distributed MAP (L-BFGS over shard workers) and the Laplace approximation.
 
+* :mod:`raybayes.optim.map`: :func:`find_map` (L-BFGS-B on the driver) and
+  :func:`fit_map` (model and data in, MAP out).
+* :mod:`raybayes.optim.vlbfgs`: :func:`find_map_vector_free` (the locals and their
+  L-BFGS state stay on the workers).
+* :mod:`raybayes.optim.laplace`: :func:`newton_polish`, :func:`laplace` and
+  :func:`laplace_approximation` on the arrowhead Hessian
+  (:mod:`raybayes.core.arrowhead`).
+* :mod:`raybayes.optim.result`: :class:`MAPResult`, shared by the optimizers.
+"""
+
+from raybayes.distributed.objective import constrained_values
 from raybayes.optim.laplace import (
     LaplaceResult,
     laplace,
     laplace_approximation,
     newton_polish,
 )
-from raybayes.optim.map import MAPResult, constrained_values, find_map, fit_map
+from raybayes.optim.map import find_map, fit_map
+from raybayes.optim.result import MAPResult
 from raybayes.optim.vlbfgs import find_map_vector_free
 
 __all__ = [

@@ -46,17 +46,26 @@ import numpy as np
 from scipy import linalg
 
 from raybayes.backends import Backend
-from raybayes.core.partition import Partition
-from raybayes.distributed.sharded import ShardedObjective
-from raybayes.errors import ConfigurationError
-from raybayes.optim.map import (
-    MAPResult,
-    _progress,
-    constrained_values,
-    draws_to_inference_data,
-    find_map,
-    planned_objective,
+from raybayes.config import (
+    ScalingConfig,
+    derive_key,
+    reject_unknown_arguments,
+    renamed_argument,
+    split_model_arguments,
 )
+from raybayes.core import arrowhead
+from raybayes.core.partition import Partition
+from raybayes.distributed.objective import (
+    ShardedObjective,
+    constrained_values,
+    planned_objective,
+    shard_count,
+)
+from raybayes.errors import ConfigurationError
+from raybayes.optim.map import find_map
+from raybayes.optim.result import MAPResult
+from raybayes.progress import progress_lines
+from raybayes.results import draws_to_inference_data
 
 __all__ = ["LaplaceResult", "laplace", "laplace_approximation", "newton_polish"]
 
@@ -88,11 +97,6 @@ class LaplaceResult:
     hessian_vector_products: int = 0
 
 
-def _sum_schur(parts, G):
-    schur = np.sum([np.asarray(p[0], np.float64) for p in parts], axis=0).reshape(G, G)
-    return 0.5 * (schur + schur.T)
-
-
 def newton_polish(
     objective: ShardedObjective,
     map_result: MAPResult,
@@ -100,7 +104,8 @@ def newton_polish(
     max_steps: int = 20,
     gtol: float = 1e-4,
     batch_size: int = 16,
-    progress: bool = False,
+    progress_bar: bool = False,
+    **deprecated,
 ) -> MAPResult:
     """Levenberg-Marquardt Newton steps from an L-BFGS point, with the arrowhead
     Hessian.
@@ -108,29 +113,74 @@ def newton_polish(
     ``(S + lam I) dg = -grad_g + sum_s sum_i C_i^T B_i^{-1} grad_i`` on the driver
     (``S`` the Schur complement, eigendecomposed once per Hessian), then
     ``dl_i = -B_i^{-1} (grad_i + C_i dg)`` on the workers: the locals are solved
-    exactly for the step of the globals. A step that raises the loss is rejected
-    and ``lam`` multiplied by 4 (a shorter, more gradient-like step from the same
-    Hessian, at no extra Hessian-vector products); an accepted one divides it by
-    3 (Levenberg 1944; Marquardt 1963; Nocedal & Wright, *Numerical
-    Optimization*, 2nd ed., Sec. 10.3). Away from the mode the Hessian can be
-    indefinite (a hierarchical scale with few groups, on a curved ridge): ``lam``
-    then starts above ``-lambda_min(S)``, and local blocks that are not positive
-    definite are damped by refactoring the kept Hessian on the workers.
-    L-BFGS stalls on such ridges, so the Laplace approximation would otherwise
-    not be centred on the mode.
+    exactly for the step of the globals (:mod:`raybayes.core.arrowhead`). A step
+    that raises the loss is rejected and ``lam`` multiplied by 4 (a shorter, more
+    gradient-like step from the same Hessian, at no extra Hessian-vector
+    products); an accepted one divides it by 3. Away from the mode the Hessian
+    can be indefinite (a hierarchical scale with few groups, on a curved ridge):
+    ``lam`` then starts above ``-lambda_min(S)``, and local blocks that are not
+    positive definite are damped by refactoring the kept Hessian on the workers.
+    L-BFGS stalls on such ridges, so the Laplace approximation would otherwise not
+    be centred on the mode.
 
     The Hessian (Hessian-vector products over all rows, the expensive part) is
     kept while accepted steps cut the largest gradient component at least
-    fourfold (the simplified or "chord" Newton method; Kelley, *Solving
-    Nonlinear Equations with Newton's Method*, SIAM 2003, Sec. 2.3), and after
-    three rejected steps from a kept Hessian it is recomputed at the current
-    point.
+    fourfold (the simplified or "chord" Newton method), and after three rejected
+    steps from a kept Hessian it is recomputed at the current point.
+
+    Args:
+        objective: the sharded objective ``map_result`` was found with (its
+            workers compute and keep their blocks of the Hessian).
+        map_result: the starting point (``map_result.x``, ``(objective.size,)``
+            unconstrained driver layout) and the counts carried over.
+        max_steps: at most this many accepted Newton steps (rejected trials and
+            Hessian evaluations are bounded by ``4 * max_steps + 4`` in all).
+        gtol: stop when the largest absolute gradient component (of the negative
+            log joint, in the unconstrained space) is at most this.
+        batch_size: Hessian-vector products evaluated together per worker (memory
+            against speed).
+        progress_bar: print a line per Newton step and per Hessian to stderr
+            (always logged at INFO on ``raybayes.optim``; ``progress=`` is the
+            deprecated name).
 
     Returns:
-        A :class:`MAPResult` at the polished point (``status`` says
-        ``"converged"`` when the largest gradient component is below ``gtol``).
+        A :class:`MAPResult` at the polished point: ``status`` is ``"converged"``
+        when the largest gradient component is below ``gtol`` (else the status of
+        ``map_result``), ``num_iterations`` adds the Newton steps and ``message``
+        says how many steps and Hessians were used.
+
+    Raises:
+        ConfigurationError: an unknown keyword argument.
+        ShardError: a shard worker failed (names the shard).
+
+    References:
+        Levenberg, K. (1944). A method for the solution of certain non-linear
+        problems in least squares. Q. Appl. Math. 2(2), 164-168.
+        Marquardt, D. W. (1963). An algorithm for least-squares estimation of
+        nonlinear parameters. J. SIAM 11(2), 431-441.
+        Nocedal, J. & Wright, S. J. (2006). Numerical Optimization, 2nd ed., Sec.
+        10.3.
+        Kelley, C. T. (2003). Solving Nonlinear Equations with Newton's Method.
+        SIAM, Sec. 2.3 (the chord method).
+
+    Examples:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> from raybayes.core import Partition
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+        ...     with numpyro.plate("obs", y.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> with ShardedObjective(model, {"y": np.ones(4)}, partition=Partition(
+        ...         "obs", entity_args=("y",)), num_shards=2) as f:
+        ...     rough = find_map(f, max_steps=1, progress_bar=False)
+        ...     r = newton_polish(f, rough, gtol=1e-6)
+        >>> r.status, round(float(r.params["mu"]), 4)  # one Newton step: exact
+        ('converged', 0.8)
     """
-    emit = _progress(progress)
+    progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
+                                    progress_bar, default=False)
+    reject_unknown_arguments(deprecated, "newton_polish")
+    emit = progress_lines(progress_bar, "raybayes.optim")
     start = time.perf_counter()
     x = map_result.x.copy()
     value, grad = objective.value_and_grad(x)
@@ -145,19 +195,21 @@ def newton_polish(
         g, locals_ = objective.split(x)
         grad_g, grad_l = objective.split(grad)
         if eig is None:
-            parts = objective._gather(
+            parts = objective.gather(
                 "laplace_factor",
                 lambda s: (g, locals_[s], batch_size, 0.0, False),  # noqa: B023
             )
             local_damping = 0.0
             while sum(p[2] for p in parts) > 0:  # local blocks not positive definite
-                scale = np.max(np.abs(np.diag(_sum_schur(parts, G))), initial=1.0)
+                schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
+                scale = np.max(np.abs(np.diag(schur)), initial=1.0)
                 local_damping = max(10 * local_damping, 1e-3 * scale)
-                parts = objective._gather(  # the same Hessian, damped
+                parts = objective.gather(  # the same Hessian, damped
                     "laplace_factor",
                     lambda s: (g, locals_[s], batch_size, local_damping, True),  # noqa: B023
                 )
-            eig, basis = linalg.eigh(_sum_schur(parts, G)) if G else (np.ones(0), None)
+            schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
+            eig, basis = linalg.eigh(schur) if G else (np.ones(0), None)
             floor = 0.0
             if G and eig[0] <= 1e-10 * max(abs(eig[-1]), 1.0):
                 floor = 1.01 * abs(eig[0]) + 1e-10 * max(abs(eig[-1]), 1.0)
@@ -171,10 +223,12 @@ def newton_polish(
                 f"{eig[0] if G else 0.0:.3e}; damping: local {local_damping:.2e}, "
                 f"global {lam:.2e}  {time.perf_counter() - start:7.2f} s"
             )
-        reduced = objective._gather("newton_reduce", lambda s: (grad_l[s],))  # noqa: B023
+        reduced = objective.gather(
+            "newton_reduce", lambda s: (grad_l[s],)  # noqa: B023
+        )
         rhs = -grad_g + np.sum([np.asarray(r, np.float64) for r in reduced], axis=0)
-        delta_g = basis @ ((basis.T @ rhs) / (eig + lam)) if G else np.zeros(0)
-        delta_l = objective._gather(
+        delta_g = arrowhead.levenberg_marquardt_step(eig, basis, rhs, lam)
+        delta_l = objective.gather(
             "newton_local_step",
             lambda s: (grad_l[s], delta_g),  # noqa: B023
         )
@@ -227,42 +281,94 @@ def newton_polish(
     )
 
 
+def _root_key(seed, deprecated):
+    """The root key of the draws: ``derive_key(seed)``, or a deprecated ``rng_key``."""
+    value = renamed_argument(deprecated, "rng_key", "seed", seed, default=0)
+    if value is None:  # the old default
+        value = 0
+    if isinstance(value, (int, np.integer)):
+        return derive_key(int(value))
+    return value
+
+
 def laplace(
     objective: ShardedObjective,
     map_result: MAPResult,
     *,
-    num_draws: int = 1000,
-    rng_key=None,
+    num_samples: int = 1000,
+    seed: int = 0,
     batch_size: int = 16,
     newton_steps: int = 20,
     newton_gtol: float = 1e-4,
-    progress: bool = False,
+    progress_bar: bool = False,
+    **deprecated,
 ) -> LaplaceResult:
     """Laplace approximation around ``map_result``, on the workers of ``objective``.
+
+    Each worker computes and factors its rows of the arrowhead Hessian
+    (:func:`raybayes.core.arrowhead.factor_arrowhead`); the driver adds the Schur
+    complements, factors ``S`` and draws the globals; each worker then draws its
+    locals given them (see the module docstring).
 
     Args:
         objective: the sharded objective the MAP was found with.
         map_result: the MAP.
-        num_draws: draws from the approximation.
-        rng_key: JAX key (default ``PRNGKey(0)``). Globals use ``fold_in(key, 0)``,
-            the locals of entity ``i`` use ``fold_in(fold_in(key, 1), i)``: the
-            same draws for any number of shards.
+        num_samples: draws from the approximation (``num_draws=`` is the deprecated
+            name).
+        seed: integer seed. Globals use ``derive_key(seed, 0)``, the locals of
+            entity ``i`` use ``fold_in(derive_key(seed, 1), i)``: the same draws
+            for any number of shards. ``rng_key=`` (a JAX key used as the root
+            key) is deprecated.
         batch_size: Hessian-vector products evaluated together per worker.
         newton_steps: at most this many arrowhead Newton steps
             (:func:`newton_polish`) first, when the MAP's largest gradient
             component exceeds ``newton_gtol``.
         newton_gtol: gradient tolerance of those steps.
-        progress: print a line per Newton step and Hessian to stderr.
+        progress_bar: print a line per Newton step and Hessian to stderr
+            (``progress=`` is the deprecated name).
 
     Returns:
-        :class:`LaplaceResult`.
+        :class:`LaplaceResult`; ``idata.posterior`` has one chain of
+        ``num_samples`` draws, constrained.
 
     Raises:
         ConfigurationError: the Hessian's Schur complement is not positive
-            definite (the point is not a proper mode).
+            definite (the point is not a proper mode), or an unknown argument.
+        ShardError: a shard worker failed (names the shard).
+
+    References:
+        Tierney, L. & Kadane, J. B. (1986). Accurate approximations for posterior
+        moments and marginal densities. JASA 81(393), 82-86.
+        Rue, H., Martino, S. & Chopin, N. (2009). Approximate Bayesian inference
+        for latent Gaussian models by using integrated nested Laplace
+        approximations. JRSS B 71(2), 319-392.
+
+    Examples:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> from raybayes.core import Partition
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+        ...     with numpyro.plate("obs", y.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> with ShardedObjective(model, {"y": np.ones(4)}, partition=Partition(
+        ...         "obs", entity_args=("y",)), num_shards=2) as f:
+        ...     r = laplace(f, find_map(f, progress_bar=False), num_samples=10)
+        >>> round(float(r.global_covariance[0, 0]), 4)  # posterior variance 1/5
+        0.2
     """
+    num_samples = renamed_argument(deprecated, "num_draws", "num_samples",
+                                   num_samples, default=1000)
+    progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
+                                    progress_bar, default=False)
+    key = _root_key(seed, deprecated)
+    reject_unknown_arguments(deprecated, "laplace")
+    return _laplace(objective, map_result, key, num_samples, batch_size,
+                    newton_steps, newton_gtol, progress_bar)
+
+
+def _laplace(objective, map_result, key, num_samples, batch_size, newton_steps,
+             newton_gtol, progress_bar):
     start = time.perf_counter()
-    key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     if newton_steps and map_result.grad_norm > newton_gtol:
         map_result = newton_polish(
             objective,
@@ -270,36 +376,30 @@ def laplace(
             max_steps=newton_steps,
             gtol=newton_gtol,
             batch_size=batch_size,
-            progress=progress,
+            progress_bar=progress_bar,
         )
     g_star, locals_star = objective.split(map_result.x)
-    parts = objective._gather(
+    parts = objective.gather(
         "laplace_factor", lambda s: (g_star, locals_star[s], batch_size)
     )
     G = objective.num_global
-    schur = _sum_schur(parts, G)
+    schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
     logdet_local = float(sum(p[1] for p in parts))
     not_pd = int(sum(p[2] for p in parts))
-    if G:
-        try:
-            chol = linalg.cholesky(schur, lower=True)
-        except linalg.LinAlgError as err:
-            raise ConfigurationError(
-                "the Hessian at the MAP is not positive definite in the global "
-                f"parameters ({err}); the MAP did not converge to a proper mode "
-                f"(status {map_result.status!r}: {map_result.message}). Raise "
-                "max_iter or newton_steps, or check the model."
-            ) from None
-        logdet_schur = 2.0 * float(np.sum(np.log(np.diag(chol))))
-        cov = linalg.cho_solve((chol, True), np.eye(G))
-        z = np.asarray(
-            jax.random.normal(jax.random.fold_in(key, 0), (num_draws, G)), np.float64
-        )
-        delta = linalg.solve_triangular(chol.T, z.T, lower=False).T  # cov = S^{-1}
-    else:
-        logdet_schur, cov, delta = 0.0, np.zeros((0, 0)), np.zeros((num_draws, 0))
+    z = np.asarray(
+        jax.random.normal(jax.random.fold_in(key, 0), (num_samples, G)), np.float64
+    )
+    try:
+        delta, cov, logdet_schur = arrowhead.laplace_global_draws(schur, z)
+    except linalg.LinAlgError as err:
+        raise ConfigurationError(
+            "the Hessian at the MAP is not positive definite in the global "
+            f"parameters ({err}); the MAP did not converge to a proper mode "
+            f"(status {map_result.status!r}: {map_result.message}). Raise "
+            "max_steps or newton_steps, or check the model."
+        ) from None
     local_key = jax.random.fold_in(key, 1)
-    local_draws = objective._gather(
+    local_draws = objective.gather(
         "laplace_draw_locals", lambda s: (locals_star[s], delta, local_key)
     )
     globals_ = g_star[None, :] + delta
@@ -310,10 +410,11 @@ def laplace(
         + 0.5 * dim * np.log(2 * np.pi)
         - 0.5 * (logdet_schur + logdet_local)
     )
+    plate = objective.partition.plate if objective.partition is not None else None
     idata = draws_to_inference_data(
-        objective,
         values,
         axes,
+        plate,
         attrs={"inference": "laplace", "log_marginal_likelihood": float(log_ml)},
     )
     return LaplaceResult(
@@ -329,58 +430,93 @@ def laplace(
 
 def laplace_approximation(
     model: Callable,
+    *model_args: Any,
     model_kwargs: Mapping[str, Any] | None = None,
-    *,
-    num_shards: int = 1,
+    num_shards: int | None = None,
     partition: Partition | None = None,
-    backend: str | Backend = "local",
     source: Any = None,
-    model_args: tuple = (),
-    num_draws: int = 1000,
-    rng_key=None,
+    backend: str | Backend = "auto",
+    num_workers: int | None = None,
+    use_gpu: bool = False,
+    resources_per_worker: Mapping[str, float] | None = None,
+    address: str | None = None,
+    num_samples: int = 1000,
+    seed: int = 0,
     tol: float = 1e-6,
     gtol: float = 1e-5,
-    max_iter: int = 200,
-    progress: bool = True,
+    max_steps: int = 200,
+    progress_bar: bool = True,
+    x64: bool = True,
+    **deprecated: Any,
 ) -> LaplaceResult:
     """Distributed MAP, then the Laplace approximation there, in one call.
 
     Args:
-        model: a NumPyro model.
-        model_kwargs: its arguments (arrays are put into the object store once).
-        num_shards: S (one worker per shard).
+        model: a NumPyro model with continuous latent variables.
+        *model_args: its positional arguments (not split).
+        model_kwargs: its keyword arguments (NumPy arrays and scalars; put into the
+            object store once). Passing them as the second positional argument is
+            deprecated.
+        num_shards: S (one worker per shard); default ``num_workers``, else 1.
         partition: the split; chosen by :func:`raybayes.plan` when ``None``.
-        backend: ``"local"`` (in-process), ``"ray"`` or a backend instance.
         source: a :class:`~raybayes.datasets.parquet.ParquetShards`, read on the
             workers (then ``partition`` is required).
-        model_args: positional model arguments.
-        num_draws: draws from the approximation.
-        rng_key: JAX key for the draws.
-        tol, gtol, max_iter: L-BFGS stopping rules (see :func:`find_map`).
-        progress: a line per L-BFGS iteration.
+        backend: ``"auto"`` (default; see :func:`raybayes.config.resolve_backend_name`),
+            ``"local"`` (in-process), ``"ray"`` or a backend instance.
+        num_workers, use_gpu, resources_per_worker, address: the scaling
+            configuration (:class:`~raybayes.config.ScalingConfig`); one worker per
+            shard, so ``num_workers`` must equal ``num_shards`` when both are given.
+        num_samples: draws from the approximation (``num_draws=`` deprecated).
+        seed: integer seed of the draws (see :func:`laplace`; ``rng_key=``
+            deprecated).
+        tol, gtol, max_steps: L-BFGS stopping rules (see :func:`find_map`;
+            ``max_iter=`` deprecated).
+        progress_bar: a line per L-BFGS iteration (``progress=`` deprecated).
+        x64: workers compute in float64 (default).
 
     Returns:
         :class:`LaplaceResult` (its ``map`` field holds the MAP).
 
     Raises:
-        ConfigurationError: see :func:`raybayes.plan` and :func:`laplace`.
+        ConfigurationError: see :func:`raybayes.plan`, :func:`find_map` and
+            :func:`laplace`.
+        ShardError: the model raised on a shard worker (names the shard).
 
-    Example:
+    References:
+        Tierney, L. & Kadane, J. B. (1986). Accurate approximations for posterior
+        moments and marginal densities. JASA 81(393), 82-86.
+
+    Examples:
         >>> import numpyro, numpyro.distributions as dist
         >>> def model(y):
         ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
         ...     with numpyro.plate("obs", y.shape[0]):
         ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
-        >>> r = laplace_approximation(model, {"y": np.ones(4)}, num_shards=2,
-        ...                           num_draws=10, progress=False)
+        >>> r = laplace_approximation(model, model_kwargs={"y": np.ones(4)},
+        ...                           num_shards=2, backend="local",
+        ...                           num_samples=10, progress_bar=False)
         >>> round(float(r.map.params["mu"]), 3), r.idata.posterior["mu"].shape
         (0.8, (1, 10))
     """
+    model_args, model_kwargs = split_model_arguments(
+        model_args, model_kwargs, deprecated
+    )
+    num_samples = renamed_argument(deprecated, "num_draws", "num_samples",
+                                   num_samples, default=1000)
+    max_steps = renamed_argument(deprecated, "max_iter", "max_steps", max_steps,
+                                 default=200)
+    progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
+                                    progress_bar, default=True)
+    key = _root_key(seed, deprecated)
+    reject_unknown_arguments(deprecated, "laplace_approximation")
+    scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
+    num_shards = shard_count(num_shards, scaling)
     with planned_objective(
         model, model_kwargs, num_shards, partition=partition, backend=backend,
-        source=source, model_args=model_args,
+        source=source, model_args=model_args, x64=x64, scaling=scaling,
     ) as objective:
         result = find_map(
-            objective, tol=tol, gtol=gtol, max_iter=max_iter, progress=progress
+            objective, tol=tol, gtol=gtol, max_steps=max_steps,
+            progress_bar=progress_bar,
         )
-        return laplace(objective, result, num_draws=num_draws, rng_key=rng_key)
+        return _laplace(objective, result, key, num_samples, 16, 20, 1e-4, False)

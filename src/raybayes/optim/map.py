@@ -8,7 +8,7 @@ the shard workers (:class:`~raybayes.distributed.ShardedObjective`).
 
 Convergence follows Spark MLlib (Breeze's LBFGS): stop when the relative decrease
 of the loss ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1)`` falls below ``tol``, the
-largest gradient component below ``gtol``, or after ``max_iter`` iterations. A
+largest gradient component below ``gtol``, or after ``max_steps`` iterations. A
 line search that fails (non-finite values, or no point meeting the Wolfe
 conditions) ends the run and is reported in :class:`MAPResult`; it does not raise.
 
@@ -18,70 +18,32 @@ L-BFGS keeps ``2 * history_size`` vectors of that length (see docs/map_laplace.m
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import optimize
 
 from raybayes.backends import Backend
+from raybayes.config import (
+    ScalingConfig,
+    reject_unknown_arguments,
+    renamed_argument,
+    split_model_arguments,
+)
 from raybayes.core.partition import Partition
-from raybayes.distributed.sharded import ShardedObjective
+from raybayes.distributed.objective import (
+    ShardedObjective,
+    planned_objective,
+    shard_count,
+)
 from raybayes.errors import ConfigurationError
+from raybayes.optim.result import MAPResult, map_result_fields
+from raybayes.optim.vlbfgs import VectorFreeObjective, find_map_vector_free
+from raybayes.progress import progress_lines
 
-__all__ = ["MAPResult", "find_map"]
-
-logger = logging.getLogger("raybayes.optim")
-
-
-@dataclass
-class MAPResult:
-    """The maximum a posteriori point and how the optimiser got there.
-
-    Attributes:
-        params: site -> constrained value at the MAP (latent and deterministic
-            sites, local sites assembled over shards in plate order).
-        x: ``(size,)`` float64, the optimum in the unconstrained driver layout.
-        loss: negative log joint at ``x`` (unconstrained space, Jacobians included).
-        num_iterations: L-BFGS iterations.
-        num_evaluations: objective evaluations (parallel passes over the shards).
-        converged: ``tol``/``gtol`` met.
-        status: ``"converged"``, ``"max_iter"``, ``"line_search_failed"`` or
-            ``"non_finite"``.
-        message: SciPy's message.
-        grad_norm: max absolute gradient component at ``x``.
-        history: loss after each iteration.
-        time_s: wall time of the optimisation.
-        num_restarts: L-BFGS restarts after failed line searches.
-    """
-
-    params: dict
-    x: np.ndarray
-    loss: float
-    num_iterations: int
-    num_evaluations: int
-    converged: bool
-    status: str
-    message: str
-    grad_norm: float
-    history: list = field(default_factory=list)
-    time_s: float = 0.0
-    num_restarts: int = 0
-
-
-def _progress(enabled):
-    if not enabled:
-        return lambda line: logger.info(line)
-
-    def emit(line):
-        logger.info(line)
-        print(line, file=sys.stderr, flush=True)
-
-    return emit
+__all__ = ["MAPResult", "find_map", "fit_map"]
 
 
 def find_map(
@@ -90,11 +52,12 @@ def find_map(
     init: np.ndarray | None = None,
     tol: float = 1e-6,
     gtol: float = 1e-5,
-    max_iter: int = 100,
+    max_steps: int = 100,
     history_size: int = 10,
     max_restarts: int = 5,
-    progress: bool = True,
+    progress_bar: bool = True,
     assemble: bool = True,
+    **deprecated,
 ) -> MAPResult:
     """Maximise the log joint with L-BFGS over the shard workers of ``objective``.
 
@@ -104,19 +67,22 @@ def find_map(
             default, i.e. the "median" of every unconstrained site.
         tol: relative decrease of the loss at which to stop (Spark MLlib ``tol``).
         gtol: largest gradient component at which to stop.
-        max_iter: maximum iterations (Spark MLlib ``maxIter``).
+        max_steps: maximum L-BFGS iterations (Spark MLlib ``maxIter``; the old
+            name ``max_iter=`` is deprecated).
         history_size: L-BFGS memory (pairs of vectors kept).
         max_restarts: restarts of L-BFGS (fresh memory, from the best point seen)
             after a failed line search that followed progress.
-        progress: print a line per iteration to stderr (always logged at INFO on
-            the ``raybayes.optim`` logger).
+        progress_bar: print a line per iteration to stderr (always logged at INFO
+            on the ``raybayes.optim`` logger; the old name ``progress=`` is
+            deprecated).
         assemble: also compute constrained values of every site at the MAP.
 
     Returns:
         :class:`MAPResult`.
 
     Raises:
-        ConfigurationError: ``tol``, ``max_iter`` or ``init`` out of range.
+        ConfigurationError: ``tol``, ``max_steps`` or ``init`` out of range, or an
+            unknown keyword argument.
 
     References:
         Byrd, R. H., Lu, P., Nocedal, J. & Zhu, C. (1995). A limited memory algorithm
@@ -132,20 +98,26 @@ def find_map(
         ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
         >>> with ShardedObjective(model, {"y": np.ones(4)}, partition=Partition(
         ...         "obs", entity_args=("y",)), num_shards=2) as f:
-        ...     r = find_map(f, progress=False)
+        ...     r = find_map(f, progress_bar=False)
         >>> round(float(r.params["mu"]), 4)  # posterior mode 4/5
         0.8
     """
+    max_steps = renamed_argument(deprecated, "max_iter", "max_steps", max_steps,
+                                 default=100)
+    progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
+                                    progress_bar, default=True)
+    reject_unknown_arguments(deprecated, "find_map")
     if not tol > 0:
         raise ConfigurationError(f"tol={tol}; use a positive number such as 1e-6.")
-    if int(max_iter) < 1:
-        raise ConfigurationError(f"max_iter={max_iter}; use an integer >= 1.")
+    if int(max_steps) < 1:
+        raise ConfigurationError(f"max_steps={max_steps}; use an integer >= 1.")
+    max_iter = int(max_steps)
     x0 = np.zeros(objective.size) if init is None else np.asarray(init, np.float64)
     if x0.shape != (objective.size,):
         raise ConfigurationError(
             f"init has shape {x0.shape}; the objective needs ({objective.size},)."
         )
-    emit = _progress(progress)
+    emit = progress_lines(progress_bar, "raybayes.optim")
     state = {"non_finite": False, "last": None, "best": (np.inf, x0)}
     history = []
     start = time.perf_counter()
@@ -192,7 +164,7 @@ def find_map(
         if res.success:
             status = "converged"
         elif len(history) >= int(max_iter) or "ITERATIONS" in message.upper():
-            status = "max_iter"
+            status = "max_steps"
         else:
             status = "non_finite" if state["non_finite"] else "line_search_failed"
         best_value, best_x = state["best"]
@@ -219,162 +191,97 @@ def find_map(
         break
     if status != "converged":
         emit(f"L-BFGS stopped: {status} ({message})")
-    return MAPResult(**_result_fields(
+    return MAPResult(**map_result_fields(
         objective, x, value, history, evals_before, status, message, grad_norm,
         time.perf_counter() - start, num_restarts, assemble,
     ))
 
 
-def _result_fields(objective, x, value, history, evals_before, status, message,
-                   grad_norm, elapsed, num_restarts, assemble):
-    """The fields of :class:`MAPResult` at the end of a run (shared with VL-BFGS)."""
-    params = constrained_values(objective, x[None])[0] if assemble else {}
-    return dict(
-        params={k: v[0] for k, v in params.items()},
-        x=x,
-        loss=float(value),
-        num_iterations=len(history),
-        num_evaluations=objective.num_evaluations - evals_before,
-        converged=status == "converged",
-        status=status,
-        message=message,
-        grad_norm=grad_norm,
-        history=history,
-        time_s=elapsed,
-        num_restarts=num_restarts,
-    )
-
-
-def constrained_values(objective: ShardedObjective, xs: np.ndarray, locals_draws=None):
-    """Constrained site values for draws of the driver vector.
-
-    Args:
-        objective: the sharded objective.
-        xs: ``(D, size)`` unconstrained draws in the driver layout (or ``(D, G)``
-            globals when ``locals_draws`` is given).
-        locals_draws: per shard ``(D, P_s, k)`` draws of the locals, optional.
-
-    Returns:
-        ``(values, axes)``: site -> ``(D, *full_shape)`` with local sites
-        concatenated over shards on their entity axis; ``axes`` the entity axis of
-        each local site (without the draw axis).
-    """
-    xs = np.atleast_2d(xs)
-    if locals_draws is None:
-        parts = [objective.split(x) for x in xs]
-        globals_ = np.stack([p[0] for p in parts])
-        locals_draws = [
-            np.stack([p[1][s] for p in parts]) for s in range(objective.num_shards)
-        ]
-    else:
-        globals_ = xs
-    results = objective._gather(
-        "constrained_values", lambda s: (globals_, locals_draws[s])
-    )
-    return merge_shard_values(results)
-
-
-def merge_shard_values(results):
-    """Concatenate per-shard ``(values, axes)`` on each local site's entity axis."""
-    values, axes = {}, {}
-    for name, value in results[0][0].items():
-        axis = results[0][1].get(name)
-        if axis is None:
-            values[name] = value
-        else:
-            values[name] = np.concatenate([r[0][name] for r in results], axis=axis + 1)
-            axes[name] = axis
-    return values, axes
-
-
-def draws_to_inference_data(objective: ShardedObjective, values, axes, attrs=None):
-    """InferenceData (one chain) of the output of :func:`constrained_values`.
-
-    Sites of the split plate get the plate's name as their entity dimension.
-    """
-    from raybayes.results import to_inference_data
-
-    plate = objective.partition.plate if objective.partition is not None else None
-    dims = {}
-    for name, value in values.items():
-        if name in axes and plate is not None:
-            names = [f"{name}_dim_{k}" for k in range(np.ndim(value) - 1)]
-            names[axes[name]] = plate
-            dims[name] = names
-    coords = (
-        {plate: np.arange(values[next(iter(axes))].shape[axes[next(iter(axes))] + 1])}
-        if axes and plate is not None
-        else {}
-    )
-    return to_inference_data(
-        {k: np.asarray(v)[None] for k, v in values.items()},
-        dims=dims,
-        coords=coords,
-        attrs=attrs or {},
-    )
-
-
 def fit_map(
     model: Callable,
+    *model_args: Any,
     model_kwargs: Mapping[str, Any] | None = None,
-    *,
-    num_shards: int = 1,
+    num_shards: int | None = None,
     partition: Partition | None = None,
-    backend: str | Backend = "local",
     source: Any = None,
-    model_args: tuple = (),
+    backend: str | Backend = "auto",
+    num_workers: int | None = None,
+    use_gpu: bool = False,
+    resources_per_worker: Mapping[str, float] | None = None,
+    address: str | None = None,
     vector_free: bool = False,
-    **kwargs,
+    x64: bool = True,
+    **kwargs: Any,
 ) -> MAPResult:
-    """:func:`find_map` for a model and its data, splitting them with :func:`raybayes.plan`.
+    """The MAP of a model on its data, split into shards by :func:`raybayes.plan`.
+
+    Builds the shard workers (:func:`raybayes.distributed.planned_objective`), runs
+    :func:`find_map` (or :func:`~raybayes.optim.find_map_vector_free`) on them, and
+    releases them.
 
     Args:
-        model, model_kwargs, model_args: the NumPyro model and its arguments.
-        num_shards: S.
+        model: a NumPyro model with continuous latent variables.
+        *model_args: its positional arguments (not split).
+        model_kwargs: its keyword arguments (NumPy arrays and scalars); put into the
+            object store once. Passing them as the second positional argument is
+            deprecated.
+        num_shards: S, shards and workers (one worker per shard); default
+            ``num_workers``, else 1.
         partition: the split; chosen by :func:`raybayes.plan` when ``None``.
-        backend: ``"local"``, ``"ray"`` or a backend instance.
-        source: a Parquet source read on the workers (then ``partition`` is needed).
+        source: a :class:`~raybayes.datasets.parquet.ParquetShards` read on the
+            workers (then ``partition`` is needed).
+        backend: ``"auto"`` (default: in-process unless the job has several shards
+            and this machine several CPUs, or the scaling settings ask for a
+            cluster; see :func:`raybayes.config.resolve_backend_name`), ``"local"``,
+            ``"ray"`` or a backend instance.
+        num_workers: Ray workers; the shard algorithms run one worker per shard, so
+            this sets ``num_shards`` when that is not given, and must equal it
+            otherwise.
+        use_gpu: one GPU per worker (Ray).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        address: a Ray cluster address (``"HOST:PORT"``).
         vector_free: run vector-free L-BFGS
             (:func:`~raybayes.optim.find_map_vector_free`): the local parameters and
             their optimizer state stay on the workers.
-        **kwargs: passed to :func:`find_map` (``tol``, ``max_iter``, ...).
+        x64: workers compute in float64 (default).
+        **kwargs: passed to :func:`find_map` (``tol``, ``gtol``, ``max_steps``,
+            ``history_size``, ``progress_bar``, ...).
 
     Returns:
         :class:`MAPResult`.
+
+    Raises:
+        ConfigurationError: bad settings (see :func:`find_map`,
+            :func:`raybayes.plan` and :class:`~raybayes.config.ScalingConfig`), or
+            ``num_workers`` different from ``num_shards``.
+        ShardError: the model raised on a shard worker (names the shard).
+
+    References:
+        Byrd, R. H., Lu, P., Nocedal, J. & Zhu, C. (1995). A limited memory algorithm
+        for bound constrained optimization. SIAM J. Sci. Comput. 16(5), 1190-1208.
+        Chen, W., Wang, Z. & Zhou, J. (2014). Large-scale L-BFGS using MapReduce.
+        NeurIPS 27 (``vector_free=True``).
+
+    Examples:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+        ...     with numpyro.plate("obs", y.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> r = fit_map(model, model_kwargs={"y": np.ones(4)}, num_shards=2,
+        ...             backend="local", progress_bar=False)
+        >>> round(float(r.params["mu"]), 4)  # posterior mode 4/5
+        0.8
     """
+    model_args, model_kwargs = split_model_arguments(model_args, model_kwargs, kwargs)
+    scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
+    num_shards = shard_count(num_shards, scaling)
     objective_class, run = ShardedObjective, find_map
     if vector_free:
-        from raybayes.optim.vlbfgs import VectorFreeObjective, find_map_vector_free
-
         objective_class, run = VectorFreeObjective, find_map_vector_free
     with planned_objective(
         model, model_kwargs, num_shards, partition=partition, backend=backend,
         source=source, model_args=model_args, objective_class=objective_class,
+        x64=x64, scaling=scaling,
     ) as objective:
         return run(objective, **kwargs)
-
-
-def planned_objective(
-    model, model_kwargs, num_shards, *, partition=None, backend="local", source=None,
-    model_args=(), objective_class=ShardedObjective, x64=True,
-):
-    """A :class:`ShardedObjective` (or ``objective_class``), with the split chosen
-    by :func:`raybayes.plan` when neither ``partition`` nor ``source`` is given."""
-    from raybayes.core.validation import check_observed_data
-    from raybayes.plan import plan
-
-    if source is None:  # with a source, the data are read on the workers
-        check_observed_data(model, model_args, model_kwargs)
-    if partition is None and source is None:
-        chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
-        partition, num_shards = chosen.partition, chosen.num_shards
-    return objective_class(
-        model,
-        model_kwargs,
-        partition=partition,
-        num_shards=num_shards,
-        backend=backend,
-        source=source,
-        model_args=model_args,
-        x64=x64,
-    )

@@ -40,7 +40,7 @@ and stop at slightly different points (within their tolerances) of the same mode
 
 Stopping follows :func:`~raybayes.optim.find_map` (Spark MLlib): relative decrease
 of the loss below ``tol``, largest gradient component below ``gtol``, or
-``max_iter`` iterations. A failed line search restarts from steepest descent with
+``max_steps`` iterations. A failed line search restarts from steepest descent with
 an empty memory (at most ``max_restarts`` times) and then ends the run with its
 status; it never raises.
 """
@@ -55,9 +55,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize
 
-from raybayes.distributed.sharded import ShardedObjective, ShardWorker, _in_precision
+from raybayes.config import reject_unknown_arguments, renamed_argument
+from raybayes.distributed import ShardedObjective, ShardWorker, worker_precision
 from raybayes.errors import ConfigurationError, ShardError
-from raybayes.optim.map import MAPResult, _progress, _result_fields
+from raybayes.optim.result import MAPResult, map_result_fields
+from raybayes.progress import progress_lines
 
 __all__ = [
     "VLBFGSShardWorker",
@@ -165,7 +167,7 @@ class VLBFGSShardWorker(ShardWorker):
         d = self.density
         return (int(d.num_local_entities), int(d.num_local_per_entity))
 
-    @_in_precision
+    @worker_precision
     def vlbfgs_start(self, global_flat, local_mat, history_size: int):
         """Set the starting point and empty the memory.
 
@@ -191,7 +193,7 @@ class VLBFGSShardWorker(ShardWorker):
         )
         return value, np.asarray(gg, np.float64), float(np.vdot(gl, gl)), _max_abs(gl)
 
-    @_in_precision
+    @worker_precision
     def vlbfgs_evaluate(self, global_trial, alpha: float):
         """Value and gradient at ``x + alpha d`` (globals given by the driver).
 
@@ -303,16 +305,14 @@ class VectorFreeObjective(ShardedObjective):
         self.bytes_received = 0
 
     def _call(self, method, per_shard_args):
-        results = []
+        """:meth:`gather`, counting the bytes sent and received."""
         futures = []
         for s in range(self.num_shards):
             args = per_shard_args(s)
             self.bytes_sent += _nbytes(args)
-            futures.append(self.pool.submit(s, method, *args, tag=s))
-        for f in futures:
-            r = self._result(f)
-            self.bytes_received += _nbytes(r)
-            results.append(r)
+            futures.append(self.submit(s, method, *args))
+        results = [self.result(f) for f in futures]
+        self.bytes_received += sum(_nbytes(r) for r in results)
         return results
 
     def start(self, global_flat, locals_, history_size):
@@ -470,11 +470,12 @@ def find_map_vector_free(
     init: np.ndarray | None = None,
     tol: float = 1e-6,
     gtol: float = 1e-5,
-    max_iter: int = 100,
+    max_steps: int = 100,
     history_size: int = 10,
     max_restarts: int = 5,
-    progress: bool = True,
+    progress_bar: bool = True,
     assemble: bool = True,
+    **deprecated,
 ) -> VectorFreeMAPResult:
     """Maximise the log joint with vector-free L-BFGS over the shard workers.
 
@@ -492,12 +493,14 @@ def find_map_vector_free(
         tol: relative decrease of the loss ``(f_k - f_{k+1}) / max(|f_k|,
             |f_{k+1}|, 1)`` at which to stop (Spark MLlib ``tol``).
         gtol: largest gradient component at which to stop.
-        max_iter: maximum iterations (accepted steps).
+        max_steps: maximum iterations (accepted steps; the old name ``max_iter=``
+            is deprecated).
         history_size: m, the L-BFGS memory (pairs kept on the workers).
         max_restarts: restarts from steepest descent with an empty memory after a
             failed line search that followed progress.
-        progress: print a line per iteration to stderr (always logged at INFO on
-            the ``raybayes.optim`` logger).
+        progress_bar: print a line per iteration to stderr (always logged at INFO
+            on the ``raybayes.optim`` logger; the old name ``progress=`` is
+            deprecated).
         assemble: also compute constrained values of every site at the MAP.
 
     Returns:
@@ -507,8 +510,8 @@ def find_map_vector_free(
 
     Raises:
         ConfigurationError: ``objective`` is not a :class:`VectorFreeObjective`,
-            or ``tol``, ``gtol``, ``max_iter``, ``history_size`` or ``init`` out of
-            range (before any work on the workers).
+            or ``tol``, ``gtol``, ``max_steps``, ``history_size`` or ``init`` out
+            of range, or an unknown argument (before any work on the workers).
 
     References:
         Chen, W., Wang, Z. & Zhou, J. (2014). Large-scale L-BFGS using MapReduce.
@@ -532,10 +535,16 @@ def find_map_vector_free(
         ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
         >>> with VectorFreeObjective(model, {"y": np.ones(4)}, partition=Partition(
         ...         "obs", entity_args=("y",)), num_shards=2) as f:
-        ...     r = find_map_vector_free(f, progress=False)
+        ...     r = find_map_vector_free(f, progress_bar=False)
         >>> round(float(r.params["mu"]), 4)  # posterior mode 4/5
         0.8
     """
+    max_steps = renamed_argument(deprecated, "max_iter", "max_steps", max_steps,
+                                 default=100)
+    progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
+                                    progress_bar, default=True)
+    reject_unknown_arguments(deprecated, "find_map_vector_free")
+    max_iter = max_steps
     if not isinstance(objective, VectorFreeObjective):
         raise ConfigurationError(
             f"objective is a {type(objective).__name__}; vector-free L-BFGS needs a "
@@ -546,7 +555,7 @@ def find_map_vector_free(
     if not gtol >= 0:
         raise ConfigurationError(f"gtol={gtol}; use a number >= 0 such as 1e-5.")
     if int(max_iter) < 1:
-        raise ConfigurationError(f"max_iter={max_iter}; use an integer >= 1.")
+        raise ConfigurationError(f"max_steps={max_iter}; use an integer >= 1.")
     if int(history_size) < 1:
         raise ConfigurationError(
             f"history_size={history_size}; use an integer >= 1 such as 10."
@@ -561,7 +570,7 @@ def find_map_vector_free(
             )
         x_global, x_locals = objective.split(x0)
         x_global = np.array(x_global)
-    emit = _progress(progress)
+    emit = progress_lines(progress_bar, "raybayes.optim")
     start = time.perf_counter()
     evals_before = objective.num_evaluations
     m = int(history_size)
@@ -624,7 +633,7 @@ def find_map_vector_free(
         elif rel <= tol:
             status, message = "converged", "relative decrease of the loss <= tol"
         elif len(history) >= int(max_iter):
-            status, message = "max_iter", f"stopped after max_iter={max_iter}"
+            status, message = "max_steps", f"stopped after max_steps={max_iter}"
         else:
             gram = state.gram()
             delta = two_loop_coefficients(gram)
@@ -651,8 +660,8 @@ def find_map_vector_free(
         emit(f"VL-BFGS stopped: {status} ({message})")
     x = objective.join(state.x, objective.gather_locals())
     return VectorFreeMAPResult(
-        **_result_fields(objective, x, value, history, evals_before, status, message,
-                         grad_norm, elapsed, num_restarts, assemble),
+        **map_result_fields(objective, x, value, history, evals_before, status,
+                            message, grad_norm, elapsed, num_restarts, assemble),
         bytes_sent=sent,
         bytes_received=received,
         driver_state_bytes=int(peak_state),

@@ -22,6 +22,7 @@ all S shards' gradients, each at most ``s`` versions old.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -36,26 +37,44 @@ import numpy as np
 import optax
 
 from raybayes.backends import Backend
+from raybayes.config import (
+    ScalingConfig,
+    derive_key,
+    reject_unknown_arguments,
+    renamed_argument,
+    split_model_arguments,
+)
 from raybayes.core.partition import Partition
-from raybayes.distributed.sharded import ShardedObjective
+from raybayes.distributed import (
+    ShardedObjective,
+    merge_shard_values,
+    planned_objective,
+    shard_count,
+)
 from raybayes.errors import (
     ConfigurationError,
     RaybayesWarning,
     WorkerLostError,
 )
 from raybayes.checkpoint import load_checkpoint, save_checkpoint
-from raybayes.optim.map import draws_to_inference_data, merge_shard_values
 from raybayes.progress import LossProgress
+from raybayes.results import draws_to_inference_data
 from raybayes.svi.guides import GlobalGuide, resolve_guide
-from raybayes.svi.worker import SVIShardWorker
+from raybayes.svi.worker import SVIShardWorker, SVIWorkerConfig
 
-__all__ = ["SVIResult", "SVIStepInfo", "fit_svi"]
+__all__ = ["SVIObjective", "SVIResult", "SVIStepInfo", "fit_svi"]
 
 _MAX_RESTARTS = 5
 
 
-class _SVIObjective(ShardedObjective):
+class SVIObjective(ShardedObjective):
+    """A :class:`~raybayes.distributed.ShardedObjective` whose workers run SVI steps
+    (:class:`~raybayes.svi.worker.SVIShardWorker`)."""
+
     worker_class = SVIShardWorker
+
+
+_SVIObjective = SVIObjective  # the former private name
 
 
 @dataclass
@@ -69,8 +88,8 @@ class SVIResult:
             the unconstrained space; ``global_sites`` gives the layout.
         local_params: ``loc`` and ``scale`` ``(P, k)`` of the per-entity block, in
             entity order of the split plate.
-        idata: ``arviz.InferenceData`` with ``num_draws`` draws from q (one chain),
-            constrained, deterministic sites included.
+        idata: ``arviz.InferenceData`` with ``num_samples`` draws from q (one
+            chain), constrained, deterministic sites included.
         losses: ``(num_steps,)`` negative ELBO estimate of every step (nats).
         num_steps: optimizer steps taken.
         stop_reason: ``"converged"``, ``"max_steps"`` or ``"callback"``.
@@ -105,7 +124,7 @@ class SVIResult:
         """Draws made at the end of the fit: ``site -> (num_draws, *shape)``.
 
         Args:
-            num_draws: at most the ``num_draws`` of :func:`fit_svi` (default all).
+            num_draws: at most the ``num_samples`` of :func:`fit_svi` (default all).
             var_names: sites to return (default all).
         """
         names = var_names or list(self.posterior_samples)
@@ -125,8 +144,11 @@ class SVIStepInfo:
         self._run, self.step, self.loss, self.elapsed_s = run, step, loss, elapsed_s
 
     def sample_posterior(self, num_draws: int, seed: int = 0, var_names=None) -> dict:
-        """``site -> (num_draws, *shape)`` constrained draws from the current q."""
-        return self._run.draws(num_draws, seed, var_names)[0]
+        """``site -> (num_draws, *shape)`` constrained draws from the current q.
+
+        The draws use ``derive_key(seed, "draws")``.
+        """
+        return self._run.draws(num_draws, derive_key(seed, "draws"), var_names)[0]
 
 
 def _check_args(
@@ -237,8 +259,7 @@ class _Run:
         return True
 
     def pool_call_all(self, method, *args):
-        futures = [self.pool.submit(s, method, *args, tag=s) for s in range(self.S)]
-        return [self.obj._result(f) for f in futures]
+        return self.obj.call_all(method, *args)
 
     # ------------------------------------------------------------ workers
     def _restart(self, shard):
@@ -250,18 +271,16 @@ class _Run:
                 f"shard worker {shard} was lost {_MAX_RESTARTS + 1} times; giving up. "
                 "Check the cluster's logs for the cause (memory, preemption).",
             )
-        self.pool.restart(shard)
-        self.obj._result(self.pool.submit(shard, "setup", shard, tag=shard))
-        self.obj._result(
-            self.pool.submit(shard, "configure_svi", self.cfg["worker"], tag=shard)
-        )
+        self.obj.restart_shard(shard)
+        self.obj.call(shard, "configure_svi", self.cfg["worker"])
         if self.ckpt is not None:
-            self.obj._result(self.pool.submit(shard, "load_checkpoint", tag=shard))
+            self.obj.call(shard, "load_checkpoint")
 
     # ------------------------------------------------------------ sampling
-    def draws(self, num_draws, seed, var_names=None):
-        """Constrained draws from q: globals here, locals on their shards."""
-        key = jax.random.PRNGKey(seed)
+    def draws(self, num_draws, key, var_names=None):
+        """Constrained draws from q: the globals here (noise from
+        ``fold_in(key, 0)``), the locals on their shards (noise keyed by entity id,
+        :meth:`~raybayes.svi.worker.SVIShardWorker.local_draws`)."""
         noise = (num_draws, self.guide.noise_size)
         eps = jax.random.normal(jax.random.fold_in(key, 0), noise)
         globals_ = np.asarray(self.guide.sample(self.theta, eps))
@@ -271,7 +290,7 @@ class _Run:
         for lo in range(0, num_draws, chunk):
             hi = min(num_draws, lo + chunk)
             results = self.pool_call_all(
-                "q_constrained_values", globals_[lo:hi], seed, lo, hi, num_draws
+                "q_constrained_values", globals_[lo:hi], key, lo, hi, num_draws
             )
             values, axes = merge_shard_values(results)
             for k, v in values.items():
@@ -295,7 +314,7 @@ class _Run:
         clocks = [self.version] * S
         inflight: dict[int, Any] = {}
         pending: dict[int, dict[int, tuple]] = defaultdict(dict)
-        theta_ref = self.obj.backend.put(jax.tree.map(np.asarray, self.theta))
+        theta_ref = self.obj.put(jax.tree.map(np.asarray, self.theta))
         stop_reason, elapsed, t0 = "max_steps", 0.0, time.perf_counter()
         callback_s = 0.0
         while self.version < num_steps:
@@ -306,15 +325,15 @@ class _Run:
                     and (clocks[s] - self.version <= s_max)
                 ):
                     inflight[s] = (
-                        self.pool.submit(s, "step", theta_ref, clocks[s], tag=s),
+                        self.obj.submit(s, "step", theta_ref, clocks[s]),
                         self.version,
                     )
-            done = self.pool.wait([f for f, _ in inflight.values()])
+            done = self.obj.wait([f for f, _ in inflight.values()])
             for fut in done:
                 s = fut.tag
                 _, used = inflight.pop(s)
                 try:
-                    loss, grad, clock = self.pool.result(fut)
+                    loss, grad, clock = self.obj.result(fut)
                 except WorkerLostError:
                     self._restart(s)
                     for c in [
@@ -342,7 +361,7 @@ class _Run:
                 )
                 self.version += 1
                 self.losses.append(loss)
-                theta_ref = self.obj.backend.put(jax.tree.map(np.asarray, self.theta))
+                theta_ref = self.obj.put(jax.tree.map(np.asarray, self.theta))
                 v = self.version
                 if convergence == "params":
                     self.loc_history.append(np.asarray(self.theta["loc"]))
@@ -370,9 +389,8 @@ class _Run:
 
     def _drain(self, inflight):
         for fut, _ in inflight.values():
-            self.pool.wait([fut])
             try:
-                self.pool.result(fut)
+                self.obj.result(fut)
             except WorkerLostError:
                 pass
         inflight.clear()
@@ -414,13 +432,16 @@ class _Run:
 
 def fit_svi(
     model: Callable,
+    *model_args: Any,
     model_kwargs: Mapping[str, Any] | None = None,
-    *,
-    num_shards: int = 1,
+    num_shards: int | None = None,
     partition: Partition | None = None,
     source: Any = None,
-    model_args: tuple = (),
-    backend: str | Backend = "local",
+    backend: str | Backend = "auto",
+    num_workers: int | None = None,
+    use_gpu: bool = False,
+    resources_per_worker: Mapping[str, float] | None = None,
+    address: str | None = None,
     guide: Any = "normal",
     rank: int | None = None,
     init_scale: float = 0.1,
@@ -437,7 +458,7 @@ def fit_svi(
     window: int = 200,
     convergence: str = "elbo",
     seed: int = 0,
-    num_draws: int = 1000,
+    num_samples: int = 1000,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     callback: Callable[[SVIStepInfo], bool | None] | None = None,
@@ -446,6 +467,7 @@ def fit_svi(
     max_shard_bytes: int | None = None,
     x64: bool = False,
     _worker_slowdown: Mapping[int, float | tuple[float, float]] | None = None,
+    **deprecated: Any,
 ) -> SVIResult:
     """Stochastic variational inference over shards of the data, on a backend.
 
@@ -460,14 +482,24 @@ def fit_svi(
 
     Args:
         model: a NumPyro model with continuous latent variables.
+        *model_args: its positional arguments (not split; ``model_args=`` is
+            deprecated).
         model_kwargs: its keyword arguments (NumPy arrays and scalars), or ``None``
-            with ``source``.
-        num_shards: S, shards and workers.
+            with ``source``. Passing them as the second positional argument is
+            deprecated.
+        num_shards: S, shards and workers (one worker per shard); default
+            ``num_workers``, else 1.
         partition: the split; by default :func:`raybayes.plan` chooses it.
         source: a :class:`~raybayes.datasets.parquet.ParquetShards` read on the
             workers (each reads its own partitions; ``partition`` required).
-        model_args: positional model arguments (not split).
-        backend: ``"local"``, ``"ray"`` or a :class:`~raybayes.backends.Backend`.
+        backend: ``"auto"`` (default; in-process unless the job has several
+            shards and the machine several CPUs, or the scaling settings ask for a
+            cluster: :func:`raybayes.config.resolve_backend_name`), ``"local"``,
+            ``"ray"`` or a :class:`~raybayes.backends.Backend`.
+        num_workers, use_gpu, resources_per_worker, address: the scaling
+            configuration (:class:`~raybayes.config.ScalingConfig`); one worker per
+            shard, so ``num_workers`` must equal ``num_shards`` when both are
+            given.
         guide: ``"normal"`` / ``AutoNormal``, or ``"lowrank"`` /
             ``AutoLowRankMultivariateNormal`` (low-rank global block, mean-field
             local blocks); an autoguide instance built for ``model`` also works.
@@ -489,8 +521,11 @@ def fit_svi(
             ``window`` steps changes by at most ``tol`` relative to the window
             before (``"elbo"``), or when the global means moved by at most ``tol``
             relative over ``window`` steps (``"params"``). ``tol=None``: never.
-        seed: the run's seed; the same seed gives the same fit for any backend.
-        num_draws: draws from the fitted q in ``result.idata``.
+        seed: the run's integer seed; the same seed gives the same fit for any
+            backend. Step ``c`` uses ``fold_in(derive_key(seed), c)``, the final
+            draws ``derive_key(seed, "draws")``.
+        num_samples: draws from the fitted q in ``result.idata``
+            (``num_draws=`` is the deprecated name).
         checkpoint_dir: where the server writes theta and each shard writes its
             locals every ``checkpoint_every`` steps (atomically); a rerun with the
             same settings resumes, and a lost worker restarts from its shard's
@@ -507,10 +542,12 @@ def fit_svi(
 
     Raises:
         ConfigurationError: a learning rate <= 0, a subsample larger than a shard,
+            ``num_workers`` different from ``num_shards``, an unknown argument,
             a guide or ``init_params`` that does not match the model's sites, a
             shard over ``max_shard_bytes``, or a non-finite ELBO at the start (the
             message names the site).
-        ShardError: the model raised on a worker (with its traceback).
+        ShardError: the model raised on a worker (names the shard, with the
+            worker's traceback).
         WorkerLostError: a worker was lost more than 5 times.
 
     References:
@@ -519,8 +556,16 @@ def fit_svi(
         Ho et al. (2013). More effective distributed ML via a stale synchronous
         parallel parameter server. NeurIPS.
     """
-    from raybayes.optim.map import planned_objective
-
+    model_args, model_kwargs = split_model_arguments(
+        model_args, model_kwargs, deprecated
+    )
+    num_samples = renamed_argument(deprecated, "num_draws", "num_samples",
+                                   num_samples, default=1000)
+    progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
+                                    progress_bar, default=True)
+    reject_unknown_arguments(deprecated, "fit_svi")
+    scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
+    num_shards = shard_count(num_shards, scaling)
     family, rank, init_scale = resolve_guide(guide, model, rank, init_scale)
     _check_args(
         learning_rate,
@@ -551,8 +596,9 @@ def fit_svi(
         backend=backend,
         source=source,
         model_args=model_args,
-        objective_class=_SVIObjective,
+        objective_class=SVIObjective,
         x64=x64,
+        scaling=scaling,
     )
     progress = None
     x64_context = jax.enable_x64(x64)
@@ -562,7 +608,7 @@ def fit_svi(
             int(k): (v if isinstance(v, tuple) else (float(v), 1.0))
             for k, v in (_worker_slowdown or {}).items()
         }
-        worker_cfg = dict(
+        worker_cfg = SVIWorkerConfig(
             family=family,
             rank=rank,
             init_scale=init_scale,
@@ -573,11 +619,10 @@ def fit_svi(
             checkpoint_dir=checkpoint_dir,
             init_params=dict(init_params or {}),
         )
-        infos = []
-        for s in range(objective.num_shards):
-            cfg_s = dict(worker_cfg, slowdown=slow.get(s))
-            infos.append(objective.pool.submit(s, "configure_svi", cfg_s, tag=s))
-        infos = [objective._result(f) for f in infos]
+        infos = objective.gather(
+            "configure_svi",
+            lambda s: (dataclasses.replace(worker_cfg, slowdown=slow.get(s)),),
+        )
         data_bytes = [int(i["data_bytes"]) for i in infos]
         if max_shard_bytes is not None and max(data_bytes) > max_shard_bytes:
             worst = int(np.argmax(data_bytes))
@@ -618,11 +663,11 @@ def fit_svi(
         progress.close()
         progress = None
         t1 = time.perf_counter()
-        samples, axes = run.draws(num_draws, seed + 1)
+        samples, axes = run.draws(num_samples, derive_key(seed, "draws"))
         idata = draws_to_inference_data(
-            objective,
             samples,
             axes,
+            objective.partition.plate if objective.partition is not None else None,
             attrs={
                 "inference": f"svi ({family})",
                 "num_steps": run.version,

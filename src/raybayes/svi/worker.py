@@ -20,8 +20,11 @@ state), so local parameters never leave the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +34,46 @@ from numpyro import handlers
 from numpyro.infer.util import log_density as _numpyro_log_density
 from numpyro.primitives import Messenger
 
-from raybayes.distributed.sharded import ShardWorker, _in_precision
+from raybayes.config import derive_key
+from raybayes.distributed import ShardWorker, worker_precision
 from raybayes.errors import ConfigurationError
 from raybayes.checkpoint import load_checkpoint, save_checkpoint
 from raybayes.svi.guides import GlobalGuide, softplus_inv
 
-__all__ = ["SVIShardWorker", "minibatch_scale"]
+__all__ = ["SVIShardWorker", "SVIWorkerConfig", "minibatch_scale"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SVIWorkerConfig:
+    """The settings every SVI shard worker receives (``configure_svi``).
+
+    Attributes:
+        family: ``"normal"`` (mean-field) or ``"lowrank"`` global guide.
+        rank: rank of the low-rank global factor (``None`` for mean-field).
+        init_scale: initial standard deviation of the guide (unconstrained).
+        subsample_size: entities per shard per step; ``None``: all of them.
+        num_particles: Monte Carlo draws of the latents per step.
+        seed: the run's integer seed (step keys are
+            ``fold_in(derive_key(seed), clock)``).
+        local_optimizer: the optax transformation of the local variational
+            parameters (applied row by row).
+        checkpoint_dir: where the shard writes its checkpoint, or ``None``.
+        init_params: constrained initial means of some latent sites (local sites
+            over the whole plate).
+        slowdown: ``(factor, probability)`` of an artificial slowdown (tests of
+            bounded staleness), or ``None``.
+    """
+
+    family: str
+    rank: int | None
+    init_scale: float
+    subsample_size: int | None
+    num_particles: int
+    seed: int
+    local_optimizer: Any
+    checkpoint_dir: str | None = None
+    init_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    slowdown: tuple[float, float] | None = None
 
 
 class minibatch_scale(Messenger):  # noqa: N801 - a NumPyro handler
@@ -85,15 +122,12 @@ class SVIShardWorker(ShardWorker):
     """
 
     # ----------------------------------------------------------------- set-up
-    @_in_precision
-    def configure_svi(self, cfg: dict) -> dict:
+    @worker_precision
+    def configure_svi(self, cfg: SVIWorkerConfig | Mapping[str, Any]) -> dict:
         """Prepare the minibatch index and the local variational state.
 
         Args:
-            cfg: ``family``, ``rank``, ``init_scale``, ``subsample_size`` (None:
-                all entities), ``num_particles``, ``seed``, ``local_optimizer``
-                (optax), ``slowdown`` ((factor, probability) or None),
-                ``checkpoint_dir``, ``init_local`` (``(P_s, k)`` or None).
+            cfg: an :class:`SVIWorkerConfig` (or a mapping of its fields).
 
         Returns:
             ``{"num_local_entities", "batch_size", "num_rows", "data_bytes"}``.
@@ -102,11 +136,13 @@ class SVIShardWorker(ShardWorker):
             ConfigurationError: ``subsample_size`` larger than the shard.
         """
         self._check()
+        if not isinstance(cfg, SVIWorkerConfig):
+            cfg = SVIWorkerConfig(**cfg)
         d = self.density
         self.cfg = cfg
         P, k = d.num_local_entities, d.num_local_per_entity
         part = self.partition
-        B = cfg.get("subsample_size")
+        B = cfg.subsample_size
         num_units = P if d.local_sites else self._num_units()
         if B is not None and B > num_units:
             raise ConfigurationError(
@@ -120,13 +156,13 @@ class SVIShardWorker(ShardWorker):
         self.local_scale = num_units / self.batch_size
         self.global_scale = 1.0 / len(self.specs)
         self.guide = GlobalGuide(
-            d.num_global, cfg["family"], cfg["rank"], cfg["init_scale"]
+            d.num_global, cfg.family, cfg.rank, cfg.init_scale
         )
-        self.num_particles = int(cfg["num_particles"])
+        self.num_particles = int(cfg.num_particles)
         dtype = jnp.result_type(float)
-        self.key = jax.random.PRNGKey(int(cfg["seed"]))
+        self.key = derive_key(int(cfg.seed))
         # Arrays sorted by entity, so a minibatch of entities is a padded gather.
-        arrays = dict(d._arrays)
+        arrays = dict(d.arrays)
         self._mask_plate = None
         if self.subsample and part is not None and part.index_arg is not None:
             index = np.asarray(arrays[part.index_arg])
@@ -141,19 +177,19 @@ class SVIShardWorker(ShardWorker):
             self._mask_plate = part.obs_plate
         self._arrays_sorted = arrays
         # Local variational parameters and their row-wise optimizer state.
-        init_global, loc = self._initial_values(cfg.get("init_params") or {})
+        init_global, loc = self._initial_values(dict(cfg.init_params or {}))
         loc = np.asarray(loc).astype(dtype)
         self.phi = {
             "loc": jnp.asarray(loc),
-            "scale_raw": jnp.full((P, k), softplus_inv(cfg["init_scale"]), dtype),
+            "scale_raw": jnp.full((P, k), softplus_inv(cfg.init_scale), dtype),
         }
-        self.local_opt = cfg["local_optimizer"]
+        self.local_opt = cfg.local_optimizer
         self.local_state = jax.vmap(self.local_opt.init)(self.phi)
         self.clock = 0
-        self._slow = cfg.get("slowdown")
+        self._slow = cfg.slowdown
         self._slow_rng = np.random.default_rng(1000 + self.shard_id)
         self._step_fn = jax.jit(self._step_impl)
-        data_bytes = int(sum(np.asarray(v).nbytes for v in d._arrays.values()))
+        data_bytes = int(sum(np.asarray(v).nbytes for v in d.arrays.values()))
         return dict(
             init_global=np.asarray(init_global),
             num_local_entities=P,
@@ -207,9 +243,9 @@ class SVIShardWorker(ShardWorker):
         """Model arguments of the entities ``idx`` ``(B,)``, and the padding mask."""
         part = self.partition
         if not self.subsample:
-            return arrays, dict(self.density._static), None
+            return arrays, dict(self.density.static_kwargs), None
         out = dict(arrays)
-        static = dict(self.density._static)
+        static = dict(self.density.static_kwargs)
         for name in part.entity_args:
             if out.get(name) is not None:
                 out[name] = out[name][idx]
@@ -322,7 +358,7 @@ class SVIShardWorker(ShardWorker):
             )
         return loss, g_theta, phi, state
 
-    @_in_precision
+    @worker_precision
     def step(self, theta: dict, clock: int) -> tuple[float, dict, int]:
         """One SVI step at ``clock``: update the locals, return the global gradient.
 
@@ -350,7 +386,7 @@ class SVIShardWorker(ShardWorker):
         return float(loss), g_theta, clock
 
     # ------------------------------------------------------------ diagnostics
-    @_in_precision
+    @worker_precision
     def check_init(self, theta: dict) -> list[tuple[str, int, int]]:
         """Sites whose log density is not finite at the initial guide means.
 
@@ -361,7 +397,7 @@ class SVIShardWorker(ShardWorker):
         g = jnp.asarray(theta["loc"], dtype=jnp.result_type(float))
         lm = self.phi["loc"]
         params = d.constrain(d.unflatten(g, lm))
-        arrays = {**d._arrays, **d._static}
+        arrays = {**d.arrays, **d.static_kwargs}
         tr = handlers.trace(handlers.substitute(handlers.seed(self.model, 0), params))
         tr = tr.get_trace(*self.model_args, **arrays)
         bad = []
@@ -377,7 +413,7 @@ class SVIShardWorker(ShardWorker):
     # ------------------------------------------------------------ checkpoints
     def _ckpt_path(self):
         return os.path.join(
-            self.cfg["checkpoint_dir"], f"shard-{self.shard_id:04d}.npz"
+            self.cfg.checkpoint_dir, f"shard-{self.shard_id:04d}.npz"
         )
 
     def save_checkpoint(self, version: int) -> None:
@@ -391,7 +427,7 @@ class SVIShardWorker(ShardWorker):
         )
         save_checkpoint(self._ckpt_path(), record)
 
-    @_in_precision
+    @worker_precision
     def load_checkpoint(self) -> int | None:
         """Restore this shard's locals from its checkpoint; returns its version."""
         path = self._ckpt_path()
@@ -418,20 +454,24 @@ class SVIShardWorker(ShardWorker):
             entity_ids=np.asarray(self.entity_ids),
         )
 
-    @_in_precision
-    def q_constrained_values(self, global_draws, seed, lo, hi, num_draws):
+    @worker_precision
+    def q_constrained_values(self, global_draws, rng_key, lo, hi, num_draws):
         """Constrained sites for draws ``lo .. hi - 1`` of ``num_draws`` from q.
 
-        The locals are drawn here (keyed by entity id), the globals are given
-        ``(hi - lo, G)``; see :meth:`constrained_values` for the output.
+        The locals are drawn here (keyed by entity id, see :meth:`local_draws`),
+        the globals are given ``(hi - lo, G)``; see :meth:`constrained_values` for
+        the output.
         """
-        local = self.local_draws(num_draws, seed)[lo:hi]
+        local = self.local_draws(num_draws, rng_key)[lo:hi]
         return self.constrained_values(global_draws, local)
 
-    @_in_precision
-    def local_draws(self, num_draws: int, seed: int) -> np.ndarray:
-        """``(num_draws, P_s, k)`` draws of the locals from q, keyed by entity id."""
-        key = jax.random.PRNGKey(seed)
+    @worker_precision
+    def local_draws(self, num_draws: int, rng_key) -> np.ndarray:
+        """``(num_draws, P_s, k)`` draws of the locals from q.
+
+        Entity ``e`` uses ``fold_in(rng_key, e)``: the same draws on any shard.
+        """
+        key = rng_key
         k = self.density.num_local_per_entity
         ids = jnp.asarray(self.entity_ids) if len(self.entity_ids) else jnp.arange(0)
         z = jax.vmap(
