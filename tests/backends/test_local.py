@@ -1,4 +1,4 @@
-"""The in-process backend, directly: worker objects, order of calls, errors, restarts."""
+"""The in-process backend, directly: worker objects, call order, errors, restarts."""
 
 from __future__ import annotations
 

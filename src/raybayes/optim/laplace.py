@@ -281,14 +281,13 @@ def newton_polish(
     )
 
 
-def _root_key(seed, deprecated):
-    """The root key of the draws: ``derive_key(seed)``, or a deprecated ``rng_key``."""
-    value = renamed_argument(deprecated, "rng_key", "seed", seed, default=0)
-    if value is None:  # the old default
-        value = 0
-    if isinstance(value, (int, np.integer)):
-        return derive_key(int(value))
-    return value
+def _root_key(seed):
+    """The root key of the draws: ``derive_key(seed)``, or a (deprecated) JAX key."""
+    if seed is None:  # the old default of rng_key
+        seed = 0
+    if isinstance(seed, (int, np.integer)):
+        return derive_key(int(seed))
+    return seed
 
 
 def laplace(
@@ -360,7 +359,8 @@ def laplace(
                                    num_samples, default=1000)
     progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
                                     progress_bar, default=False)
-    key = _root_key(seed, deprecated)
+    seed = renamed_argument(deprecated, "rng_key", "seed", seed, default=0)
+    key = _root_key(seed)
     reject_unknown_arguments(deprecated, "laplace")
     return _laplace(objective, map_result, key, num_samples, batch_size,
                     newton_steps, newton_gtol, progress_bar)
@@ -507,7 +507,8 @@ def laplace_approximation(
                                  default=200)
     progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
                                     progress_bar, default=True)
-    key = _root_key(seed, deprecated)
+    seed = renamed_argument(deprecated, "rng_key", "seed", seed, default=0)
+    key = _root_key(seed)
     reject_unknown_arguments(deprecated, "laplace_approximation")
     scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
     num_shards = shard_count(num_shards, scaling)

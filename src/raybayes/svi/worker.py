@@ -451,7 +451,9 @@ class SVIShardWorker(ShardWorker):
         return dict(
             loc=np.asarray(self.phi["loc"]),
             scale=np.asarray(jax.nn.softplus(self.phi["scale_raw"])),
-            entity_ids=np.asarray(self.entity_ids),
+            entity_ids=np.asarray(
+                self.entity_ids if self.density.num_local_per_entity else []
+            ).astype(np.int64),
         )
 
     @worker_precision
@@ -473,6 +475,8 @@ class SVIShardWorker(ShardWorker):
         """
         key = rng_key
         k = self.density.num_local_per_entity
+        if k == 0:  # no local latent sites (e.g. a split of the observations)
+            return np.zeros((num_draws, self.density.num_local_entities, 0))
         ids = jnp.asarray(self.entity_ids) if len(self.entity_ids) else jnp.arange(0)
         z = jax.vmap(
             lambda e: jax.random.normal(jax.random.fold_in(key, e), (num_draws, k))
