@@ -58,14 +58,14 @@ def run_raybayes(kwargs, args):
     ) as objective:
         setup_s = time.perf_counter() - start
         result = find_map(
-            objective, tol=args.tol, max_iter=args.max_iter, progress=args.progress
+            objective, tol=args.tol, max_steps=args.max_iter, progress_bar=args.progress
         )
         lap = laplace(
             objective,
             result,
-            num_draws=args.draws,
-            rng_key=jax.random.PRNGKey(0),
-            progress=args.progress,
+            num_samples=args.draws,
+            seed=0,
+            progress_bar=args.progress,
         )
     total = time.perf_counter() - start
     beta = lap.idata.posterior["beta"].values.reshape(args.draws, -1).mean(0)

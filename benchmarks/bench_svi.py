@@ -73,12 +73,12 @@ def run_map(kwargs, true_beta, args):
     start = time.perf_counter()
     res = fit_map(
         MODEL,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=args.map_shards,
         backend=args.map_backend,
         tol=args.map_tol,
-        max_iter=args.map_max_iter,
-        progress=args.progress,
+        max_steps=args.map_max_iter,
+        progress_bar=args.progress,
     )
     wall = time.perf_counter() - start
     map_beta = np.asarray(res.params["beta"])
@@ -119,7 +119,7 @@ def run_ours(kwargs, true_beta, target, args):
     start = time.perf_counter()
     result = raybayes.fit_svi(
         MODEL,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=args.workers,
         backend=args.backend,
         guide=args.guide,
@@ -129,7 +129,7 @@ def run_ours(kwargs, true_beta, target, args):
         num_steps=args.max_steps,
         tol=args.tol,  # None: no convergence stop; the callback stops at the target
         seed=0,
-        num_draws=args.draws,
+        num_samples=args.draws,
         progress_bar=False,
         callback=callback,
         callback_every=args.eval_every,

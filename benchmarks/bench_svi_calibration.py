@@ -121,7 +121,7 @@ def run_method(name, kwargs, part, backend, seed, args):
         optimizer, local_optimizer = _svi_optimizers(args)
         res = raybayes.fit_svi(
             MODEL,
-            kwargs,
+            model_kwargs=kwargs,
             num_shards=args.workers,
             partition=part,
             backend=backend,
@@ -133,7 +133,7 @@ def run_method(name, kwargs, part, backend, seed, args):
             num_steps=args.svi_steps,
             tol=None,
             seed=seed,
-            num_draws=args.draws,
+            num_samples=args.draws,
             progress_bar=False,
         )
         idata = res.idata
@@ -147,13 +147,13 @@ def run_method(name, kwargs, part, backend, seed, args):
     elif name == "laplace":
         res = raybayes.laplace_approximation(
             MODEL,
-            kwargs,
+            model_kwargs=kwargs,
             num_shards=args.workers,
             partition=part,
             backend=backend,
-            num_draws=args.draws,
-            rng_key=jax.random.PRNGKey(seed),
-            progress=False,
+            num_samples=args.draws,
+            seed=seed,
+            progress_bar=False,
         )
         idata = res.idata
         extra["note"] = (

@@ -52,8 +52,9 @@ def main():
         # One actor per shard; logical CPUs so that S > physical cores still schedules.
         with RayBackend(num_cpus=max(2, S)) as backend:
             res = raybayes.fit_svi(
-                elasticity_model, kwargs, num_shards=S, partition=part, backend=backend,
-                subsample_size=100, num_steps=args.steps, tol=None, num_draws=2,
+                elasticity_model, model_kwargs=kwargs, num_shards=S, partition=part,
+                backend=backend,
+                subsample_size=100, num_steps=args.steps, tol=None, num_samples=2,
                 progress_bar=False,
             )
         data = np.array(res.data_bytes) / MB
@@ -64,7 +65,8 @@ def main():
               f"{max(res.data_bytes) * S / total:.2f} |")
     budget = total // 2
     try:
-        raybayes.fit_svi(elasticity_model, kwargs, num_shards=1, backend="local",
+        raybayes.fit_svi(elasticity_model, model_kwargs=kwargs, num_shards=1,
+                         backend="local",
                          num_steps=1, max_shard_bytes=budget, progress_bar=False)
         print("one worker: accepted (unexpected)")
     except ConfigurationError as err:

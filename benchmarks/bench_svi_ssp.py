@@ -52,7 +52,7 @@ def run(kwargs, partition, true_beta, staleness, backend, args):
 
     res = raybayes.fit_svi(
         elasticity_model,
-        kwargs,
+        model_kwargs=kwargs,
         num_shards=args.workers,
         partition=partition,
         backend=backend,
@@ -62,7 +62,7 @@ def run(kwargs, partition, true_beta, staleness, backend, args):
         tol=None,
         staleness=staleness,
         seed=0,
-        num_draws=10,
+        num_samples=10,
         progress_bar=False,
         callback=callback,
         callback_every=args.eval_every,

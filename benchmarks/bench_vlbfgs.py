@@ -76,15 +76,15 @@ def main():
                     n, g = f.size, f.num_global
                     t0 = time.perf_counter()
                     if cls is ShardedObjective:
-                        r = find_map(f, max_iter=args.iters, tol=1e-30, gtol=0.0,
-                                     history_size=m, progress=False, assemble=False)
+                        r = find_map(f, max_steps=args.iters, tol=1e-30, gtol=0.0,
+                                     history_size=m, progress_bar=False, assemble=False)
                         per_eval = 2 * 8 * (n - g) + 2 * 8 * g * args.workers
                         comm = per_eval * r.num_evaluations / max(r.num_iterations, 1)
                         state = 8 * ((2 * m + 5) * n + 11 * m * m + 8 * m + 2 * n)
                     else:
-                        r = find_map_vector_free(f, max_iter=args.iters, tol=1e-30,
+                        r = find_map_vector_free(f, max_steps=args.iters, tol=1e-30,
                                                  gtol=0.0, history_size=m,
-                                                 progress=False, assemble=False)
+                                                 progress_bar=False, assemble=False)
                         comm = float(np.mean(np.add(r.bytes_sent, r.bytes_received)))
                         state = r.driver_state_bytes
                     wall = time.perf_counter() - t0
