@@ -328,11 +328,17 @@ def planned_objective(
     :func:`raybayes.plan` when neither ``partition`` nor ``source`` is given.
 
     Args:
-        model, model_kwargs, model_args: the NumPyro model and its arguments.
+        model: a NumPyro model.
+        model_kwargs: its keyword arguments (``None`` with ``source``).
         num_shards: S requested (the plan may choose fewer).
-        partition, source, backend, x64, scaling: see :class:`ShardedObjective`.
+        partition: the split; chosen by :func:`raybayes.plan` when ``None``.
+        backend: see :class:`ShardedObjective`.
+        source: see :class:`ShardedObjective`.
+        model_args: positional model arguments.
         objective_class: the class to build (a subclass whose workers hold an
             algorithm's per-shard state).
+        x64: workers compute in float64.
+        scaling: see :class:`ShardedObjective`.
 
     Returns:
         The objective; close it (or use it as a context manager).

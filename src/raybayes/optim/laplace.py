@@ -463,14 +463,19 @@ def laplace_approximation(
             workers (then ``partition`` is required).
         backend: ``"auto"`` (default; see :func:`raybayes.config.resolve_backend_name`),
             ``"local"`` (in-process), ``"ray"`` or a backend instance.
-        num_workers, use_gpu, resources_per_worker, address: the scaling
-            configuration (:class:`~raybayes.config.ScalingConfig`); one worker per
-            shard, so ``num_workers`` must equal ``num_shards`` when both are given.
+        num_workers: Ray workers (:class:`~raybayes.config.ScalingConfig`); one
+            worker per shard, so it sets ``num_shards`` when that is not given and
+            must equal it otherwise.
+        use_gpu: one GPU per worker (Ray).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        address: a Ray cluster address (``"HOST:PORT"``).
         num_samples: draws from the approximation (``num_draws=`` deprecated).
         seed: integer seed of the draws (see :func:`laplace`; ``rng_key=``
             deprecated).
-        tol, gtol, max_steps: L-BFGS stopping rules (see :func:`find_map`;
-            ``max_iter=`` deprecated).
+        tol: relative decrease of the loss at which L-BFGS stops (see
+            :func:`find_map`).
+        gtol: largest gradient component at which L-BFGS stops.
+        max_steps: maximum L-BFGS iterations (``max_iter=`` deprecated).
         progress_bar: a line per L-BFGS iteration (``progress=`` deprecated).
         x64: workers compute in float64 (default).
 

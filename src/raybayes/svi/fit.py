@@ -496,10 +496,12 @@ def fit_svi(
             shards and the machine several CPUs, or the scaling settings ask for a
             cluster: :func:`raybayes.config.resolve_backend_name`), ``"local"``,
             ``"ray"`` or a :class:`~raybayes.backends.Backend`.
-        num_workers, use_gpu, resources_per_worker, address: the scaling
-            configuration (:class:`~raybayes.config.ScalingConfig`); one worker per
-            shard, so ``num_workers`` must equal ``num_shards`` when both are
-            given.
+        num_workers: Ray workers (:class:`~raybayes.config.ScalingConfig`); one
+            worker per shard, so it sets ``num_shards`` when that is not given and
+            must equal it otherwise.
+        use_gpu: one GPU per worker (Ray).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        address: a Ray cluster address (``"HOST:PORT"``).
         guide: ``"normal"`` / ``AutoNormal``, or ``"lowrank"`` /
             ``AutoLowRankMultivariateNormal`` (low-rank global block, mean-field
             local blocks); an autoguide instance built for ``model`` also works.
@@ -517,10 +519,13 @@ def fit_svi(
             ``learning_rate``); ``local_optimizer`` overrides it.
         num_steps: maximum optimizer steps.
         staleness: s of SSP; 0 is bulk-synchronous (BSP).
-        tol, window, convergence: stop when the mean negative ELBO of the last
+        tol: relative change at which to stop (see ``convergence``);
+            ``tol=None``: never stop early.
+        window: steps per window of the convergence check.
+        convergence: ``"elbo"``: stop when the mean negative ELBO of the last
             ``window`` steps changes by at most ``tol`` relative to the window
-            before (``"elbo"``), or when the global means moved by at most ``tol``
-            relative over ``window`` steps (``"params"``). ``tol=None``: never.
+            before; ``"params"``: when the global means moved by at most ``tol``
+            relative over ``window`` steps.
         seed: the run's integer seed; the same seed gives the same fit for any
             backend. Step ``c`` uses ``fold_in(derive_key(seed), c)``, the final
             draws ``derive_key(seed, "draws")``.
