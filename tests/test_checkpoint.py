@@ -135,5 +135,5 @@ def test_fit_svi_does_not_unpickle_an_old_checkpoint(tmp_path):
     (ckpt / "global.pkl").write_bytes(pickle.dumps({"theta": _Marker(marker)}))
     with pytest.raises(ConfigurationError, match="old pickle format"):
         raybayes.fit_svi(model, model_kwargs={"y": np.ones(4)}, num_steps=5,
-                         checkpoint_dir=ckpt, progress_bar=False, num_draws=5)
+                         checkpoint_dir=ckpt, progress_bar=False, num_samples=5)
     assert not marker.exists()

@@ -102,7 +102,7 @@ def test_a_model_that_raises_is_left_to_the_entry_point():
         ),
         lambda: raybayes.optim.fit_map(normal_model, model_kwargs={"y": Y_NAN}),
         lambda: raybayes.laplace_approximation(
-            normal_model, model_kwargs={"y": Y_NAN}, num_draws=10, progress=False
+            normal_model, model_kwargs={"y": Y_NAN}, num_samples=10, progress_bar=False
         ),
         lambda: raybayes.fit_svi(normal_model, model_kwargs={"y": Y_NAN}, num_steps=10),
     ],
