@@ -205,7 +205,6 @@ def _fit(
     Returns ``(idata, extra)``: ``extra`` holds what the report needs.
     """
     import raybayes
-    from raybayes.config import derive_key
     from raybayes.models import elasticity_model
 
     if method == "nuts":
@@ -228,9 +227,9 @@ def _fit(
             model_kwargs=model_kwargs,
             num_shards=num_shards,
             backend=backend,
-            num_draws=num_draws,
-            rng_key=derive_key(seed, "draws"),
-            progress=progress_bar,
+            num_samples=num_draws,
+            seed=seed,
+            progress_bar=progress_bar,
         )
         return result.idata, {
             "map_status": result.map.status,
@@ -243,7 +242,7 @@ def _fit(
         backend=backend,
         num_steps=num_steps,
         seed=seed,
-        num_draws=num_draws,
+        num_samples=num_draws,
         progress_bar=progress_bar,
     )
     return result.idata, {
