@@ -417,10 +417,10 @@ def run_fit_elasticity(
         >>> from raybayes.datasets import simulate_elasticity
         >>> df, truth = simulate_elasticity(2, 6, 20, seed=0)
         >>> import tempfile
-        >>> r = run_fit_elasticity(df, tempfile.mkdtemp(), method="laplace",
+        >>> r = run_fit_elasticity(df, tempfile.mkdtemp(), method="laplace",  # doctest: +SKIP
         ...     product_cols=["product"], category_col="category", backend="local",
         ...     num_draws=200, progress_bar=False, echo=lambda *a: None)
-        >>> r.product_table.shape[0], sorted(r.files)[0]
+        >>> r.product_table.shape[0], sorted(r.files)[0]  # doctest: +SKIP
         (6, 'category_elasticities')
     """
     from raybayes.config import ScalingConfig, resolve_backend_name
