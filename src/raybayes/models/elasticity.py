@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.reparam import LocScaleReparam
 
-__all__ = ["elasticity_model"]
+from raybayes.models.negbin import NegativeBinomialLogMean
+
+__all__ = ["elasticity_model", "CENTERING_BLOCKS"]
 
 
 def elasticity_model(
@@ -19,7 +25,7 @@ def elasticity_model(
     num_times: int,
     units=None,
     likelihood: str = "negbin",
-    centered: bool = False,
+    centered: bool | Mapping = False,
 ):
     """Hierarchical price elasticity of every product, pooled within categories.
 
@@ -33,14 +39,28 @@ def elasticity_model(
         beta_i = beta_category_c(i) + sigma_beta * z_i
         delta_i = mu_delta + sigma_delta * z_delta_i               mu_delta ~ N(0, 10)
         gamma_{t,c} = sigma_gamma * z_gamma_{t,c}
-        units_it ~ NegativeBinomial2(mean, concentration)          concentration ~ Exp(0.1)
+        units_it ~ NB2(mean, concentration)                         concentration ~ Exp(0.1)
                    (or Poisson(mean) with likelihood="poisson")
 
-    ``centered=True`` samples ``delta`` and ``gamma`` in the centred form instead
-    (via :class:`numpyro.infer.reparam.LocScaleReparam`; their sample sites are then
-    ``delta``/``gamma`` instead of ``delta_decentered``/``gamma_decentered``). The
-    centred form can sample better when each intercept is informed by many
-    observations, but it has no joint mode (MAP degenerates as the scales go to 0).
+    ``centered`` chooses the parameterization of the four hierarchical blocks
+    (Papaspiliopoulos, Roberts & Skold 2007; Betancourt & Girolami 2015):
+
+    - ``False`` (default): all non-centred, with the sample sites ``z_category``,
+      ``z_beta``, ``delta_decentered`` and ``gamma_decentered``.
+    - ``True``: ``delta`` and ``gamma`` centred (sites ``delta``, ``gamma``), the
+      elasticities non-centred as above. The centred form samples better when each
+      intercept is informed by many observations, but it has no joint mode (MAP
+      degenerates as the scales go to 0).
+    - a mapping from the blocks :data:`CENTERING_BLOCKS` (``"beta_category"``,
+      ``"beta"``, ``"delta"``, ``"gamma"``) to centring weights ``w`` in
+      ``[0, 1]``, scalars or arrays of the block's shape (``(C,)``, ``(P,)``,
+      ``(P,)``, ``(T, C)``); missing blocks get 0. Each block is sampled through
+      :class:`numpyro.infer.reparam.LocScaleReparam` (``w = 1`` centred, ``w = 0``
+      non-centred, in between partially centred; Gorinova, Moore & Hoffman 2020),
+      with the sample site ``<block>_decentered`` (or ``<block>`` where a scalar
+      ``w = 1``) and the block itself as a deterministic site.
+      :meth:`raybayes.datasets.ElasticityData.centering` picks the weights from how
+      much data informs each element.
 
     Plates: ``categories`` (C), ``products`` (P), ``times`` (T, outer) x
     ``categories`` for gamma, and ``obs`` (N). All indices are precomputed
@@ -56,7 +76,7 @@ def elasticity_model(
         units: ``(N,)`` observed counts, or ``None`` to sample the prior predictive.
         likelihood: ``"negbin"`` (default; real sales are overdispersed) or
             ``"poisson"``.
-        centered: sample the intercepts ``delta`` and effects ``gamma`` centred.
+        centered: ``False``, ``True`` or a mapping block -> weights (see above).
 
     Sites of interest: ``beta`` (P,) product elasticities, ``beta_category`` (C,),
     ``beta_global``.
@@ -65,11 +85,21 @@ def elasticity_model(
         Montgomery, A. L. (1997). Creating micro-marketing pricing strategies using
         supermarket scanner data. Marketing Science 16(4), 315-337.
         Betancourt, M. & Girolami, M. (2015). Hamiltonian Monte Carlo for
-        hierarchical models. (non-centred parameterization)
+        hierarchical models. In Current Trends in Bayesian Methodology with
+        Applications, CRC Press. https://arxiv.org/abs/1312.0906
+        Papaspiliopoulos, O., Roberts, G. O. & Skold, M. (2007). A general framework
+        for the parametrization of hierarchical models. Statistical Science 22(1),
+        59-73. https://doi.org/10.1214/088342307000000014
+        Gorinova, M., Moore, D. & Hoffman, M. (2020). Automatic reparameterisation of
+        probabilistic programs. ICML. https://arxiv.org/abs/1906.03028
+
+    Raises:
+        ValueError: an unknown ``likelihood``, block name, or a weight outside [0, 1].
+        TypeError: ``centered`` is neither a bool nor a mapping.
     """
     if likelihood not in ("negbin", "poisson"):
         raise ValueError(f"likelihood={likelihood!r}; use 'negbin' or 'poisson'.")
-    reparam = {} if centered else {"gamma": LocScaleReparam(0.0), "delta": LocScaleReparam(0.0)}
+    weights = _centering_weights(centered)
     num_products = category_of_product.shape[0]
     num_obs = log_price.shape[0]
     beta_global = numpyro.sample("beta_global", dist.Normal(-2.0, 1.0))
@@ -78,19 +108,29 @@ def elasticity_model(
     sigma_delta = numpyro.sample("sigma_delta", dist.HalfNormal(1.0))
     sigma_gamma = numpyro.sample("sigma_gamma", dist.HalfNormal(1.0))
     mu_delta = numpyro.sample("mu_delta", dist.Normal(0.0, 10.0))
-    with numpyro.plate("categories", num_categories, dim=-1):
-        z_category = numpyro.sample("z_category", dist.Normal(0.0, 1.0))
-        beta_category = numpyro.deterministic(
-            "beta_category", beta_global + sigma_category * z_category
-        )
-        with numpyro.plate("times", num_times, dim=-2), numpyro.handlers.reparam(config=reparam):
-            gamma = numpyro.sample("gamma", dist.Normal(0.0, sigma_gamma))
-    with numpyro.plate("products", num_products, dim=-1):
-        z_beta = numpyro.sample("z_beta", dist.Normal(0.0, 1.0))
-        beta = numpyro.deterministic(
-            "beta", beta_category[category_of_product] + sigma_beta * z_beta
-        )
-        with numpyro.handlers.reparam(config=reparam):
+    reparam = {
+        name: LocScaleReparam(w) for name, w in weights.items() if w is not None
+    }
+    with numpyro.handlers.reparam(config=reparam):
+        with numpyro.plate("categories", num_categories, dim=-1):
+            if weights["beta_category"] is None:
+                z_category = numpyro.sample("z_category", dist.Normal(0.0, 1.0))
+                beta_category = numpyro.deterministic(
+                    "beta_category", beta_global + sigma_category * z_category
+                )
+            else:
+                beta_category = numpyro.sample(
+                    "beta_category", dist.Normal(beta_global, sigma_category)
+                )
+            with numpyro.plate("times", num_times, dim=-2):
+                gamma = numpyro.sample("gamma", dist.Normal(0.0, sigma_gamma))
+        with numpyro.plate("products", num_products, dim=-1):
+            beta_mean = beta_category[category_of_product]
+            if weights["beta"] is None:
+                z_beta = numpyro.sample("z_beta", dist.Normal(0.0, 1.0))
+                beta = numpyro.deterministic("beta", beta_mean + sigma_beta * z_beta)
+            else:
+                beta = numpyro.sample("beta", dist.Normal(beta_mean, sigma_beta))
             delta = numpyro.sample("delta", dist.Normal(mu_delta, sigma_delta))
     log_mu = (
         beta[product_idx] * log_price
@@ -99,12 +139,49 @@ def elasticity_model(
     )
     if likelihood == "negbin":
         concentration = numpyro.sample("concentration", dist.Exponential(0.1))
-        # NegativeBinomial2 evaluates log p with betaln, which stays accurate in
-        # float32 for counts in the thousands; the lgamma differences of
-        # NegativeBinomialLogits do not, and their rounding noise makes NUTS
-        # saturate its tree depth.
-        obs_dist = dist.NegativeBinomial2(jnp.exp(log_mu), concentration)
+        # The log pmf in softplus + Stirling form: float32-accurate for counts in
+        # the thousands (the plain lgamma differences are not, and their rounding
+        # noise makes NUTS saturate its tree depth) and cheaper to differentiate
+        # than NegativeBinomial2's betaln.
+        obs_dist = NegativeBinomialLogMean(log_mu, concentration)
     else:
         obs_dist = dist.Poisson(jnp.exp(log_mu))
     with numpyro.plate("obs", num_obs, dim=-1):
         numpyro.sample("units", obs_dist, obs=units)
+
+
+#: The blocks whose parameterization ``centered=`` chooses, in model order.
+CENTERING_BLOCKS = ("beta_category", "beta", "delta", "gamma")
+
+
+def _centering_weights(centered) -> dict:
+    """Block -> LocScaleReparam weight, or ``None`` for the classic ``z_*`` sites."""
+    if isinstance(centered, (bool, np.bool_)):
+        w = 1.0 if centered else 0.0
+        return {"beta_category": None, "beta": None, "delta": w, "gamma": w}
+    if not isinstance(centered, Mapping):
+        raise TypeError(
+            f"centered={centered!r}; pass True, False, or a mapping from blocks "
+            f"{CENTERING_BLOCKS} to centring weights in [0, 1] (see "
+            "ElasticityData.centering)."
+        )
+    unknown = set(centered) - set(CENTERING_BLOCKS)
+    if unknown:
+        raise ValueError(
+            f"centered has unknown block(s) {sorted(unknown)}; the blocks are "
+            f"{CENTERING_BLOCKS}."
+        )
+    weights = {}
+    for name in CENTERING_BLOCKS:
+        w = centered.get(name, 0.0)
+        if not isinstance(w, jax.core.Tracer):
+            arr = np.asarray(w, dtype=float)
+            if not np.all((arr >= 0.0) & (arr <= 1.0)):
+                raise ValueError(
+                    f"centered[{name!r}] has {int(np.sum(~((arr >= 0) & (arr <= 1))))} "
+                    f"weight(s) outside [0, 1] (e.g. {arr[~((arr >= 0) & (arr <= 1))].flat[0]}); "
+                    "use 1 for centred, 0 for non-centred."
+                )
+            w = float(arr) if arr.ndim == 0 else jnp.asarray(arr, jnp.float32)
+        weights[name] = w
+    return weights
