@@ -29,8 +29,12 @@ def orange_juice():
 def log_pmf64(y, eta, phi):
     y, eta = np.asarray(y, np.float64), np.asarray(eta, np.float64)
     return (
-        gammaln(y + phi) - gammaln(phi) - gammaln(y + 1) + phi * np.log(phi)
-        + y * eta - (phi + y) * np.logaddexp(np.log(phi), eta)
+        gammaln(y + phi)
+        - gammaln(phi)
+        - gammaln(y + 1)
+        + phi * np.log(phi)
+        + y * eta
+        - (phi + y) * np.logaddexp(np.log(phi), eta)
     )
 
 
@@ -66,7 +70,8 @@ def test_gradient_matches_jax_grad_of_numpyro_form(orange_juice):
     # d/d eta = y - (y + phi) mu / (mu + phi): up to |y| in size.
     np.testing.assert_allclose(np.asarray(g_eta), r_eta, rtol=1e-4, atol=1e-3 * phi)
     assert abs(float(g_phi) - r_phi) <= 1e-4 * np.sum(np.abs(np.asarray(units) > 0)), (
-        float(g_phi), r_phi,
+        float(g_phi),
+        r_phi,
     )
 
 
@@ -75,14 +80,18 @@ def test_coefficient_small_and_large_counts_and_its_derivative():
     for phi in (0.05, 1.0, 7.5, 300.0):
         v = log_negbin_coefficient(jnp.asarray(y), jnp.float32(phi))
         ref = gammaln(y + phi) - gammaln(phi) - gammaln(y + 1.0)
-        # float32: relative 1e-5 (phi >> y cancels (phi - 1) log(y + phi) against lgamma(phi)).
+        # float32: relative 1e-5 (for phi >> y, (phi - 1) log(y + phi) cancels
+        # against lgamma(phi)).
         np.testing.assert_allclose(np.asarray(v), ref, rtol=1e-5, atol=2e-5)
         d = jax.vmap(jax.grad(log_negbin_coefficient, argnums=1), (0, None))(
             jnp.asarray(y, jnp.float32), jnp.float32(phi)
         )
         h = 1e-4 * phi
         fd = (
-            gammaln(y + phi + h) - gammaln(phi + h) - gammaln(y + phi - h) + gammaln(phi - h)
+            gammaln(y + phi + h)
+            - gammaln(phi + h)
+            - gammaln(y + phi - h)
+            + gammaln(phi - h)
         ) / (2 * h)
         np.testing.assert_allclose(np.asarray(d), fd, rtol=1e-4, atol=1e-4)
 
@@ -123,6 +132,9 @@ def test_elasticity_density_unchanged_against_numpyro_form(monkeypatch):
     assert abs(float(v_ours) - float(v_ref)) <= 1e-5 * abs(float(v_ref))
     for name in g_ref:
         np.testing.assert_allclose(
-            g_ours[name], g_ref[name], rtol=1e-3,
-            atol=1e-4 * float(jnp.max(jnp.abs(g_ref[name]))) + 1e-3, err_msg=name,
+            g_ours[name],
+            g_ref[name],
+            rtol=1e-3,
+            atol=1e-4 * float(jnp.max(jnp.abs(g_ref[name]))) + 1e-3,
+            err_msg=name,
         )

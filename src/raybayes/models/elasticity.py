@@ -39,7 +39,7 @@ def elasticity_model(
         beta_i = beta_category_c(i) + sigma_beta * z_i
         delta_i = mu_delta + sigma_delta * z_delta_i               mu_delta ~ N(0, 10)
         gamma_{t,c} = sigma_gamma * z_gamma_{t,c}
-        units_it ~ NB2(mean, concentration)                         concentration ~ Exp(0.1)
+        units_it ~ NB2(mean, concentration)                concentration ~ Exp(0.1)
                    (or Poisson(mean) with likelihood="poisson")
 
     ``centered`` chooses the parameterization of the four hierarchical blocks
@@ -108,9 +108,7 @@ def elasticity_model(
     sigma_delta = numpyro.sample("sigma_delta", dist.HalfNormal(1.0))
     sigma_gamma = numpyro.sample("sigma_gamma", dist.HalfNormal(1.0))
     mu_delta = numpyro.sample("mu_delta", dist.Normal(0.0, 10.0))
-    reparam = {
-        name: LocScaleReparam(w) for name, w in weights.items() if w is not None
-    }
+    reparam = {name: LocScaleReparam(w) for name, w in weights.items() if w is not None}
     with numpyro.handlers.reparam(config=reparam):
         with numpyro.plate("categories", num_categories, dim=-1):
             if weights["beta_category"] is None:
@@ -177,10 +175,10 @@ def _centering_weights(centered) -> dict:
         if not isinstance(w, jax.core.Tracer):
             arr = np.asarray(w, dtype=float)
             if not np.all((arr >= 0.0) & (arr <= 1.0)):
+                bad = arr[~((arr >= 0.0) & (arr <= 1.0))]
                 raise ValueError(
-                    f"centered[{name!r}] has {int(np.sum(~((arr >= 0) & (arr <= 1))))} "
-                    f"weight(s) outside [0, 1] (e.g. {arr[~((arr >= 0) & (arr <= 1))].flat[0]}); "
-                    "use 1 for centred, 0 for non-centred."
+                    f"centered[{name!r}] has {bad.size} weight(s) outside [0, 1] "
+                    f"(e.g. {bad.flat[0]}); use 1 for centred, 0 for non-centred."
                 )
             w = float(arr) if arr.ndim == 0 else jnp.asarray(arr, jnp.float32)
         weights[name] = w
