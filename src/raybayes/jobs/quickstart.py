@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +11,23 @@ import pandas as pd
 
 from raybayes.datasets import load_orange_juice, prepare_elasticity_data
 from raybayes.datasets.orange_juice import BRAND_NAMES
-from raybayes.io import atomic_write
+from raybayes.io import atomic_path, atomic_write
 from raybayes.mcmc import sample
 from raybayes.models import elasticity_model
 from raybayes.results import summary
 
-__all__ = ["QuickstartResult", "run_quickstart"]
+__all__ = ["QuickstartResult", "run_quickstart", "HYPERPARAMETERS"]
+
+#: The model's hyperparameters, reported with their R-hat and ESS.
+HYPERPARAMETERS = (
+    "beta_global",
+    "sigma_category",
+    "sigma_beta",
+    "sigma_delta",
+    "sigma_gamma",
+    "mu_delta",
+    "concentration",
+)
 
 
 @dataclass
@@ -41,6 +51,7 @@ def run_quickstart(
     max_tree_depth: int = 10,
     seed: int = 0,
     likelihood: str = "negbin",
+    centered: bool | str | dict = "auto",
     backend: str = "ray",
     num_workers: int | None = None,
     address: str | None = None,
@@ -50,11 +61,19 @@ def run_quickstart(
     """Fit the hierarchical elasticity model to the orange-juice data and write results.
 
     Args:
-        output_dir: where ``posterior.nc`` (InferenceData), ``product_elasticities.csv``
-            and ``brand_elasticities.png`` (forest plot) are written, atomically.
+        output_dir: where ``posterior.nc`` (InferenceData),
+            ``product_elasticities.csv``, ``brand_elasticities.csv``,
+            ``brand_elasticities.png`` (forest plot) and
+            ``product_elasticities.png`` (every product's elasticity against its
+            brand's posterior) are written, atomically.
         stores: use only the first ``stores`` stores (``None``: all 83).
         num_chains, num_warmup, num_samples, max_tree_depth, seed: NUTS settings.
         likelihood: ``"negbin"`` or ``"poisson"``.
+        centered: the model's parameterization (see
+            :func:`raybayes.models.elasticity_model`); ``"auto"`` (default) centres
+            each block as far as the data informs it
+            (:meth:`raybayes.datasets.ElasticityData.centering`), which keeps NUTS
+            trajectories short on data-rich products.
         backend, num_workers, address: where to run (see :func:`raybayes.sample`).
         progress_bar: show per-chain progress.
         echo: function used to print the report.
@@ -75,7 +94,7 @@ def run_quickstart(
     coords["categories"] = np.asarray(brand_labels)
     idata = sample(
         elasticity_model,
-        model_kwargs=data.model_kwargs(likelihood=likelihood),
+        model_kwargs=data.model_kwargs(likelihood=likelihood, centered=centered),
         num_chains=num_chains,
         num_warmup=num_warmup,
         num_samples=num_samples,
@@ -101,8 +120,10 @@ def run_quickstart(
             "ess_tail": brand["ess_tail"].to_numpy(),
         }
     )
-    glob = summary(idata, var_names=["beta_global", "sigma_category", "sigma_beta"])
+    glob = summary(idata, var_names=list(HYPERPARAMETERS))
     num_div = int(idata.sample_stats["diverging"].sum())
+    product_summary = summary(idata, var_names=["beta"])
+    steps = idata.sample_stats["n_steps"].values
 
     echo("\nBrand price elasticities (posterior mean, 90% interval):")
     with pd.option_context("display.width", 120, "display.max_rows", 50):
@@ -110,6 +131,15 @@ def run_quickstart(
     echo("\nHyperparameters:")
     echo(glob[["mean", "sd", "r_hat", "ess_bulk", "ess_tail"]].to_string())
     echo(f"\nDivergences after warmup: {num_div}")
+    echo(
+        f"Leapfrog steps per draw: {steps.mean():.1f} (mean), {int(steps.max())} (max)."
+    )
+    worst = product_summary
+    echo(
+        f"Product elasticities ({len(worst)}): max R-hat {worst['r_hat'].max():.3f}, "
+        f"min bulk ESS {worst['ess_bulk'].min():.0f}, "
+        f"min tail ESS {worst['ess_tail'].min():.0f}."
+    )
 
     beta = idata.posterior["beta"]
     bq = beta.quantile([0.05, 0.95], dim=("chain", "draw")).values
@@ -119,17 +149,32 @@ def run_quickstart(
     products["elasticity_sd"] = beta.std(("chain", "draw")).values
     products["elasticity_q5"] = bq[0]
     products["elasticity_q95"] = bq[1]
+    products["r_hat"] = product_summary["r_hat"].to_numpy()
+    products["ess_bulk"] = product_summary["ess_bulk"].to_numpy()
+    products["ess_tail"] = product_summary["ess_tail"].to_numpy()
 
     files = {
         "inference_data": output_dir / "posterior.nc",
         "product_elasticities": output_dir / "product_elasticities.csv",
         "forest_plot": output_dir / "brand_elasticities.png",
         "brand_elasticities": output_dir / "brand_elasticities.csv",
+        "product_plot": output_dir / "product_elasticities.png",
     }
-    atomic_write(files["inference_data"], lambda p: idata.to_netcdf(str(p), engine="h5netcdf"))
-    atomic_write(files["product_elasticities"], lambda p: products.to_csv(p, index=False))
-    atomic_write(files["brand_elasticities"], lambda p: brand_table.to_csv(p, index=False))
-    atomic_write(files["forest_plot"], lambda p: _forest_plot(idata, p))
+    atomic_write(
+        files["inference_data"], lambda p: idata.to_netcdf(str(p), engine="h5netcdf")
+    )
+    atomic_write(
+        files["product_elasticities"], lambda p: products.to_csv(p, index=False)
+    )
+    atomic_write(
+        files["brand_elasticities"], lambda p: brand_table.to_csv(p, index=False)
+    )
+    brand_names = [BRAND_NAMES.get(int(b), str(b)) for b in data.categories]
+    _save_figure(_forest_plot(brand_table, brand_names), files["forest_plot"])
+    _save_figure(
+        _product_plot(brand_table, brand_names, products, data.category_of_product),
+        files["product_plot"],
+    )
     elapsed = time.perf_counter() - start
     echo("\nWrote:")
     for path in files.values():
@@ -138,27 +183,79 @@ def run_quickstart(
     return QuickstartResult(idata, brand_table, num_div, elapsed, files)
 
 
-def _forest_plot(idata, path):
+def _save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import arviz as az
+    return plt
 
-        axes = az.plot_forest(
-            idata,
-            var_names=["beta_category"],
-            combined=True,
-            hdi_prob=0.9,
-            figsize=(7, 5),
+
+def _forest_plot(brand_table, brand_names):
+    """Brand elasticities: posterior mean and 90% interval, one row per brand."""
+    plt = _pyplot()
+    n = len(brand_names)
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * n + 1.4), layout="constrained")
+    y = np.arange(n)[::-1]
+    ax.hlines(y, brand_table["q5"], brand_table["q95"], color="C0", lw=2.5)
+    ax.plot(brand_table["mean"], y, "o", color="C0", ms=6)
+    ax.set_yticks(y, brand_names)
+    ax.axvline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("Price elasticity (% change in units per 1% price change)")
+    ax.set_title("Brand price elasticity: posterior mean and 90% interval")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _product_plot(brand_table, brand_names, products, category_of_product):
+    """Every product's posterior mean elasticity next to its brand's 90% interval."""
+    plt = _pyplot()
+    n = len(brand_names)
+    fig, ax = plt.subplots(figsize=(8.5, 0.5 * n + 1.6), layout="constrained")
+    rng = np.random.default_rng(0)
+    y = np.arange(n)[::-1]
+    for c in range(n):
+        ax.axhspan(y[c] - 0.32, y[c] + 0.32, xmin=0, xmax=1, color="0.96", zorder=0)
+        ax.fill_betweenx(
+            [y[c] - 0.3, y[c] + 0.3],
+            brand_table["q5"][c],
+            brand_table["q95"][c],
+            color="C1",
+            alpha=0.35,
+            lw=0,
+            zorder=1,
+            label="brand, 90% interval" if c == 0 else None,
         )
-    ax = np.ravel(axes)[0]
-    ax.set_title("Brand price elasticity (posterior mean, 90% HDI)")
-    ax.axvline(0.0, color="grey", lw=0.5)
-    fig = ax.get_figure()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+        ax.vlines(
+            brand_table["mean"][c], y[c] - 0.3, y[c] + 0.3, color="C1", lw=2, zorder=2
+        )
+        mine = np.flatnonzero(np.asarray(category_of_product) == c)
+        jitter = rng.uniform(-0.22, 0.22, len(mine))
+        ax.plot(
+            products["elasticity_mean"].to_numpy()[mine],
+            y[c] + jitter,
+            ".",
+            color="C0",
+            ms=3,
+            alpha=0.7,
+            zorder=3,
+            label="product (store), posterior mean" if c == 0 else None,
+        )
+    ax.set_yticks(y, brand_names)
+    ax.axvline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("Price elasticity (% change in units per 1% price change)")
+    ax.set_title("Product price elasticities by brand, against the brand posterior")
+    ax.legend(loc="lower left", fontsize="small", framealpha=0.9)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
