@@ -1,10 +1,26 @@
-"""Chain-parallel NUTS: raybayes (Ray, 2 workers) vs NumPyro parallel and sequential.
+"""NUTS on the elasticity model: raybayes against NumPyro, in one run.
 
-The same elasticity model, data, chains, warmup and draws for all three, in one run.
+Three modes (each prints the peer's figure, ours, and their ratio):
+
+- ``density``: ns per row of one potential + gradient evaluation of the elasticity
+  model, with NumPyro's ``NegativeBinomial2`` and with raybayes'
+  ``NegativeBinomialLogMean`` (the model's default), on the orange-juice data.
+- ``orange-juice``: the quickstart job (``--stores`` stores, all by default):
+  NumPyro NUTS (``chain_method="parallel"``, default diagonal adaptation, the
+  model's default non-centred form) against ``raybayes.sample`` with the
+  data-informed centring (``centered="auto"``), same chains, warmup and draws.
+  Wall time, leapfrog steps per draw, min bulk/tail ESS, ESS per gradient and per
+  second, max R-hat over the brand and product elasticities and hyperparameters.
+- ``simulation``: the same on simulated data with known truth (``--products``
+  products x 156 weeks, 10 categories), plus the coverage of the 90% intervals of
+  the product elasticities.
+
 NumPyro's parallel method needs one XLA host device per chain, set before JAX is
-imported, so each NumPyro method runs in its own subprocess.
+imported, so the peer runs in its own subprocess.
 
-    python benchmarks/bench_nuts.py [--stores 10] [--chains 4] [--warmup 300] [--samples 300]
+    python benchmarks/bench_nuts.py density
+    python benchmarks/bench_nuts.py orange-juice [--stores 83] [--chains 4] [--warmup 500] [--samples 500]
+    python benchmarks/bench_nuts.py simulation [--products 1000]
 """
 
 from __future__ import annotations
@@ -16,64 +32,171 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+REPORT_SITES = ("beta", "beta_category", "beta_global", "sigma_category", "sigma_beta",
+                "sigma_delta", "sigma_gamma", "mu_delta", "concentration")
+
 PEER = r"""
-import json, os, sys, time
-method, stores, chains, warmup, samples = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+import json, sys, time
+cfg = json.loads(sys.argv[1])
 import numpyro
-numpyro.set_host_device_count(chains)
-import jax
+numpyro.set_host_device_count(cfg["chains"])
+import jax, numpy as np
 from numpyro.infer import MCMC, NUTS
-from raybayes.datasets import load_orange_juice, prepare_elasticity_data
+sys.path.insert(0, cfg["bench_dir"])
+from bench_nuts import load_data, report
 from raybayes.models import elasticity_model
-d = prepare_elasticity_data(load_orange_juice(stores=stores))
+data, truth = load_data(cfg)
 t = time.perf_counter()
-m = MCMC(NUTS(elasticity_model), num_warmup=warmup, num_samples=samples, num_chains=chains,
-         chain_method=method, progress_bar=False)
-m.run(jax.random.PRNGKey(0), **d.model_kwargs())
-jax.block_until_ready(m.get_samples())
-print(json.dumps({"wall_s": time.perf_counter() - t}))
+m = MCMC(NUTS(elasticity_model), num_warmup=cfg["warmup"], num_samples=cfg["samples"],
+         num_chains=cfg["chains"], chain_method="parallel", progress_bar=False)
+m.run(jax.random.PRNGKey(cfg["seed"]), extra_fields=("num_steps",), **data.model_kwargs())
+draws = {k: np.asarray(v) for k, v in m.get_samples(group_by_chain=True).items()}
+wall = time.perf_counter() - t
+steps = np.asarray(m.get_extra_fields(group_by_chain=True)["num_steps"])
+print(json.dumps(report(draws, steps, wall, truth)))
 """
+
+
+def load_data(cfg):
+    from raybayes.datasets import load_orange_juice, prepare_elasticity_data, simulate_elasticity
+
+    if cfg["mode"] == "orange-juice":
+        stores = None if cfg["stores"] >= 83 else cfg["stores"]
+        return prepare_elasticity_data(load_orange_juice(stores=stores)), None
+    df, truth = simulate_elasticity(10, cfg["products"], 156, seed=cfg["seed"])
+    data = prepare_elasticity_data(df, product_cols=("product",), category_col="category")
+    return data, {"beta": truth["beta"].tolist()}
+
+
+def report(draws, steps, wall_s, truth=None):
+    """Diagnostics of ``draws`` (site -> (chains, draws, ...)) as a JSON-able dict."""
+    import arviz as az
+
+    ds = az.convert_to_dataset({k: v for k, v in draws.items() if k in REPORT_SITES})
+    ess_bulk = az.ess(ds, method="bulk")
+    ess_tail = az.ess(ds, method="tail")
+    rhat = az.rhat(ds)
+    min_bulk = min(float(ess_bulk[k].min()) for k in ds.data_vars)
+    min_tail = min(float(ess_tail[k].min()) for k in ds.data_vars)
+    max_rhat = max(float(rhat[k].max()) for k in ds.data_vars)
+    grads = float(np.sum(steps))
+    out = dict(wall_s=wall_s, steps_per_draw=float(np.mean(steps)), gradients=grads,
+               min_ess_bulk=min_bulk, min_ess_tail=min_tail, max_rhat=max_rhat,
+               min_ess_bulk_per_s=min_bulk / wall_s,
+               min_ess_bulk_per_1000_gradients=1000 * min_bulk / grads)
+    if truth is not None:
+        beta = draws["beta"].reshape(-1, draws["beta"].shape[-1])
+        lo, hi = np.quantile(beta, [0.05, 0.95], axis=0)
+        true = np.asarray(truth["beta"])
+        out["coverage_90"] = float(np.mean((lo < true) & (true < hi)))
+        out["rmse"] = float(np.sqrt(np.mean((beta.mean(0) - true) ** 2)))
+    return out
+
+
+def bench_density(a):
+    import jax
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+    from numpyro.infer.util import initialize_model
+
+    import raybayes.models.elasticity as em
+    from raybayes.datasets import load_orange_juice, prepare_elasticity_data
+
+    data = prepare_elasticity_data(load_orange_juice())
+    kwargs = data.model_kwargs()
+    ours = em.NegativeBinomialLogMean
+    forms = {"NumPyro NegativeBinomial2": lambda eta, phi: dist.NegativeBinomial2(
+        jnp.exp(eta), phi), "raybayes NegativeBinomialLogMean": ours}
+    times = {}
+    for name, form in forms.items():
+        em.NegativeBinomialLogMean = form
+        try:
+            info = initialize_model(jax.random.PRNGKey(0), em.elasticity_model,
+                                    model_kwargs=kwargs)
+            z = {k: 0.1 * jnp.ones_like(v) for k, v in info.param_info.z.items()}
+            z["mu_delta"] = jnp.float32(np.log(data.units.mean()))
+            z["concentration"] = jnp.float32(np.log(4.0))
+            f = jax.jit(jax.value_and_grad(info.potential_fn))
+            jax.block_until_ready(f(z))
+        finally:
+            em.NegativeBinomialLogMean = ours
+        best = np.inf
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(f(z))
+            best = min(best, time.perf_counter() - t)
+        times[name] = best / data.num_obs * 1e9
+        print(f"{name:34s}: {times[name]:7.0f} ns per row (potential + gradient, "
+              f"{data.num_obs:,} rows, best of {a.repeats})")
+    peer, mine = times.values()
+    print(f"speed-up: {peer / mine:.1f}x")
+
+
+def bench_sampler(a):
+    cfg = dict(mode=a.mode, stores=a.stores, products=a.products, chains=a.chains,
+               warmup=a.warmup, samples=a.samples, seed=a.seed,
+               bench_dir=os.path.dirname(os.path.abspath(__file__)))
+    results = {}
+    if not a.skip_peer:
+        out = subprocess.run([sys.executable, "-c", PEER, json.dumps(cfg)],
+                             capture_output=True, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        if out.returncode:
+            print(out.stderr[-3000:])
+            raise SystemExit(1)
+        results["NumPyro NUTS (parallel, non-centred, diagonal)"] = json.loads(
+            out.stdout.strip().splitlines()[-1])
+
+    import raybayes
+    from raybayes.models import elasticity_model
+
+    data, truth = load_data(cfg)
+    t = time.perf_counter()
+    idata = raybayes.sample(elasticity_model, model_kwargs=data.model_kwargs(centered="auto"),
+                            num_chains=a.chains, num_warmup=a.warmup, num_samples=a.samples,
+                            seed=a.seed, backend=a.backend, progress_bar=False)
+    wall = time.perf_counter() - t
+    draws = {k: idata.posterior[k].values for k in REPORT_SITES if k in idata.posterior}
+    steps = idata.sample_stats["n_steps"].values
+    results["raybayes (centered='auto')"] = report(draws, steps, wall, truth)
+
+    print(f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; {a.chains} chains x "
+          f"({a.warmup} warmup + {a.samples} draws); backend={a.backend}")
+    keys = ["wall_s", "steps_per_draw", "min_ess_bulk", "min_ess_tail", "max_rhat",
+            "min_ess_bulk_per_s", "min_ess_bulk_per_1000_gradients"]
+    if truth is not None:
+        keys += ["coverage_90", "rmse"]
+    for name, r in results.items():
+        print(name)
+        for k in keys:
+            print(f"  {k:34s} {r[k]:10.3f}")
+    if len(results) == 2:
+        peer, mine = results.values()
+        print(f"ratios (raybayes / NumPyro): wall {mine['wall_s'] / peer['wall_s']:.2f}, "
+              f"steps per draw {mine['steps_per_draw'] / peer['steps_per_draw']:.2f}, "
+              f"ESS per gradient {mine['min_ess_bulk_per_1000_gradients'] / peer['min_ess_bulk_per_1000_gradients']:.2f}, "
+              f"ESS per second {mine['min_ess_bulk_per_s'] / peer['min_ess_bulk_per_s']:.2f}")
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stores", type=int, default=10)
+    ap.add_argument("mode", choices=["density", "orange-juice", "simulation"])
+    ap.add_argument("--stores", type=int, default=83)
+    ap.add_argument("--products", type=int, default=1000)
     ap.add_argument("--chains", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--samples", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--backend", default="local")
+    ap.add_argument("--skip-peer", action="store_true")
     a = ap.parse_args()
-    args = [str(a.stores), str(a.chains), str(a.warmup), str(a.samples)]
-    peers = {}
-    for method in ("parallel", "sequential"):
-        out = subprocess.run([sys.executable, "-c", PEER, method, *args], capture_output=True,
-                             text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        if out.returncode:
-            print(out.stderr[-3000:])
-            raise SystemExit(1)
-        peers[method] = json.loads(out.stdout.strip().splitlines()[-1])["wall_s"]
-
-    import raybayes
-    from raybayes.backends import RayBackend
-    from raybayes.datasets import load_orange_juice, prepare_elasticity_data
-    from raybayes.models import elasticity_model
-
-    d = prepare_elasticity_data(load_orange_juice(stores=a.stores))
-    t0 = time.perf_counter()
-    with RayBackend(num_cpus=2) as backend:
-        t_init = time.perf_counter() - t0
-        t = time.perf_counter()
-        raybayes.sample(elasticity_model, model_kwargs=d.model_kwargs(), num_chains=a.chains,
-                        num_warmup=a.warmup, num_samples=a.samples, seed=0, backend=backend,
-                        num_workers=2, progress_bar=False)
-        t_rb = time.perf_counter() - t
-    print(f"elasticity model: {d.num_obs} rows, {d.num_products} products; "
-          f"{a.chains} chains x ({a.warmup} warmup + {a.samples} draws)")
-    print(f"NumPyro parallel   : {peers['parallel']:7.1f} s")
-    print(f"NumPyro sequential : {peers['sequential']:7.1f} s")
-    print(f"raybayes (2 Ray workers, worker start-up and compile included): {t_rb:7.1f} s"
-          f"  (+ ray.init {t_init:.1f} s, not included)")
-    print(f"ratio raybayes/NumPyro-parallel  : {t_rb / peers['parallel']:.2f} (target <= 1.15)")
-    print(f"ratio raybayes/NumPyro-sequential: {t_rb / peers['sequential']:.2f}")
+    if a.mode == "density":
+        bench_density(a)
+    else:
+        bench_sampler(a)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ class ElasticityData:
         """
         if isinstance(centered, str):
             if centered != "auto":
-                raise ValueError(f"centered={centered!r}; use True, False, 'auto' or a dict.")
+                raise ValueError(
+                    f"centered={centered!r}; use True, False, 'auto' or a dict."
+                )
             centered = self.centering(likelihood=likelihood)
         kwargs = dict(
             log_price=self.log_price,
@@ -182,6 +184,8 @@ class ElasticityData:
 
         Returns:
             ``{"beta_category": (C,), "beta": (P,), "delta": (P,), "gamma": (T, C)}``
+            (the ``"delta"`` weights apply to the products' levels, see
+            :func:`raybayes.models.elasticity_model`)
             float32 weights in ``[0, 1]``, for the model's ``centered=``.
 
         Raises:
@@ -204,7 +208,7 @@ class ElasticityData:
             {'beta_category': (3,), 'beta': (30,), 'delta': (30,), 'gamma': (52, 3)}
         """
         if self.units is None:
-            raise ValueError("centering() needs the observed units; this data has none.")
+            raise ValueError("centering() needs the observed units; this data has none")
         P, T, C = self.num_products, self.num_times, self.num_categories
         p, t = self.product_idx, self.time_idx
         c = self.category_of_product[p]
@@ -219,12 +223,13 @@ class ElasticityData:
 
         product_mean = group_mean(ly, p, P)
         resid = ly - product_mean[p]
-        period_mean = group_mean(resid, tc, T * C)
-        resid = resid - period_mean[tc]
-        # Within-product slope on log price: the rough elasticity of each product.
+        # Within-product slope on log price: the rough elasticity of each product
+        # (before removing the period means, which absorb promotions run by a
+        # category across its products).
         sxx = np.bincount(p, weights=x * x, minlength=P)
         slope = np.bincount(p, weights=x * resid, minlength=P) / np.maximum(sxx, 1e-12)
-        resid = resid - slope[p] * x
+        period_mean = group_mean(resid - slope[p] * x, tc, T * C)
+        resid = resid - slope[p] * x - period_mean[tc]
         mu = np.maximum(y, 0.5)
         if likelihood == "poisson":
             info_row = mu
@@ -246,21 +251,20 @@ class ElasticityData:
         sigma_beta = scale(slope, info_beta)
         # A category's elasticity is informed by its products' elasticities.
         prec_product = 1.0 / (sigma_beta**2 + 1.0 / np.maximum(info_beta, 1e-12))
-        info_category = np.bincount(self.category_of_product, weights=prec_product, minlength=C)
+        cat = self.category_of_product
+        info_category = np.bincount(cat, weights=prec_product, minlength=C)
         category_slope = np.bincount(
-            self.category_of_product, weights=prec_product * slope[: P], minlength=C
+            cat, weights=prec_product * slope, minlength=C
         ) / np.maximum(info_category, 1e-12)
         sigma_category = scale(category_slope, info_category)
 
-        def weight(sigma, info):
-            r = sigma**2 * info
-            return (r / (1.0 + r)).astype(np.float32)
+        from raybayes.models.reparam import centering_weight
 
         return {
-            "beta_category": weight(sigma_category, info_category),
-            "beta": weight(sigma_beta, info_beta),
-            "delta": weight(sigma_delta, info_delta),
-            "gamma": weight(sigma_gamma, info_gamma).reshape(T, C),
+            "beta_category": centering_weight(sigma_category, info_category),
+            "beta": centering_weight(sigma_beta, info_beta),
+            "delta": centering_weight(sigma_delta, info_delta),
+            "gamma": centering_weight(sigma_gamma, info_gamma).reshape(T, C),
         }
 
     def coords(self) -> dict:

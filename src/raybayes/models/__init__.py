@@ -1,6 +1,6 @@
 """Ready-made NumPyro models for raybayes' use cases. Any user model works the same way."""
 
-from raybayes.models.elasticity import elasticity_model
+from raybayes.models.elasticity import CENTERING_BLOCKS, elasticity_model
 from raybayes.models.hmm import (
     HMM_REGISTRY,
     PositiveOrdered,
@@ -11,9 +11,15 @@ from raybayes.models.hmm import (
     poisson_hmm,
     seasonal_features,
 )
+from raybayes.models.negbin import NegativeBinomialLogMean, log_negbin_coefficient
+from raybayes.models.reparam import centering_weight
 
 __all__ = [
     "elasticity_model",
+    "CENTERING_BLOCKS",
+    "NegativeBinomialLogMean",
+    "log_negbin_coefficient",
+    "centering_weight",
     "poisson_hmm",
     "negbin_hmm",
     "PositiveOrdered",

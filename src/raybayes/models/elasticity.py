@@ -58,7 +58,13 @@ def elasticity_model(
       :class:`numpyro.infer.reparam.LocScaleReparam` (``w = 1`` centred, ``w = 0``
       non-centred, in between partially centred; Gorinova, Moore & Hoffman 2020),
       with the sample site ``<block>_decentered`` (or ``<block>`` where a scalar
-      ``w = 1``) and the block itself as a deterministic site.
+      ``w = 1``) and the block itself as a deterministic site. In this mode the
+      intercepts are sampled as each product's level ``delta_i + mean_t
+      gamma_{t,c(i)}`` (site ``level``, prior ``N(mu_delta + mean_t gamma_{t,c(i)},
+      sigma_delta)``, i.e. the same prior on ``delta``): the data identify the
+      level, not ``delta`` and ``gamma`` apart, and sampling ``delta`` itself
+      leaves a ridge (posterior correlation near -0.9 on the orange-juice data)
+      that a diagonal mass matrix cannot follow.
       :meth:`raybayes.datasets.ElasticityData.centering` picks the weights from how
       much data informs each element.
 
@@ -129,7 +135,18 @@ def elasticity_model(
                 beta = numpyro.deterministic("beta", beta_mean + sigma_beta * z_beta)
             else:
                 beta = numpyro.sample("beta", dist.Normal(beta_mean, sigma_beta))
-            delta = numpyro.sample("delta", dist.Normal(mu_delta, sigma_delta))
+            if weights["beta"] is None:
+                delta = numpyro.sample("delta", dist.Normal(mu_delta, sigma_delta))
+            else:
+                # The data identify delta_i + mean_t gamma_{t,c(i)} (a product's level),
+                # not delta and gamma apart: sample the level, with the same prior on
+                # delta (a shift, unit Jacobian). This removes the ridge between each
+                # product's delta and its category's mean week effect.
+                shift = jnp.mean(gamma, axis=0)[category_of_product]
+                level = numpyro.sample(
+                    "level", dist.Normal(mu_delta + shift, sigma_delta)
+                )
+                delta = numpyro.deterministic("delta", level - shift)
     log_mu = (
         beta[product_idx] * log_price
         + gamma[time_idx, category_of_product[product_idx]]
