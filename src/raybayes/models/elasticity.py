@@ -115,6 +115,8 @@ def elasticity_model(
     sigma_gamma = numpyro.sample("sigma_gamma", dist.HalfNormal(1.0))
     mu_delta = numpyro.sample("mu_delta", dist.Normal(0.0, 10.0))
     reparam = {name: LocScaleReparam(w) for name, w in weights.items() if w is not None}
+    if weights["beta"] is not None:
+        reparam["level"] = reparam.pop("delta")
     with numpyro.handlers.reparam(config=reparam):
         with numpyro.plate("categories", num_categories, dim=-1):
             if weights["beta_category"] is None:
