@@ -20,7 +20,7 @@ def test_quickstart_cli_writes_all_outputs(tmp_path):
     assert "Brand price elasticities" in result.output
     assert "Divergences after warmup" in result.output
     for name in ("posterior.nc", "product_elasticities.csv", "brand_elasticities.png",
-                 "brand_elasticities.csv"):
+                 "brand_elasticities.csv", "product_elasticities.png"):
         assert (out / name).stat().st_size > 0
     # No temporary files are left behind by the atomic writes.
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -47,3 +47,32 @@ def test_quickstart_bad_address_is_a_clear_error(tmp_path):
     assert result.exit_code == 2
     assert "127.0.0.1:1" in result.output
     assert not (tmp_path / "o" / "posterior.nc").exists()
+
+
+def test_plots_keep_titles_and_labels_inside_and_name_brands():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from raybayes.datasets.orange_juice import BRAND_NAMES
+    from raybayes.jobs.quickstart import _forest_plot, _product_plot
+
+    names = [BRAND_NAMES[b] for b in range(1, 12)]
+    rng = np.random.default_rng(0)
+    mean = -2.5 + 0.5 * rng.standard_normal(11)
+    table = pd.DataFrame({"mean": mean, "q5": mean - 0.3, "q95": mean + 0.3})
+    category = np.repeat(np.arange(11), 5)
+    products = pd.DataFrame({"elasticity_mean": mean[category] + 0.4 * rng.standard_normal(55)})
+    for fig in (_forest_plot(table, names), _product_plot(table, names, products, category)):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box = fig.bbox
+        ax = fig.axes[0]
+        texts = [ax.title, ax.xaxis.label, *ax.get_yticklabels()]
+        for text in texts:
+            ext = text.get_window_extent(renderer)
+            assert box.x0 - 1 <= ext.x0 and ext.x1 <= box.x1 + 1, text.get_text()
+            assert box.y0 - 1 <= ext.y0 and ext.y1 <= box.y1 + 1, text.get_text()
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert sorted(labels) == sorted(names)
+        assert not any("beta_category" in t for t in labels)
+        matplotlib.pyplot.close(fig)

@@ -21,8 +21,8 @@ app = typer.Typer(
 @app.command()
 def quickstart(
     output_dir: Path = typer.Option(Path("raybayes-output"), help="Where results go."),
-    full: bool = typer.Option(False, "--full", help="Use all 83 stores (overrides --stores)."),
-    stores: int = typer.Option(4, help="Use the first N stores (default 4 of 83; see README)."),
+    full: bool = typer.Option(False, "--full", help="Use all 83 stores (the default; overrides --stores)."),
+    stores: int = typer.Option(0, help="Use the first N stores (default 0: all 83)."),
     num_chains: int = typer.Option(4, help="Markov chains."),
     num_warmup: int = typer.Option(300, help="Warmup iterations per chain."),
     num_samples: int = typer.Option(300, help="Draws kept per chain."),

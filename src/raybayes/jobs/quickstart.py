@@ -256,6 +256,6 @@ def _product_plot(brand_table, brand_names, products, category_of_product):
     ax.axvline(0.0, color="grey", lw=0.6)
     ax.set_xlabel("Price elasticity (% change in units per 1% price change)")
     ax.set_title("Product price elasticities by brand, against the brand posterior")
-    ax.legend(loc="lower left", fontsize="small", framealpha=0.9)
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small", frameon=False)
     ax.grid(axis="x", alpha=0.3)
     return fig
