@@ -55,6 +55,8 @@ from jax import lax
 from jax.scipy.special import gammaln
 from numpyro.distributions import constraints
 
+from raybayes.models.negbin import log_negbin_coefficient
+
 __all__ = [
     "PositiveOrdered",
     "ForwardMethod",
@@ -131,10 +133,11 @@ def negbin_log_emission(y, mean, concentration, mask=None):
     phi = jnp.asarray(concentration)
     yy = y[:, None]
     log_phi_mean = jnp.log(phi + mean)  # (K,) when the means are constant in time
+    # The coefficient depends on y and phi only: (T, 1) for a shared phi, computed
+    # float32-accurately and with a gradient free of per-step digammas.
+    coefficient = log_negbin_coefficient(yy, phi)
     lp = (
-        gammaln(yy + phi)
-        - gammaln(phi)
-        - gammaln(yy + 1.0)
+        coefficient
         + phi * (jnp.log(phi) - log_phi_mean)
         + yy * (jnp.log(mean) - log_phi_mean)
     )
