@@ -61,8 +61,10 @@ def test_plots_keep_titles_and_labels_inside_and_name_brands():
     mean = -2.5 + 0.5 * rng.standard_normal(11)
     table = pd.DataFrame({"mean": mean, "q5": mean - 0.3, "q95": mean + 0.3})
     category = np.repeat(np.arange(11), 5)
-    products = pd.DataFrame({"elasticity_mean": mean[category] + 0.4 * rng.standard_normal(55)})
-    for fig in (_forest_plot(table, names), _product_plot(table, names, products, category)):
+    product_means = mean[category] + 0.4 * rng.standard_normal(55)
+    products = pd.DataFrame({"elasticity_mean": product_means})
+    figures = (_forest_plot(table, names), _product_plot(table, names, products, category))
+    for fig in figures:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         box = fig.bbox
