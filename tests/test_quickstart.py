@@ -63,7 +63,10 @@ def test_plots_keep_titles_and_labels_inside_and_name_brands():
     category = np.repeat(np.arange(11), 5)
     product_means = mean[category] + 0.4 * rng.standard_normal(55)
     products = pd.DataFrame({"elasticity_mean": product_means})
-    figures = (_forest_plot(table, names), _product_plot(table, names, products, category))
+    figures = (
+        _forest_plot(table, names),
+        _product_plot(table, names, products, category),
+    )
     for fig in figures:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
