@@ -373,7 +373,9 @@ def simulate_elasticity(
     sd 0.5 of them.
 
     Args:
-        num_categories, num_products, num_weeks: sizes.
+        num_categories: number of categories.
+        num_products: number of products.
+        num_weeks: number of weeks.
         seed: NumPy seed.
         likelihood: ``"negbin"`` (concentration ``concentration``) or ``"poisson"``.
 

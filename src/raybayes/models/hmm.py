@@ -536,8 +536,14 @@ def negbin_hmm(
     ``concentration ~ Gamma(2, 0.1)`` (variance ``mean + mean**2/concentration``).
 
     Args:
-        y, num_states, covariates, mask, initial, transition_concentration,
-        rate_prior_scale, forward_method: as in :func:`poisson_hmm`.
+        y: as in :func:`poisson_hmm`.
+        num_states: as in :func:`poisson_hmm`.
+        covariates: as in :func:`poisson_hmm`.
+        mask: as in :func:`poisson_hmm`.
+        initial: as in :func:`poisson_hmm`.
+        transition_concentration: as in :func:`poisson_hmm`.
+        rate_prior_scale: as in :func:`poisson_hmm`.
+        forward_method: as in :func:`poisson_hmm`.
     """
     y, mask = _fill_missing(y, mask)
     transition, rate = _common_priors(
