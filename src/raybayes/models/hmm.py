@@ -369,7 +369,8 @@ def stationary_distribution(transition):
         ``(K,)`` probabilities.
 
     Examples:
-        >>> stationary_distribution(jnp.array([[0.9, 0.1], [0.2, 0.8]])).round(4).tolist()
+        >>> pi = stationary_distribution(jnp.array([[0.9, 0.1], [0.2, 0.8]]))
+        >>> [round(float(p), 4) for p in pi]
         [0.6667, 0.3333]
     """
     k = transition.shape[-1]
