@@ -61,7 +61,9 @@ def _as_draws(draws, name="draws") -> np.ndarray:
         )
     m, n, d = x.shape
     if m < 1 or d < 1:
-        raise ConfigurationError(f"{name} has shape {x.shape}: no shards or no parameters.")
+        raise ConfigurationError(
+            f"{name} has shape {x.shape}: no shards or no parameters."
+        )
     if n < d + 2:
         raise ConfigurationError(
             f"{name} has {n} draws per shard for {d} parameters; a covariance needs at "
@@ -299,9 +301,10 @@ def kernel_product(
     # log N(z[m, t] | zm[m], zc[m]) for every draw: the semiparametric denominator.
     zc_chol = np.linalg.cholesky(zc)
     r = np.linalg.solve(zc_chol[:, None], (z - zm[:, None])[..., None])[..., 0]
-    logq = -0.5 * (r**2).sum(-1) - np.log(np.diagonal(zc_chol, axis1=1, axis2=2)).sum(-1)[
-        :, None
-    ]
+    logq = (
+        -0.5 * (r**2).sum(-1)
+        - np.log(np.diagonal(zc_chol, axis1=1, axis2=2)).sum(-1)[:, None]
+    )
 
     z_j, logq_j = jnp.asarray(z), jnp.asarray(logq)
     mu_j, lam_j, q_j = jnp.asarray(mu), jnp.asarray(lam), jnp.asarray(q)
@@ -347,8 +350,11 @@ def kernel_product(
 
     key, k0 = jax.random.split(rng_key)
     t0 = jax.random.randint(k0, (m,), 0, n)
-    steps = jnp.where(jnp.arange(burn + t_total) < burn,
-                      jnp.arange(burn + t_total) * (n - 1.0) / max(burn - 1, 1), n - 1.0)
+    steps = jnp.where(
+        jnp.arange(burn + t_total) < burn,
+        jnp.arange(burn + t_total) * (n - 1.0) / max(burn - 1, 1),
+        n - 1.0,
+    )
     _, out = jax.lax.scan(sweep, (t0, key), steps)
     out = np.asarray(out[burn:], np.float64)
     return centre + out @ chol.T
@@ -589,9 +595,11 @@ def diagnose_combination(
             f"combined has shape {comb.shape}; it must be (num_combined, {d}) to match "
             f"draws {x.shape}."
         )
-    names = list(parameter_names) if parameter_names is not None else [
-        f"x[{j}]" for j in range(d)
-    ]
+    names = (
+        list(parameter_names)
+        if parameter_names is not None
+        else [f"x[{j}]" for j in range(d)]
+    )
     if len(names) != d:
         raise ConfigurationError(
             f"parameter_names has {len(names)} labels for {d} parameters."
@@ -616,12 +624,14 @@ def diagnose_combination(
     if m > 1 and (p_all < alpha or p_j.min() < alpha / d):
         j = int(np.argmin(p_j))
         s = int(np.argmax(np.abs(offsets[:, j])))
-        problems.append((
-            5.0,
-            f"{names[j]}: subposterior means disagree (Cochran's Q p = {p_all:.2g} "
-            f"overall, {p_j[j]:.2g} for {names[j]}; shard {s} is "
-            f"{offsets[s, j]:+.1f} of its sds from the combined mean)",
-        ))
+        problems.append(
+            (
+                5.0,
+                f"{names[j]}: subposterior means disagree (Cochran's Q p = {p_all:.2g} "
+                f"overall, {p_j[j]:.2g} for {names[j]}; shard {s} is "
+                f"{offsets[s, j]:+.1f} of its sds from the combined mean)",
+            )
+        )
 
     comb_sd = np.sqrt(np.diag(cov))
     sd_ratio = sds / (np.sqrt(m) * comb_sd)
@@ -630,22 +640,28 @@ def diagnose_combination(
         bad = (sd_ratio < lo) | (sd_ratio > hi)
         if bad.any():
             s, j = np.unravel_index(np.argmax(np.abs(np.log(sd_ratio))), sd_ratio.shape)
-            problems.append((
-                3.0,
-                f"{names[j]}: subposterior spreads disagree (shard {s} sd is "
-                f"{sd_ratio[s, j]:.2f} x sqrt(M) x combined sd; accepted "
-                f"{lo}-{hi})",
-            ))
+            problems.append(
+                (
+                    3.0,
+                    f"{names[j]}: subposterior spreads disagree (shard {s} sd is "
+                    f"{sd_ratio[s, j]:.2f} x sqrt(M) x combined sd; accepted "
+                    f"{lo}-{hi})",
+                )
+            )
 
     skew, kurt = _marginal_shape(x)
-    excess = np.maximum(np.abs(skew) / max_abs_skewness, np.abs(kurt) / max_abs_excess_kurtosis)
+    excess = np.maximum(
+        np.abs(skew) / max_abs_skewness, np.abs(kurt) / max_abs_excess_kurtosis
+    )
     if (excess > 1).any():
         s, j = np.unravel_index(np.argmax(excess), excess.shape)
-        problems.append((
-            4.0,
-            f"{names[j]}: subposterior {s} is not Gaussian (skewness {skew[s, j]:+.2f}, "
-            f"excess kurtosis {kurt[s, j]:+.2f})",
-        ))
+        problems.append(
+            (
+                4.0,
+                f"{names[j]}: subposterior {s} is not Gaussian (skewness "
+                f"{skew[s, j]:+.2f}, excess kurtosis {kurt[s, j]:+.2f})",
+            )
+        )
     b1, b2 = _mardia(x, max_draws)
 
     outside, comb_sub = _outside_share(x, comb, level, num_neighbours, max_draws, rng)
@@ -655,13 +671,15 @@ def diagnose_combination(
         s = int(np.argmax(share_by_shard))
         out = comb_sub[outside[s]]
         j = int(np.argmax(np.abs(out.mean(0) - means[s]) / sds[s]))
-        problems.append((
-            4.5,
-            f"{names[j]}: {100 * share:.0f}% of the combined draws lie where some "
-            f"subposterior has negligible density (outside shard {s}'s "
-            f"{100 * level:g}% region for {100 * share_by_shard[s]:.0f}%; farthest "
-            f"along {names[j]})",
-        ))
+        problems.append(
+            (
+                4.5,
+                f"{names[j]}: {100 * share:.0f}% of the combined draws lie where some "
+                f"subposterior has negligible density (outside shard {s}'s "
+                f"{100 * level:g}% region for {100 * share_by_shard[s]:.0f}%; farthest "
+                f"along {names[j]})",
+            )
+        )
 
     problems.sort(key=lambda p: -p[0])
     return CombinationDiagnostics(

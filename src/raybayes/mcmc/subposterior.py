@@ -66,7 +66,9 @@ class SubposteriorModel:
     def __call__(self, *args, **kwargs):
         from raybayes.core.shard_density import scale_global_sites
 
-        scaled = scale_global_sites(self.model, 1.0 / self.num_shards, self.local_plates)
+        scaled = scale_global_sites(
+            self.model, 1.0 / self.num_shards, self.local_plates
+        )
         return scaled(*args, **kwargs)
 
 
@@ -81,9 +83,7 @@ def _entity_counts(partition, model_kwargs):
 def _labels(name, shape):
     if not shape:
         return [name]
-    return [
-        f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)
-    ]
+    return [f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
 
 
 def _flatten_globals(posterior, global_sites, num_draws):
@@ -120,7 +120,11 @@ def _shard_diagnostics(idata, var_names):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = idata.posterior[var_names]
-        out = {"ess_bulk_min": float(min(np.nanmin(v) for v in az.ess(ds).data_vars.values()))}
+        out = {
+            "ess_bulk_min": float(
+                min(np.nanmin(v) for v in az.ess(ds).data_vars.values())
+            )
+        }
         if ds.sizes["chain"] > 1:
             out["r_hat_max"] = float(
                 max(np.nanmax(v) for v in az.rhat(ds).data_vars.values())
@@ -265,8 +269,10 @@ def sample_subposteriors(
     from raybayes.plan import plan
     from raybayes.results import model_site_info, to_inference_data
 
-    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or (
-        num_shards < 1
+    if (
+        isinstance(num_shards, bool)
+        or not isinstance(num_shards, (int, np.integer))
+        or (num_shards < 1)
     ):
         raise ConfigurationError(
             f"num_shards={num_shards!r} is not an integer >= 1; pass e.g. num_shards=4."
@@ -277,7 +283,9 @@ def sample_subposteriors(
             f"combination={combination!r} is not known; use one of {COMBINATION_RULES}."
         )
     if not callable(model):
-        raise ConfigurationError(f"model={model!r} is not callable; pass a NumPyro model.")
+        raise ConfigurationError(
+            f"model={model!r} is not callable; pass a NumPyro model."
+        )
     model_kwargs = dict(model_kwargs or {})
     nuts = dict(
         num_chains=num_chains,
@@ -350,7 +358,10 @@ def sample_subposteriors(
     site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
 
     engine = get_backend(
-        name, address=address, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        name,
+        address=address,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
     )
     owns_engine = not isinstance(backend, Backend)
     sub_model = SubposteriorModel(model, num_shards, partition.local_plates)
