@@ -23,8 +23,16 @@ from raybayes import ConfigurationError, Partition, RaybayesWarning
 S0, SIGMA, N, D = 2.0, 1.0, 240, 2
 Z = stats.norm.ppf(1 - 0.001 / 2)  # two-sided 0.999 quantile
 # Each shard runs until its R-hat is at most 1.01 (checked every 300 draws).
-RUN = dict(num_chains=2, num_warmup=300, num_samples=600, chunk_size=300,
-           target_rhat=1.01, max_samples=2400, progress_bar=False, seed=3)
+RUN = dict(
+    num_chains=2,
+    num_warmup=300,
+    num_samples=600,
+    chunk_size=300,
+    target_rhat=1.01,
+    max_samples=2400,
+    progress_bar=False,
+    seed=3,
+)
 SLOW = pytest.mark.slow  # about 20-60 s each on a loaded 2-core machine
 
 
@@ -82,12 +90,20 @@ class _Runs(dict):
         if m == 1:
             with pytest.warns(RaybayesWarning, match="num_shards=1"):
                 self[m] = raybayes.sample_subposteriors(
-                    regression, model_kwargs={"X": X, "y": Y}, num_shards=1,
-                    backend="local", **RUN)
+                    regression,
+                    model_kwargs={"X": X, "y": Y},
+                    num_shards=1,
+                    backend="local",
+                    **RUN,
+                )
         else:
             self[m] = raybayes.sample_subposteriors(
-                regression, model_kwargs={"X": X, "y": Y}, num_shards=m,
-                backend="local", **RUN)
+                regression,
+                model_kwargs={"X": X, "y": Y},
+                num_shards=m,
+                backend="local",
+                **RUN,
+            )
         return self[m]
 
 
@@ -96,8 +112,9 @@ def runs():
     return _Runs()
 
 
-@pytest.mark.parametrize("num_shards", [pytest.param(1, marks=SLOW), 2,
-                                        pytest.param(4, marks=SLOW)])
+@pytest.mark.parametrize(
+    "num_shards", [pytest.param(1, marks=SLOW), 2, pytest.param(4, marks=SLOW)]
+)
 def test_consensus_is_exact_for_gaussian_subposteriors(runs, num_shards):
     idata = runs[num_shards]
     mean, cov = analytic(X, Y)
@@ -128,12 +145,19 @@ def test_each_subposterior_matches_its_analytic_form(runs, num_shards):
 def test_more_shards_than_entries_fails_before_sampling():
     small = {"X": X[:3], "y": Y[:3]}
     with pytest.raises(ConfigurationError, match="num_shards=4"):
-        raybayes.sample_subposteriors(regression, model_kwargs=small, num_shards=4,
-                                      backend="local", **RUN)
+        raybayes.sample_subposteriors(
+            regression, model_kwargs=small, num_shards=4, backend="local", **RUN
+        )
     part = Partition("obs", entity_args=("X", "y"))
     with pytest.raises(ConfigurationError, match="only 3 entities"):
-        raybayes.sample_subposteriors(regression, model_kwargs=small, num_shards=4,
-                                      partition=part, backend="local", **RUN)
+        raybayes.sample_subposteriors(
+            regression,
+            model_kwargs=small,
+            num_shards=4,
+            partition=part,
+            backend="local",
+            **RUN,
+        )
 
 
 @pytest.mark.parametrize(
@@ -146,14 +170,19 @@ def test_more_shards_than_entries_fails_before_sampling():
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
-        raybayes.sample_subposteriors(regression, model_kwargs={"X": X, "y": Y},
-                                      backend="local", **{**RUN, **kwargs})
+        raybayes.sample_subposteriors(
+            regression,
+            model_kwargs={"X": X, "y": Y},
+            backend="local",
+            **{**RUN, **kwargs},
+        )
 
 
 @SLOW
 def test_one_shard_is_ordinary_nuts(runs):
-    plain = raybayes.sample(regression, model_kwargs={"X": X, "y": Y},
-                            backend="local", **RUN)
+    plain = raybayes.sample(
+        regression, model_kwargs={"X": X, "y": Y}, backend="local", **RUN
+    )
     a, b = runs[1].posterior["beta"].values, plain.posterior["beta"].values
     assert a.tobytes() == b.tobytes()
 
@@ -163,7 +192,8 @@ def test_banana_subposteriors_make_a_diagnostic_fire():
     y = (1.0 + 0.5 * rng.normal(size=200)).astype(np.float32)  # a + b^2 = 1: a ridge
     with pytest.warns(RaybayesWarning, match="combination unreliable"):
         idata = raybayes.sample_subposteriors(
-            banana, model_kwargs={"y": y}, num_shards=2, backend="local", **RUN)
+            banana, model_kwargs={"y": y}, num_shards=2, backend="local", **RUN
+        )
     assert idata.attrs["combination_reliable"] == 0
     summary = idata.attrs["combination_summary"]
     assert summary.startswith("combination unreliable: ")
@@ -175,12 +205,18 @@ def test_same_draws_on_ray_workers_as_in_process(runs, ray_backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         on_ray = raybayes.sample_subposteriors(
-            regression, model_kwargs={"X": X, "y": Y}, num_shards=2,
-            backend=ray_backend, num_workers=2, **RUN)
+            regression,
+            model_kwargs={"X": X, "y": Y},
+            num_shards=2,
+            backend=ray_backend,
+            num_workers=2,
+            **RUN,
+        )
     local = runs[2]
     for group in ("posterior", "shard_0", "shard_1"):
         a, b = local[group]["beta"].values, on_ray[group]["beta"].values
         assert a.tobytes() == b.tobytes(), group
     # Shards draw from their own streams: derive_key(seed, shard, chain).
-    assert not np.array_equal(local.shard_0["beta"].values[..., 0],
-                              local.shard_1["beta"].values[..., 0])
+    assert not np.array_equal(
+        local.shard_0["beta"].values[..., 0], local.shard_1["beta"].values[..., 0]
+    )
