@@ -28,7 +28,12 @@ from raybayes.errors import (
     ShardError,
 )
 
-__all__ = ["SubposteriorModel", "sample_subposteriors", "COMBINATION_RULES"]
+__all__ = [
+    "COMBINATION_RULES",
+    "SubposteriorModel",
+    "sample_subposteriors",
+    "unconstrained_global_draws",
+]
 
 #: Names accepted by ``sample_subposteriors(combination=...)``.
 COMBINATION_RULES = (
@@ -130,6 +135,46 @@ def _shard_diagnostics(idata, var_names):
                 max(np.nanmax(v) for v in az.rhat(ds).data_vars.values())
             )
     return out
+
+
+def unconstrained_global_draws(idata, model, *model_args, model_kwargs=None):
+    """The flattened, unconstrained global draws of a :func:`sample_subposteriors` run.
+
+    What the combination rules and diagnostics of :mod:`raybayes.core.combination`
+    take, to try another rule or other thresholds on the same draws.
+
+    Args:
+        idata: the result of :func:`sample_subposteriors` (``num_shards > 1``).
+        model, *model_args, model_kwargs: the model and its arguments, traced once
+            for the supports of the global sites.
+
+    Returns:
+        ``(draws, combined, labels)``: ``draws`` ``(num_shards, num_chains *
+        num_draws, dim)`` per shard, ``combined`` ``(num_chains * num_draws, dim)``,
+        and the ``dim`` parameter labels (``"beta[0]"``, ...).
+
+    Raises:
+        ConfigurationError: ``idata`` is not the result of a split run.
+    """
+    from raybayes.core.shard_density import trace_latent_sites
+
+    if "global_sites" not in idata.attrs:
+        raise ConfigurationError(
+            "idata has no global_sites attribute: pass the result of "
+            "sample_subposteriors with num_shards > 1."
+        )
+    sites, _ = trace_latent_sites(model, dict(model_kwargs or {}), None, model_args)
+    names = list(np.atleast_1d(idata.attrs["global_sites"]))
+    global_sites = [sites[n] for n in names]
+    n = int(idata.attrs["draws_per_chain"])
+    draws = np.stack(
+        [
+            _flatten_globals(idata[f"shard_{m}"], global_sites, n)[0]
+            for m in range(int(idata.attrs["num_shards"]))
+        ]
+    )
+    combined, labels = _flatten_globals(idata.posterior, global_sites, n)
+    return draws, combined, labels
 
 
 def sample_subposteriors(
@@ -463,6 +508,7 @@ def sample_subposteriors(
             "combination_space": "unconstrained",
             "num_shards": num_shards,
             "split_plate": partition.plate,
+            "global_sites": [s.name for s in global_sites],
             "num_warmup": num_warmup,
             "seed": seed,
             "draws_per_chain": num_draws,
