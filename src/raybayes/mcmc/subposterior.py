@@ -529,8 +529,8 @@ def sample_subposteriors(
         idata.add_groups(groups)
     if not diagnostics.reliable:
         warnings.warn(
-            f"{diagnostics.summary}. See the raybayes consensus docs: fewer shards, "
-            "the data-sharded NUTS, or the Laplace methods.",
+            f"{diagnostics.summary}. See docs/consensus.md: fewer shards, NUTS on "
+            "the full posterior, or the Laplace methods.",
             RaybayesWarning,
             stacklevel=2,
         )
