@@ -220,3 +220,19 @@ def test_same_draws_on_ray_workers_as_in_process(runs, ray_backend):
     assert not np.array_equal(
         local.shard_0["beta"].values[..., 0], local.shard_1["beta"].values[..., 0]
     )
+
+
+@SLOW
+def test_checkpointed_run_resumes_to_the_same_draws(runs, tmp_path):
+    kwargs = dict(model_kwargs={"X": X, "y": Y}, num_shards=2, backend="local", **RUN)
+    first = raybayes.sample_subposteriors(
+        regression, checkpoint_dir=str(tmp_path), **kwargs
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_000", "shard_001"]
+    again = raybayes.sample_subposteriors(
+        regression, checkpoint_dir=str(tmp_path), **kwargs
+    )
+    for group in ("posterior", "shard_0", "shard_1"):
+        a = runs[2][group]["beta"].values
+        assert a.tobytes() == first[group]["beta"].values.tobytes(), group
+        assert a.tobytes() == again[group]["beta"].values.tobytes(), group
