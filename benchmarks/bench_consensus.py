@@ -95,6 +95,7 @@ def compare(comb, full):
     ev = np.clip(np.linalg.eigvalsh((white + white.T) / 2), 0, None)
     w2 = float(np.sqrt(dm @ dm + np.sum((np.sqrt(ev) - 1.0) ** 2)))
     return dict(
+        worst=int(np.argmax(np.abs(mc - mf) / sf)),
         mean_err_sd=float(np.max(np.abs(mc - mf) / sf)),
         sd_rel_err=float(np.max(np.abs(sc / sf - 1.0))),
         mahalanobis=float(np.sqrt(dm @ dm)),
@@ -194,6 +195,8 @@ def run_case(name, model, kwargs, args, partition=None):
                 f"{m:>3} {rule:<26}{r['mean_err_sd']:>12.3f}{r['sd_rel_err']:>11.3f}"
                 f"{r['mahalanobis']:>12.3f}{r['w2_white']:>11.3f}{secs:>10.3f}"
             )
+        r = compare(rules["raybayes consensus"][0], full_draws)
+        say(f"  largest mean error of consensus: {labels[r['worst']]}")
         d = np.abs(rules["raybayes consensus"][0] - rules["numpyro consensus"][0])
         say(
             "  raybayes vs NumPyro consensus on the same draws: max |diff| "
