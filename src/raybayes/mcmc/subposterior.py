@@ -131,9 +131,9 @@ def _shard_diagnostics(idata, var_names):
             )
         }
         if ds.sizes["chain"] > 1:
-            out["r_hat_max"] = float(
-                max(np.nanmax(v) for v in az.rhat(ds).data_vars.values())
-            )
+            rhat = {k: float(np.nanmax(v)) for k, v in az.rhat(ds).data_vars.items()}
+            worst = max(rhat, key=rhat.get)
+            out["r_hat_max"], out["r_hat_max_site"] = rhat[worst], worst
     return out
 
 
@@ -495,6 +495,15 @@ def sample_subposteriors(
             **_shard_diagnostics(sh, [s.name for s in sites.values()]),
         )
         shard_attrs.append(attrs)
+    # A shard whose chains disagree undermines any combination: say so first.
+    rhat_limit = target_rhat if target_rhat is not None else 1.05
+    for attrs in reversed(shard_attrs):
+        if attrs.get("r_hat_max", 1.0) > rhat_limit:
+            diagnostics.problems.insert(
+                0,
+                f"{attrs['r_hat_max_site']}: the chains of shard {attrs['shard']} "
+                f"disagree (R-hat {attrs['r_hat_max']:.2f} > {rhat_limit:g})",
+            )
     idata = to_inference_data(
         posterior,
         sample_stats,
