@@ -145,8 +145,10 @@ def unconstrained_global_draws(idata, model, *model_args, model_kwargs=None):
 
     Args:
         idata: the result of :func:`sample_subposteriors` (``num_shards > 1``).
-        model, *model_args, model_kwargs: the model and its arguments, traced once
-            for the supports of the global sites.
+        model: the model.
+        *model_args: its positional arguments.
+        model_kwargs: its keyword arguments (traced once, for the supports of the
+            global sites).
 
     Returns:
         ``(draws, combined, labels)``: ``draws`` ``(num_shards, num_chains *
@@ -248,12 +250,18 @@ def sample_subposteriors(
         seed: integer root seed.
         backend: ``"auto"`` (Ray when there are several chains and CPUs),
             ``"local"``, ``"ray"`` or a backend instance (reused, not shut down).
-        num_workers, address, use_gpu, resources_per_worker: as in
-            :class:`raybayes.config.ScalingConfig`.
-        target_accept_prob, max_tree_depth, dense_mass, chunk_size: NUTS settings,
-            as in :func:`raybayes.sample`.
-        target_ess, target_rhat, max_samples: run each shard until its global and
-            local sites reach these (as in :func:`raybayes.sample`).
+        num_workers: worker count (default: one per chain, at most the CPUs).
+        address: Ray cluster address, e.g. ``"10.0.0.1:6379"``.
+        use_gpu: one GPU per worker.
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        target_accept_prob: NUTS target acceptance probability, in (0, 1).
+        max_tree_depth: maximum NUTS tree depth.
+        dense_mass: adapt a dense mass matrix.
+        chunk_size: iterations per unit of remote work (see :func:`raybayes.sample`).
+        target_ess: run each shard until the bulk and tail ESS of its sites reach
+            this (as in :func:`raybayes.sample`).
+        target_rhat: run each shard until the R-hat of its sites is at most this.
+        max_samples: the most draws per chain with a target.
         checkpoint_dir: each shard checkpoints in ``checkpoint_dir/shard_<m>``;
             calling again with the same arguments resumes every shard.
         progress_bar: one progress bar per chain.
