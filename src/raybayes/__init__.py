@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference; at run time, _LAZY
     from raybayes.core import Partition
     from raybayes.fleet import aggregate, connect_results, fit_many, plot_group
     from raybayes.mcmc import load_draws, sample
+    from raybayes.mcmc.subposterior import sample_subposteriors
     from raybayes.optim import (
         LaplaceResult,
         MAPResult,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "sample": "raybayes.mcmc",
     "load_draws": "raybayes.mcmc",
+    "sample_subposteriors": "raybayes.mcmc.subposterior",
     "plan": "raybayes.plan",
     "Plan": "raybayes.plan",
     "Partition": "raybayes.core",
@@ -61,6 +63,7 @@ _LAZY = {
 
 __all__ = [
     "sample",
+    "sample_subposteriors",
     "load_draws",
     "plan",
     "Plan",

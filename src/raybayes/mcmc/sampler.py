@@ -79,6 +79,9 @@ class _RunSettings:
             furthest behind.
         worker_slowdown: worker index -> slowdown factor (for benchmarks).
         progress_bar: show one progress bar per chain.
+        key_stream: stream ids between the seed and the chain index: chain ``c``
+            uses ``derive_key(seed, *key_stream, c)`` (a shard index, so that the
+            shards of one run share a seed without sharing a stream).
     """
 
     num_chains: int
@@ -91,6 +94,7 @@ class _RunSettings:
     static_scheduling: bool
     worker_slowdown: dict | None
     progress_bar: bool
+    key_stream: tuple = ()
 
 
 def _check_arguments(
@@ -205,6 +209,7 @@ def sample(
     cross_chain_adaptation: bool = False,
     _scheduling: str = "dynamic",
     _worker_slowdown: dict[int, float] | None = None,
+    _key_stream: tuple[int, ...] = (),
 ):
     """Draw from a NumPyro model's posterior with NUTS, chains spread over workers.
 
@@ -370,6 +375,7 @@ def sample(
         static_scheduling=_scheduling == "static",
         worker_slowdown=_worker_slowdown,
         progress_bar=progress_bar,
+        key_stream=tuple(_key_stream),
     )
     site_dims, site_coords, observed = _trace_model(
         model, model_args, model_kwargs, dims, coords, target_var_names
@@ -456,6 +462,7 @@ def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_co
             seed=settings.seed,
             cross_chain_adaptation=settings.cross_chain_adaptation,
             model=getattr(model, "__qualname__", repr(model)),
+            **({"key_stream": list(settings.key_stream)} if settings.key_stream else {}),
             kernel={k: repr(v) for k, v in sorted(settings.kernel_kwargs.items())},
             dims=site_dims,
             coords={k: np.asarray(v).tolist() for k, v in site_coords.items()},
@@ -505,6 +512,7 @@ def _run_chains(
                 progress_bar=settings.progress_bar,
                 static=settings.static_scheduling,
                 cross_chain=settings.cross_chain_adaptation,
+                key_stream=settings.key_stream,
             ).run()
         finally:
             pool.shutdown()
@@ -680,8 +688,10 @@ class _ChainScheduler:
     MAX_RESTARTS_PER_WORKER = 5
 
     def __init__(self, pool, *, num_chains, num_warmup, seed, chunk_size, init_params,
-                 stopping, store, progress_bar, static=False, cross_chain=False):
+                 stopping, store, progress_bar, static=False, cross_chain=False,
+                 key_stream=()):
         self.pool = pool
+        self.key_stream = tuple(key_stream)
         # Warmup iterations after which the chains pool their covariance estimates:
         # just before the last iteration of each slow window (NumPyro's schedule),
         # so that the window's final update uses the pooled estimate.
@@ -737,7 +747,13 @@ class _ChainScheduler:
 
     def _next_work(self, chain: _Chain):
         if chain.state is None:
-            key = chain_key(self.seed, chain.chain_id)
+            if self.key_stream:
+                from raybayes.config import derive_key
+
+                stream = (*self.key_stream, chain.chain_id)
+                key = np.asarray(derive_key(self.seed, *stream))
+            else:
+                key = chain_key(self.seed, chain.chain_id)
             return "init_chain", (chain.chain_id, key, self.init_params)
         if chain.warmup_done < self.num_warmup:
             if self._waiting(chain):

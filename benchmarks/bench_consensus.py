@@ -1,0 +1,308 @@
+"""Embarrassingly parallel MCMC against full-data NUTS, with NumPyro's rules as peer.
+
+Three cases, each in one run:
+
+* ``logistic``: Bayesian logistic regression on ``--rows`` x ``--dim`` simulated
+  rows (the issue asks for 1,000,000 x 20), split into M = ``--shards`` shards.
+* ``elasticity``: the hierarchical elasticity model (negative binomial, non-centred)
+  split by product; the measures cover its global sites.
+* ``banana``: a model whose subposteriors are banana-shaped (``a + b^2`` is all the
+  data identify), built so that the Gaussian rules fail; the diagnostics must fire.
+
+For every M, ``raybayes.sample_subposteriors`` samples the subposteriors once; the
+same draws are then combined by raybayes's rules and by NumPyro's
+``numpyro.infer.hmc_util.consensus`` and ``parametric_draws`` (the peer). Each
+combination is compared with full-data NUTS (``raybayes.sample``, same settings) in
+the unconstrained space of the global sites: the largest error of a posterior mean
+in posterior sds, the largest relative error of a posterior sd, the Mahalanobis
+distance of the combined mean under the full posterior covariance, and the
+2-Wasserstein distance between Gaussian fits of the two sets of draws after
+whitening by the full posterior (0 means identical first two moments). Wall time
+and the process's CPU time, full NUTS vs all shards (run one after another here)
+and the slowest shard (the wall time with one machine per shard).
+
+Usage:
+    python benchmarks/bench_consensus.py --case logistic --rows 1000000 --dim 20
+    python benchmarks/bench_consensus.py --case elasticity --products 1000
+    python benchmarks/bench_consensus.py --case banana
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import jax
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer.hmc_util import consensus as np_consensus
+from numpyro.infer.hmc_util import parametric_draws as np_parametric_draws
+
+import raybayes
+from raybayes.config import derive_key
+from raybayes.core.combination import (
+    consensus,
+    diagnose_combination,
+    gaussian_product,
+    kernel_product,
+)
+from raybayes.core.shard_density import trace_latent_sites
+from raybayes.io import atomic_path
+from raybayes.mcmc.subposterior import _flatten_globals, unconstrained_global_draws
+
+LINES: list[str] = []
+
+
+def say(text=""):
+    print(text, flush=True)
+    LINES.append(text)
+
+
+# ------------------------------------------------------------------------- models
+def logistic(X, y=None):
+    d = X.shape[1]
+    alpha = numpyro.sample("alpha", dist.Normal(0.0, 2.0))
+    beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
+    with numpyro.plate("obs", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=alpha + X @ beta), obs=y)
+
+
+def banana(y=None):
+    a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Normal(a + b**2, 0.5), obs=y)
+
+
+def elasticity():
+    from raybayes.models.elasticity import elasticity_model
+
+    return elasticity_model  # non-centred by default
+
+
+# ------------------------------------------------------------------------ measures
+def compare(comb, full):
+    """Accuracy of combined draws against full-NUTS draws (unconstrained)."""
+    mf, mc = full.mean(0), comb.mean(0)
+    cf, cc = np.cov(full.T), np.cov(comb.T)
+    sf, sc = np.sqrt(np.diag(cf)), np.sqrt(np.diag(cc))
+    L = np.linalg.cholesky(cf)
+    dm = np.linalg.solve(L, mc - mf)
+    white = np.linalg.solve(L, np.linalg.solve(L, cc).T)  # L^-1 cc L^-T
+    ev = np.clip(np.linalg.eigvalsh((white + white.T) / 2), 0, None)
+    w2 = float(np.sqrt(dm @ dm + np.sum((np.sqrt(ev) - 1.0) ** 2)))
+    return dict(
+        worst=int(np.argmax(np.abs(mc - mf) / sf)),
+        mean_err_sd=float(np.max(np.abs(mc - mf) / sf)),
+        sd_rel_err=float(np.max(np.abs(sc / sf - 1.0))),
+        mahalanobis=float(np.sqrt(dm @ dm)),
+        w2_white=w2,
+    )
+
+
+def full_flat(idata, model, kwargs):
+    sites, _ = trace_latent_sites(model, kwargs, None)
+    names = list(idata.attrs.get("global_sites", []))
+    n = int(idata.posterior.sizes["draw"])
+    return _flatten_globals(idata.posterior, [sites[k] for k in names], n)[0]
+
+
+def run_case(name, model, kwargs, args, partition=None):
+    settings = dict(
+        num_chains=args.chains,
+        num_warmup=args.warmup,
+        num_samples=args.samples,
+        seed=args.seed,
+        backend=args.backend,
+        progress_bar=args.progress,
+    )
+    say(f"## {name}")
+    t0, c0 = time.perf_counter(), time.process_time()
+    full = raybayes.sample(model, model_kwargs=kwargs, **settings)
+    full_wall, full_cpu = time.perf_counter() - t0, time.process_time() - c0
+    summ = raybayes.summary(full)
+    say(
+        f"full NUTS: wall {full_wall:.1f} s, CPU {full_cpu:.1f} s; min bulk ESS "
+        f"{summ['ess_bulk'].min():.0f}, max R-hat {summ['r_hat'].max():.3f}, "
+        f"divergences {int(full.sample_stats['diverging'].sum())}"
+    )
+    full_draws = None
+    header = (
+        f"{'M':>3} {'rule':<26}{'mean err/sd':>12}{'sd rel err':>11}"
+        f"{'Mahalanobis':>12}{'W2 (white)':>11}{'combine s':>10}"
+    )
+    for m in args.shards:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", raybayes.RaybayesWarning)
+            sub = raybayes.sample_subposteriors(
+                model,
+                model_kwargs=kwargs,
+                num_shards=m,
+                partition=partition,
+                **settings,
+            )
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        draws, comb_ours, labels = unconstrained_global_draws(
+            sub, model, model_kwargs=kwargs
+        )
+        if full_draws is None:
+            full.attrs["global_sites"] = list(sub.attrs["global_sites"])
+            full_draws = full_flat(full, model, kwargs)
+        per_shard = np.atleast_1d(sub.attrs["wall_s_per_shard"])
+        say("")
+        say(
+            f"M = {m}: {draws.shape[2]} global parameters, {draws.shape[1]} draws per "
+            f"shard; all shards wall {wall:.1f} s (CPU {cpu:.1f} s), slowest shard "
+            f"{per_shard.max():.1f} s; full NUTS / slowest shard = "
+            f"{full_wall / per_shard.max():.2f}x; per-shard max R-hat "
+            f"{np.max(sub.attrs['r_hat_max_per_shard']):.3f}, min bulk ESS "
+            f"{np.min(sub.attrs['ess_bulk_min_per_shard']):.0f}"
+        )
+        say(f"  diagnostics: {sub.attrs['combination_summary']}")
+        for line in str(sub.attrs["combination_report"]).splitlines()[1:]:
+            say(f"  {line.strip()}")
+        say(header)
+        key = derive_key(args.seed, "bench")
+        n = draws.shape[1]
+        rules = {}
+        t = time.perf_counter()
+        rules["raybayes consensus"] = (consensus(draws), time.perf_counter() - t)
+        t = time.perf_counter()
+        rules["raybayes gaussian_product"] = (
+            gaussian_product(key, draws, n),
+            time.perf_counter() - t,
+        )
+        if draws.shape[2] <= 10:
+            t = time.perf_counter()
+            rules["raybayes semiparametric"] = (
+                kernel_product(key, draws, n),
+                time.perf_counter() - t,
+            )
+        subs = [{"x": d} for d in draws]
+        peers = {
+            "numpyro consensus": lambda subs=subs: np_consensus(subs)["x"],
+            "numpyro parametric_draws": lambda subs=subs, n=n, key=key: (
+                np_parametric_draws(subs, n, rng_key=key)["x"]
+            ),
+        }
+        for rule, fn in peers.items():
+            t = time.perf_counter()
+            try:
+                rules[rule] = (np.asarray(fn()), time.perf_counter() - t)
+            except Exception as err:  # noqa: BLE001 - the peer's failure is a result
+                say(f"{m:>3} {rule:<26}failed: {type(err).__name__}: {err}")
+        for rule, (comb, secs) in rules.items():
+            r = compare(comb, full_draws)
+            say(
+                f"{m:>3} {rule:<26}{r['mean_err_sd']:>12.3f}{r['sd_rel_err']:>11.3f}"
+                f"{r['mahalanobis']:>12.3f}{r['w2_white']:>11.3f}{secs:>10.3f}"
+            )
+        r = compare(rules["raybayes consensus"][0], full_draws)
+        say(f"  largest mean error of consensus: {labels[r['worst']]}")
+        if "numpyro consensus" in rules:
+            d = np.abs(rules["raybayes consensus"][0] - rules["numpyro consensus"][0])
+            say(
+                "  raybayes vs NumPyro consensus on the same draws: max |diff| "
+                f"{d.max():.2e}"
+            )
+        if name.startswith("banana"):
+            dg = diagnose_combination(
+                draws, rules["raybayes gaussian_product"][0], labels, seed=args.seed
+            )
+            say(f"  diagnostics of the Gaussian product: {dg.summary}")
+    # Monte Carlo floor: two halves of the full run against each other.
+    half = full_draws.shape[0] // 2
+    r = compare(full_draws[:half], full_draws[half:])
+    say("")
+    say(
+        f"noise floor (full NUTS, first half vs second half of the draws): mean err/sd "
+        f"{r['mean_err_sd']:.3f}, sd rel err {r['sd_rel_err']:.3f}, Mahalanobis "
+        f"{r['mahalanobis']:.3f}, W2 {r['w2_white']:.3f}"
+    )
+    say("")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--case", choices=["logistic", "elasticity", "banana"], action="append"
+    )
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=20)
+    p.add_argument("--products", type=int, default=1000)
+    p.add_argument("--categories", type=int, default=10)
+    p.add_argument("--weeks", type=int, default=156)
+    p.add_argument(
+        "--shards", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 8]
+    )
+    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="local")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--out", help="also write the report to this file (atomically)")
+    args = p.parse_args()
+    say(
+        f"bench_consensus: {platform.processor() or platform.machine()}, jax "
+        f"{jax.__version__}, numpyro {numpyro.__version__}; {args.chains} chains x "
+        f"({args.warmup} + {args.samples}) per run, backend {args.backend}, seed "
+        f"{args.seed}"
+    )
+    for case in args.case or ["logistic", "elasticity", "banana"]:
+        rng = np.random.default_rng(args.seed)
+        if case == "logistic":
+            X = rng.normal(size=(args.rows, args.dim)).astype(np.float32)
+            beta = rng.normal(size=args.dim) * 0.5
+            p_ = 1 / (1 + np.exp(-(0.3 + X @ beta)))
+            y = (rng.random(args.rows) < p_).astype(np.float32)
+            run_case(
+                f"logistic regression, {args.rows:,} x {args.dim}",
+                logistic,
+                {"X": X, "y": y},
+                args,
+            )
+        elif case == "elasticity":
+            from raybayes.datasets.elasticity import (
+                prepare_elasticity_data,
+                simulate_elasticity,
+            )
+
+            df, _ = simulate_elasticity(
+                args.categories, args.products, args.weeks, seed=args.seed
+            )
+            data = prepare_elasticity_data(
+                df, product_cols=("product",), category_col="category"
+            )
+            kwargs = data.model_kwargs()
+            model = elasticity()
+            split = raybayes.plan(model, kwargs, num_shards=max(args.shards))
+            part = next(c.partition for c in split.candidates if c.plate == "products")
+            run_case(
+                f"elasticity, {args.categories} categories x {args.products} "
+                f"products x {args.weeks} weeks = {data.num_obs:,} rows, split by "
+                "product",
+                model,
+                kwargs,
+                args,
+                partition=part,
+            )
+        else:
+            y = (1.0 + 0.5 * rng.normal(size=400)).astype(np.float32)
+            run_case(
+                "banana (built to fail): y ~ N(a + b^2, 0.5), 400 rows",
+                banana,
+                {"y": y},
+                args,
+            )
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()

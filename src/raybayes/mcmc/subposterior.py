@@ -1,0 +1,554 @@
+"""Embarrassingly parallel MCMC: NUTS on every shard's subposterior, then combined.
+
+The data are split along one plate into M shards (:func:`raybayes.plan`). Shard m's
+subposterior is the model run on shard m's data with every global site (outside the
+split plate) scaled by ``1/M`` (:class:`~raybayes.core.scale_global_sites`): the
+shard log density of the core, whose sum over shards is the full log joint. Each
+subposterior is sampled by the chain-parallel NUTS of :func:`raybayes.sample`, so
+its chains are chunked over workers, survive a lost worker, checkpoint, and can run
+to a target ESS/R-hat; shards never communicate. The global draws are then
+combined by a rule of :mod:`raybayes.core.combination`, in the unconstrained space,
+and checked by :func:`~raybayes.core.combination.diagnose_combination`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raybayes.errors import (
+    ConfigurationError,
+    RaybayesWarning,
+    RemoteTaskError,
+    ShardError,
+)
+
+__all__ = [
+    "COMBINATION_RULES",
+    "SubposteriorModel",
+    "sample_subposteriors",
+    "unconstrained_global_draws",
+]
+
+#: Names accepted by ``sample_subposteriors(combination=...)``.
+COMBINATION_RULES = (
+    "consensus",
+    "consensus_diagonal",
+    "gaussian_product",
+    "semiparametric",
+    "nonparametric",
+)
+
+
+class SubposteriorModel:
+    """One shard's subposterior as a NumPyro model: global sites scaled by ``1/M``.
+
+    Calling it runs ``model`` under
+    :class:`~raybayes.core.shard_density.scale_global_sites`, so NUTS on it targets
+    ``p(theta)^(1/M) p(y_m | theta)`` (in the unconstrained space, the log Jacobians
+    of global sites are scaled by ``1/M`` too, so the M subposteriors multiply to the
+    full posterior there).
+
+    Args:
+        model: the NumPyro model.
+        num_shards: M.
+        local_plates: plates whose sites belong to a shard (not scaled).
+    """
+
+    def __init__(self, model: Callable, num_shards: int, local_plates=frozenset()):
+        self.model = model
+        self.num_shards = int(num_shards)
+        self.local_plates = frozenset(local_plates)
+        name = getattr(model, "__qualname__", type(model).__name__)
+        # A stable name: checkpoints compare it between runs.
+        self.__qualname__ = f"subposterior[{name}, 1/{self.num_shards}]"
+
+    def __call__(self, *args, **kwargs):
+        from raybayes.core.shard_density import scale_global_sites
+
+        scaled = scale_global_sites(
+            self.model, 1.0 / self.num_shards, self.local_plates
+        )
+        return scaled(*args, **kwargs)
+
+
+def _entity_counts(partition, model_kwargs):
+    num = partition.num_entities(model_kwargs)
+    if partition.index_arg is None:
+        return num
+    index = np.asarray(model_kwargs[partition.index_arg])
+    return np.bincount(index, minlength=num)
+
+
+def _labels(name, shape):
+    if not shape:
+        return [name]
+    return [f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
+
+
+def _flatten_globals(posterior, global_sites, num_draws):
+    """``(num_chains * num_draws, dim)`` unconstrained global draws, and labels."""
+    import jax.numpy as jnp
+
+    cols, labels = [], []
+    for s in global_sites:
+        value = np.asarray(posterior[s.name].values)[:, :num_draws]
+        c, n = value.shape[:2]
+        u = np.asarray(s.transform.inv(jnp.asarray(value)), np.float64)
+        cols.append(u.reshape(c * n, -1))
+        labels += _labels(s.name, s.unconstrained_shape)
+    return np.concatenate(cols, axis=1), labels
+
+
+def _unflatten_globals(flat, global_sites, num_chains, num_draws):
+    import jax.numpy as jnp
+
+    out, offset = {}, 0
+    for s in global_sites:
+        size = int(np.prod(s.unconstrained_shape, dtype=int))
+        u = flat[:, offset : offset + size].reshape(
+            num_chains, num_draws, *s.unconstrained_shape
+        )
+        out[s.name] = np.asarray(s.transform(jnp.asarray(u)))
+        offset += size
+    return out
+
+
+def _shard_diagnostics(idata, var_names):
+    import arviz as az
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = idata.posterior[var_names]
+        out = {
+            "ess_bulk_min": float(
+                min(np.nanmin(v) for v in az.ess(ds).data_vars.values())
+            )
+        }
+        if ds.sizes["chain"] > 1:
+            rhat = {k: float(np.nanmax(v)) for k, v in az.rhat(ds).data_vars.items()}
+            worst = max(rhat, key=rhat.get)
+            out["r_hat_max"], out["r_hat_max_site"] = rhat[worst], worst
+    return out
+
+
+def unconstrained_global_draws(idata, model, *model_args, model_kwargs=None):
+    """The flattened, unconstrained global draws of a :func:`sample_subposteriors` run.
+
+    What the combination rules and diagnostics of :mod:`raybayes.core.combination`
+    take, to try another rule or other thresholds on the same draws.
+
+    Args:
+        idata: the result of :func:`sample_subposteriors` (``num_shards > 1``).
+        model: the model.
+        *model_args: its positional arguments.
+        model_kwargs: its keyword arguments (traced once, for the supports of the
+            global sites).
+
+    Returns:
+        ``(draws, combined, labels)``: ``draws`` ``(num_shards, num_chains *
+        num_draws, dim)`` per shard, ``combined`` ``(num_chains * num_draws, dim)``,
+        and the ``dim`` parameter labels (``"beta[0]"``, ...).
+
+    Raises:
+        ConfigurationError: ``idata`` is not the result of a split run.
+    """
+    from raybayes.core.shard_density import trace_latent_sites
+
+    if "global_sites" not in idata.attrs:
+        raise ConfigurationError(
+            "idata has no global_sites attribute: pass the result of "
+            "sample_subposteriors with num_shards > 1."
+        )
+    sites, _ = trace_latent_sites(model, dict(model_kwargs or {}), None, model_args)
+    names = list(np.atleast_1d(idata.attrs["global_sites"]))
+    global_sites = [sites[n] for n in names]
+    n = int(idata.attrs["draws_per_chain"])
+    draws = np.stack(
+        [
+            _flatten_globals(idata[f"shard_{m}"], global_sites, n)[0]
+            for m in range(int(idata.attrs["num_shards"]))
+        ]
+    )
+    combined, labels = _flatten_globals(idata.posterior, global_sites, n)
+    return draws, combined, labels
+
+
+def sample_subposteriors(
+    model: Callable,
+    *model_args,
+    model_kwargs: dict | None = None,
+    num_shards: int = 2,
+    partition=None,
+    combination: str = "consensus",
+    num_chains: int = 4,
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    seed: int = 0,
+    backend: Any = "auto",
+    num_workers: int | None = None,
+    address: str | None = None,
+    use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    dense_mass: bool = False,
+    chunk_size: int | None = None,
+    target_ess: float | None = None,
+    target_rhat: float | None = None,
+    max_samples: int | None = None,
+    checkpoint_dir: str | None = None,
+    progress_bar: bool = True,
+):
+    """Embarrassingly parallel MCMC: NUTS on each shard's subposterior, combined.
+
+    The data are split into ``num_shards`` shards along one plate (chosen by
+    :func:`raybayes.plan`, or ``partition``). Shard m's subposterior, the model on
+    shard m's data with every global site (prior included) scaled by
+    ``1/num_shards``, is sampled by the chain-parallel NUTS of
+    :func:`raybayes.sample`: chains chunked over workers, a lost worker's chains
+    resumed elsewhere, checkpoints, run to a target ESS/R-hat. Shards never
+    communicate; each run sends only its own shard's arrays to its workers (put
+    once in the object store). Shards run one after another, each over all
+    workers. Chain c of shard m uses the key ``derive_key(seed, m, c)``, so the
+    draws do not depend on the number of workers or the backend.
+
+    The global sites' draws are combined in the unconstrained space (every site
+    mapped to the real line by ``biject_to(support).inv``): there the M
+    subposteriors multiply exactly to the full posterior, and they are nearest to
+    Gaussian, which consensus and the Gaussian product assume. Draw ``s`` of chain
+    ``c`` of every shard forms combined draw ``(c, s)``; with targets, every shard
+    is cut to the fewest draws per chain among shards. Local sites (inside the split
+    plate) belong to one shard and are reported from it, concatenated along their
+    plate: they are that shard's draws under its own subposterior, not redrawn
+    given the combined globals. Deterministic sites stay in the shards' groups.
+
+    With ``num_shards=1`` this is :func:`raybayes.sample` (ordinary NUTS on the
+    full posterior), with a note.
+
+    Args:
+        model: a NumPyro model.
+        *model_args: positional model arguments (never split; every shard gets them).
+        model_kwargs: keyword model arguments; the split plate's arrays are among
+            them.
+        num_shards: M, the number of shards (>= 1).
+        partition: a :class:`raybayes.Partition` saying how to split; by default
+            :func:`raybayes.plan` chooses.
+        combination: ``"consensus"`` (Scott et al. 2016, full-covariance weights;
+            default), ``"consensus_diagonal"``, ``"gaussian_product"`` (parametric,
+            Neiswanger et al. 2014), ``"semiparametric"`` or ``"nonparametric"``
+            (kernel products of Neiswanger et al. 2014, no Gaussian assumption, up to
+            about 10 global parameters).
+        num_chains: chains per shard.
+        num_warmup: warmup iterations per chain.
+        num_samples: draws per chain (the minimum, with a target).
+        seed: integer root seed.
+        backend: ``"auto"`` (Ray when there are several chains and CPUs),
+            ``"local"``, ``"ray"`` or a backend instance (reused, not shut down).
+        num_workers: worker count (default: one per chain, at most the CPUs).
+        address: Ray cluster address, e.g. ``"10.0.0.1:6379"``.
+        use_gpu: one GPU per worker.
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        target_accept_prob: NUTS target acceptance probability, in (0, 1).
+        max_tree_depth: maximum NUTS tree depth.
+        dense_mass: adapt a dense mass matrix.
+        chunk_size: iterations per unit of remote work (see :func:`raybayes.sample`).
+        target_ess: run each shard until the bulk and tail ESS of its sites reach
+            this (as in :func:`raybayes.sample`).
+        target_rhat: run each shard until the R-hat of its sites is at most this.
+        max_samples: the most draws per chain with a target.
+        checkpoint_dir: each shard checkpoints in ``checkpoint_dir/shard_<m>``;
+            calling again with the same arguments resumes every shard.
+        progress_bar: one progress bar per chain.
+
+    Returns:
+        ``arviz.InferenceData``. ``posterior``: the combined draws of the global
+        sites, ``(num_chains, num_draws, *site_shape)``, and the local sites from
+        their shards. ``sample_stats``: NUTS statistics with a ``shard`` dimension.
+        One group per shard, ``shard_0`` ... ``shard_<M-1>``, with that shard's
+        posterior draws (its ``attrs`` hold its entity range, ``r_hat_max``,
+        ``ess_bulk_min`` and wall time). ``attrs``: the rule, the split plate,
+        ``combination_summary`` ("combination reliable" or the parameter and
+        reason), and the diagnostic figures of
+        :meth:`~raybayes.core.combination.CombinationDiagnostics.to_attrs`.
+
+    Raises:
+        ConfigurationError: a bad argument, more shards than entries of the split
+            plate, or a model with no plate to split (checked before sampling).
+        DataValidationError: the split arrays disagree in length.
+        ShardError: a chain of a shard failed; names the shard and the chain, and
+            carries the worker's traceback.
+
+    Warns:
+        RaybayesWarning: ``num_shards=1`` (ordinary NUTS), or a diagnostic fired
+            (the warning repeats ``combination_summary``; see docs/consensus.md).
+
+    References:
+        Scott, Blocker, Bonassi, Chipman, George & McCulloch (2016), Bayes and big
+        data: the consensus Monte Carlo algorithm, IJMSEM 11(2).
+        Neiswanger, Wang & Xing (2014), Asymptotically exact, embarrassingly parallel
+        MCMC, UAI. https://arxiv.org/abs/1311.4780
+        Hoffman & Gelman (2014), The No-U-Turn Sampler, JMLR 15.
+
+    Examples:
+        >>> import numpyro, numpyro.distributions as dist, raybayes
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+        ...     with numpyro.plate("obs", y.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> y = np.random.default_rng(0).normal(1.0, 1.0, 200)
+        >>> idata = raybayes.sample_subposteriors(model, model_kwargs={"y": y},
+        ...     num_shards=2, num_chains=2, num_warmup=200, num_samples=200,
+        ...     backend="local", progress_bar=False)
+        >>> idata.posterior["mu"].shape, idata.attrs["combination_summary"]
+        ((2, 200), 'combination reliable')
+    """
+    from raybayes.backends import Backend, get_backend
+    from raybayes.config import ScalingConfig, resolve_backend_name
+    from raybayes.core.combination import (
+        consensus,
+        diagnose_combination,
+        gaussian_product,
+        kernel_product,
+    )
+    from raybayes.core.partition import assign_entities, shard_model_kwargs
+    from raybayes.core.shard_density import trace_latent_sites
+    from raybayes.mcmc.sampler import sample
+    from raybayes.plan import plan
+    from raybayes.results import model_site_info, to_inference_data
+
+    if (
+        isinstance(num_shards, bool)
+        or not isinstance(num_shards, (int, np.integer))
+        or (num_shards < 1)
+    ):
+        raise ConfigurationError(
+            f"num_shards={num_shards!r} is not an integer >= 1; pass e.g. num_shards=4."
+        )
+    num_shards = int(num_shards)
+    if combination not in COMBINATION_RULES:
+        raise ConfigurationError(
+            f"combination={combination!r} is not known; use one of {COMBINATION_RULES}."
+        )
+    if not callable(model):
+        raise ConfigurationError(
+            f"model={model!r} is not callable; pass a NumPyro model."
+        )
+    model_kwargs = dict(model_kwargs or {})
+    nuts = dict(
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        seed=seed,
+        num_workers=num_workers,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        dense_mass=dense_mass,
+        chunk_size=chunk_size,
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        max_samples=max_samples,
+        progress_bar=progress_bar,
+    )
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        address=address,
+    )
+    name = resolve_backend_name(
+        backend, scaling, parallel_work=int(num_chains) * num_shards
+    )
+    if num_shards == 1:
+        warnings.warn(
+            "num_shards=1: there is nothing to combine; running ordinary NUTS on the "
+            "full posterior (raybayes.sample).",
+            RaybayesWarning,
+            stacklevel=2,
+        )
+        idata = sample(
+            model,
+            *model_args,
+            model_kwargs=model_kwargs,
+            backend=name,
+            address=address,
+            use_gpu=use_gpu,
+            resources_per_worker=resources_per_worker,
+            checkpoint_dir=checkpoint_dir,
+            **nuts,
+        )
+        idata.attrs["note"] = "num_shards=1: ordinary NUTS on the full posterior"
+        idata.attrs["num_shards"] = 1
+        return idata
+
+    # -- the split, checked before anything runs ---------------------------------
+    if partition is None:
+        chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
+        partition = chosen.partition
+        if partition is None:
+            raise ConfigurationError(
+                f"num_shards={num_shards} but the model has no plate that can be split "
+                "(see the plan's warning); pass partition=, or use num_shards=1."
+            )
+    partition.validate(model_kwargs)
+    specs = assign_entities(
+        _entity_counts(partition, model_kwargs), num_shards, partition.plate
+    )
+    sites, _ = trace_latent_sites(model, model_kwargs, partition, model_args)
+    global_sites = [s for s in sites.values() if not s.is_local]
+    local_sites = [s for s in sites.values() if s.is_local]
+    if not global_sites:
+        raise ConfigurationError(
+            f"splitting plate {partition.plate!r} leaves no global site to combine: "
+            "every latent site belongs to a shard. Sample each group on its own "
+            "(raybayes.fit_many)."
+        )
+    site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
+
+    engine = get_backend(
+        name,
+        address=address,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+    )
+    owns_engine = not isinstance(backend, Backend)
+    sub_model = SubposteriorModel(model, num_shards, partition.local_plates)
+    shards, timings = [], []
+    engine.start()
+    try:
+        for spec in specs:
+            m = spec.shard_id
+            shard_kwargs = shard_model_kwargs(model_kwargs, partition, spec)
+            ckpt = None
+            if checkpoint_dir is not None:
+                ckpt = str(Path(checkpoint_dir) / f"shard_{m:03d}")
+            start = time.perf_counter()
+            try:
+                idata_m = sample(
+                    sub_model,
+                    *model_args,
+                    model_kwargs=shard_kwargs,
+                    backend=engine,
+                    checkpoint_dir=ckpt,
+                    _key_stream=(m,),
+                    **nuts,
+                )
+            except RemoteTaskError as err:
+                raise ShardError(
+                    m,
+                    f"{err.kind} {err.unit_id} of shard {m} (entities "
+                    f"{spec.entity_start}..{spec.entity_stop - 1} of plate "
+                    f"{partition.plate!r}): {err.message}",
+                    err.remote_traceback,
+                ) from None
+            timings.append(time.perf_counter() - start)
+            shards.append(idata_m)
+    finally:
+        if owns_engine:
+            engine.shutdown()
+
+    # -- combination ---------------------------------------------------------------
+    num_draws = min(int(s.posterior.sizes["draw"]) for s in shards)
+    num_chains_ = int(shards[0].posterior.sizes["chain"])
+    flat, labels = [], None
+    for idata_m in shards:
+        f, labels = _flatten_globals(idata_m.posterior, global_sites, num_draws)
+        flat.append(f)
+    flat = np.stack(flat)
+    from raybayes.config import derive_key
+
+    key = derive_key(seed, "combination")
+    if combination == "consensus":
+        combined = consensus(flat)
+    elif combination == "consensus_diagonal":
+        combined = consensus(flat, diagonal=True)
+    elif combination == "gaussian_product":
+        combined = gaussian_product(key, flat)
+    else:
+        combined = kernel_product(
+            key, flat, semiparametric=combination == "semiparametric"
+        )
+    diagnostics = diagnose_combination(flat, combined, labels, seed=seed)
+
+    posterior = _unflatten_globals(combined, global_sites, num_chains_, num_draws)
+    for s in local_sites:
+        axis = 2 + s.constrained_entity_axis
+        posterior[s.name] = np.concatenate(
+            [np.asarray(sh.posterior[s.name].values)[:, :num_draws] for sh in shards],
+            axis=axis,
+        )
+    from raybayes.mcmc.chain import SAMPLE_STATS
+
+    sample_stats = {
+        k: np.stack(
+            [np.asarray(sh.sample_stats[k].values)[:, :num_draws] for sh in shards],
+            axis=-1,
+        )
+        for k in SAMPLE_STATS
+    }
+    stat_dims = {k: ["shard"] for k in SAMPLE_STATS}
+    shard_attrs = []
+    for spec, sh, wall in zip(specs, shards, timings, strict=True):
+        attrs = dict(
+            shard=spec.shard_id,
+            entity_start=spec.entity_start,
+            entity_stop=spec.entity_stop,
+            wall_s=float(wall),
+            num_draws_per_chain=int(sh.posterior.sizes["draw"]),
+            **_shard_diagnostics(sh, [s.name for s in sites.values()]),
+        )
+        shard_attrs.append(attrs)
+    # A shard whose chains disagree undermines any combination: say so first.
+    rhat_limit = target_rhat if target_rhat is not None else 1.05
+    for attrs in reversed(shard_attrs):
+        if attrs.get("r_hat_max", 1.0) > rhat_limit:
+            diagnostics.problems.insert(
+                0,
+                f"{attrs['r_hat_max_site']}: the chains of shard {attrs['shard']} "
+                f"disagree (R-hat {attrs['r_hat_max']:.2f} > {rhat_limit:g})",
+            )
+    idata = to_inference_data(
+        posterior,
+        sample_stats,
+        observed,
+        dims={**site_dims, **stat_dims},
+        coords={**site_coords, "shard": np.arange(num_shards)},
+        attrs={
+            "inference_library": "raybayes",
+            "sampler": "NUTS on subposteriors",
+            "combination": combination,
+            "combination_space": "unconstrained",
+            "num_shards": num_shards,
+            "split_plate": partition.plate,
+            "global_sites": [s.name for s in global_sites],
+            "num_warmup": num_warmup,
+            "seed": seed,
+            "draws_per_chain": num_draws,
+            "wall_s_per_shard": [float(t) for t in timings],
+            "r_hat_max_per_shard": [a.get("r_hat_max", np.nan) for a in shard_attrs],
+            "ess_bulk_min_per_shard": [a["ess_bulk_min"] for a in shard_attrs],
+            **diagnostics.to_attrs(),
+            "combination_report": str(diagnostics),
+        },
+    )
+    groups = {}
+    for sh, attrs in zip(shards, shard_attrs, strict=True):
+        ds = sh.posterior.copy()
+        ds.attrs = {**ds.attrs, **attrs}
+        groups[f"shard_{attrs['shard']}"] = ds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # groups outside ArviZ's schema
+        idata.add_groups(groups)
+    if not diagnostics.reliable:
+        warnings.warn(
+            f"{diagnostics.summary}. See docs/consensus.md: fewer shards, NUTS on "
+            "the full posterior, or the Laplace methods.",
+            RaybayesWarning,
+            stacklevel=2,
+        )
+    return idata
