@@ -10,7 +10,7 @@ import numpyro.distributions as dist
 import pytest
 
 from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
-from raybayes.errors import ConfigurationError, RaybayesWarning
+from raybayes.errors import ConfigurationError
 from raybayes.models.elasticity import elasticity_model
 from raybayes.plan import plan
 
@@ -58,7 +58,9 @@ def test_candidates_report_why_a_plate_cannot_be_split(elasticity_kwargs):
     )
     assert by_plate["times"].num_global == 6 + C + 2 * P + 1
     assert not by_plate["categories"].feasible
-    assert "maps observations" in by_plate["categories"].reason
+    # category_of_product maps products to categories, but the observations
+    # (units) do not follow it.
+    assert "reaches 'units'" in by_plate["categories"].reason
     # Memory per shard: the products split holds half the per-observation data.
     assert (
         by_plate["products"].memory_per_shard_bytes
@@ -94,13 +96,16 @@ def test_more_shards_than_plate_entries_is_a_clear_error():
         plan(model, {"y": np.zeros(5)}, num_shards=0)
 
 
-def test_model_without_plate_falls_back_to_one_shard_with_a_warning():
+def test_model_without_plate_is_a_clear_error_on_two_shards_and_runs_on_one():
     def model(y):
         mu = numpyro.sample("mu", dist.Normal(0, 1))
         numpyro.sample("y", dist.Normal(mu, 1).expand([3]).to_event(1), obs=y)
 
-    with pytest.warns(RaybayesWarning, match="no plate that can be split.*1 shard"):
-        result = plan(model, {"y": np.zeros(3)}, num_shards=4)
+    with pytest.raises(
+        ConfigurationError, match="no plate that can be split.*num_shards=1"
+    ):
+        plan(model, {"y": np.zeros(3)}, num_shards=4)
+    result = plan(model, {"y": np.zeros(3)}, num_shards=1)
     assert result.num_shards == 1 and result.partition is None
     assert "no plate can be split" in str(result)
 

@@ -18,7 +18,7 @@ the observations makes every parameter global.
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +26,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from raybayes.core.partition import Partition
-from raybayes.core.tracing import abstract_trace
+from raybayes.core.partition import Partition, assign_entities, shard_model_kwargs
 from raybayes.core.shard_density import trace_latent_sites
-from raybayes.errors import ConfigurationError, RaybayesWarning
+from raybayes.core.tracing import abstract_trace, bind_arguments, model_structure
+from raybayes.errors import ConfigurationError
 
-__all__ = ["Plan", "CandidateSplit", "plan"]
+__all__ = ["Plan", "CandidateSplit", "plan", "resolve_split"]
 
 
 @dataclass
@@ -71,12 +71,19 @@ class Plan:
         chosen: the cheapest feasible :class:`CandidateSplit`, or ``None``.
         candidates: every plate considered, cheapest first.
         bytes_per_value: 4 (float32) or 8 (float64).
+        explanation: what the plan found, in words ("observations follow
+            `data`; `g` indexes `groups`; split `groups` into 2 shards: ...").
+        model_args, model_kwargs: the arguments to run with (positional ones
+            bound to their names).
     """
 
     num_shards: int
     chosen: CandidateSplit | None
     candidates: list[CandidateSplit] = field(default_factory=list)
     bytes_per_value: int = 4
+    explanation: str = ""
+    model_args: tuple = ()
+    model_kwargs: dict = field(default_factory=dict, repr=False)
 
     @property
     def partition(self) -> Partition | None:
@@ -88,6 +95,8 @@ class Plan:
             f"raybayes plan: {self.num_shards} shard(s), "
             f"{self.bytes_per_value}-byte parameters"
         ]
+        if self.explanation:
+            lines.append(f"  {self.explanation}.")
         header = (
             f"  {'plate':<14}{'entities':>10}{'global':>10}{'local':>10}"
             f"{'net/iter':>12}{'mem/shard':>12}  note"
@@ -136,94 +145,272 @@ def _array_kwargs(model_kwargs):
     }
 
 
-def _plate_sizes(tr):
-    sizes, observed_plates = {}, []
-    for site in tr.values():
-        if site["type"] != "sample":
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def _follow_axis(value, size, reached, structure, plate):
+    """The axis of ``value`` that follows ``plate`` (of ``size``), or ``None``.
+
+    The leading axis when it has the plate's size; else the axis the plate's
+    dimension takes in a reached site of the plate (nested plates, ``dim=-2``).
+    """
+    shape = np.shape(value)
+    if shape and shape[0] == size:
+        return 0
+    for name in reached:
+        site = structure.sites.get(name)
+        if site is None or plate not in site.plate_names:
             continue
-        frames = site.get("cond_indep_stack", ())
-        for f in frames:
-            sizes.setdefault(f.name, f.size)
-        if site.get("is_observed"):
-            observed_plates.append({f.name for f in frames})
-    return sizes, observed_plates
+        dim = dict(site.plates)[plate]
+        axis = len(shape) - site.event_dim + dim
+        if 0 <= axis < len(shape) and shape[axis] == size:
+            return axis
+    return None
 
 
-def _candidate_partition(plate, size, sizes, observed_plates, model_kwargs, arrays):
-    """A Partition for ``plate``, or ``(None, reason)``."""
+def _candidate(plate, size, structure, model_kwargs, arrays):
+    """``(Partition or None, description or reason)`` for splitting ``plate``."""
+    sites = structure.sites
+    in_plate = {n for n, s in sites.items() if plate in s.plate_names}
+    latent_in_plate = {
+        n for n in in_plate if sites[n].type == "sample" and not sites[n].is_observed
+    }
+    observed_in_plate = {n for n in in_plate if sites[n].is_observed}
     ints = {
         k: v
         for k, v in model_kwargs.items()
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     }
-    size_args = [k for k, v in ints.items() if int(v) == size]
-    others = [p for p, n in sizes.items() if p != plate and n == size]
-    if others:
-        # Plate sizes coincide (say as many weeks as products): an argument named
-        # after another plate of that size (num_times for "times") sizes that one.
-        size_args = [
-            k for k in size_args
-            if not any(o.rstrip("s").lower() in k.lower() for o in others)
-        ]
-    if len(size_args) > 1:
-        stem = plate.rstrip("s").lower()
-        named = [k for k in size_args if stem in k.lower()]
-        if len(named) != 1:
-            return None, (
-                f"more than one integer argument equals its size {size} "
-                f"({', '.join(size_args)}); pass partition= to say which one sizes it"
-            )
-        size_args = named
-    size_arg = size_args[0] if size_args else None
-    if observed_plates and all(plate in p for p in observed_plates):
-        # The observations live in this plate: split its rows.
-        entity = tuple(k for k, v in arrays.items() if v.shape[0] == size)
-        if not entity:
-            return None, "no argument has one row per entry of this plate"
-        return Partition(plate, entity_args=entity, size_arg=size_arg), "rows split"
-    # A plate of latent variables: observations must follow it through an index.
-    obs_plates = {name for p in observed_plates for name in p if name != plate}
-    obs_sized = [(name, sizes[name]) for name in obs_plates]
-    if len(obs_sized) != 1:
-        return None, "observations are not in one plate that could follow this one"
-    obs_plate, num_obs = obs_sized[0]
-    index = [
+    size_args = tuple(k for k, v in ints.items() if int(v) == size)
+    reaches = structure.reaches
+    index_args = set()
+    for g in structure.gathers:
+        if g.axis_size == size and g.operand_sites & latent_in_plate:
+            index_args |= {
+                k
+                for k in g.index_args
+                if k in arrays
+                and arrays[k].ndim == 1
+                and np.issubdtype(arrays[k].dtype, np.integer)
+            }
+    untracked = set(arrays) - set(structure.tracked)
+
+    def reached(k):
+        return reaches.get(k, frozenset())
+
+    # A gather over several axes (gamma[t, c[p]]) names every index argument of
+    # every axis: keep those whose values fit this plate, whose length is that of
+    # a plate they reach, and (if still several) that use every entry.
+    index_args = {
         k
-        for k, v in arrays.items()
-        if v.shape == (num_obs,)
-        and np.issubdtype(v.dtype, np.integer)
-        and v.min() >= 0
-        and v.max() < size
-        and len(np.unique(v)) == size
-    ]
-    if len(index) > 1:
-        stem = plate.rstrip("s").lower()
-        named = [k for k in index if stem in k.lower()]
-        index = named if len(named) == 1 else index
-    if len(index) != 1:
-        why = "no" if not index else f"an ambiguous ({index})"
+        for k in index_args
+        if arrays[k].size and 0 <= arrays[k].min() and arrays[k].max() < size
+    }
+    if len(index_args) > 1:
+        index_args = {
+            k
+            for k in index_args
+            if any(
+                structure.plate_sizes.get(name) == arrays[k].shape[0]
+                for n in reached(k) - in_plate
+                for name, _ in sites[n].plates
+            )
+        } or index_args
+    if len(index_args) > 1:
+        index_args = {
+            k for k in index_args if len(np.unique(arrays[k])) == size
+        } or index_args
+
+    if not index_args or observed_in_plate and not latent_in_plate:
+        if not observed_in_plate:
+            return None, (
+                "no observation lies in this plate and no integer argument indexes "
+                "its latent variables"
+            )
+        # The observations live in this plate: split its rows.
+        entity, axes = [], []
+        for k, v in arrays.items():
+            hits = reached(k) & in_plate if k in structure.tracked else in_plate
+            if not hits:
+                continue
+            axis = _follow_axis(v, size, hits, structure, plate)
+            if axis is None:
+                continue
+            entity.append(k)
+            if axis:
+                axes.append((k, axis))
+        if not entity:
+            return None, f"no argument has one row per entry of this plate ({size})"
+        for k in entity:
+            outside = sorted(n for n in reached(k) - in_plate)
+            if outside:
+                return None, (
+                    f"argument {k!r} follows this plate but also reaches "
+                    f"{outside[0]!r} outside it; a shard's rows would change that "
+                    "site. Compute it from the whole data outside the model (pass it "
+                    "as an argument)"
+                )
+        described = ", ".join(f"`{k}`" for k in entity)
+        guessed = " (by shape)" if set(entity) & untracked else ""
         return (
-            None,
-            f"{why} integer argument maps observations to entries of this plate",
+            Partition(
+                plate,
+                entity_args=tuple(entity),
+                size_arg=None,
+                size=int(size),
+                arg_axes=tuple(axes),
+            ),
+            f"observations follow `{plate}` ({described}{guessed})",
+            size_args,
         )
-    index_arg = index[0]
-    entity = tuple(
-        k for k, v in arrays.items() if v.shape[0] == size and k != index_arg
-    )
-    obs = tuple(
-        k for k, v in arrays.items() if v.shape[0] == num_obs and k != index_arg
-    )
+    if len(index_args) > 1:
+        return None, (
+            f"several integer arguments index its latent variables "
+            f"({', '.join(sorted(index_args))}); pass partition= to say which one "
+            "the observations follow"
+        )
+    (index_arg,) = index_args
+    num_obs = int(arrays[index_arg].shape[0])
+    obs_sites = reached(index_arg) - in_plate
+    obs_plates = {
+        name
+        for n in obs_sites
+        for name, _ in sites[n].plates
+        if structure.plate_sizes.get(name) == num_obs
+    }
+    if len(obs_plates) != 1:
+        why = "no plate" if not obs_plates else f"plates {sorted(obs_plates)}"
+        return None, (
+            f"`{index_arg}` indexes it, but the sites it reaches lie in {why} of "
+            f"{num_obs} entries; put them in one numpyro.plate"
+        )
+    (obs_plate,) = obs_plates
+    in_obs = {n for n, s in sites.items() if obs_plate in s.plate_names}
+    local = in_plate | in_obs
+    entity, obs = [], []
+    for k, v in arrays.items():
+        if k == index_arg:
+            continue
+        hits = reached(k) if k in structure.tracked else local
+        if not hits & local:
+            continue
+        gathered = any(
+            index_arg in g.index_args and k in g.operand_args and g.axis_size == size
+            for g in structure.gathers
+        )
+        if np.shape(v)[0] == num_obs and hits & in_obs:
+            obs.append(k)
+        elif np.shape(v)[0] == size and (
+            gathered or hits & in_plate or k not in structure.tracked
+        ):
+            entity.append(k)
+    for k in [index_arg, *entity, *obs]:
+        outside = sorted(n for n in reached(k) - local)
+        if outside:
+            return None, (
+                f"`{index_arg}` maps `{obs_plate}` to it, but {k!r} also reaches "
+                f"{outside[0]!r}, which lies outside both plates and would not follow "
+                "the split"
+            )
+    text = f"observations follow `{obs_plate}`"
+    if obs:
+        text += f" ({', '.join(f'`{k}`' for k in obs)})"
+    text += f"; `{index_arg}` indexes `{plate}`"
+    if entity:
+        text += f" (with {', '.join(f'`{k}`' for k in entity)})"
     return (
         Partition(
             plate,
-            entity_args=entity,
+            entity_args=tuple(entity),
             index_arg=index_arg,
-            obs_args=obs,
+            obs_args=tuple(obs),
             obs_plate=obs_plate,
-            size_arg=size_arg,
+            size_arg=None,
+            size=int(size),
         ),
-        f"observations follow {index_arg!r}",
+        text,
+        size_args,
     )
+
+
+def _check_shards(model, model_args, model_kwargs, part, num_shards, structure):
+    """Trace the first and last shard: ``None`` when they look right, else why not.
+
+    A shard must see its own entries of the split plate (and of the observation
+    plate), every other plate whole, and every global site at its full shape.
+    """
+    counts = (
+        np.ones(part.num_entities(model_kwargs))
+        if part.index_arg is None
+        else np.bincount(
+            np.asarray(model_kwargs[part.index_arg]),
+            minlength=part.num_entities(model_kwargs),
+        )
+    )
+    specs = assign_entities(counts, num_shards, part.plate)
+    chosen = sorted({0, len(specs) - 1})
+    local = part.local_plates
+    for s in chosen:
+        spec = specs[s]
+        shard = shard_model_kwargs(model_kwargs, part, spec)
+        try:
+            tr = abstract_trace(model, model_args, shard)
+        except Exception as err:  # noqa: BLE001 - reported as the reason
+            return (
+                f"the model does not run on shard {s}'s data "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            )
+        _, sizes = _record_sites_of(tr)
+        expected = {part.plate: spec.num_entities}
+        if part.obs_plate is not None:
+            expected[part.obs_plate] = int(np.asarray(shard[part.index_arg]).shape[0])
+        for name, n in structure.plate_sizes.items():
+            want = expected.get(name, n)
+            got = sizes.get(name)
+            if got is not None and got != want:
+                if name == part.plate:
+                    return (
+                        f"on shard {s} plate `{name}` still has {got} entries instead "
+                        f"of {want}: its size does not come from the data; write "
+                        f"numpyro.plate({name!r}, len(...)) or pass the size as an "
+                        "argument"
+                    )
+                return (
+                    f"on shard {s} plate `{name}` has {got} entries instead of {want}"
+                )
+        for name, site in tr.items():
+            rec = structure.sites.get(name)
+            if rec is None or site["type"] != "sample" or site.get("is_observed"):
+                continue
+            frames = {f.name for f in site.get("cond_indep_stack", ())}
+            if not frames & local and tuple(np.shape(site["value"])) != rec.shape:
+                return (
+                    f"on shard {s} the global site {name!r} has shape "
+                    f"{tuple(np.shape(site['value']))} instead of {rec.shape}"
+                )
+    return None
+
+
+def _record_sites_of(trace):
+    from raybayes.core.tracing import _record_sites
+
+    return _record_sites(trace)
+
+
+def _verified(model, model_args, model_kwargs, part, size_args, num_shards, structure):
+    """The partition (with the size argument that works), or ``(None, reason)``."""
+    shards = max(2, int(num_shards))
+    if part.num_entities(model_kwargs) < shards:
+        return part, None  # too small: reported by the caller
+    reason = None
+    for size_arg in (None, *size_args):
+        trial = dataclasses.replace(part, size_arg=size_arg)
+        why = _check_shards(model, model_args, model_kwargs, trial, shards, structure)
+        if why is None:
+            return trial, None
+        reason = reason or why
+    return None, reason
 
 
 def plan(
@@ -238,56 +425,78 @@ def plan(
 ) -> Plan:
     """Choose the plate to split a model along, for ``num_shards`` shards.
 
+    The model is read, not guessed at: plate sizes come from its trace, and which
+    data arguments follow a plate, and which integer arguments index it, come from
+    the jaxpr of its site log densities (:func:`raybayes.core.tracing.model_structure`):
+
+    * an array *follows* a plate when it reaches a site inside the plate and has an
+      axis of the plate's size (the leading one, or the plate's dimension under
+      nested plates);
+    * an integer array *indexes* a plate when it gives the indices of a gather
+      (``a[g]``) of a latent site of that plate; the observations then follow it.
+
+    Every candidate is checked by tracing its first and last shard: each must see
+    its own entries of the split plate, every other plate whole and every global
+    site at full shape. A candidate that fails says why (``CandidateSplit.reason``).
+
     Args:
         model: a NumPyro model.
         model_kwargs: its keyword arguments (NumPy arrays and scalars).
         num_shards: S, the number of shards wanted.
-        model_args: positional model arguments (never split).
-        partitions: candidate splits given explicitly; by default every plate of
-            the model is considered and its arguments are inferred: arrays with one
-            row per plate entry, and for a plate of latent variables the integer
-            argument that maps each observation to its entry.
+        model_args: positional model arguments; bound to their names first (see
+            :func:`raybayes.core.tracing.bind_arguments`) so that they can be split.
+        partitions: candidate splits given explicitly (the override); by default
+            every plate of the model is considered.
         bytes_per_value: 4 or 8; by default that of JAX's default float.
         verbose: print the plan.
 
     Returns:
-        :class:`Plan`; ``str(plan)`` explains the choice.
+        :class:`Plan`; ``str(plan)`` explains the choice in words,
+        ``plan.model_kwargs`` holds the (bound) arguments to run with.
 
     Raises:
-        ConfigurationError: ``num_shards`` < 1, or every splittable plate has fewer
-            entries than ``num_shards``.
-
-    Warns:
-        RaybayesWarning: the model has no plate that can be split; it runs on one
-            shard.
+        ConfigurationError: ``num_shards`` < 1; every splittable plate has fewer
+            entries than ``num_shards``; or ``num_shards`` > 1 and no plate can be
+            split (the message gives each plate's reason and what to do).
 
     Example:
         >>> import numpyro, numpyro.distributions as dist
-        >>> def model(y):
+        >>> def model(g, y):
         ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
-        ...     with numpyro.plate("obs", y.shape[0]):
-        ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
-        >>> p = plan(model, {"y": np.zeros(10)}, num_shards=2)
-        >>> p.partition.plate, p.chosen.num_global
-        ('obs', 1)
+        ...     with numpyro.plate("groups", int(g.max()) + 1):
+        ...         a = numpyro.sample("a", dist.Normal(mu, 1))
+        ...     with numpyro.plate("data", len(g)):
+        ...         numpyro.sample("y", dist.Normal(a[g], 1), obs=y)
+        >>> g = np.repeat(np.arange(4), 3)
+        >>> p = plan(model, {"g": g, "y": np.zeros(12)}, num_shards=2)
+        >>> print(p.explanation)
+        observations follow `data` (`y`); `g` indexes `groups`; split `groups` into 2 shards: 2 groups and 6 rows each
     """
     if int(num_shards) < 1:
         raise ConfigurationError(f"num_shards={num_shards}; use an integer >= 1.")
-    model_kwargs = dict(model_kwargs or {})
+    num_shards = int(num_shards)
+    model_args, model_kwargs = bind_arguments(model, model_args, model_kwargs)
     if bytes_per_value is None:
         bytes_per_value = 8 if jax.config.jax_enable_x64 else 4
-    tr = abstract_trace(model, model_args, model_kwargs)
-    sizes, observed_plates = _plate_sizes(tr)
+    structure = model_structure(model, model_args, model_kwargs)
+    sizes = structure.plate_sizes
     arrays = _array_kwargs(model_kwargs)
     total_data = sum(v.nbytes for v in arrays.values())
+    _check_enumeration(structure)
 
     if partitions is None:
         found = []
-        for plate, size in sizes.items():
-            part, note = _candidate_partition(
-                plate, size, sizes, observed_plates, model_kwargs, arrays
-            )
-            found.append((plate, size, part, note))
+        for plate_name, size in sizes.items():
+            res = _candidate(plate_name, size, structure, model_kwargs, arrays)
+            part, note, size_args = res if len(res) == 3 else (*res, ())
+            if part is not None:
+                part, why = _verified(
+                    model, model_args, model_kwargs, part, size_args, num_shards,
+                    structure,
+                )
+                if part is None:
+                    note = why
+            found.append((plate_name, size, part, note))
     else:
         found = [
             (p.plate, sizes.get(p.plate, p.num_entities(model_kwargs)), p, "given")
@@ -295,8 +504,8 @@ def plan(
         ]
 
     candidates = []
-    for plate, size, part, note in found:
-        cand = CandidateSplit(plate, part, int(size), reason=note)
+    for plate_name, size, part, note in found:
+        cand = CandidateSplit(plate_name, part, int(size), reason=note)
         if part is None:
             cand.feasible = False
             candidates.append(cand)
@@ -319,7 +528,7 @@ def plan(
         if part.index_arg:
             split_names.add(part.index_arg)
         split_bytes = sum(arrays[k].nbytes for k in split_names if k in arrays)
-        shards = min(int(num_shards), int(size))
+        shards = min(num_shards, int(size))
         cand.bytes_per_iteration = 2 * cand.num_global * bytes_per_value * shards
         cand.memory_per_shard_bytes = int(
             split_bytes / shards
@@ -349,23 +558,114 @@ def plan(
             )
         reasons = (
             "; ".join(f"{c.plate!r}: {c.reason}" for c in candidates)
-            or "it has no plate"
+            or "it has no numpyro.plate"
         )
-        warnings.warn(
-            f"the model has no plate that can be split ({reasons}); running on 1 shard. "
-            "Put the observations in a numpyro.plate, or pass partitions=.",
-            RaybayesWarning,
-            stacklevel=2,
-        )
+        if num_shards > 1:
+            raise ConfigurationError(
+                f"num_shards={num_shards}, but the model has no plate that can be "
+                f"split ({reasons}). Run with num_shards=1, put the observations in a "
+                "numpyro.plate whose size comes from the data, or pass partition=."
+            )
         result = Plan(1, None, candidates, bytes_per_value)
     else:
-        result = Plan(
-            int(num_shards),
-            feasible[0] if feasible else None,
-            candidates,
-            bytes_per_value,
-        )
-        result.chosen = min(feasible, key=order)
+        result = Plan(num_shards, min(feasible, key=order), candidates, bytes_per_value)
+    result.model_args, result.model_kwargs = model_args, model_kwargs
+    if result.chosen is not None:
+        result.explanation = _explain(result, model_kwargs)
+    else:
+        result.explanation = "no plate is split: the whole model is one shard"
     if verbose:
         print(result)
     return result
+
+
+def _explain(result: Plan, model_kwargs) -> str:
+    c = result.chosen
+    part = c.partition
+    S = result.num_shards
+    specs = assign_entities(
+        np.ones(c.num_entities)
+        if part.index_arg is None
+        else np.bincount(
+            np.asarray(model_kwargs[part.index_arg]), minlength=c.num_entities
+        ),
+        S,
+        part.plate,
+    )
+    entries = sorted({s.num_entities for s in specs})
+    each = "each" if len(entries) == 1 else "per shard"
+    counts = (
+        f"{entries[0]:,}" if len(entries) == 1 else f"{entries[0]:,} to {entries[-1]:,}"
+    )
+    text = f"{c.reason}; split `{part.plate}` into {_plural(S, 'shard')}: {counts} "
+    text += part.plate
+    if part.index_arg is not None:
+        index = np.asarray(model_kwargs[part.index_arg])
+        rows = sorted(
+            {int(((index >= s.entity_start) & (index < s.entity_stop)).sum())
+             for s in specs}
+        )
+        rtext = f"{rows[0]:,}" if len(rows) == 1 else f"{rows[0]:,} to {rows[-1]:,}"
+        text += f" and {rtext} rows"
+    return text + f" {each}"
+
+
+def _check_enumeration(structure) -> None:
+    enumerated = [
+        n
+        for n, s in structure.sites.items()
+        if s.type == "sample" and not s.is_observed and s.is_discrete
+    ]
+    if enumerated:
+        name = enumerated[0]
+        how = (
+            "it is marked for enumeration (infer={'enumerate': 'parallel'}), which "
+            "needs funsor and is not done by the shard algorithms"
+            if structure.sites[name].enumerated
+            else "it is discrete"
+        )
+        raise ConfigurationError(
+            f"latent site {name!r} ({len(enumerated)} discrete latent site(s) in all) "
+            f"cannot be fitted by MAP, Laplace or SVI here: {how}. Marginalise it in "
+            "the model (e.g. a mixture's component with logsumexp, or "
+            "dist.MixtureSameFamily), or run raybayes.sample."
+        )
+
+
+def resolve_split(
+    model: Callable,
+    model_args: tuple,
+    model_kwargs: Mapping[str, Any] | None,
+    num_shards: int,
+    partition: Partition | None,
+) -> tuple[tuple, dict, Partition | None, int]:
+    """The arguments, partition and shard count a shard algorithm runs with.
+
+    With ``num_shards=1`` and no partition no plan is made: the whole model is one
+    shard, whatever its plates. Otherwise :func:`plan` chooses the split, unless a
+    partition is given.
+
+    Returns:
+        ``(model_args, model_kwargs, partition, num_shards)`` with positional
+        arguments bound to their names.
+
+    Raises:
+        ConfigurationError: see :func:`plan`; also a latent discrete site.
+    """
+    model_args, model_kwargs = bind_arguments(model, model_args, model_kwargs)
+    if partition is not None:
+        return model_args, model_kwargs, partition, int(num_shards)
+    if int(num_shards) == 1:
+        _check_enumeration(model_structure_sites(model, model_args, model_kwargs))
+        return model_args, model_kwargs, None, 1
+    chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
+    return chosen.model_args, chosen.model_kwargs, chosen.partition, chosen.num_shards
+
+
+def model_structure_sites(model, model_args, model_kwargs):
+    """The sites of a model only (no jaxpr), as a ``ModelStructure``."""
+    from raybayes.core.tracing import ModelStructure, _record_sites
+
+    tr = abstract_trace(model, model_args, model_kwargs)
+    sites, sizes = _record_sites(tr)
+    return ModelStructure(sites, sizes, {}, (), frozenset())

@@ -13,6 +13,11 @@ A :class:`Partition` names the split plate and says which model arguments follow
   plate through ``index_arg`` (``"obs"``). Its sites belong to the shard.
 * ``size_arg``: an optional integer argument that sets the plate's size
   (``num_times``); a shard gets its local count.
+* ``size``: the plate's size when no argument gives it (the model takes it from
+  the data, ``int(g.max()) + 1``); :func:`raybayes.plan` records it from the trace.
+* ``arg_axes``: the axis of an entity argument that follows the plate, when it is
+  not the leading one (``y`` of shape ``(num_reps, num_groups)`` under nested
+  plates).
 
 For a plain observation plate (logistic regression) there is no index: rows are the
 entities, and ``entity_args`` are the per-row arrays (``X``, ``y``).
@@ -47,6 +52,10 @@ class Partition:
         obs_args: per-observation arguments (``None`` values are allowed and kept).
         obs_plate: plate of the observation sites that follow ``index_arg``.
         size_arg: integer argument giving the plate size, replaced per shard.
+        size: the plate's size when neither ``size_arg`` nor an entity argument
+            gives it.
+        arg_axes: ``((name, axis), ...)``: entity arguments split along an axis
+            other than the leading one.
 
     Example:
         >>> Partition("products", entity_args=("category_of_product",),
@@ -61,6 +70,12 @@ class Partition:
     obs_args: tuple[str, ...] = ()
     obs_plate: str | None = None
     size_arg: str | None = None
+    size: int | None = None
+    arg_axes: tuple[tuple[str, int], ...] = ()
+
+    def axis_of(self, name: str) -> int:
+        """The axis of entity argument ``name`` that follows the plate (default 0)."""
+        return dict(self.arg_axes).get(name, 0)
 
     @property
     def local_plates(self) -> frozenset[str]:
@@ -80,10 +95,13 @@ class Partition:
             return int(model_kwargs[self.size_arg])
         for name in self.entity_args:
             if model_kwargs.get(name) is not None:
-                return int(np.shape(model_kwargs[name])[0])
+                return int(np.shape(model_kwargs[name])[self.axis_of(name)])
+        if self.size is not None:
+            return int(self.size)
         raise ConfigurationError(
             f"Partition(plate={self.plate!r}) names no entity array and no size_arg, "
-            "so the number of entities is unknown; pass entity_args= or size_arg=."
+            "so the number of entities is unknown; pass entity_args=, size_arg= or "
+            "size= (or let raybayes.plan read the size from the model)."
         )
 
     def validate(self, model_kwargs: Mapping[str, Any]) -> None:
@@ -105,9 +123,10 @@ class Partition:
         num = self.num_entities(model_kwargs)
         for name in self.entity_args:
             value = model_kwargs[name]
-            if value is not None and np.shape(value)[0] != num:
+            axis = self.axis_of(name)
+            if value is not None and np.shape(value)[axis] != num:
                 raise DataValidationError(
-                    f"argument {name!r} has {np.shape(value)[0]} rows but plate "
+                    f"argument {name!r} has {np.shape(value)[axis]} rows but plate "
                     f"{self.plate!r} has {num} entities; entity arrays must have one "
                     "row per entity.",
                     column=name,
@@ -193,7 +212,12 @@ def assign_entities(
         )
     work = np.cumsum(counts + 1e-9)
     targets = work[-1] * np.arange(1, num_shards) / num_shards
-    cuts = np.searchsorted(work, targets, side="left") + 1
+    # A cut after entity b - 1 leaves work[b - 1] before it: take the b whose
+    # work is nearest each target (ties: the later cut).
+    after = np.clip(np.searchsorted(work, targets, side="left"), 0, num - 1)
+    before = np.clip(after - 1, 0, num - 1)
+    nearer_before = np.abs(work[before] - targets) < np.abs(work[after] - targets)
+    cuts = np.where(nearer_before & (after > 0), before, after) + 1
     # Every shard gets at least one entity.
     cuts = np.maximum(cuts, np.arange(1, num_shards))
     cuts = np.minimum(cuts, num - num_shards + np.arange(1, num_shards))
@@ -230,7 +254,9 @@ def shard_model_kwargs(
     lo, hi = spec.entity_start, spec.entity_stop
     for name in partition.entity_args:
         if model_kwargs[name] is not None:
-            out[name] = np.asarray(model_kwargs[name])[lo:hi]
+            value = np.asarray(model_kwargs[name])
+            axis = partition.axis_of(name)
+            out[name] = value[(slice(None),) * axis + (slice(lo, hi),)]
     if partition.size_arg is not None:
         out[partition.size_arg] = hi - lo
     if partition.index_arg is not None:

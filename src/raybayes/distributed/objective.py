@@ -349,13 +349,14 @@ def planned_objective(
             data; checked before any worker starts).
     """
     from raybayes.core.validation import check_observed_data
-    from raybayes.plan import plan
+    from raybayes.plan import resolve_split
 
     if source is None:  # with a source, the data are read on the workers
         check_observed_data(model, model_args, model_kwargs)
-    if partition is None and source is None:
-        chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
-        partition, num_shards = chosen.partition, chosen.num_shards
+        # one shard needs no plan; positional arguments get names
+        model_args, model_kwargs, partition, num_shards = resolve_split(
+            model, model_args, model_kwargs, num_shards, partition
+        )
     return objective_class(
         model,
         model_kwargs,
