@@ -220,6 +220,7 @@ class ShardLogDensity:
         self._scaled_model = scale_global_sites(
             model, 1.0 / self.num_shards, local_plates
         )
+        self._concrete_arrays(shard_kwargs)
         self._value_and_grad = jax.jit(jax.value_and_grad(self._neg, argnums=(0, 1)))
         self._hvp = jax.jit(self._hvp_impl)
         self._columns = jax.jit(self._columns_impl, static_argnums=(5,))
@@ -236,6 +237,35 @@ class ShardLogDensity:
     def static_kwargs(self) -> dict:
         """The shard's non-array (static) keyword arguments of the model."""
         return self._static
+
+    def _concrete_arrays(self, shard_kwargs) -> None:
+        """Keep as constants the arrays the model needs as values.
+
+        Arrays are passed to the jitted functions as arguments, so that the data
+        are not baked into the compiled code. A model that reads a size from the
+        data (``G = int(g.max()) + 1``, ``len(np.unique(g))``) needs those arrays
+        concrete: first the integer arrays, then all of them, are closed over.
+        """
+        g0, l0 = self.init_global(), self.init_local()
+        integer = [
+            k for k, v in self._arrays.items() if jnp.issubdtype(v.dtype, jnp.integer)
+        ]
+        for concrete in ([], integer, list(self._arrays)):
+            arrays = {k: v for k, v in self._arrays.items() if k not in concrete}
+            # Copies: JAX caches constants by object, across float64/float32
+            # contexts, so the caller's array must not be the one closed over here.
+            static = {
+                **self._static,
+                **{k: np.array(shard_kwargs[k], copy=True) for k in concrete},
+            }
+            self._arrays, self._static = arrays, static
+            try:
+                jax.eval_shape(self._neg, g0, l0, self._arrays)
+                return
+            except jax.errors.ConcretizationTypeError:
+                continue
+            except Exception:  # noqa: BLE001 - a model error: raised where it is used
+                return
 
     # ------------------------------------------------------------- layouts
     def unflatten(self, global_flat, local_mat) -> dict:
@@ -347,6 +377,15 @@ class ShardLogDensity:
         return out
 
     def _columns_impl(self, global_flat, local_mat, eye, zl, arrays, batch_size):
+        if local_mat.size == 0:
+            # No local variables on this shard (a split along the observations):
+            # lax.map cannot batch a zero-size output, so map the global part only.
+            hg = jax.lax.map(
+                lambda e: self._hvp_impl(global_flat, local_mat, e, zl, arrays)[0],
+                eye,
+                batch_size=batch_size,
+            )
+            return hg, jnp.zeros((eye.shape[0], *local_mat.shape), hg.dtype)
         return jax.lax.map(
             lambda e: self._hvp_impl(global_flat, local_mat, e, zl, arrays),
             eye,

@@ -717,6 +717,8 @@ def fit_svi(
 
 def _merge_locals(parts):
     ids = np.concatenate([p["entity_ids"] for p in parts])
+    if sum(len(p["loc"]) for p in parts) != len(ids):  # no local sites (row split)
+        ids = np.zeros(0, ids.dtype)
     order = np.argsort(ids, kind="stable")
     return {
         "loc": np.concatenate([p["loc"] for p in parts])[order],
