@@ -598,7 +598,7 @@ def _explain(result: Plan, model_kwargs) -> str:
         f"{entries[0]:,}" if len(entries) == 1 else f"{entries[0]:,} to {entries[-1]:,}"
     )
     text = f"{c.reason}; split `{part.plate}` into {_plural(S, 'shard')}: {counts} "
-    text += part.plate
+    text += "rows" if part.index_arg is None else part.plate
     if part.index_arg is not None:
         index = np.asarray(model_kwargs[part.index_arg])
         rows = sorted(
