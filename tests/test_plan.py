@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -125,3 +126,121 @@ def test_row_split_for_logistic_regression():
         "y",
     }
     assert result.chosen.bytes_per_iteration == 2 * 3 * 4 * 3
+
+
+# ------------------------------------------------ models as their users write them
+def varying_intercepts(g, x, y=None):
+    G = int(np.max(g)) + 1  # the number of groups taken from the data
+    mu = numpyro.sample("mu", dist.Normal(0, 1))
+    s = numpyro.sample("s", dist.HalfNormal(1))
+    with numpyro.plate("groups", G):
+        a = numpyro.sample("a", dist.Normal(mu, s))
+    with numpyro.plate("data", len(g)):
+        numpyro.sample("y", dist.Normal(a[g] + x, 1), obs=y)
+
+
+def eight_schools(J, sigma, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5))
+    with numpyro.plate("J", J):
+        theta_tilde = numpyro.sample("theta_tilde", dist.Normal(0, 1))
+        theta = numpyro.deterministic("theta", mu + tau * theta_tilde)
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def test_index_is_found_from_the_jaxpr_and_explained_in_words():
+    g = np.repeat(np.arange(50), 100)
+    kwargs = {"g": g, "x": np.zeros(5000), "y": np.zeros(5000)}
+    result = plan(varying_intercepts, kwargs, num_shards=2)
+    part = result.partition
+    assert (part.plate, part.index_arg, part.obs_plate) == ("groups", "g", "data")
+    assert set(part.obs_args) == {"x", "y"} and part.size == 50
+    assert result.explanation == (
+        "observations follow `data` (`x`, `y`); `g` indexes `groups`; split `groups` "
+        "into 2 shards: 25 groups and 2,500 rows each"
+    )
+    # the rows cannot be split: the number of groups would follow them
+    rows = next(c for c in result.candidates if c.plate == "data")
+    assert not rows.feasible and "`groups` has" in rows.reason
+
+
+def test_index_is_found_whatever_its_name():
+    g = np.repeat(np.arange(6), 2)
+    renamed = {"q": g, "x": np.zeros(12), "y": np.zeros(12)}
+
+    def model(q, x, y):
+        varying_intercepts(q, x, y)
+
+    assert plan(model, renamed, num_shards=3).partition.index_arg == "q"
+
+
+def test_positional_arguments_are_bound_and_split():
+    y = np.array([28.0, 8, -3, 7, -1, 1, 18, 12])
+    sigma = np.array([15.0, 10, 16, 11, 9, 11, 10, 18])
+    result = plan(eight_schools, None, num_shards=2, model_args=(8, sigma, y))
+    assert result.model_args == () and result.model_kwargs["J"] == 8
+    part = result.partition
+    assert part.plate == "J" and set(part.entity_args) == {"sigma", "y"}
+    assert part.size_arg == "J"
+    assert "split `J` into 2 shards: 4 rows each" in result.explanation
+
+
+def test_plate_of_fixed_size_is_an_impossible_split_that_says_why():
+    def fixed(sigma, y):
+        mu = numpyro.sample("mu", dist.Normal(0, 5))
+        with numpyro.plate("J", 8):
+            numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+    # the crash of the issue ("Incompatible shapes") is now a reason, at plan time
+    with pytest.raises(
+        ConfigurationError, match="(?s)shard 0's data.*Incompatible shapes.*size plate"
+    ):
+        plan(fixed, {"sigma": np.ones(8), "y": np.zeros(8)}, num_shards=2)
+
+
+def test_data_reduced_inside_the_model_is_not_split():
+    def centred(x, y):
+        b = numpyro.sample("b", dist.Normal(0, 1))
+        s = numpyro.sample("s", dist.HalfNormal(1.0 + jnp.std(y)))
+        with numpyro.plate("data", len(y)):
+            numpyro.sample("y", dist.Normal(b * x, s), obs=y)
+
+    with pytest.raises(ConfigurationError, match="'y' follows this plate but also"):
+        plan(centred, {"x": np.zeros(10), "y": np.zeros(10)}, num_shards=2)
+
+
+def test_enumerated_discrete_latent_is_a_clear_error():
+    def mixture(y):
+        locs = numpyro.sample("locs", dist.Normal(jnp.zeros(2), 10.0).to_event(1))
+        with numpyro.plate("data", y.shape[0]):
+            z = numpyro.sample(
+                "z", dist.Categorical(jnp.ones(2) / 2), infer={"enumerate": "parallel"}
+            )
+            numpyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+
+    with pytest.raises(ConfigurationError, match="enumeration.*Marginalise"):
+        plan(mixture, {"y": np.zeros(10)}, num_shards=2)
+
+
+def test_nested_plates_split_the_data_along_the_plate_axis():
+    def repeated(y):
+        mu = numpyro.sample("mu", dist.Normal(0, 10))
+        with numpyro.plate("reps", y.shape[0], dim=-2):
+            with numpyro.plate("groups", y.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    result = plan(repeated, {"y": np.zeros((4, 6))}, num_shards=3)
+    by_plate = {c.plate: c for c in result.candidates}
+    assert by_plate["groups"].partition.arg_axes == (("y", 1),)
+    assert by_plate["reps"].partition.arg_axes == ()
+
+
+def test_one_shard_needs_no_plan():
+    from raybayes.plan import resolve_split
+
+    def no_plate(y):
+        mu = numpyro.sample("mu", dist.Normal(0, 1))
+        numpyro.sample("y", dist.Normal(mu, 1).expand([3]).to_event(1), obs=y)
+
+    args, kwargs, part, shards = resolve_split(no_plate, (np.zeros(3),), None, 1, None)
+    assert (args, part, shards) == ((), None, 1) and "y" in kwargs

@@ -359,7 +359,9 @@ def _check_shards(model, model_args, model_kwargs, part, num_shards, structure):
         except Exception as err:  # noqa: BLE001 - reported as the reason
             return (
                 f"the model does not run on shard {s}'s data "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}): it "
+                f"must size plate `{part.plate}` from its arguments (e.g. "
+                f"numpyro.plate({part.plate!r}, len(y))) and use each row within it"
             )
         _, sizes = _record_sites_of(tr)
         expected = {part.plate: spec.num_entities}
