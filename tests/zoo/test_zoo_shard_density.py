@@ -51,7 +51,7 @@ def _counts(p):
 
 
 @pytest.mark.parametrize("zoo", ZOO, ids=[z.name for z in ZOO])
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), data=st.data())
 def test_sum_over_shards_equals_full_log_joint_and_gradient(zoo, seed, data):
     p, full = _planned(zoo)
