@@ -340,3 +340,19 @@ def test_radon_data_provenance_is_kept():
     )
     assert meta["license"].startswith("Apache-2.0")
     assert len(pd.read_csv(RADON_DIR / "radon_MN_inference_gym.csv")) == 919
+
+
+def test_global_hessian_of_a_shard_without_local_sites():
+    """A split along the observations leaves no local sites: the Hessian columns
+    (once a ZeroDivisionError in the batched products) are the globals' only."""
+    model, kwargs, partition, _ = _case("logistic")
+    spec = assign_entities(48, 2)[1]
+    shard = ShardLogDensity(
+        model, shard_model_kwargs(kwargs, partition, spec), partition, 2
+    )
+    assert shard.num_local_entities == 0
+    g = 0.1 * jnp.ones(shard.num_global)
+    hgg, hlg = shard.global_hessian_columns(g, shard.init_local(), batch_size=3)
+    dense = jax.hessian(lambda x: shard.value_and_grad(x, shard.init_local())[0])(g)
+    np.testing.assert_allclose(hgg, dense, rtol=1e-4, atol=1e-5)
+    assert hlg.shape[-1] == shard.num_global and hlg.size == 0
