@@ -28,7 +28,13 @@ import numpy as np
 
 from raybayes.core.partition import Partition, assign_entities, shard_model_kwargs
 from raybayes.core.shard_density import trace_latent_sites
-from raybayes.core.tracing import abstract_trace, bind_arguments, model_structure
+from raybayes.core.tracing import (
+    ModelStructure,
+    _record_sites,
+    abstract_trace,
+    bind_arguments,
+    model_structure,
+)
 from raybayes.errors import ConfigurationError
 
 __all__ = ["Plan", "CandidateSplit", "plan", "resolve_split"]
@@ -170,7 +176,8 @@ def _follow_axis(value, size, reached, structure, plate):
 
 
 def _candidate(plate, size, structure, model_kwargs, arrays):
-    """``(Partition or None, description or reason)`` for splitting ``plate``."""
+    """``(Partition or None, description or reason, size argument candidates)``
+    for splitting ``plate``."""
     sites = structure.sites
     in_plate = {n for n, s in sites.items() if plate in s.plate_names}
     latent_in_plate = {
@@ -224,9 +231,13 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
 
     if not index_args or observed_in_plate and not latent_in_plate:
         if not observed_in_plate:
-            return None, (
-                "no observation lies in this plate and no integer argument indexes "
-                "its latent variables"
+            return (
+                None,
+                (
+                    "no observation lies in this plate and no integer argument indexes "
+                    "its latent variables"
+                ),
+                (),
             )
         # The observations live in this plate: split its rows.
         entity, axes = [], []
@@ -241,15 +252,19 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
             if axis:
                 axes.append((k, axis))
         if not entity:
-            return None, f"no argument has one row per entry of this plate ({size})"
+            return None, f"no argument has one row per entry of this plate ({size})", ()
         for k in entity:
             outside = sorted(n for n in reached(k) - in_plate)
             if outside:
-                return None, (
-                    f"argument {k!r} follows this plate but also reaches "
-                    f"{outside[0]!r} outside it; a shard's rows would change that "
-                    "site. Compute it from the whole data outside the model (pass it "
-                    "as an argument)"
+                return (
+                    None,
+                    (
+                        f"argument {k!r} follows this plate but also reaches "
+                        f"{outside[0]!r} outside it; a shard's rows would change that "
+                        "site. Compute it from the whole data outside the model "
+                        "(pass it as an argument)"
+                    ),
+                    (),
                 )
         described = ", ".join(f"`{k}`" for k in entity)
         guessed = " (by shape)" if set(entity) & untracked else ""
@@ -265,10 +280,14 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
             size_args,
         )
     if len(index_args) > 1:
-        return None, (
-            f"several integer arguments index its latent variables "
-            f"({', '.join(sorted(index_args))}); pass partition= to say which one "
-            "the observations follow"
+        return (
+            None,
+            (
+                f"several integer arguments index its latent variables "
+                f"({', '.join(sorted(index_args))}); pass partition= to say which one "
+                "the observations follow"
+            ),
+            (),
         )
     (index_arg,) = index_args
     num_obs = int(arrays[index_arg].shape[0])
@@ -281,9 +300,13 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
     }
     if len(obs_plates) != 1:
         why = "no plate" if not obs_plates else f"plates {sorted(obs_plates)}"
-        return None, (
-            f"`{index_arg}` indexes it, but the sites it reaches lie in {why} of "
-            f"{num_obs} entries; put them in one numpyro.plate"
+        return (
+            None,
+            (
+                f"`{index_arg}` indexes it, but the sites it reaches lie in {why} of "
+                f"{num_obs} entries; put them in one numpyro.plate"
+            ),
+            (),
         )
     (obs_plate,) = obs_plates
     in_obs = {n for n, s in sites.items() if obs_plate in s.plate_names}
@@ -308,10 +331,14 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
     for k in [index_arg, *entity, *obs]:
         outside = sorted(n for n in reached(k) - local)
         if outside:
-            return None, (
-                f"`{index_arg}` maps `{obs_plate}` to it, but {k!r} also reaches "
-                f"{outside[0]!r}, which lies outside both plates and would not follow "
-                "the split"
+            return (
+                None,
+                (
+                    f"`{index_arg}` maps `{obs_plate}` to it, but {k!r} also reaches "
+                    f"{outside[0]!r}, which lies outside both plates and would not "
+                    "follow the split"
+                ),
+                (),
             )
     text = f"observations follow `{obs_plate}`"
     if obs:
@@ -363,7 +390,7 @@ def _check_shards(model, model_args, model_kwargs, part, num_shards, structure):
                 f"must size plate `{part.plate}` from its arguments (e.g. "
                 f"numpyro.plate({part.plate!r}, len(y))) and use each row within it"
             )
-        _, sizes = _record_sites_of(tr)
+        _, sizes = _record_sites(tr)
         expected = {part.plate: spec.num_entities}
         if part.obs_plate is not None:
             expected[part.obs_plate] = int(np.asarray(shard[part.index_arg]).shape[0])
@@ -392,12 +419,6 @@ def _check_shards(model, model_args, model_kwargs, part, num_shards, structure):
                     f"{tuple(np.shape(site['value']))} instead of {rec.shape}"
                 )
     return None
-
-
-def _record_sites_of(trace):
-    from raybayes.core.tracing import _record_sites
-
-    return _record_sites(trace)
 
 
 def _verified(model, model_args, model_kwargs, part, size_args, num_shards, structure):
@@ -471,8 +492,11 @@ def plan(
         ...         numpyro.sample("y", dist.Normal(a[g], 1), obs=y)
         >>> g = np.repeat(np.arange(4), 3)
         >>> p = plan(model, {"g": g, "y": np.zeros(12)}, num_shards=2)
-        >>> print(p.explanation)
-        observations follow `data` (`y`); `g` indexes `groups`; split `groups` into 2 shards: 2 groups and 6 rows each
+        >>> for part in p.explanation.split("; "):
+        ...     print(part)
+        observations follow `data` (`y`)
+        `g` indexes `groups`
+        split `groups` into 2 shards: 2 groups and 6 rows each
     """
     if int(num_shards) < 1:
         raise ConfigurationError(f"num_shards={num_shards}; use an integer >= 1.")
@@ -489,11 +513,17 @@ def plan(
     if partitions is None:
         found = []
         for plate_name, size in sizes.items():
-            res = _candidate(plate_name, size, structure, model_kwargs, arrays)
-            part, note, size_args = res if len(res) == 3 else (*res, ())
+            part, note, size_args = _candidate(
+                plate_name, size, structure, model_kwargs, arrays
+            )
             if part is not None:
                 part, why = _verified(
-                    model, model_args, model_kwargs, part, size_args, num_shards,
+                    model,
+                    model_args,
+                    model_kwargs,
+                    part,
+                    size_args,
+                    num_shards,
                     structure,
                 )
                 if part is None:
@@ -604,8 +634,10 @@ def _explain(result: Plan, model_kwargs) -> str:
     if part.index_arg is not None:
         index = np.asarray(model_kwargs[part.index_arg])
         rows = sorted(
-            {int(((index >= s.entity_start) & (index < s.entity_stop)).sum())
-             for s in specs}
+            {
+                int(((index >= s.entity_start) & (index < s.entity_stop)).sum())
+                for s in specs
+            }
         )
         rtext = f"{rows[0]:,}" if len(rows) == 1 else f"{rows[0]:,} to {rows[-1]:,}"
         text += f" and {rtext} rows"
@@ -658,16 +690,14 @@ def resolve_split(
     if partition is not None:
         return model_args, model_kwargs, partition, int(num_shards)
     if int(num_shards) == 1:
-        _check_enumeration(model_structure_sites(model, model_args, model_kwargs))
+        _check_enumeration(_site_structure(model, model_args, model_kwargs))
         return model_args, model_kwargs, None, 1
     chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
     return chosen.model_args, chosen.model_kwargs, chosen.partition, chosen.num_shards
 
 
-def model_structure_sites(model, model_args, model_kwargs):
+def _site_structure(model, model_args, model_kwargs):
     """The sites of a model only (no jaxpr), as a ``ModelStructure``."""
-    from raybayes.core.tracing import ModelStructure, _record_sites
-
     tr = abstract_trace(model, model_args, model_kwargs)
     sites, sizes = _record_sites(tr)
     return ModelStructure(sites, sizes, {}, (), frozenset())

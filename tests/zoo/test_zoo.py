@@ -1,4 +1,4 @@
-"""The model zoo through every shard algorithm, on 1 and 2 shards, with the default plan.
+"""The model zoo through every shard algorithm, on 1 and 2 shards, default plan.
 
 For each model of :mod:`zoo_models` and each of ``fit_map``,
 ``laplace_approximation`` and ``fit_svi``:

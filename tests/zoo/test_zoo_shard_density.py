@@ -60,12 +60,11 @@ def test_sum_over_shards_equals_full_log_joint_and_gradient(zoo, seed, data):
         return
     part = p.partition
     num_entities = part.num_entities(p.model_kwargs)
-    num_shards = data.draw(
-        st.integers(2, min(4, num_entities)), label="num_shards"
-    )
+    num_shards = data.draw(st.integers(2, min(4, num_entities)), label="num_shards")
     key = jax.random.PRNGKey(seed)
     params = {
-        s.name: 0.5 * jax.random.normal(jax.random.fold_in(key, i), s.unconstrained_shape)
+        s.name: 0.5
+        * jax.random.normal(jax.random.fold_in(key, i), s.unconstrained_shape)
         for i, s in enumerate(full.sites.values())
     }
     value, grad = jax.value_and_grad(full.log_density_params)(params)
@@ -80,7 +79,9 @@ def test_sum_over_shards_equals_full_log_joint_and_gradient(zoo, seed, data):
             v = params[s.name]
             if s.is_local:
                 v = jnp.take(
-                    v, jnp.arange(spec.entity_start, spec.entity_stop), axis=s.entity_axis
+                    v,
+                    jnp.arange(spec.entity_start, spec.entity_stop),
+                    axis=s.entity_axis,
                 )
             local_params[s.name] = v
         v_s, g_s = jax.value_and_grad(shard.log_density_params)(local_params)

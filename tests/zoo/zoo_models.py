@@ -141,7 +141,9 @@ def _earnings():
     h = np.array(d["height"], float)
     z = (h - h.mean()) / h.std(ddof=1)
     male = np.array(d["male"], float)
-    return dict(X=np.stack([z, male, z * male], 1), y=np.log(np.array(d["earn"], float)))
+    return dict(
+        X=np.stack([z, male, z * male], 1), y=np.log(np.array(d["earn"], float))
+    )
 
 
 def gauss_mix(y):
@@ -195,8 +197,9 @@ def radon_contextual(county_idx, floor, floor_by_county, log_uranium, log_radon=
     scale = numpyro.sample("county_effect_scale", dist.HalfNormal(1.0))
     # Non-centred, as NumPyro users write hierarchical models for MAP and SVI: the
     # centred joint density is unbounded as the scale goes to 0 (no MAP).
-    with numpyro.plate("counties", num_counties), numpyro.handlers.reparam(
-        config={"county_effect": LocScaleReparam(0.0)}
+    with (
+        numpyro.plate("counties", num_counties),
+        numpyro.handlers.reparam(config={"county_effect": LocScaleReparam(0.0)}),
     ):
         county_effect = numpyro.sample("county_effect", dist.Normal(mean, scale))
     weight = numpyro.sample("weight", dist.Normal(jnp.zeros(3), 1.0).to_event(1))
@@ -258,7 +261,7 @@ def logistic_regression(X, y=None):
 def _logistic():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(401, 4))  # 401: the plate does not divide by 2
-    y = (rng.random(401) < 1 / (1 + np.exp(-(X @ [1.0, -0.5, 0.25, 0.0] + 0.3))))
+    y = rng.random(401) < 1 / (1 + np.exp(-(X @ [1.0, -0.5, 0.25, 0.0] + 0.3)))
     return dict(X=X, y=y.astype(np.int32))
 
 
@@ -288,7 +291,9 @@ def poisson_glm_masked(X, counts, observed):
     beta = numpyro.sample("beta", dist.Normal(jnp.zeros(X.shape[1]), 1.0).to_event(1))
     intercept = numpyro.sample("intercept", dist.Normal(0.0, 3.0))
     with numpyro.plate("data", X.shape[0]), numpyro.handlers.mask(mask=observed):
-        numpyro.sample("counts", dist.Poisson(jnp.exp(intercept + X @ beta)), obs=counts)
+        numpyro.sample(
+            "counts", dist.Poisson(jnp.exp(intercept + X @ beta)), obs=counts
+        )
 
 
 def _poisson():
@@ -390,7 +395,9 @@ _NO_PLATE = "no plate that can be split.*num_shards=1"
 
 ZOO = [
     ZooModel(
-        "eight_schools_noncentered", eight_schools_noncentered, _eight_schools,
+        "eight_schools_noncentered",
+        eight_schools_noncentered,
+        _eight_schools,
         "posteriordb eight_schools-eight_schools_noncentered",
         # Only mu: a Gaussian in log(tau) has a far heavier right tail than the
         # posterior of tau (and so of theta); a Laplace limit, not a split's.
@@ -404,30 +411,45 @@ ZOO = [
         ref_tol=1.0,
     ),
     ZooModel(
-        "kidiq_interaction_c", linear_regression, _kidiq,
+        "kidiq_interaction_c",
+        linear_regression,
+        _kidiq,
         "posteriordb kidiq_with_mom_work-kidscore_interaction_c",
         _reference(_posteriordb("kidiq_with_mom_work-kidscore_interaction_c")[1]),
     ),
     ZooModel(
-        "logmesquite", linear_regression, _mesquite, "posteriordb mesquite-logmesquite",
+        "logmesquite",
+        linear_regression,
+        _mesquite,
+        "posteriordb mesquite-logmesquite",
         _reference(_posteriordb("mesquite-logmesquite")[1]),
     ),
     ZooModel(
-        "nes", linear_regression, _nes, "posteriordb nes1972-nes",
+        "nes",
+        linear_regression,
+        _nes,
+        "posteriordb nes1972-nes",
         _reference(_posteriordb("nes1972-nes")[1]),
     ),
     ZooModel(
-        "logearn_interaction_z", linear_regression, _earnings,
+        "logearn_interaction_z",
+        linear_regression,
+        _earnings,
         "posteriordb earnings-logearn_interaction_z",
         _reference(_posteriordb("earnings-logearn_interaction_z")[1]),
     ),
     ZooModel(
-        "low_dim_gauss_mix", gauss_mix, _gauss_mix,
+        "low_dim_gauss_mix",
+        gauss_mix,
+        _gauss_mix,
         "posteriordb low_dim_gauss_mix-low_dim_gauss_mix (numpyro.factor)",
         _reference(_posteriordb("low_dim_gauss_mix-low_dim_gauss_mix")[1]),
     ),
     ZooModel(
-        "gp_pois_regr", gp_pois_regr, _gp, "posteriordb gp_pois_regr-gp_pois_regr",
+        "gp_pois_regr",
+        gp_pois_regr,
+        _gp,
+        "posteriordb gp_pois_regr-gp_pois_regr",
         {
             k: v
             for k, v in _reference(_posteriordb("gp_pois_regr-gp_pois_regr")[1]).items()
@@ -437,41 +459,63 @@ ZOO = [
         expect={(m, 2): _NO_PLATE for m in ("fit_map", "laplace", "fit_svi")},
     ),
     ZooModel(
-        "radon_contextual", radon_contextual, _radon,
+        "radon_contextual",
+        radon_contextual,
+        _radon,
         "inference-gym radon_contextual_effects_minnesota_halfnormal",
-        _radon_reference(), ref_tol=0.5,
+        _radon_reference(),
+        ref_tol=0.5,
     ),
     ZooModel(
-        "logistic_regression", logistic_regression, _logistic,
+        "logistic_regression",
+        logistic_regression,
+        _logistic,
         "NumPyro examples (simulated, 401 rows)",
     ),
     ZooModel(
-        "varying_intercepts", varying_intercepts, _varying,
+        "varying_intercepts",
+        varying_intercepts,
+        _varying,
         "NumPyro tutorials (simulated; G taken from the data)",
     ),
     ZooModel(
-        "poisson_glm_masked", poisson_glm_masked, _poisson,
+        "poisson_glm_masked",
+        poisson_glm_masked,
+        _poisson,
         "NumPyro examples (simulated; handlers.mask)",
     ),
     ZooModel(
-        "regression_missing", regression_missing, _missing,
+        "regression_missing",
+        regression_missing,
+        _missing,
         "NumPyro examples (simulated; obs_mask imputation)",
     ),
     ZooModel(
-        "multi_output_regression", multi_output_regression, _multi_output,
+        "multi_output_regression",
+        multi_output_regression,
+        _multi_output,
         "simulated; matrix global W (3, 2)",
     ),
     ZooModel(
-        "repeated_measures", repeated_measures, _repeated,
+        "repeated_measures",
+        repeated_measures,
+        _repeated,
         "simulated; nested plates (groups x reps)",
     ),
     ZooModel(
-        "ar1", ar1, _ar1, "NumPyro time-series tutorial (simulated AR(1))",
-        expect={(m, 2): "no plate that can be split" for m in
-                ("fit_map", "laplace", "fit_svi")},
+        "ar1",
+        ar1,
+        _ar1,
+        "NumPyro time-series tutorial (simulated AR(1))",
+        expect={
+            (m, 2): "no plate that can be split"
+            for m in ("fit_map", "laplace", "fit_svi")
+        },
     ),
     ZooModel(
-        "gaussian_mixture_enumerated", gaussian_mixture_enumerated, _mixture_enum,
+        "gaussian_mixture_enumerated",
+        gaussian_mixture_enumerated,
+        _mixture_enum,
         "NumPyro Gaussian mixture tutorial (config_enumerate)",
         expect={
             (m, s): _ENUM for m in ("fit_map", "laplace", "fit_svi") for s in (1, 2)

@@ -78,12 +78,16 @@ def abstract_trace(
         trace = box["trace"]
     except Exception:  # noqa: BLE001 - any failure: the eager trace decides
         trace = None
-    if trace is not None and concrete_observations and any(
-        isinstance(site.get("value"), jax.core.Tracer)
-        for site in trace.values()
-        if site["type"] == "sample"
-        and site.get("is_observed")
-        and type(site.get("fn")).__name__ != "Unit"  # numpyro.factor
+    if (
+        trace is not None
+        and concrete_observations
+        and any(
+            isinstance(site.get("value"), jax.core.Tracer)
+            for site in trace.values()
+            if site["type"] == "sample"
+            and site.get("is_observed")
+            and type(site.get("fn")).__name__ != "Unit"  # numpyro.factor
+        )
     ):
         trace = None
     if trace is None:
@@ -92,7 +96,9 @@ def abstract_trace(
 
 
 def bind_arguments(
-    model: Callable, model_args: tuple = (), model_kwargs: Mapping[str, Any] | None = None
+    model: Callable,
+    model_args: tuple = (),
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[tuple, dict]:
     """Positional model arguments bound to their parameter names.
 
@@ -121,9 +127,7 @@ def bind_arguments(
     except (TypeError, ValueError):
         return tuple(model_args), model_kwargs
     named = [
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD,)
+        p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD,)
     ]
     if any(p.kind == p.POSITIONAL_ONLY for p in sig.parameters.values()):
         return tuple(model_args), model_kwargs
@@ -237,8 +241,16 @@ def _record_sites(trace) -> tuple[dict, dict]:
 
 
 _CALL_PRIMITIVES = {
-    "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-    "custom_vjp_call_jaxpr", "remat", "checkpoint", "custom_lin",
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "remat",
+    "checkpoint",
+    "custom_lin",
 }
 
 
@@ -347,7 +359,9 @@ def model_structure(
         if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) >= 1
     }
     latents = {
-        name: jax.ShapeDtypeStruct(jnp.shape(site["value"]), jnp.result_type(site["value"]))
+        name: jax.ShapeDtypeStruct(
+            jnp.shape(site["value"]), jnp.result_type(site["value"])
+        )
         for name, site in trace.items()
         if site["type"] == "sample" and not site.get("is_observed")
     }
@@ -393,8 +407,10 @@ def _try_structure(model, model_args, model_kwargs, arrays, latents, followed, i
         closed = jax.make_jaxpr(
             lambda a, lat: run(a, dict(zip(latent_names, lat, strict=True)))
         )(
-            [jax.ShapeDtypeStruct(np.shape(arrays[k]), jnp.asarray(arrays[k]).dtype)
-             for k in names],
+            [
+                jax.ShapeDtypeStruct(np.shape(arrays[k]), jnp.asarray(arrays[k]).dtype)
+                for k in names
+            ],
             [latents[k] for k in latent_names],
         )
     except Exception:  # noqa: BLE001 - the model needs concrete values: follow fewer
