@@ -73,7 +73,8 @@ def test_plate_size_argument_is_found_when_two_sizes_coincide():
     # As many weeks as products: num_times == num_products == 12.
     df, _ = simulate_elasticity(num_categories=C, num_products=12, num_weeks=12, seed=4)
     kwargs = prepare_elasticity_data(
-        df, product_cols=("product",), category_col="category").model_kwargs()
+        df, product_cols=("product",), category_col="category"
+    ).model_kwargs()
     assert len(kwargs["category_of_product"]) == kwargs["num_times"] == 12
     result = plan(elasticity_model, kwargs, num_shards=2)
     by_plate = {c.plate: c for c in result.candidates}
@@ -244,3 +245,17 @@ def test_one_shard_needs_no_plan():
 
     args, kwargs, part, shards = resolve_split(no_plate, (np.zeros(3),), None, 1, None)
     assert (args, part, shards) == ((), None, 1) and "y" in kwargs
+
+    # a plate that cannot be split (its size is fixed) is no obstacle on one shard
+    def fixed(y):
+        mu = numpyro.sample("mu", dist.Normal(0, 5))
+        with numpyro.plate("J", 4):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    assert resolve_split(fixed, (), {"y": np.zeros(4)}, 1, None)[2:] == (None, 1)
+    # a plate that can be split is kept on one shard (local blocks for Laplace)
+    g = np.repeat(np.arange(4), 3)
+    part = resolve_split(
+        varying_intercepts, (g, np.zeros(12), np.zeros(12)), None, 1, None
+    )[2]
+    assert part.plate == "groups"

@@ -675,9 +675,11 @@ def resolve_split(
 ) -> tuple[tuple, dict, Partition | None, int]:
     """The arguments, partition and shard count a shard algorithm runs with.
 
-    With ``num_shards=1`` and no partition no plan is made: the whole model is one
-    shard, whatever its plates. Otherwise :func:`plan` chooses the split, unless a
-    partition is given.
+    With ``num_shards=1`` and no partition a plan is not needed: the plate the
+    plan would split is used when there is one (its sites are local blocks, the
+    arrowhead structure of the Laplace step), and otherwise the whole model is one
+    block. With more shards :func:`plan` chooses the split, unless a partition is
+    given.
 
     Returns:
         ``(model_args, model_kwargs, partition, num_shards)`` with positional
@@ -691,7 +693,13 @@ def resolve_split(
         return model_args, model_kwargs, partition, int(num_shards)
     if int(num_shards) == 1:
         _check_enumeration(_site_structure(model, model_args, model_kwargs))
-        return model_args, model_kwargs, None, 1
+        # A split plate on one shard still gives Laplace its arrowhead (local
+        # blocks); a model without one runs as a single block.
+        try:
+            chosen = plan(model, model_kwargs, 1, model_args=model_args)
+        except ConfigurationError:
+            return model_args, model_kwargs, None, 1
+        return model_args, model_kwargs, chosen.partition, 1
     chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
     return chosen.model_args, chosen.model_kwargs, chosen.partition, chosen.num_shards
 
