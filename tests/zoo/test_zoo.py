@@ -54,10 +54,14 @@ def _call(zoo, method, num_shards, init_params=None):
     kwargs = zoo.data()
     common = dict(model_kwargs=kwargs, num_shards=num_shards, backend="local")
     if method == "fit_map":
-        return fit_map(zoo.model, **common, progress=False, max_iter=500)
+        return fit_map(zoo.model, **common, progress_bar=False, max_steps=500)
     if method == "laplace":
         return laplace_approximation(
-            zoo.model, **common, num_draws=NUM_DRAWS, progress=False, max_iter=500
+            zoo.model,
+            **common,
+            num_samples=NUM_DRAWS,
+            progress_bar=False,
+            max_steps=500,
         )
     return fit_svi(
         zoo.model,
@@ -66,7 +70,7 @@ def _call(zoo, method, num_shards, init_params=None):
         learning_rate=0.01,
         tol=None,
         seed=0,
-        num_draws=NUM_DRAWS,
+        num_samples=NUM_DRAWS,
         init_params=init_params,
         progress_bar=False,
         x64=True,
