@@ -29,7 +29,17 @@ import numpy as np
 from raybayes.errors import ConfigurationError
 from raybayes.io import atomic_path
 
-__all__ = ["load_checkpoint", "register_state_type", "save_checkpoint"]
+__all__ = [
+    "RUN_FILE",
+    "content_hash",
+    "data_fingerprint",
+    "describe_changes",
+    "load_checkpoint",
+    "open_run",
+    "plain",
+    "register_state_type",
+    "save_checkpoint",
+]
 
 _FORMAT = "raybayes-checkpoint/1"
 _META = "__structure__"
@@ -310,3 +320,220 @@ def load_checkpoint(path: str | os.PathLike, *, legacy_name: str | None = None) 
             f"raybayes reads {_FORMAT!r}. Use a new checkpoint_dir."
         )
     return _decode(structure["tree"], arrays)
+
+
+# -- run configurations (reruns) -----------------------------------------------------
+#: The file of a checkpoint folder that stores its run's configuration.
+RUN_FILE = "run.json"
+
+
+def plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON, so stored and new settings compare.
+
+    Examples:
+        >>> plain({"a": (1, 2)})
+        {'a': [1, 2]}
+    """
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def _hash_into(h, value) -> None:
+    """Feed ``value`` (arrays, numbers, strings, containers of them) to ``h``."""
+    if value is None or isinstance(value, str):
+        h.update(repr(value).encode())
+        return
+    if isinstance(value, dict):
+        h.update(b"dict")
+        for k in sorted(value, key=repr):
+            h.update(repr(k).encode())
+            _hash_into(h, value[k])
+        return
+    if isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _hash_into(h, item)
+        return
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - not array-like: only its type counts
+        array = None
+    if array is None or array.dtype.hasobject:
+        h.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
+        return
+    h.update(f"{array.dtype.str}{array.shape}".encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+
+
+def content_hash(value: Any) -> str:
+    """BLAKE2b (16 bytes, hex) of a value's arrays: dtype, shape and bytes of each.
+
+    Numbers, strings, ``None`` and dicts, lists and tuples of them count by value;
+    other objects by their type only.
+
+    Examples:
+        >>> import numpy as np
+        >>> content_hash(np.zeros(2)) == content_hash(np.zeros(2, "f4"))
+        False
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    _hash_into(h, value)
+    return h.hexdigest()
+
+
+def data_fingerprint(
+    model: Any, model_args: tuple = (), model_kwargs: dict | None = None
+) -> dict[str, Any]:
+    """A cheap fingerprint of a model and its data, to notice changed input on rerun.
+
+    Each argument's content hash is BLAKE2b (16 bytes) over each array's dtype,
+    shape and bytes (numbers, strings and containers of them included; other
+    objects count by their type only). Arguments are named by the model's
+    signature where it binds (``args[i]`` otherwise).
+
+    Args:
+        model: the model function (its module and qualified name are recorded).
+        model_args: its positional arguments.
+        model_kwargs: its keyword arguments.
+
+    Returns:
+        ``{"model": "module.qualname", "data": {argument name: hex digest}}``.
+
+    Examples:
+        >>> import numpy as np
+        >>> def model(y): ...
+        >>> fp = data_fingerprint(model, (np.zeros(3),))
+        >>> sorted(fp["data"]), fp == data_fingerprint(model, (np.zeros(3),))
+        (['y'], True)
+    """
+    import inspect
+
+    model_kwargs = dict(model_kwargs or {})
+    try:
+        named = dict(
+            inspect.signature(model).bind_partial(*model_args, **model_kwargs).arguments
+        )
+    except (TypeError, ValueError):
+        named = {f"args[{i}]": a for i, a in enumerate(model_args)}
+        named.update(model_kwargs)
+    data = {str(name): content_hash(value) for name, value in named.items()}
+    qualname = getattr(model, "__qualname__", type(model).__qualname__)
+    return {"model": f"{getattr(model, '__module__', '')}.{qualname}", "data": data}
+
+
+def describe_changes(
+    old: dict, new: dict, keys, *, at_least=(), at_most=()
+) -> list[str]:
+    """The settings that differ between a stored and a new run, as readable lines.
+
+    Args:
+        old: the stored settings (as read from JSON).
+        new: the new settings (passed through :func:`plain` here).
+        keys: the settings to compare; ``"data"`` (a dict of argument digests, see
+            :func:`data_fingerprint`) is compared per argument.
+        at_least: keys whose value may grow on a rerun (e.g. ``target_ess``).
+        at_most: keys whose value may shrink on a rerun (e.g. ``target_rhat``).
+
+    Returns:
+        One line per changed setting, e.g. ``"num_warmup: 500 -> 300"`` or
+        ``"data: y changed"``; empty when nothing changed.
+
+    Examples:
+        >>> describe_changes({"a": 1, "b": 2}, {"a": 1, "b": 3}, ["a", "b"])
+        ['b: 2 -> 3']
+    """
+    new = plain(new)
+    lines = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if key == "data" and isinstance(a, dict) and isinstance(b, dict):
+            for name in sorted(set(a) | set(b)):
+                if name not in a:
+                    lines.append(f"data: {name} added")
+                elif name not in b:
+                    lines.append(f"data: {name} removed")
+                elif a[name] != b[name]:
+                    lines.append(f"data: {name} changed")
+            continue
+        if a == b:
+            continue
+        if a is not None and b is not None:
+            if key in at_least and b >= a:
+                continue
+            if key in at_most and b <= a:
+                continue
+        lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def open_run(
+    directory: str | os.PathLike,
+    config: dict,
+    *,
+    keys,
+    at_least=(),
+    at_most=(),
+    overwrite: bool = False,
+    checkpoint_files=(),
+) -> bool:
+    """Store a run's configuration in its checkpoint folder, or check a rerun's.
+
+    On the first run ``config`` is written to ``directory/run.json`` (atomically).
+    On a rerun the stored configuration is compared with ``config`` over ``keys``
+    (see :func:`describe_changes`); the settings not in ``keys`` may change freely.
+
+    Args:
+        directory: the checkpoint folder (created if missing).
+        config: the run's settings (JSON-able; ``plain`` is applied).
+        keys: the settings that must match for the run to resume.
+        at_least: keys that may grow on a rerun.
+        at_most: keys that may shrink on a rerun.
+        overwrite: delete ``run.json`` and the files matching ``checkpoint_files``
+            (glob patterns; folders included) first, so that the run starts fresh.
+        checkpoint_files: the glob patterns of the folder's checkpoint files.
+
+    Returns:
+        True when the folder already held this run's configuration (it resumes).
+
+    Raises:
+        ConfigurationError: the folder holds a run whose settings or data differ;
+            names each change (``num_warmup: 500 -> 300``, ``data: y changed``)
+            and the fix (``overwrite=True`` or a new ``checkpoint_dir``).
+
+    Examples:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> first = open_run(d, {"seed": 0}, keys=["seed"])
+        >>> first, open_run(d, {"seed": 0}, keys=["seed"])
+        (False, True)
+    """
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / RUN_FILE
+    if overwrite:
+        for pattern in (RUN_FILE, *checkpoint_files):
+            for old_file in directory.glob(pattern):
+                if old_file.is_dir():
+                    shutil.rmtree(old_file)
+                else:
+                    old_file.unlink()
+    config = plain(config)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changes = describe_changes(
+            old, config, keys, at_least=at_least, at_most=at_most
+        )
+        if changes:
+            raise ConfigurationError(
+                f"checkpoint_dir={str(directory)!r} holds a run with other settings "
+                f"or data ({'; '.join(changes)}); a rerun resumes only the same run. "
+                "Pass overwrite=True to discard its checkpoint and start over, or use "
+                "a new checkpoint_dir."
+            )
+        return True
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    return False

@@ -13,7 +13,6 @@ error and the job goes on.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from raybayes.backends import Backend, get_backend
+from raybayes.checkpoint import describe_changes
+from raybayes.checkpoint import plain as _plain
 from raybayes.config import ScalingConfig, renamed_argument, resolve_backend_name
 from raybayes.errors import ConfigurationError, RaybayesError, WorkerLostError
 from raybayes.fleet import store
@@ -235,11 +236,6 @@ def _model_source(model) -> str | None:
     return None
 
 
-def _plain(value):
-    """``value`` as it reads back from JSON (so stored and new settings compare)."""
-    return json.loads(json.dumps(value, default=str, sort_keys=True))
-
-
 def _prepare_output(output_dir: Path, settings: dict, overwrite: bool) -> None:
     """Compare the settings with the folder's stored ones; clear it on ``overwrite``.
 
@@ -266,9 +262,9 @@ def _prepare_output(output_dir: Path, settings: dict, overwrite: bool) -> None:
             )
         return
     old = prev.get("settings", {})
-    changed = [k for k in _SETTINGS if old.get(k) != settings.get(k)]
+    changed = describe_changes(old, settings, _SETTINGS)
     if changed:
-        diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        diff = "; ".join(changed)
         raise ConfigurationError(
             f"{str(output_dir)!r} holds a fit-many run with other settings ({diff}). "
             "A rerun resumes only the same job. Pass --overwrite (overwrite=True) to "

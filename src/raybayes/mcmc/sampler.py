@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from raybayes.backends import Backend, get_backend
+from raybayes.checkpoint import content_hash, data_fingerprint
 from raybayes.config import ScalingConfig, resolve_backend_name
 from raybayes.core.validation import check_observed_data
 from raybayes.errors import ChainError, ConfigurationError, WorkerLostError
@@ -206,6 +207,7 @@ def sample(
     max_samples: int | None = None,
     max_time_s: float | None = None,
     checkpoint_dir: str | None = None,
+    overwrite: bool = False,
     cross_chain_adaptation: bool = False,
     _scheduling: str = "dynamic",
     _worker_slowdown: dict[int, float] | None = None,
@@ -271,6 +273,18 @@ def sample(
             the same arguments and directory resumes the run, and ends with the
             draws of an uninterrupted run. Draws stream there as Parquet files;
             :func:`raybayes.mcmc.load_draws` reads the run so far at any time.
+            The first run stores its configuration and a fingerprint of the data
+            (content hashes of the model's arguments, the model's qualified name)
+            in ``checkpoint_dir/run.json``. A rerun whose model, data,
+            ``num_chains``, ``num_warmup``, ``num_samples``, ``chunk_size``,
+            ``seed``, kernel settings, ``init_params``, ``cross_chain_adaptation``
+            or ``target_var_names`` differ, whose ``target_ess`` is lower or whose
+            ``target_rhat`` is higher (or that adds or drops a target), is refused
+            before any chain runs, with each change named. ``max_samples``,
+            ``max_time_s``, ``progress_bar``, ``coords``, ``dims`` and the backend
+            and worker settings may change on resume.
+        overwrite: with ``checkpoint_dir``, delete the folder's checkpoint
+            (``run.json``, ``chain-*``) first and start a fresh run.
         cross_chain_adaptation: pool the mass-matrix adaptation over chains. At
             the end of each of NumPyro's slow adaptation windows every chain waits
             for the others, and each chain's running (Welford) estimate of the
@@ -391,7 +405,15 @@ def sample(
         step=chunk_size,
     )
     store = _open_store(
-        checkpoint_dir, settings, num_samples, model, site_dims, site_coords
+        checkpoint_dir, settings, num_samples, model, site_dims, site_coords,
+        rerun=dict(
+            **data_fingerprint(model, model_args, model_kwargs),
+            init_params=None if init_params is None else {
+                k: content_hash(v) for k, v in init_params.items()},
+            target_ess=target_ess, target_rhat=target_rhat,
+            target_var_names=target_var_names,
+        ),
+        overwrite=overwrite,
     )
 
     # 3. Work: run the chains, then assemble the InferenceData.
@@ -446,8 +468,13 @@ def _trace_model(model, model_args, model_kwargs, dims, coords, target_var_names
     return site_dims, site_coords, observed
 
 
-def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_coords):
-    """The checkpoint store of the run (``None`` without ``checkpoint_dir``)."""
+def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_coords,
+                *, rerun, overwrite):
+    """The checkpoint store of the run (``None`` without ``checkpoint_dir``).
+
+    ``rerun`` holds the model and data fingerprint and the target settings, which a
+    rerun compares (with the settings below) before it resumes.
+    """
     if checkpoint_dir is None:
         return None
     from raybayes.mcmc.store import DrawStore
@@ -455,18 +482,19 @@ def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_co
     store = DrawStore(checkpoint_dir)
     store.open(
         dict(
+            **rerun,
             num_chains=settings.num_chains,
             num_warmup=settings.num_warmup,
             num_samples=num_samples,
             chunk_size=settings.chunk_size,
             seed=settings.seed,
             cross_chain_adaptation=settings.cross_chain_adaptation,
-            model=getattr(model, "__qualname__", repr(model)),
             **({"key_stream": list(settings.key_stream)} if settings.key_stream else {}),
             kernel={k: repr(v) for k, v in sorted(settings.kernel_kwargs.items())},
             dims=site_dims,
             coords={k: np.asarray(v).tolist() for k, v in site_coords.items()},
-        )
+        ),
+        overwrite=overwrite,
     )
     return store
 

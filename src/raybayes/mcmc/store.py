@@ -27,8 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raybayes.checkpoint import load_checkpoint, save_checkpoint
-from raybayes.errors import ConfigurationError
+from raybayes.checkpoint import load_checkpoint, open_run, save_checkpoint
 from raybayes.io import atomic_path
 
 __all__ = ["DrawStore", "load_draws"]
@@ -51,32 +50,35 @@ class DrawStore:
         self.directory = Path(directory)
 
     # -- run configuration -------------------------------------------------------
-    def open(self, config: dict[str, Any]) -> bool:
+    #: The settings that must match for a run to resume (see ``sample``).
+    RESUME_KEYS = (
+        "model", "data", "num_chains", "num_warmup", "num_samples", "chunk_size",
+        "seed", "kernel", "init_params", "cross_chain_adaptation", "key_stream",
+        "target_ess", "target_rhat", "target_var_names",
+    )
+
+    def open(self, config: dict[str, Any], overwrite: bool = False) -> bool:
         """Create the directory or check it belongs to the same run.
+
+        Args:
+            config: the run's settings (``RESUME_KEYS`` and what ``load_draws``
+                reads: ``dims``, ``coords``).
+            overwrite: delete the folder's checkpoint (``run.json``, ``chain-*``)
+                first.
 
         Returns:
             True if a previous run's state exists (the run resumes).
 
         Raises:
-            ConfigurationError: the directory holds a run with another configuration.
+            ConfigurationError: the directory holds a run with another configuration
+                (each change named; see :func:`raybayes.checkpoint.open_run`).
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / "run.json"
         config = {k: _jsonable(v) for k, v in config.items()}
-        if path.exists():
-            old = json.loads(path.read_text())
-            keys = ("num_chains", "num_warmup", "chunk_size", "seed", "model", "kernel")
-            diff = {k: (old.get(k), config.get(k)) for k in keys if old.get(k) != config.get(k)}
-            if diff:
-                raise ConfigurationError(
-                    f"checkpoint_dir={str(self.directory)!r} holds a different run "
-                    f"(differences, old vs new: {diff}). Use a new checkpoint_dir, or "
-                    "delete this one to start over."
-                )
-            return True
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(config, indent=1, default=str))
-        return False
+        return open_run(
+            self.directory, config, keys=self.RESUME_KEYS, at_least=("target_ess",),
+            at_most=("target_rhat",), overwrite=overwrite,
+            checkpoint_files=("chain-*",),
+        )
 
     def config(self) -> dict:
         return json.loads((self.directory / "run.json").read_text())

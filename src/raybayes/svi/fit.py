@@ -37,6 +37,13 @@ import numpy as np
 import optax
 
 from raybayes.backends import Backend
+from raybayes.checkpoint import (
+    content_hash,
+    data_fingerprint,
+    load_checkpoint,
+    open_run,
+    save_checkpoint,
+)
 from raybayes.config import (
     ScalingConfig,
     derive_key,
@@ -56,7 +63,6 @@ from raybayes.errors import (
     RaybayesWarning,
     WorkerLostError,
 )
-from raybayes.checkpoint import load_checkpoint, save_checkpoint
 from raybayes.progress import LossProgress
 from raybayes.results import draws_to_inference_data
 from raybayes.svi.guides import GlobalGuide, resolve_guide
@@ -461,6 +467,7 @@ def fit_svi(
     num_samples: int = 1000,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
+    overwrite: bool = False,
     callback: Callable[[SVIStepInfo], bool | None] | None = None,
     callback_every: int = 100,
     progress_bar: bool = True,
@@ -535,6 +542,21 @@ def fit_svi(
             locals every ``checkpoint_every`` steps (atomically); a rerun with the
             same settings resumes, and a lost worker restarts from its shard's
             checkpoint. On a cluster it must be storage every node can reach.
+            The first run stores its configuration and a fingerprint of its input
+            (content hashes of the model's arguments, the model's qualified name;
+            for ``source``, its files' paths, sizes and modification times) in
+            ``checkpoint_dir/run.json``; a rerun whose model, data, guide,
+            ``rank``, ``init_scale``, ``init_params``, ``subsample_size``,
+            ``num_particles``, learning rates, ``num_shards``, ``partition``,
+            ``staleness``, ``seed`` or ``x64`` differ (or that passes an own
+            ``optimizer`` where the first did not, or the reverse; two custom
+            optimizers are not compared) is refused before any worker starts, with
+            each change named. ``num_steps``, ``tol``, ``window``, ``convergence``,
+            ``num_samples``, ``checkpoint_every``, ``callback``, ``progress_bar``,
+            ``max_shard_bytes`` and the backend and worker settings may change.
+        checkpoint_every: steps between checkpoints.
+        overwrite: with ``checkpoint_dir``, delete the folder's checkpoint
+            (``run.json``, ``global.npz``, ``shard-*.npz``) first and start fresh.
         callback: called as ``callback(info)`` every ``callback_every`` steps;
             returning ``True`` stops the fit.
         progress_bar: show the loss and steps (rich).
@@ -585,13 +607,27 @@ def fit_svi(
     )
     if not init_scale > 0:
         raise ConfigurationError(f"init_scale={init_scale!r}; use a number > 0.")
+    custom_optimizer, custom_local = optimizer is not None, local_optimizer is not None
     if optimizer is None:
         optimizer = optax.adam(learning_rate)
     if local_optimizer is None:
         local_optimizer = optax.adam(local_learning_rate or learning_rate)
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)
-        os.makedirs(checkpoint_dir, exist_ok=True)
+        _open_run(checkpoint_dir, overwrite, dict(
+            **data_fingerprint(model, model_args, model_kwargs),
+            source=_source_fingerprint(source),
+            guide=family, rank=rank, init_scale=init_scale,
+            init_params={k: content_hash(v) for k, v in (init_params or {}).items()},
+            subsample_size=subsample_size, num_particles=num_particles,
+            optimizer="custom" if custom_optimizer else "adam",
+            learning_rate=None if custom_optimizer else learning_rate,
+            local_optimizer="custom" if custom_local else "adam",
+            local_learning_rate=None if custom_local else (
+                local_learning_rate or learning_rate),
+            num_shards=num_shards, partition=repr(partition), staleness=staleness,
+            seed=seed, x64=bool(x64),
+        ))
     start = time.perf_counter()
     objective = planned_objective(
         model,
@@ -713,6 +749,45 @@ def fit_svi(
         if progress is not None:
             progress.close()
         objective.close()
+
+
+# -- reruns: the settings a resumed run must share with the first ---------------------
+_RESUME_KEYS = (
+    "model", "data", "source", "guide", "rank", "init_scale", "init_params",
+    "subsample_size", "num_particles", "optimizer", "learning_rate",
+    "local_optimizer", "local_learning_rate", "num_shards", "partition",
+    "staleness", "seed", "x64",
+)
+
+
+def _open_run(checkpoint_dir, overwrite, config):
+    """Store or check the run's configuration (see ``checkpoint_dir`` of fit_svi)."""
+    open_run(
+        checkpoint_dir, config, keys=_RESUME_KEYS, overwrite=overwrite,
+        checkpoint_files=("global.npz", "global.pkl", "shard-*.npz", "shard-*.pkl"),
+    )
+
+
+def _source_fingerprint(source):
+    """A ``source``'s files (paths, sizes, modification times), or ``None``."""
+    if source is None:
+        return None
+    files = list(getattr(source, "files", None) or [])
+    root = getattr(source, "path", None)
+    if root is not None and os.path.isdir(root):
+        files += sorted(
+            os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+        )
+    stats = []
+    for f in files:
+        st = os.stat(f) if os.path.exists(f) else None
+        stats.append((f, st and st.st_size, st and st.st_mtime_ns))
+    return dict(
+        type=type(source).__qualname__,
+        partition_column=getattr(source, "partition_column", None),
+        columns=getattr(source, "columns", None),
+        files=content_hash(stats),
+    )
 
 
 def _merge_locals(parts):
