@@ -14,6 +14,11 @@ not in the registry is an error, never an import. JAX PRNG keys are stored as th
 Checkpoints of earlier raybayes versions were pickles (``*.pkl``). They are not read:
 :func:`load_checkpoint` refuses with :class:`~raybayes.errors.ConfigurationError`
 when only the old file is there.
+
+A checkpoint folder also holds its run's configuration, ``run.json``
+(:func:`open_run`): the settings that change the results and a fingerprint of the
+input (:func:`data_fingerprint`), compared on a rerun so that a run resumes only
+with the same settings and data (:func:`describe_changes` words the differences).
 """
 
 from __future__ import annotations
