@@ -398,12 +398,12 @@ def data_fingerprint(
     signature where it binds (``args[i]`` otherwise).
 
     Args:
-        model: the model function (its module and qualified name are recorded).
+        model: the model function (its qualified name is recorded).
         model_args: its positional arguments.
         model_kwargs: its keyword arguments.
 
     Returns:
-        ``{"model": "module.qualname", "data": {argument name: hex digest}}``.
+        ``{"model": qualified name, "data": {argument name: hex digest}}``.
 
     Examples:
         >>> import numpy as np
@@ -423,8 +423,10 @@ def data_fingerprint(
         named = {f"args[{i}]": a for i, a in enumerate(model_args)}
         named.update(model_kwargs)
     data = {str(name): content_hash(value) for name, value in named.items()}
+    # The qualified name only: the module of the same function is ``__main__`` in a
+    # script and its file's name when imported, and a rerun may do either.
     qualname = getattr(model, "__qualname__", type(model).__qualname__)
-    return {"model": f"{getattr(model, '__module__', '')}.{qualname}", "data": data}
+    return {"model": qualname, "data": data}
 
 
 def describe_changes(
@@ -442,7 +444,8 @@ def describe_changes(
 
     Returns:
         One line per changed setting, e.g. ``"num_warmup: 500 -> 300"`` or
-        ``"data: y changed"``; empty when nothing changed.
+        ``"data: y changed"`` (``"data: not stored by the first run"`` for a key
+        that the stored settings lack); empty when nothing changed.
 
     Examples:
         >>> describe_changes({"a": 1, "b": 2}, {"a": 1, "b": 3}, ["a", "b"])
@@ -452,6 +455,10 @@ def describe_changes(
     lines = []
     for key in keys:
         a, b = old.get(key), new.get(key)
+        if key not in old and key in new:
+            # a run.json of an earlier version, which did not record this setting
+            lines.append(f"{key}: not stored by the first run")
+            continue
         if key == "data" and isinstance(a, dict) and isinstance(b, dict):
             for name in sorted(set(a) | set(b)):
                 if name not in a:
