@@ -50,7 +50,27 @@ def _counts(p):
     return np.bincount(np.asarray(p.model_kwargs[part.index_arg]), minlength=n)
 
 
-@pytest.mark.parametrize("zoo", ZOO, ids=[z.name for z in ZOO])
+# One model of each kind runs by default (scalar and vector globals, a plate with
+# and without local latents, nested plates, a mask, positional data); the rest,
+# whose compilations take 10-30 s each on 2 cores, with -m slow.
+DEFAULT = {
+    "eight_schools_noncentered",
+    "logistic_regression",
+    "multi_output_regression",
+    "repeated_measures",
+    "poisson_glm_masked",
+    "kidiq_interaction_c",
+}
+
+
+@pytest.mark.parametrize(
+    "zoo",
+    [
+        pytest.param(z, marks=() if z.name in DEFAULT else (pytest.mark.slow,))
+        for z in ZOO
+    ],
+    ids=[z.name for z in ZOO],
+)
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), data=st.data())
 def test_sum_over_shards_equals_full_log_joint_and_gradient(zoo, seed, data):
