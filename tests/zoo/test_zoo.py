@@ -46,7 +46,7 @@ NUM_DRAWS = 1000
 SVI_STEPS = 200
 # Laplace and SVI compile Hessian-vector products and guide steps per shard shape:
 # run by default for these models only, the rest with -m slow.
-FAST = {"eight_schools_noncentered", "varying_intercepts"}
+FAST = {"eight_schools_noncentered"}
 
 
 def _call(zoo, method, num_shards, init_params=None):

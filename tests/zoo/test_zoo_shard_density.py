@@ -50,16 +50,14 @@ def _counts(p):
     return np.bincount(np.asarray(p.model_kwargs[part.index_arg]), minlength=n)
 
 
-# One model of each kind runs by default (scalar and vector globals, a plate with
-# and without local latents, nested plates, a mask, positional data); the rest,
+# A few models run by default (a plate with and without local latents, nested
+# plates, a mask, positional data); the rest,
 # whose compilations take 10-30 s each on 2 cores, with -m slow.
 DEFAULT = {
     "eight_schools_noncentered",
     "logistic_regression",
-    "multi_output_regression",
     "repeated_measures",
     "poisson_glm_masked",
-    "kidiq_interaction_c",
 }
 
 
