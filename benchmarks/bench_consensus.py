@@ -34,6 +34,7 @@ import platform
 import time
 import warnings
 
+import arviz as az
 import jax
 import numpy as np
 import numpyro
@@ -44,6 +45,7 @@ from numpyro.infer.hmc_util import parametric_draws as np_parametric_draws
 import raybayes
 from raybayes.config import derive_key
 from raybayes.core.combination import (
+    combined_mean_mcse,
     consensus,
     diagnose_combination,
     gaussian_product,
@@ -203,6 +205,28 @@ def run_case(name, model, kwargs, args, partition=None):
             )
         r = compare(rules["raybayes consensus"][0], full_draws)
         say(f"  largest mean error of consensus: {labels[r['worst']]}")
+        # Is the error within Monte Carlo error? Full NUTS: sd / sqrt(ESS) per
+        # parameter; combined: the bootstrap MCSE of the diagnostics (which includes
+        # the error of the estimated weights).
+        full_sd = full_draws.std(0)
+        ess = np.array(
+            [
+                float(az.ess(full_draws[:, j].reshape(args.chains, -1)))
+                for j in range(full_draws.shape[1])
+            ]
+        )
+        mc_full = full_sd / np.sqrt(ess)
+        mc_comb = combined_mean_mcse(draws, seed=args.seed) * full_sd
+        err = rules["raybayes consensus"][0].mean(0) - full_draws.mean(0)
+        z = err / np.sqrt(mc_full**2 + mc_comb**2)
+        j = int(np.argmax(np.abs(z)))
+        say(
+            f"  MCSE of the means (posterior sd): full NUTS at most "
+            f"{np.max(mc_full / full_sd):.3f}, combined (bootstrap, weights "
+            f"included) at most {np.max(mc_comb / full_sd):.3f}; largest |error| / "
+            f"joint MCSE {abs(z[j]):.2f} ({labels[j]}; |z| > 3.5 in "
+            f"{int(np.sum(np.abs(z) > 3.5))} of {len(z)} parameters)"
+        )
         if "numpyro consensus" in rules:
             d = np.abs(rules["raybayes consensus"][0] - rules["numpyro consensus"][0])
             say(

@@ -40,6 +40,7 @@ from raybayes.errors import ConfigurationError, DataValidationError, RaybayesWar
 
 __all__ = [
     "CombinationDiagnostics",
+    "combined_mean_mcse",
     "consensus",
     "diagnose_combination",
     "gaussian_product",
@@ -389,6 +390,10 @@ class CombinationDiagnostics:
             subposterior's margin (see check 4 of :func:`diagnose_combination`).
         outside_share_by_shard: ``(M,)`` the same, shard by shard.
         outside_share_by_parameter: ``(M, dim)`` the same, per shard and parameter.
+        mean_mcse: ``(dim,)`` Monte Carlo standard error of the combined mean, in
+            combined posterior sds, from a moving-block bootstrap of every shard's
+            draws (check 5 of :func:`diagnose_combination`): the error of the shard
+            means and of the covariances that weight them.
         problems: one line per finding, naming the parameter and the reason.
     """
 
@@ -407,6 +412,7 @@ class CombinationDiagnostics:
     outside_share: float
     outside_share_by_shard: np.ndarray
     outside_share_by_parameter: np.ndarray
+    mean_mcse: np.ndarray
     problems: list[str]
 
     @property
@@ -445,6 +451,11 @@ class CombinationDiagnostics:
             f"{100 * self.outside_share:.1f}% (at most "
             f"{100 * self.outside_share_by_parameter.max():.1f}% for one parameter)"
         )
+        j = int(np.argmax(self.mean_mcse))
+        lines.append(
+            f"  Monte Carlo error of the combined mean: at most "
+            f"{self.mean_mcse[j]:.3f} posterior sd ({self.parameter_names[j]})"
+        )
         return "\n".join(lines)
 
     def to_attrs(self) -> dict:
@@ -457,6 +468,7 @@ class CombinationDiagnostics:
             "combination_mean_dof": int(self.mean_dof),
             "combination_mean_p_value": float(self.mean_p_value),
             "combination_outside_share": float(self.outside_share),
+            "combination_max_mean_mcse": float(np.max(self.mean_mcse)),
             "combination_max_abs_skewness": float(np.abs(self.skewness).max()),
             "combination_max_abs_excess_kurtosis": float(
                 np.abs(self.excess_kurtosis).max()
@@ -527,6 +539,75 @@ def _holes(x, combined, level, density_ratio, max_draws, rng):
     return holes, comb
 
 
+def _combined_mean(x):
+    """Gaussian-product mean of the subposterior draws ``(M, n, d)``: the mean that
+    consensus and the Gaussian product give, from the same sample moments."""
+    means = x.mean(axis=1)
+    c = x - means[:, None, :]
+    covs = np.swapaxes(c, 1, 2) @ c / (x.shape[1] - 1)
+    return gaussian_product_moments(means, covs)[0]
+
+
+def combined_mean_mcse(
+    draws, *, num_bootstrap: int = 200, block_length: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """Monte Carlo standard error of the combined mean, weights' error included.
+
+    Consensus Monte Carlo and the Gaussian product weight each shard's draws by the
+    inverse of its *sample* covariance. With ``n`` draws per shard and ``d``
+    parameters those weights carry a relative error of about ``sqrt(d / n)``, and it
+    multiplies the spread of the shard means, which is about ``sqrt(M)`` combined
+    posterior sds each (every shard sees ``1/M`` of the data). The resulting error of
+    the combined mean is about ``sqrt(d / n)`` combined sds per parameter, whatever
+    M: with 1,000 draws and 21 parameters, 0.15 sd, and over 0.3 sd for the worst of
+    the 21. The shards' own ESS does not show it. This function measures it by a
+    moving-block bootstrap (Künsch 1989) of every shard's draws, recomputing the
+    shard means and covariances and their Gaussian product each time.
+
+    Args:
+        draws: ``(num_shards, num_draws, dim)`` subposterior draws, each shard's
+            chains one after another.
+        num_bootstrap: bootstrap replicates (the relative error of the result is about
+            ``1 / sqrt(2 num_bootstrap)``).
+        block_length: draws per block (default ``num_draws ** (1/3)``, rounded), long
+            enough to carry the autocorrelation of MCMC draws.
+        seed: integer seed of the resampling.
+
+    Returns:
+        ``(dim,)`` standard errors of the combined mean, in units of the combined
+        posterior sd (the sd of the Gaussian product of the subposteriors).
+
+    Raises:
+        ConfigurationError: wrong shape, or too few draws per shard.
+        DataValidationError: non-finite draws, or a singular covariance.
+
+    References:
+        Künsch (1989), The jackknife and the bootstrap for general stationary
+        observations, Annals of Statistics 17(3), 1217-1241.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)  # 4 shards that agree, 21 parameters
+        >>> x = rng.normal(size=(4, 1000, 21)) + rng.normal(size=(4, 1, 21))
+        >>> bool(combined_mean_mcse(x, num_bootstrap=50).max() > 0.1)
+        True
+    """
+    x = _as_draws(draws)
+    m, n, d = x.shape
+    length = block_length or max(1, int(round(n ** (1.0 / 3.0))))
+    length = min(int(length), n)
+    num_blocks = -(-n // length)
+    rng = np.random.default_rng(seed)
+    _, cov = gaussian_product_moments(*subposterior_moments(x))
+    sd = np.sqrt(np.diag(cov))
+    reps = np.empty((int(num_bootstrap), d))
+    offsets = np.arange(length)
+    for b in range(int(num_bootstrap)):
+        starts = rng.integers(0, n - length + 1, size=(m, num_blocks))
+        idx = (starts[:, :, None] + offsets).reshape(m, -1)[:, :n]
+        reps[b] = _combined_mean(np.take_along_axis(x, idx[:, :, None], axis=1))
+    return reps.std(axis=0, ddof=1) / sd
+
+
 def diagnose_combination(
     draws,
     combined,
@@ -540,11 +621,13 @@ def diagnose_combination(
     density_ratio: float = 0.1,
     max_outside_share: float = 0.05,
     max_draws: int = 2000,
+    max_mean_mcse: float = 0.1,
+    num_bootstrap: int = 200,
     seed: int = 0,
 ) -> CombinationDiagnostics:
     """Check whether combined subposterior draws can stand for the full posterior.
 
-    Four checks, each of which names the parameter (and shard) that fails it:
+    Five checks, each of which names the parameter (and shard) that fails it:
 
     1. Agreement of the means: Cochran's Q, the heterogeneity statistic of
        meta-analysis, of the subposterior means around their precision-weighted mean.
@@ -569,6 +652,14 @@ def diagnose_combination(
        scatter by chance, so the combined mass may sit in a shard's tail, where a
        density estimate from the draws is poor); a hole that shows only jointly,
        not in any margin (the hollow of a crescent), is left to check 3.
+    5. Monte Carlo error of the combined mean (:func:`combined_mean_mcse`): the
+       Gaussian rules weight the shards by inverse *sample* covariances, whose error
+       (about ``sqrt(dim / n)`` relative, with ``n`` draws per shard) multiplies the
+       spread of the shard means; the combined mean then errs by about
+       ``sqrt(dim / n)`` posterior sds per parameter, whatever M, and nothing in the
+       shards' own ESS shows it. Fires when a parameter's standard error exceeds
+       ``max_mean_mcse`` combined sds; the remedy is more draws per shard (the
+       error falls as ``1 / sqrt(n)``).
 
     The Gaussianity thresholds allow for the Monte Carlo error of the sample
     moments: a margin fires when ``|skewness| - 3 sqrt(6 / n)`` exceeds
@@ -588,7 +679,10 @@ def diagnose_combination(
         max_outside_share: largest accepted share of combined draws in holes.
         max_draws: at most this many draws of each set enter check 4 and Mardia's
             statistics (a random subset, from ``seed``).
-        seed: seed of that subset.
+        max_mean_mcse: largest accepted Monte Carlo standard error of a combined
+            mean, in combined posterior sds (check 5).
+        num_bootstrap: bootstrap replicates of check 5.
+        seed: seed of that subset and of the bootstrap.
 
     Returns:
         :class:`CombinationDiagnostics`; ``.summary`` is the one-line verdict.
@@ -604,6 +698,8 @@ def diagnose_combination(
         applications, Biometrika 57(3), 519-530.
         Scott (1992), Multivariate Density Estimation, Wiley (the kernel density
         bandwidth).
+        Künsch (1989), The jackknife and the bootstrap for general stationary
+        observations, Annals of Statistics 17(3) (the moving-block bootstrap).
 
     Examples:
         >>> rng = np.random.default_rng(1)
@@ -708,6 +804,20 @@ def diagnose_combination(
             )
         )
 
+    mcse = combined_mean_mcse(x, num_bootstrap=num_bootstrap, seed=seed)
+    if m > 1 and mcse.max() > max_mean_mcse:
+        j = int(np.argmax(mcse))
+        needed = int(np.ceil(n * (mcse[j] / max_mean_mcse) ** 2))
+        problems.append(
+            (
+                4.2,
+                f"{names[j]}: the combined mean is uncertain by +/-{mcse[j]:.2f} "
+                f"posterior sd (Monte Carlo error of the shard covariances that weight "
+                f"the shards: {n} draws per shard for {d} parameters); draw about "
+                f"{needed} per shard for {max_mean_mcse:g}",
+            )
+        )
+
     problems.sort(key=lambda p: -p[0])
     return CombinationDiagnostics(
         parameter_names=names,
@@ -725,5 +835,6 @@ def diagnose_combination(
         outside_share=share,
         outside_share_by_shard=share_by_shard,
         outside_share_by_parameter=hole_share,
+        mean_mcse=mcse,
         problems=[p[1] for p in problems],
     )
