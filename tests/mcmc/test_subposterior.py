@@ -236,3 +236,44 @@ def test_checkpointed_run_resumes_to_the_same_draws(runs, tmp_path):
         a = runs[2][group]["beta"].values
         assert a.tobytes() == first[group]["beta"].values.tobytes(), group
         assert a.tobytes() == again[group]["beta"].values.tobytes(), group
+
+
+def test_shards_run_at_once_with_the_draws_of_a_shard_run_alone(ray_backend):
+    # One chain per shard and two workers: the two shards' chains run at the same
+    # time on the pool; each shard's draws must be those of the shard sampled on
+    # its own, in process, with the shard's key stream derive_key(seed, m, chain).
+    from raybayes.mcmc.subposterior import SubposteriorModel
+
+    small = dict(
+        num_chains=1,
+        num_warmup=100,
+        num_samples=100,
+        chunk_size=50,
+        progress_bar=False,
+        seed=5,
+    )
+    with warnings.catch_warnings():
+        # 100 draws per shard: the combined mean's Monte Carlo error is flagged.
+        warnings.simplefilter("ignore", RaybayesWarning)
+        together = raybayes.sample_subposteriors(
+            regression,
+            model_kwargs={"X": X, "y": Y},
+            num_shards=2,
+            backend=ray_backend,
+            num_workers=2,
+            **small,
+        )
+    assert together.attrs["num_workers"] == 2
+    sub = SubposteriorModel(regression, 2, {"obs"})
+    for m in range(2):
+        rows = slice(m * N // 2, (m + 1) * N // 2)
+        alone = raybayes.sample(
+            sub,
+            model_kwargs={"X": X[rows], "y": Y[rows]},
+            backend="local",
+            _key_stream=(m,),
+            **small,
+        )
+        a = together[f"shard_{m}"]["beta"].values
+        assert a.tobytes() == alone.posterior["beta"].values.tobytes(), m
+        assert together[f"shard_{m}"].attrs["worker_s"] > 0

@@ -77,6 +77,379 @@ class SubposteriorModel:
         return scaled(*args, **kwargs)
 
 
+def _resolve(ref):
+    """The value behind an object-store reference (Ray), or the value itself."""
+    if type(ref).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(ref)
+    return ref
+
+
+class _ShardRunners:
+    """One worker's NUTS runners, one per shard it has run a chain of.
+
+    A worker receives references to every shard's arguments but fetches a shard's
+    arrays only when it first runs one of that shard's chains; the scheduler keeps
+    each worker on the shards it already holds whenever they have work.
+    """
+
+    accepts_worker_index = True
+
+    def __init__(
+        self,
+        model,
+        shard_args,
+        num_warmup,
+        chunk_size,
+        kernel_kwargs,
+        *,
+        worker_index=0,
+    ):
+        self.model = model
+        self.shard_args = list(shard_args)
+        self.num_warmup = num_warmup
+        self.chunk_size = chunk_size
+        self.kernel_kwargs = kernel_kwargs
+        self.worker_index = worker_index
+        self.runners = {}
+
+    def _runner(self, shard):
+        if shard not in self.runners:
+            from raybayes.mcmc.sampler import _make_runner
+
+            self.runners[shard] = _make_runner(
+                self.model,
+                _resolve(self.shard_args[shard]),
+                self.num_warmup,
+                self.chunk_size,
+                self.kernel_kwargs,
+                worker_index=self.worker_index,
+            )
+        return self.runners[shard]
+
+    def ping(self) -> bool:
+        return True
+
+    def init_chain(self, shard, *args):
+        return self._runner(shard).init_chain(*args)
+
+    def advance(self, shard, *args):
+        return self._runner(shard).advance(*args)
+
+
+class _ShardPoolView:
+    """The shared pool as one shard's scheduler sees it: calls carry the shard."""
+
+    def __init__(self, pool, shard):
+        self.pool, self.shard, self.size = pool, shard, pool.size
+
+    def submit(self, worker, method, *args, tag=None):
+        if method == "ping":
+            return self.pool.submit(worker, method, tag=tag)
+        return self.pool.submit(worker, method, self.shard, *args, tag=tag)
+
+    def result(self, fut):
+        return self.pool.result(fut)
+
+    def restart(self, worker):
+        self.pool.restart(worker)
+
+    def wait(self, futures, timeout_s=None):
+        return self.pool.wait(futures, timeout_s=timeout_s)
+
+
+def _run_shards(pool, schedulers, specs, partition):
+    """Run every shard's chains on one pool, all shards at once.
+
+    Each shard keeps its own :class:`~raybayes.mcmc.sampler._ChainScheduler`
+    (stopping rule, checkpoints, keys); this loop hands each free worker the
+    chain that is furthest behind among the shards that worker already holds,
+    else among all shards. A chain's draws depend only on its key and the chunk
+    size, so they are the ones a shard-by-shard run gives.
+
+    Returns:
+        ``(outcomes, finished_s, worker_s)`` per shard: the scheduler's outcome,
+        seconds from the start until the shard stopped, and the worker-seconds
+        its chunks took.
+    """
+    from raybayes.errors import WorkerLostError
+
+    num = len(schedulers)
+    for sched in schedulers:
+        sched._resume()
+        sched._pool_if_ready()
+    idle = list(range(pool.size))
+    pending: list = []
+    for sched in schedulers:
+        sched.pending = pending
+    owner: dict[int, tuple[int, float]] = {}
+    holds = [set() for _ in range(pool.size)]
+    done = [False] * num
+    start = time.perf_counter()
+    finished = [0.0] * num
+    worker_s = [0.0] * num
+    try:
+        while True:
+            for m, sched in enumerate(schedulers):
+                if not done[m] and (
+                    sched.outcome.get("stop_reason") or sched._evaluate()
+                ):
+                    done[m] = True
+                    finished[m] = time.perf_counter() - start
+            if all(done):
+                break
+            for worker in list(idle):
+                best = None
+                for m, sched in enumerate(schedulers):
+                    if done[m]:
+                        continue
+                    chain = sched._pick(worker)
+                    if chain is None:
+                        continue
+                    total = sched.num_warmup + sched.limit
+                    rank = (
+                        m not in holds[worker],
+                        (chain.warmup_done + chain.samples_done) / total,
+                        m,
+                        chain.chain_id,
+                    )
+                    if best is None or rank < best[0]:
+                        best = (rank, m, chain)
+                if best is None:
+                    continue
+                _, m, chain = best
+                sched = schedulers[m]
+                method, args = sched._next_work(chain)
+                idle.remove(worker)
+                chain.running = True
+                holds[worker].add(m)
+                t0 = time.perf_counter()
+                fut = sched.pool.submit(worker, method, *args, tag=chain.chain_id)
+                owner[id(fut)] = (m, t0)
+                pending.append(fut)
+            if not pending:
+                if not idle:
+                    raise WorkerLostError(
+                        -1,
+                        "every worker was lost and could not be restarted; last "
+                        f"error: {[s.last_loss for s in schedulers]}",
+                    )
+                continue
+            for fut in pool.wait(pending):
+                pending.remove(fut)
+                if fut.tag == "__ping__":
+                    schedulers[0]._handle(fut, idle)
+                    continue
+                m, t0 = owner.pop(id(fut))
+                worker_s[m] += time.perf_counter() - t0
+                sched = schedulers[m]
+                if done[m]:  # a speculative chunk past the shard's stopping point
+                    sched.chains[fut.tag].running = False
+                    try:
+                        pool.result(fut)
+                        idle.append(fut.worker_index)
+                    except WorkerLostError as err:
+                        holds[fut.worker_index].clear()
+                        sched._restart(fut.worker_index, err)
+                    continue
+                try:
+                    sched._handle(fut, idle)
+                except RemoteTaskError as err:
+                    spec = specs[m]
+                    raise ShardError(
+                        m,
+                        f"{err.kind} {err.unit_id} of shard {m} (entities "
+                        f"{spec.entity_start}..{spec.entity_stop - 1} of plate "
+                        f"{partition.plate!r}): {err.message}",
+                        err.remote_traceback,
+                    ) from None
+                if fut.worker_index not in idle:  # lost: restarted, holds nothing
+                    holds[fut.worker_index].clear()
+    finally:
+        for sched in schedulers:
+            sched.bar.close()
+    outcomes = []
+    for sched in schedulers:
+        if sched.outcome["draws_per_chain"] == 0:
+            raise RuntimeError(
+                f"the run stopped ({sched.outcome['stop_reason']}) before any chain "
+                "finished a sampling chunk."
+            )
+        sched.outcome["worker_restarts"] = int(sum(sched.restarts))
+        outcomes.append(sched.outcome)
+    return outcomes, finished, worker_s
+
+
+def _sample_shards(
+    engine,
+    owns_engine,
+    sub_model,
+    model_args,
+    model_kwargs,
+    partition,
+    specs,
+    checkpoint_dir,
+    nuts,
+):
+    """NUTS on every shard's subposterior, all shards' chains on one worker pool.
+
+    The set-up of :func:`raybayes.sample`, once per shard (settings with the key
+    stream ``(m,)``, stopping rule, checkpoint store in ``shard_<m>``), then one
+    pool over shards x chains (:func:`_run_shards`). Each shard's arguments are
+    put in the object store once and fetched only by the workers that run that
+    shard's chains.
+
+    Returns:
+        ``(idatas, finished_s, worker_s, num_workers)``.
+    """
+    from raybayes.checkpoint import data_fingerprint
+    from raybayes.core.partition import shard_model_kwargs
+    from raybayes.core.validation import check_observed_data
+    from raybayes.mcmc.sampler import (
+        _ChainScheduler,
+        _check_arguments,
+        _default_chunk_size,
+        _open_store,
+        _RunSettings,
+        _StoppingRule,
+        _to_inference_data,
+        _trace_model,
+    )
+
+    _check_arguments(
+        sub_model,
+        num_chains=nuts["num_chains"],
+        num_warmup=nuts["num_warmup"],
+        num_samples=nuts["num_samples"],
+        chunk_size=nuts["chunk_size"],
+        target_accept_prob=nuts["target_accept_prob"],
+        kernel_kwargs=None,
+        target_ess=nuts["target_ess"],
+        target_rhat=nuts["target_rhat"],
+        target_var_names=None,
+        max_samples=nuts["max_samples"],
+        max_time_s=None,
+        cross_chain_adaptation=False,
+        scheduling="dynamic",
+    )
+    check_observed_data(sub_model.model, model_args, model_kwargs)
+    num_chains, num_warmup = int(nuts["num_chains"]), int(nuts["num_warmup"])
+    num_samples = int(nuts["num_samples"])
+    chunk_size = nuts["chunk_size"] or _default_chunk_size(num_warmup, num_samples)
+    kernel_kwargs = dict(
+        target_accept_prob=nuts["target_accept_prob"],
+        max_tree_depth=nuts["max_tree_depth"],
+        dense_mass=nuts["dense_mass"],
+    )
+    target_ess, target_rhat = nuts["target_ess"], nuts["target_rhat"]
+    has_target = target_ess is not None or target_rhat is not None
+    max_samples = nuts["max_samples"]
+    stopping = _StoppingRule(
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        var_names=None,
+        num_samples=num_samples,
+        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
+        max_time_s=None,
+        step=chunk_size,
+    )
+    per_shard = []
+    for spec in specs:
+        m = spec.shard_id
+        kwargs_m = shard_model_kwargs(model_kwargs, partition, spec)
+        settings = _RunSettings(
+            num_chains=num_chains,
+            num_warmup=num_warmup,
+            seed=nuts["seed"],
+            chunk_size=chunk_size,
+            kernel_kwargs=kernel_kwargs,
+            init_params=None,
+            cross_chain_adaptation=False,
+            static_scheduling=False,
+            worker_slowdown=None,
+            progress_bar=nuts["progress_bar"],
+            key_stream=(m,),
+        )
+        site_dims, site_coords, observed = _trace_model(
+            sub_model, model_args, kwargs_m, None, None, None
+        )
+        store = None
+        if checkpoint_dir is not None:
+            store = _open_store(
+                str(Path(checkpoint_dir) / f"shard_{m:03d}"),
+                settings,
+                num_samples,
+                sub_model,
+                site_dims,
+                site_coords,
+                rerun=dict(
+                    **data_fingerprint(sub_model, model_args, kwargs_m),
+                    init_params=None,
+                    target_ess=target_ess,
+                    target_rhat=target_rhat,
+                    target_var_names=None,
+                ),
+                overwrite=False,
+            )
+        per_shard.append((kwargs_m, settings, site_dims, site_coords, observed, store))
+
+    engine.start()
+    try:
+        num_workers = nuts["num_workers"]
+        if num_workers is None:
+            num_workers = max(
+                1, min(num_chains * len(specs), engine.default_num_workers())
+            )
+        shard_args = [engine.put((model_args, p[0])) for p in per_shard]
+        pool = engine.create_pool(
+            _ShardRunners,
+            (sub_model, shard_args, num_warmup, chunk_size, kernel_kwargs),
+            num_workers=num_workers,
+            name="subposterior-nuts",
+        )
+        try:
+            schedulers = [
+                _ChainScheduler(
+                    _ShardPoolView(pool, m),
+                    num_chains=num_chains,
+                    num_warmup=num_warmup,
+                    seed=settings.seed,
+                    chunk_size=chunk_size,
+                    init_params=None,
+                    stopping=stopping,
+                    store=store,
+                    progress_bar=settings.progress_bar,
+                    key_stream=settings.key_stream,
+                )
+                for m, (_, settings, _, _, _, store) in enumerate(per_shard)
+            ]
+            outcomes, finished, worker_s = _run_shards(
+                pool, schedulers, specs, partition
+            )
+        finally:
+            pool.shutdown()
+    finally:
+        if owns_engine:
+            engine.shutdown()
+    idatas = [
+        _to_inference_data(
+            sched.chains,
+            outcome,
+            observed,
+            site_dims,
+            site_coords,
+            settings,
+            num_workers,
+            engine.name,
+        )
+        for sched, outcome, (_, settings, site_dims, site_coords, observed, _) in zip(
+            schedulers, outcomes, per_shard, strict=True
+        )
+    ]
+    return idatas, finished, worker_s, num_workers
+
+
 def _entity_counts(partition, model_kwargs):
     num = partition.num_entities(model_kwargs)
     if partition.index_arg is None:
@@ -316,7 +689,7 @@ def sample_subposteriors(
         gaussian_product,
         kernel_product,
     )
-    from raybayes.core.partition import assign_entities, shard_model_kwargs
+    from raybayes.core.partition import assign_entities
     from raybayes.core.shard_density import trace_latent_sites
     from raybayes.mcmc.sampler import sample
     from raybayes.plan import plan
@@ -418,39 +791,17 @@ def sample_subposteriors(
     )
     owns_engine = not isinstance(backend, Backend)
     sub_model = SubposteriorModel(model, num_shards, partition.local_plates)
-    shards, timings = [], []
-    engine.start()
-    try:
-        for spec in specs:
-            m = spec.shard_id
-            shard_kwargs = shard_model_kwargs(model_kwargs, partition, spec)
-            ckpt = None
-            if checkpoint_dir is not None:
-                ckpt = str(Path(checkpoint_dir) / f"shard_{m:03d}")
-            start = time.perf_counter()
-            try:
-                idata_m = sample(
-                    sub_model,
-                    *model_args,
-                    model_kwargs=shard_kwargs,
-                    backend=engine,
-                    checkpoint_dir=ckpt,
-                    _key_stream=(m,),
-                    **nuts,
-                )
-            except RemoteTaskError as err:
-                raise ShardError(
-                    m,
-                    f"{err.kind} {err.unit_id} of shard {m} (entities "
-                    f"{spec.entity_start}..{spec.entity_stop - 1} of plate "
-                    f"{partition.plate!r}): {err.message}",
-                    err.remote_traceback,
-                ) from None
-            timings.append(time.perf_counter() - start)
-            shards.append(idata_m)
-    finally:
-        if owns_engine:
-            engine.shutdown()
+    shards, finished, worker_s, num_workers_used = _sample_shards(
+        engine,
+        owns_engine,
+        sub_model,
+        model_args,
+        model_kwargs,
+        partition,
+        specs,
+        checkpoint_dir,
+        nuts,
+    )
 
     # -- combination ---------------------------------------------------------------
     num_draws = min(int(s.posterior.sizes["draw"]) for s in shards)
@@ -493,12 +844,13 @@ def sample_subposteriors(
     }
     stat_dims = {k: ["shard"] for k in SAMPLE_STATS}
     shard_attrs = []
-    for spec, sh, wall in zip(specs, shards, timings, strict=True):
+    for spec, sh, done_s, busy_s in zip(specs, shards, finished, worker_s, strict=True):
         attrs = dict(
             shard=spec.shard_id,
             entity_start=spec.entity_start,
             entity_stop=spec.entity_stop,
-            wall_s=float(wall),
+            finished_s=float(done_s),
+            worker_s=float(busy_s),
             num_draws_per_chain=int(sh.posterior.sizes["draw"]),
             **_shard_diagnostics(sh, [s.name for s in sites.values()]),
         )
@@ -529,7 +881,9 @@ def sample_subposteriors(
             "num_warmup": num_warmup,
             "seed": seed,
             "draws_per_chain": num_draws,
-            "wall_s_per_shard": [float(t) for t in timings],
+            "num_workers": int(num_workers_used),
+            "finished_s_per_shard": [float(t) for t in finished],
+            "worker_s_per_shard": [float(t) for t in worker_s],
             "r_hat_max_per_shard": [a.get("r_hat_max", np.nan) for a in shard_attrs],
             "ess_bulk_min_per_shard": [a["ess_bulk_min"] for a in shard_attrs],
             **diagnostics.to_attrs(),
