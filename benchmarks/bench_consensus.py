@@ -19,7 +19,9 @@ distance of the combined mean under the full posterior covariance, and the
 2-Wasserstein distance between Gaussian fits of the two sets of draws after
 whitening by the full posterior (0 means identical first two moments). Wall time
 and the process's CPU time, full NUTS vs all shards (run one after another here)
-and the slowest shard (the wall time with one machine per shard).
+and the slowest shard: its worker-seconds, the sum of its chunks' times (with the
+``local`` backend the chains run one after another, so this is the wall time the
+shard would take alone on one core, comparable with full NUTS's wall time there).
 
 Usage:
     python benchmarks/bench_consensus.py --case logistic --rows 1000000 --dim 20
@@ -154,7 +156,7 @@ def run_case(name, model, kwargs, args, partition=None):
         if full_draws is None:
             full.attrs["global_sites"] = list(sub.attrs["global_sites"])
             full_draws = full_flat(full, model, kwargs)
-        per_shard = np.atleast_1d(sub.attrs["wall_s_per_shard"])
+        per_shard = np.atleast_1d(sub.attrs["worker_s_per_shard"])
         say("")
         say(
             f"M = {m}: {draws.shape[2]} global parameters, {draws.shape[1]} draws per "
