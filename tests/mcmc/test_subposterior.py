@@ -277,3 +277,67 @@ def test_shards_run_at_once_with_the_draws_of_a_shard_run_alone(ray_backend):
         a = together[f"shard_{m}"]["beta"].values
         assert a.tobytes() == alone.posterior["beta"].values.tobytes(), m
         assert together[f"shard_{m}"].attrs["worker_s"] > 0
+
+
+def _regression_kwargs_from_table(table):
+    X = np.stack([table.column(f"x{j}").to_numpy() for j in range(D)], axis=1)
+    kwargs = {"X": X.astype(np.float32), "y": table.column("y").to_numpy()}
+    return kwargs, table.column("row").to_numpy()
+
+
+def test_parquet_partitions_are_read_by_the_workers_with_the_same_draws(tmp_path):
+    # Four Parquet files of 60 rows, two shards: each shard reads its own two
+    # files on its worker; the draws equal those of the same rows in memory.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybayes.datasets.parquet import ParquetShards
+
+    files = []
+    for k in range(4):
+        rows = slice(60 * k, 60 * (k + 1))
+        table = pa.table(
+            {
+                "row": np.arange(N)[rows],
+                **{f"x{j}": X[rows, j] for j in range(D)},
+                "y": Y[rows],
+            }
+        )
+        files.append(tmp_path / f"part-{k}.parquet")
+        pq.write_table(table, files[-1])
+    source = ParquetShards(files, _regression_kwargs_from_table)
+    part = Partition("obs", entity_args=("X", "y"))
+    small = dict(
+        num_chains=2,
+        num_warmup=100,
+        num_samples=100,
+        chunk_size=50,
+        progress_bar=False,
+        seed=4,
+        backend="local",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RaybayesWarning)  # 200 draws: MCSE flagged
+        read = raybayes.sample_subposteriors(
+            regression, num_shards=2, partition=part, source=source, **small
+        )
+        held = raybayes.sample_subposteriors(
+            regression,
+            model_kwargs={"X": X, "y": Y},
+            num_shards=2,
+            partition=part,
+            **small,
+        )
+    for group in ("posterior", "shard_0", "shard_1"):
+        a, b = read[group]["beta"].values, held[group]["beta"].values
+        assert a.tobytes() == b.tobytes(), group
+    assert (read.shard_1.attrs["entity_start"], read.shard_1.attrs["entity_stop"]) == (
+        2,
+        4,
+    )  # partitions 2..3
+    with pytest.raises(ConfigurationError, match="only 4 partitions"):
+        raybayes.sample_subposteriors(
+            regression, num_shards=5, partition=part, source=source, **small
+        )
+    with pytest.raises(ConfigurationError, match="needs partition="):
+        raybayes.sample_subposteriors(regression, num_shards=2, source=source, **small)

@@ -103,6 +103,7 @@ class _ShardRunners:
         num_warmup,
         chunk_size,
         kernel_kwargs,
+        model_args=(),
         *,
         worker_index=0,
     ):
@@ -111,22 +112,58 @@ class _ShardRunners:
         self.num_warmup = num_warmup
         self.chunk_size = chunk_size
         self.kernel_kwargs = kernel_kwargs
+        self.model_args = tuple(model_args)
         self.worker_index = worker_index
         self.runners = {}
+        self.data = {}
+
+    def _data(self, shard):
+        """``(model_args, model_kwargs, entity_ids)`` of a shard, read once."""
+        if shard not in self.data:
+            value = _resolve(self.shard_args[shard])
+            if hasattr(value, "read_shard"):  # a Parquet source: read here only
+                kwargs, ids = value.read_shard(shard, len(self.shard_args))
+                self.data[shard] = (self.model_args, kwargs, np.asarray(ids))
+            else:
+                self.data[shard] = (*value, None)
+        return self.data[shard]
 
     def _runner(self, shard):
         if shard not in self.runners:
             from raybayes.mcmc.sampler import _make_runner
 
+            args, kwargs, _ = self._data(shard)
             self.runners[shard] = _make_runner(
                 self.model,
-                _resolve(self.shard_args[shard]),
+                (args, kwargs),
                 self.num_warmup,
                 self.chunk_size,
                 self.kernel_kwargs,
                 worker_index=self.worker_index,
             )
         return self.runners[shard]
+
+    def describe(self, shard, partition):
+        """What the driver needs of a shard it does not read: the latent sites,
+        ArviZ dims, a data fingerprint (checkpoints), the entity ids and rows."""
+        from raybayes.checkpoint import data_fingerprint
+        from raybayes.core.shard_density import trace_latent_sites
+        from raybayes.core.validation import check_observed_data
+        from raybayes.results import model_site_info
+
+        args, kwargs, ids = self._data(shard)
+        check_observed_data(self.model.model, args, kwargs)
+        sites, _ = trace_latent_sites(self.model.model, kwargs, partition, args)
+        site_dims, _, observed = model_site_info(self.model, args, kwargs)
+        lengths = [np.shape(v)[0] for v in kwargs.values() if np.ndim(v) >= 1]
+        return dict(
+            sites=sites,
+            site_dims=site_dims,
+            observed_names=sorted(observed),
+            fingerprint=data_fingerprint(self.model, args, kwargs),
+            entity_ids=ids,
+            num_rows=int(max(lengths, default=0)),
+        )
 
     def ping(self) -> bool:
         return True
@@ -291,6 +328,7 @@ def _sample_shards(
     specs,
     checkpoint_dir,
     nuts,
+    source=None,
 ):
     """NUTS on every shard's subposterior, all shards' chains on one worker pool.
 
@@ -300,8 +338,14 @@ def _sample_shards(
     put in the object store once and fetched only by the workers that run that
     shard's chains.
 
+    With ``source`` (a :class:`~raybayes.datasets.parquet.ParquetShards`), no
+    arrays pass through the driver: each shard's partitions are read by the first
+    worker that runs one of its chains, which also describes the shard (sites,
+    dims, a fingerprint for checkpoints) before sampling starts.
+
     Returns:
-        ``(idatas, finished_s, worker_s, num_workers)``.
+        ``(idatas, finished_s, worker_s, num_workers, descriptions)``;
+        ``descriptions`` is ``None`` without ``source``.
     """
     from raybayes.checkpoint import data_fingerprint
     from raybayes.core.partition import shard_model_kwargs
@@ -333,7 +377,8 @@ def _sample_shards(
         cross_chain_adaptation=False,
         scheduling="dynamic",
     )
-    check_observed_data(sub_model.model, model_args, model_kwargs)
+    if source is None:
+        check_observed_data(sub_model.model, model_args, model_kwargs)
     num_chains, num_warmup = int(nuts["num_chains"]), int(nuts["num_warmup"])
     num_samples = int(nuts["num_samples"])
     chunk_size = nuts["chunk_size"] or _default_chunk_size(num_warmup, num_samples)
@@ -354,46 +399,6 @@ def _sample_shards(
         max_time_s=None,
         step=chunk_size,
     )
-    per_shard = []
-    for spec in specs:
-        m = spec.shard_id
-        kwargs_m = shard_model_kwargs(model_kwargs, partition, spec)
-        settings = _RunSettings(
-            num_chains=num_chains,
-            num_warmup=num_warmup,
-            seed=nuts["seed"],
-            chunk_size=chunk_size,
-            kernel_kwargs=kernel_kwargs,
-            init_params=None,
-            cross_chain_adaptation=False,
-            static_scheduling=False,
-            worker_slowdown=None,
-            progress_bar=nuts["progress_bar"],
-            key_stream=(m,),
-        )
-        site_dims, site_coords, observed = _trace_model(
-            sub_model, model_args, kwargs_m, None, None, None
-        )
-        store = None
-        if checkpoint_dir is not None:
-            store = _open_store(
-                str(Path(checkpoint_dir) / f"shard_{m:03d}"),
-                settings,
-                num_samples,
-                sub_model,
-                site_dims,
-                site_coords,
-                rerun=dict(
-                    **data_fingerprint(sub_model, model_args, kwargs_m),
-                    init_params=None,
-                    target_ess=target_ess,
-                    target_rhat=target_rhat,
-                    target_var_names=None,
-                ),
-                overwrite=False,
-            )
-        per_shard.append((kwargs_m, settings, site_dims, site_coords, observed, store))
-
     engine.start()
     try:
         num_workers = nuts["num_workers"]
@@ -401,14 +406,91 @@ def _sample_shards(
             num_workers = max(
                 1, min(num_chains * len(specs), engine.default_num_workers())
             )
-        shard_args = [engine.put((model_args, p[0])) for p in per_shard]
+        if source is None:
+            shard_kwargs = [
+                shard_model_kwargs(model_kwargs, partition, spec) for spec in specs
+            ]
+            shard_args = [engine.put((model_args, k)) for k in shard_kwargs]
+        else:
+            shard_args = [engine.put(source)] * len(specs)
         pool = engine.create_pool(
             _ShardRunners,
-            (sub_model, shard_args, num_warmup, chunk_size, kernel_kwargs),
+            (sub_model, shard_args, num_warmup, chunk_size, kernel_kwargs, model_args),
             num_workers=num_workers,
             name="subposterior-nuts",
         )
         try:
+            descriptions = None
+            if source is not None:
+                futs = [
+                    pool.submit(m % pool.size, "describe", m, partition, tag=m)
+                    for m in range(len(specs))
+                ]
+                descriptions = []
+                for m, fut in enumerate(futs):
+                    while fut not in pool.wait([fut]):
+                        pass
+                    try:
+                        descriptions.append(pool.result(fut))
+                    except RemoteTaskError as err:
+                        raise ShardError(
+                            m,
+                            f"shard {m} could not be read: {err.message}",
+                            err.remote_traceback,
+                        ) from None
+                if all(s.is_local for s in descriptions[0]["sites"].values()):
+                    raise ConfigurationError(
+                        f"splitting plate {partition.plate!r} leaves no global site "
+                        "to combine: every latent site belongs to a shard."
+                    )
+            per_shard = []
+            for spec in specs:
+                m = spec.shard_id
+                settings = _RunSettings(
+                    num_chains=num_chains,
+                    num_warmup=num_warmup,
+                    seed=nuts["seed"],
+                    chunk_size=chunk_size,
+                    kernel_kwargs=kernel_kwargs,
+                    init_params=None,
+                    cross_chain_adaptation=False,
+                    static_scheduling=False,
+                    worker_slowdown=None,
+                    progress_bar=nuts["progress_bar"],
+                    key_stream=(m,),
+                )
+                if source is None:
+                    site_dims, site_coords, observed = _trace_model(
+                        sub_model, model_args, shard_kwargs[m], None, None, None
+                    )
+                    fingerprint = data_fingerprint(
+                        sub_model, model_args, shard_kwargs[m]
+                    )
+                else:
+                    site_dims = descriptions[m]["site_dims"]
+                    site_coords, observed = {}, {}
+                    fingerprint = descriptions[m]["fingerprint"]
+                store = None
+                if checkpoint_dir is not None:
+                    store = _open_store(
+                        str(Path(checkpoint_dir) / f"shard_{m:03d}"),
+                        settings,
+                        num_samples,
+                        sub_model,
+                        site_dims,
+                        site_coords,
+                        rerun=dict(
+                            **fingerprint,
+                            init_params=None,
+                            target_ess=target_ess,
+                            target_rhat=target_rhat,
+                            target_var_names=None,
+                        ),
+                        overwrite=False,
+                    )
+                per_shard.append(
+                    (None, settings, site_dims, site_coords, observed, store)
+                )
             schedulers = [
                 _ChainScheduler(
                     _ShardPoolView(pool, m),
@@ -447,7 +529,7 @@ def _sample_shards(
             schedulers, outcomes, per_shard, strict=True
         )
     ]
-    return idatas, finished, worker_s, num_workers
+    return idatas, finished, worker_s, num_workers, descriptions
 
 
 def _entity_counts(partition, model_kwargs):
@@ -558,6 +640,7 @@ def sample_subposteriors(
     model_kwargs: dict | None = None,
     num_shards: int = 2,
     partition=None,
+    source=None,
     combination: str = "consensus",
     num_chains: int = 4,
     num_warmup: int = 1000,
@@ -689,7 +772,7 @@ def sample_subposteriors(
         gaussian_product,
         kernel_product,
     )
-    from raybayes.core.partition import assign_entities
+    from raybayes.core.partition import ShardSpec, assign_entities
     from raybayes.core.shard_density import trace_latent_sites
     from raybayes.mcmc.sampler import sample
     from raybayes.plan import plan
@@ -712,6 +795,28 @@ def sample_subposteriors(
         raise ConfigurationError(
             f"model={model!r} is not callable; pass a NumPyro model."
         )
+    if source is not None:
+        if not hasattr(source, "read_shard"):
+            raise ConfigurationError(
+                f"source={source!r} has no read_shard; pass a "
+                "raybayes.datasets.parquet.ParquetShards."
+            )
+        if partition is None:
+            raise ConfigurationError(
+                "source= needs partition=: the plate the Parquet partitions split, "
+                "e.g. partition=raybayes.Partition('obs', entity_args=('X', 'y'))."
+            )
+        if model_kwargs:
+            raise ConfigurationError(
+                f"source= and model_kwargs={sorted(model_kwargs)} were both given; "
+                "with source, each worker builds its shard's model_kwargs from its "
+                "partitions (source.to_model_kwargs): pass model_kwargs=None."
+            )
+        if num_shards == 1:
+            raise ConfigurationError(
+                "num_shards=1 with source=: there is nothing to combine; read the "
+                "data and call raybayes.sample, or use num_shards >= 2."
+            )
     model_kwargs = dict(model_kwargs or {})
     nuts = dict(
         num_chains=num_chains,
@@ -760,28 +865,39 @@ def sample_subposteriors(
         return idata
 
     # -- the split, checked before anything runs ---------------------------------
-    if partition is None:
-        chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
-        partition = chosen.partition
+    if source is None:
         if partition is None:
-            raise ConfigurationError(
-                f"num_shards={num_shards} but the model has no plate that can be split "
-                "(see the plan's warning); pass partition=, or use num_shards=1."
-            )
-    partition.validate(model_kwargs)
-    specs = assign_entities(
-        _entity_counts(partition, model_kwargs), num_shards, partition.plate
-    )
-    sites, _ = trace_latent_sites(model, model_kwargs, partition, model_args)
-    global_sites = [s for s in sites.values() if not s.is_local]
-    local_sites = [s for s in sites.values() if s.is_local]
-    if not global_sites:
-        raise ConfigurationError(
-            f"splitting plate {partition.plate!r} leaves no global site to combine: "
-            "every latent site belongs to a shard. Sample each group on its own "
-            "(raybayes.fit_many)."
+            chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
+            partition = chosen.partition
+            if partition is None:
+                raise ConfigurationError(
+                    f"num_shards={num_shards} but the model has no plate that can be "
+                    "split (see the plan's warning); pass partition=, or use "
+                    "num_shards=1."
+                )
+        partition.validate(model_kwargs)
+        specs = assign_entities(
+            _entity_counts(partition, model_kwargs), num_shards, partition.plate
         )
-    site_dims, site_coords, observed = model_site_info(model, model_args, model_kwargs)
+        sites, _ = trace_latent_sites(model, model_kwargs, partition, model_args)
+        if all(s.is_local for s in sites.values()):
+            raise ConfigurationError(
+                f"splitting plate {partition.plate!r} leaves no global site to "
+                "combine: every latent site belongs to a shard. Sample each group on "
+                "its own (raybayes.fit_many)."
+            )
+        site_dims, site_coords, observed = model_site_info(
+            model, model_args, model_kwargs
+        )
+    else:
+        # The rows stay on the workers: the driver lists partitions (metadata only).
+        source.shard_values(0, num_shards)  # more shards than partitions: raises
+        values = source.partition_values()
+        blocks = np.array_split(np.arange(len(values)), num_shards)
+        specs = [
+            ShardSpec(m, num_shards, int(b[0]), int(b[-1]) + 1)
+            for m, b in enumerate(blocks)
+        ]
 
     engine = get_backend(
         name,
@@ -791,7 +907,7 @@ def sample_subposteriors(
     )
     owns_engine = not isinstance(backend, Backend)
     sub_model = SubposteriorModel(model, num_shards, partition.local_plates)
-    shards, finished, worker_s, num_workers_used = _sample_shards(
+    shards, finished, worker_s, num_workers_used, described = _sample_shards(
         engine,
         owns_engine,
         sub_model,
@@ -801,7 +917,13 @@ def sample_subposteriors(
         specs,
         checkpoint_dir,
         nuts,
+        source=source,
     )
+    if described is not None:
+        sites = described[0]["sites"]
+        site_dims, site_coords, observed = described[0]["site_dims"], {}, {}
+    global_sites = [s for s in sites.values() if not s.is_local]
+    local_sites = [s for s in sites.values() if s.is_local]
 
     # -- combination ---------------------------------------------------------------
     num_draws = min(int(s.posterior.sizes["draw"]) for s in shards)
