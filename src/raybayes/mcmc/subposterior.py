@@ -6,7 +6,8 @@ split plate) scaled by ``1/M`` (:class:`~raybayes.core.scale_global_sites`): the
 shard log density of the core, whose sum over shards is the full log joint. Each
 subposterior is sampled by the chain-parallel NUTS of :func:`raybayes.sample`, so
 its chains are chunked over workers, survive a lost worker, checkpoint, and can run
-to a target ESS/R-hat; shards never communicate. The global draws are then
+to a target ESS/R-hat; shards never communicate. All shards' chains share one
+worker pool and run at once. The global draws are then
 combined by a rule of :mod:`raybayes.core.combination`, in the unconstrained space,
 and checked by :func:`~raybayes.core.combination.diagnose_combination`.
 """
@@ -669,10 +670,13 @@ def sample_subposteriors(
     ``1/num_shards``, is sampled by the chain-parallel NUTS of
     :func:`raybayes.sample`: chains chunked over workers, a lost worker's chains
     resumed elsewhere, checkpoints, run to a target ESS/R-hat. Shards never
-    communicate; each run sends only its own shard's arrays to its workers (put
-    once in the object store). Shards run one after another, each over all
-    workers. Chain c of shard m uses the key ``derive_key(seed, m, c)``, so the
-    draws do not depend on the number of workers or the backend.
+    communicate. All shards' chains run at once on one pool of workers: a free
+    worker takes the chain furthest behind among the shards it already holds,
+    else among all shards, so each shard's arrays (put once in the object store,
+    or read from its Parquet partitions) reach only the workers that run its
+    chains. Chain c of shard m uses the key ``derive_key(seed, m, c)``, so the
+    draws do not depend on the number of workers, the backend, or which shards
+    ran beside it.
 
     The global sites' draws are combined in the unconstrained space (every site
     mapped to the real line by ``biject_to(support).inv``): there the M
@@ -694,7 +698,14 @@ def sample_subposteriors(
             them.
         num_shards: M, the number of shards (>= 1).
         partition: a :class:`raybayes.Partition` saying how to split; by default
-            :func:`raybayes.plan` chooses.
+            :func:`raybayes.plan` chooses (required with ``source``).
+        source: a :class:`~raybayes.datasets.parquet.ParquetShards` instead of
+            ``model_kwargs``: shard m is a contiguous block of the partitions,
+            read (and turned into model arguments by the source's
+            ``to_model_kwargs``) only by the workers that run shard m's chains;
+            the driver lists the partitions (metadata) and never reads rows. The
+            result then has no ``observed_data`` group, and the entity ranges of
+            the shard groups count partitions.
         combination: ``"consensus"`` (Scott et al. 2016, full-covariance weights;
             default), ``"consensus_diagonal"``, ``"gaussian_product"`` (parametric,
             Neiswanger et al. 2014), ``"semiparametric"`` or ``"nonparametric"``
@@ -706,7 +717,8 @@ def sample_subposteriors(
         seed: integer root seed.
         backend: ``"auto"`` (Ray when there are several chains and CPUs),
             ``"local"``, ``"ray"`` or a backend instance (reused, not shut down).
-        num_workers: worker count (default: one per chain, at most the CPUs).
+        num_workers: worker count (default: one per chain of every shard, at most
+            the CPUs).
         address: Ray cluster address, e.g. ``"10.0.0.1:6379"``.
         use_gpu: one GPU per worker.
         resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
@@ -728,14 +740,17 @@ def sample_subposteriors(
         their shards. ``sample_stats``: NUTS statistics with a ``shard`` dimension.
         One group per shard, ``shard_0`` ... ``shard_<M-1>``, with that shard's
         posterior draws (its ``attrs`` hold its entity range, ``r_hat_max``,
-        ``ess_bulk_min`` and wall time). ``attrs``: the rule, the split plate,
+        ``ess_bulk_min``, ``finished_s``, the seconds from the start until it
+        stopped, and ``worker_s``, the worker-seconds its chunks took). ``attrs``: the rule, the split plate,
         ``combination_summary`` ("combination reliable" or the parameter and
         reason), and the diagnostic figures of
         :meth:`~raybayes.core.combination.CombinationDiagnostics.to_attrs`.
 
     Raises:
         ConfigurationError: a bad argument, more shards than entries of the split
-            plate, or a model with no plate to split (checked before sampling).
+            plate (or than Parquet partitions), ``source`` without ``partition``
+            or with ``model_kwargs``, or a model with no plate to split (checked
+            before sampling).
         DataValidationError: the split arrays disagree in length.
         ShardError: a chain of a shard failed; names the shard and the chain, and
             carries the worker's traceback.
