@@ -238,6 +238,7 @@ def test_checkpointed_run_resumes_to_the_same_draws(runs, tmp_path):
         assert a.tobytes() == again[group]["beta"].values.tobytes(), group
 
 
+@SLOW  # the default run covers Ray against in-process in the test above
 def test_shards_run_at_once_with_the_draws_of_a_shard_run_alone(ray_backend):
     # One chain per shard and two workers: the two shards' chains run at the same
     # time on the pool; each shard's draws must be those of the shard sampled on
