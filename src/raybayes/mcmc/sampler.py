@@ -209,6 +209,9 @@ def sample(
     checkpoint_dir: str | None = None,
     overwrite: bool = False,
     cross_chain_adaptation: bool = False,
+    num_shards: int | None = None,
+    plan: Any = None,
+    max_shard_bytes: int | None = None,
     _scheduling: str = "dynamic",
     _worker_slowdown: dict[int, float] | None = None,
     _key_stream: tuple[int, ...] = (),
@@ -293,6 +296,19 @@ def sample(
             ``num_chains`` times as many draws. Chains wait at most a few times per
             warmup (once per window); the draws still do not depend on the number
             of workers. Helps most with many chains and a short warmup.
+        num_shards: run data-sharded NUTS: split the data along a plate (chosen
+            by :func:`raybayes.plan`) into this many shards, one worker each,
+            instead of giving every chain the whole data set. The chains then run
+            together on the driver and each leapfrog step sums the potential and
+            its gradient over the shards (one round trip per step for all chains;
+            see :mod:`raybayes.mcmc.sharded` and the "Data-sharded NUTS" guide).
+            ``num_workers`` must be ``None`` or equal; ``init_params`` and the
+            scheduling options are refused. ``None`` (default): chain-parallel.
+        plan: a :class:`raybayes.Plan` from :func:`raybayes.plan` (the split to
+            use, and its number of shards); implies data-sharded NUTS.
+        max_shard_bytes: with ``num_shards``, the memory budget of one worker for
+            its data, in bytes: a shard above it is refused before any worker
+            starts, and the message says how many shards are needed.
 
     Chains advance in chunks of ``chunk_size`` iterations. A free worker always
     advances the chain that has the fewest iterations, so chains may outnumber
@@ -354,12 +370,38 @@ def sample(
         cross_chain_adaptation=cross_chain_adaptation,
         scheduling=_scheduling,
     )
+    from raybayes.mcmc.sharded import check_sharded_arguments
+
+    num_shards = check_sharded_arguments(
+        num_shards=num_shards,
+        plan=plan,
+        num_workers=num_workers,
+        init_params=init_params,
+        scheduling=_scheduling,
+        worker_slowdown=_worker_slowdown,
+        key_stream=_key_stream,
+        max_shard_bytes=max_shard_bytes,
+    )
     scaling = ScalingConfig(
         num_workers=num_workers,
         use_gpu=use_gpu,
         resources_per_worker=resources_per_worker,
         address=address,
     )
+    if num_shards is not None:
+        return _sample_sharded(
+            model, model_args, model_kwargs, num_shards=num_shards, plan=plan,
+            max_shard_bytes=max_shard_bytes, backend=backend, scaling=scaling,
+            num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
+            seed=seed, target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth, dense_mass=dense_mass,
+            kernel_kwargs=kernel_kwargs, chunk_size=chunk_size, coords=coords,
+            dims=dims, progress_bar=progress_bar, target_ess=target_ess,
+            target_rhat=target_rhat, target_var_names=target_var_names,
+            max_samples=max_samples, max_time_s=max_time_s,
+            checkpoint_dir=checkpoint_dir, overwrite=overwrite,
+            cross_chain_adaptation=cross_chain_adaptation,
+        )
     # Chains that can run at once: one per chain, unless num_workers caps it (one
     # worker runs its chains one after the other, which in-process does as well).
     parallel_work = num_chains if num_workers is None else min(num_chains, num_workers)
@@ -432,6 +474,130 @@ def sample(
         chains, outcome, observed, site_dims, site_coords, settings, num_workers,
         engine.name,
     )
+
+
+def _sample_sharded(
+    model, model_args, model_kwargs, *, num_shards, plan, max_shard_bytes, backend,
+    scaling, num_chains, num_warmup, num_samples, seed, target_accept_prob,
+    max_tree_depth, dense_mass, kernel_kwargs, chunk_size, coords, dims,
+    progress_bar, target_ess, target_rhat, target_var_names, max_samples,
+    max_time_s, checkpoint_dir, overwrite, cross_chain_adaptation,
+):
+    """Data-sharded NUTS (see :mod:`raybayes.mcmc.sharded`): the split is resolved
+    and the shard budget checked before any worker starts."""
+    from raybayes.mcmc.sharded import (
+        NUTSShardObjective,
+        ShardedChainPool,
+        check_shard_budget,
+    )
+    from raybayes.plan import resolve_split
+
+    model_kwargs = dict(model_kwargs or {})
+    check_observed_data(model, model_args, model_kwargs)
+    partition = plan.partition if plan is not None else None
+    bound_args, bound_kwargs, partition, num_shards = resolve_split(
+        model, model_args, model_kwargs, num_shards, partition
+    )
+    if max_shard_bytes is not None:
+        check_shard_budget(bound_kwargs, partition, num_shards, max_shard_bytes)
+
+    chunk_size = chunk_size or _default_chunk_size(num_warmup, num_samples)
+    kernel_kwargs = dict(kernel_kwargs or {})
+    kernel_kwargs.update(
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        dense_mass=dense_mass,
+    )
+    settings = _RunSettings(
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        seed=seed,
+        chunk_size=chunk_size,
+        kernel_kwargs=kernel_kwargs,
+        init_params=None,
+        cross_chain_adaptation=bool(cross_chain_adaptation),
+        static_scheduling=True,
+        worker_slowdown=None,
+        progress_bar=progress_bar,
+    )
+    site_dims, site_coords, observed = _trace_model(
+        model, model_args, model_kwargs, dims, coords, target_var_names
+    )
+    has_target = target_ess is not None or target_rhat is not None
+    stopping = _StoppingRule(
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        var_names=target_var_names,
+        num_samples=num_samples,
+        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
+        max_time_s=max_time_s,
+        step=chunk_size,
+    )
+    store = _open_store(
+        checkpoint_dir, settings, num_samples, model, site_dims, site_coords,
+        rerun=dict(
+            **data_fingerprint(model, model_args, model_kwargs),
+            init_params=None,
+            target_ess=target_ess, target_rhat=target_rhat,
+            target_var_names=target_var_names,
+            num_shards=num_shards, partition=repr(partition),
+        ),
+        overwrite=overwrite,
+    )
+    objective = NUTSShardObjective(
+        model,
+        bound_kwargs,
+        partition=partition,
+        num_shards=num_shards,
+        backend=backend,
+        model_args=bound_args,
+        x64=bool(jax_x64_enabled()),
+        scaling=scaling,
+    )
+    try:
+        pool = ShardedChainPool(
+            objective,
+            num_chains=num_chains,
+            num_warmup=num_warmup,
+            chunk_size=chunk_size,
+            kernel_kwargs=kernel_kwargs,
+            seed=seed,
+        )
+        chains, outcome = _ChainScheduler(
+            pool,
+            num_chains=num_chains,
+            num_warmup=num_warmup,
+            seed=seed,
+            chunk_size=chunk_size,
+            init_params=None,
+            stopping=stopping,
+            store=store,
+            progress_bar=progress_bar,
+            static=True,
+            cross_chain=settings.cross_chain_adaptation,
+        ).run()
+        outcome.update(
+            worker_restarts=int(pool.restarts),
+            num_shards=int(num_shards),
+            split_plate=partition.plate if partition is not None else "",
+            num_round_trips=int(objective.num_round_trips),
+        )
+        backend_name = objective.backend.name
+    finally:
+        objective.close()
+    idata = _to_inference_data(
+        chains, outcome, observed, site_dims, site_coords, settings, num_shards,
+        backend_name,
+    )
+    idata.attrs["sampler"] = "NUTS (data-sharded)"
+    return idata
+
+
+def jax_x64_enabled() -> bool:
+    """Whether JAX's default float is float64 (then the shards compute in it)."""
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
 
 
 def _trace_model(model, model_args, model_kwargs, dims, coords, target_var_names):

@@ -1,0 +1,531 @@
+"""Data-sharded NUTS: every chain's potential and gradient summed over shard workers.
+
+The chains run on the driver, vectorised (one batch of ``num_chains`` positions),
+with NumPyro's NUTS kernel on a potential function whose value and gradient come
+from the shard workers: each leapfrog step sends every shard worker the chains'
+global parameters and that shard's local parameters, each worker evaluates its
+shard log density (:class:`~raybayes.core.ShardLogDensity`, global sites scaled by
+1/S) for the whole chain batch in one vectorised call, and the driver adds the
+shards' terms in shard order. One round trip per leapfrog step serves every chain,
+and the data stay on the workers (put once into the object store; each worker
+slices its own shard).
+
+The potential is a :func:`jax.custom_vjp` function whose forward pass is a
+:func:`jax.pure_callback` returning the value and the gradient together, so the
+kernel's ``value_and_grad`` costs one callback. Because the shards' terms are added
+in a fixed order in float64 on the driver, the draws do not depend on the backend
+or on the scheduling of the workers: the same seed and number of shards give
+bitwise identical draws in-process and on Ray.
+
+The chains advance in chunks through the same scheduler as chain-parallel NUTS
+(:mod:`raybayes.mcmc.sampler`): checkpoints after each chunk, run-to-target
+(ESS, R-hat), cross-chain adaptation and resuming all work unchanged. A shard
+worker that dies during a chunk is replaced by a fresh one holding the same shard,
+and the chunk runs again from the chains' states at its start: the draws equal
+those of an uninterrupted run.
+
+Layout of a chain's position (the driver vector ``x`` of
+:class:`~raybayes.distributed.ShardedObjective`): the ``G`` global parameters, then
+each shard's local matrix ``(P_s, k)`` raveled, in shard order.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from raybayes.backends.base import Future
+from raybayes.distributed.objective import ShardedObjective, constrained_values
+from raybayes.distributed.worker import ShardWorker, worker_precision
+from raybayes.errors import ChainError, ConfigurationError, WorkerLostError
+from raybayes.mcmc.chain import ChunkResult, chain_key
+
+__all__ = [
+    "NUTSShardObjective",
+    "NUTSShardWorker",
+    "shard_data_bytes",
+    "sharded_potential",
+]
+
+#: Radius of the uniform initialisation in the unconstrained space (as NumPyro's
+#: ``init_to_uniform``).
+_INIT_RADIUS = 2.0
+#: Initial points tried per chain before giving up.
+_INIT_ATTEMPTS = 100
+
+
+class NUTSShardWorker(ShardWorker):
+    """A shard worker that evaluates its shard log density for a batch of chains."""
+
+    @worker_precision
+    def batch_value_and_grad(self, global_batch, local_batch):
+        """Negative shard log joint and gradient at ``B`` points at once.
+
+        Args:
+            global_batch: ``(B, G)`` unconstrained globals.
+            local_batch: ``(B, P_s, k)`` unconstrained locals of this shard.
+
+        Returns:
+            ``(values (B,), grad_global (B, G), grad_local (B, P_s, k))`` NumPy.
+        """
+        self._check()
+        dtype = jnp.result_type(float)
+        v, gg, gl = self.density.batched_value_and_grad(
+            jnp.asarray(global_batch, dtype), jnp.asarray(local_batch, dtype)
+        )
+        return np.asarray(v), np.asarray(gg), np.asarray(gl)
+
+
+class NUTSShardObjective(ShardedObjective):
+    """:class:`~raybayes.distributed.ShardedObjective` whose workers evaluate batches.
+
+    :meth:`batch_value_and_grad` is the potential of data-sharded NUTS. A worker
+    lost during a call is recorded in :attr:`lost_shards` (the chunk that made the
+    call is then run again after :meth:`restart_shard`).
+    """
+
+    worker_class = NUTSShardWorker
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lost_shards: set[int] = set()
+        self.num_round_trips = 0
+
+    def batch_value_and_grad(self, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Negative log joint and gradient at ``B`` driver vectors.
+
+        The shards are called at once and their terms added in shard order, in
+        float64 (the same sum whatever the order in which the workers answer).
+
+        Args:
+            xs: ``(B, size)`` positions.
+
+        Returns:
+            ``(values (B,), grads (B, size))`` float64.
+
+        Raises:
+            WorkerLostError: a shard worker died (its index is in
+                :attr:`lost_shards`).
+            ShardError: the model raised on a shard.
+        """
+        xs = np.asarray(xs)
+        g = np.ascontiguousarray(xs[:, : self.num_global])
+        futures = []
+        for s in range(self.num_shards):
+            lo, hi = self._offsets[s], self._offsets[s + 1]
+            local = xs[:, lo:hi].reshape((len(xs), *self.local_shapes[s]))
+            futures.append(self.submit(s, "batch_value_and_grad", g, local))
+        results = []
+        for s, fut in enumerate(futures):
+            try:
+                results.append(self.result(fut))
+            except WorkerLostError:
+                self.lost_shards.add(s)
+                raise
+        value = np.zeros(len(xs), np.float64)
+        grad_g = np.zeros((len(xs), self.num_global), np.float64)
+        for v, gg, _ in results:
+            value += np.asarray(v, np.float64)
+            grad_g += np.asarray(gg, np.float64)
+        grads = np.concatenate(
+            [grad_g] + [np.asarray(r[2], np.float64).reshape(len(xs), -1) for r in results],
+            axis=1,
+        )
+        self.num_round_trips += 1
+        return value, grads
+
+
+def sharded_potential(evaluate, size: int):
+    """A potential function (negative log density) whose value and gradient come
+    from a host function, for NumPyro's NUTS kernel.
+
+    Args:
+        evaluate: host function ``(B, size) float array -> (values (B,), grads (B,
+            size))`` (e.g. :meth:`NUTSShardObjective.batch_value_and_grad`).
+        size: length of a position.
+
+    Returns:
+        ``potential(x)`` for ``x`` of shape ``(size,)``: a :func:`jax.custom_vjp`
+        function whose forward pass is one :func:`jax.pure_callback` giving the
+        value and the gradient together. Under :func:`jax.vmap` (chains) the
+        callback receives the whole batch at once (``vmap_method="broadcast_all"``),
+        so one call serves every chain.
+
+    Examples:
+        >>> f = sharded_potential(lambda x: ((x**2).sum(1), 2 * x), 3)
+        >>> v, g = jax.value_and_grad(f)(jnp.ones(3))
+        >>> float(v), g.tolist()
+        (3.0, [2.0, 2.0, 2.0])
+    """
+
+    def host(x):
+        x = np.asarray(x)
+        flat = x.reshape(-1, size)
+        v, g = evaluate(flat)
+        return (
+            np.asarray(v, x.dtype).reshape(x.shape[:-1]),
+            np.asarray(g, x.dtype).reshape(x.shape),
+        )
+
+    def call(x):
+        shapes = (
+            jax.ShapeDtypeStruct(x.shape[:-1], x.dtype),
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+        )
+        return jax.pure_callback(host, shapes, x, vmap_method="broadcast_all")
+
+    @jax.custom_vjp
+    def potential(x):
+        return call(x)[0]
+
+    def fwd(x):
+        v, g = call(x)
+        return v, g
+
+    def bwd(g, ct):
+        return (ct * g,)
+
+    potential.defvjp(fwd, bwd)
+    return potential
+
+
+def shard_data_bytes(model_kwargs: dict, partition, num_shards: int) -> list[int]:
+    """Bytes of data arrays each of ``num_shards`` shards would hold.
+
+    Args:
+        model_kwargs: the model's keyword arguments.
+        partition: the split (``None``: one shard holding everything).
+        num_shards: S.
+
+    Returns:
+        ``S`` byte counts, in shard order.
+    """
+    from raybayes.core.partition import assign_entities, shard_model_kwargs
+    from raybayes.distributed.objective import _entity_counts
+
+    def nbytes(kwargs):
+        return int(sum(np.asarray(v).nbytes for v in kwargs.values() if np.ndim(v)))
+
+    if partition is None:
+        return [nbytes(model_kwargs)]
+    specs = assign_entities(
+        _entity_counts(model_kwargs, partition), num_shards, partition.plate
+    )
+    return [nbytes(shard_model_kwargs(model_kwargs, partition, s)) for s in specs]
+
+
+def check_shard_budget(model_kwargs, partition, num_shards, max_shard_bytes):
+    """Raise :class:`ConfigurationError` when a shard's data exceed the budget.
+
+    The message gives the smallest number of shards whose every shard fits.
+    """
+    sizes = shard_data_bytes(model_kwargs, partition, num_shards)
+    if max(sizes) <= max_shard_bytes:
+        return
+    worst = int(np.argmax(sizes))
+    hint = "the model has no plate to split; reduce the data"
+    if partition is not None:
+        entities = partition.num_entities(model_kwargs)
+        needed = None
+        n = max(num_shards + 1, int(np.ceil(sum(sizes) / max_shard_bytes)))
+        while n <= entities:
+            if max(shard_data_bytes(model_kwargs, partition, n)) <= max_shard_bytes:
+                needed = n
+                break
+            n = n + max(1, n // 8)
+        if needed is None:
+            hint = (
+                f"even {entities} shards (one per entry of plate "
+                f"{partition.plate!r}) do not fit; raise max_shard_bytes"
+            )
+        else:
+            hint = f"use at least num_shards={needed}"
+    raise ConfigurationError(
+        f"shard {worst} of {num_shards} would hold {sizes[worst]:,} bytes of data, "
+        f"over max_shard_bytes={max_shard_bytes:,}; {hint}."
+    )
+
+
+class _BatchFuture(Future):
+    def __init__(self, worker_index, tag, method, args):
+        self.worker_index = worker_index
+        self.tag = tag
+        self.method = method
+        self.args = args
+        self.done = False
+        self.value = None
+        self.error = None
+
+
+class ShardedChainPool:
+    """The chains of data-sharded NUTS, as a worker pool for the chain scheduler.
+
+    Worker ``c`` is chain ``c``; the chunks submitted between two waits run as one
+    vectorised batch of all chains on the driver (chains not submitted run 0
+    iterations), whose potential calls the shard workers once per leapfrog step.
+    The batch always holds every chain, so a chain's draws do not depend on which
+    other chains happened to be submitted.
+
+    Args:
+        objective: the shard workers.
+        num_chains: C.
+        num_warmup: warmup iterations per chain.
+        chunk_size: iterations per chunk.
+        kernel_kwargs: arguments of :class:`numpyro.infer.NUTS`.
+        dtype: float dtype of the positions (JAX's default float).
+    """
+
+    MAX_RETRIES = 5
+
+    def __init__(self, objective, *, num_chains, num_warmup, chunk_size, kernel_kwargs,
+                 seed):
+        from numpyro.infer import NUTS
+
+        self.objective = objective
+        self.size = int(num_chains)
+        self.num_warmup = int(num_warmup)
+        self.chunk_size = int(chunk_size)
+        self.seed = seed
+        self.dtype = jnp.result_type(float)
+        kernel_kwargs = {k: v for k, v in kernel_kwargs.items() if k != "init_strategy"}
+        self.potential = sharded_potential(objective.batch_value_and_grad, objective.size)
+        self.kernel = NUTS(potential_fn=self.potential, **kernel_kwargs)
+        self.states: dict[int, Any] = {}
+        self.queue: list[_BatchFuture] = []
+        self.restarts = 0
+        self._init_fn = None
+        self._chunk_fn = None
+
+    # -- the pool interface ------------------------------------------------------------
+    def submit(self, worker_index, method, *args, tag=None, **kwargs):
+        fut = _BatchFuture(worker_index, tag, method, args)
+        if method == "ping":
+            fut.done, fut.value = True, True
+        else:
+            self.queue.append(fut)
+        return fut
+
+    def wait(self, futures, timeout_s=None):
+        if self.queue:
+            batch, self.queue = self.queue, []
+            self._run(batch)
+        return [f for f in futures if f.done]
+
+    def result(self, future):
+        if future.error is not None:
+            raise future.error
+        return future.value
+
+    def restart(self, worker_index):  # a chain slot has nothing to restart
+        pass
+
+    def shutdown(self):
+        pass
+
+    # -- the work ------------------------------------------------------------------------
+    def _run(self, batch):
+        methods = {f.method for f in batch}
+        for attempt in range(self.MAX_RETRIES + 1):
+            try:
+                if methods == {"init_chain"}:
+                    self._init_batch(batch)
+                elif methods == {"advance"}:
+                    self._advance_batch(batch)
+                else:
+                    raise RuntimeError(f"mixed work in one batch: {sorted(methods)}")
+                return
+            except Exception as err:  # noqa: BLE001 - a lost shard reruns the chunk
+                lost = sorted(self.objective.lost_shards)
+                if lost and attempt < self.MAX_RETRIES:
+                    self.objective.lost_shards.clear()
+                    for s in lost:
+                        self.objective.restart_shard(s)
+                    self.restarts += len(lost)
+                    continue
+                error = err
+                if not isinstance(err, ChainError):
+                    error = ChainError(
+                        "(all chains: data-sharded NUTS)", repr(err), traceback.format_exc()
+                    )
+                for f in batch:
+                    f.done, f.error = True, error
+                return
+
+    def _initial_positions(self):
+        """``(C, size)`` initial positions: uniform in [-2, 2] (unconstrained), drawn
+        again (from the chain's key) where the log density or its gradient is not
+        finite."""
+        size = self.objective.size
+        keys = [chain_key(self.seed, c) for c in range(self.size)]
+        xs = np.zeros((self.size, size), self.dtype)
+        todo = list(range(self.size))
+        for attempt in range(_INIT_ATTEMPTS):
+            for c in todo:
+                k = jax.random.fold_in(jax.random.fold_in(jnp.asarray(keys[c]), 7), attempt)
+                xs[c] = np.asarray(jax.random.uniform(
+                    k, (size,), self.dtype, -_INIT_RADIUS, _INIT_RADIUS))
+            v, g = self.objective.batch_value_and_grad(xs[todo])
+            ok = np.isfinite(v) & np.all(np.isfinite(g), axis=1)
+            todo = [c for c, good in zip(todo, ok, strict=True) if not good]
+            if not todo:
+                return keys, xs
+        raise ChainError(
+            todo[0],
+            "Cannot find valid initial parameters: the log density or its gradient is "
+            f"not finite at {_INIT_ATTEMPTS} initial points drawn uniformly in "
+            f"[-{_INIT_RADIUS}, {_INIT_RADIUS}] (unconstrained). Check the model's "
+            "supports and data.",
+        )
+
+    def _init_batch(self, batch):
+        keys, xs = self._initial_positions()
+        if self._init_fn is None:
+            kernel, num_warmup = self.kernel, self.num_warmup
+
+            def init(key, x):
+                return kernel.init(key, num_warmup, x, (), {})
+
+            self._init_fn = jax.jit(jax.vmap(init))
+        states = self._init_fn(jnp.asarray(np.stack(keys)), jnp.asarray(xs))
+        states = jax.tree_util.tree_map(np.asarray, states)
+        for c in range(self.size):
+            self.states[c] = jax.tree_util.tree_map(lambda a, c=c: a[c], states)
+        for f in batch:
+            f.done, f.value = True, self.states[f.args[0]]
+
+    def _build_chunk(self):
+        kernel, size = self.kernel, self.chunk_size
+
+        def stats_of(s):
+            return {
+                "diverging": s.diverging,
+                "n_steps": s.num_steps,
+                "step_size": s.adapt_state.step_size,
+                "energy": s.energy,
+                "acceptance_rate": s.accept_prob,
+                "lp": -s.potential_energy,
+            }
+
+        def one(s, i, n):
+            return lax.cond(i < n, lambda x: kernel.sample(x, (), {}), lambda x: x, s)
+
+        def chunk(states, num_steps):
+            def body(s, i):
+                s = jax.vmap(one, in_axes=(0, None, 0))(s, i, num_steps)
+                return s, (s.z, stats_of(s))
+
+            return lax.scan(body, states, jnp.arange(size))
+
+        self._chunk_fn = jax.jit(chunk)
+
+    def _advance_batch(self, batch):
+        start = time.perf_counter()
+        num_steps = np.zeros(self.size, np.int32)
+        collect = np.zeros(self.size, bool)
+        requested = {}
+        for f in batch:
+            chain_id, state, n, want = f.args
+            if not 0 < n <= self.chunk_size:
+                raise ChainError(chain_id, f"num_steps={n} outside 1..{self.chunk_size}")
+            self.states[chain_id] = state
+            num_steps[chain_id], collect[chain_id] = n, want
+            requested[chain_id] = f
+        if len(self.states) < self.size:  # cannot happen after a batched init
+            raise ChainError(
+                "(data-sharded NUTS)", "a chain was advanced before every chain existed"
+            )
+        if self._chunk_fn is None:
+            self._build_chunk()
+        stacked = jax.tree_util.tree_map(
+            lambda *a: jnp.asarray(np.stack(a)), *[self.states[c] for c in range(self.size)]
+        )
+        new, (zs, stats) = self._chunk_fn(stacked, jnp.asarray(num_steps))
+        new = jax.tree_util.tree_map(np.asarray, new)
+        zs = np.asarray(zs)  # (chunk, C, size)
+        stats = {k: np.asarray(v) for k, v in stats.items()}
+        want = [c for c in requested if collect[c]]
+        draws = {}
+        if want:
+            xs = np.concatenate([zs[: num_steps[c], c] for c in want])
+            values, _ = constrained_values(self.objective, xs)
+            offsets = np.cumsum([0] + [int(num_steps[c]) for c in want])
+            for j, c in enumerate(want):
+                draws[c] = {k: v[offsets[j] : offsets[j + 1]] for k, v in values.items()}
+        elapsed = time.perf_counter() - start
+        for c, f in requested.items():
+            n = int(num_steps[c])
+            state = jax.tree_util.tree_map(lambda a, c=c: a[c], new)
+            self.states[c] = state
+            st = {k: v[:n, c] for k, v in stats.items()}
+            st["tree_depth"] = np.floor(np.log2(np.maximum(st["n_steps"], 1))).astype(
+                np.int64
+            ) + 1
+            f.done = True
+            f.value = ChunkResult(c, state, draws.get(c), st, n, elapsed)
+
+
+def check_sharded_arguments(*, num_shards, plan, num_workers, init_params, scheduling,
+                            worker_slowdown, key_stream, max_shard_bytes):
+    """Raise :class:`ConfigurationError` for options data-sharded NUTS cannot take.
+
+    Returns:
+        The number of shards (from ``num_shards`` or the plan).
+    """
+    if plan is not None:
+        from raybayes.plan import Plan
+
+        if not isinstance(plan, Plan):
+            raise ConfigurationError(
+                f"plan={plan!r} is not a raybayes.Plan; pass the result of "
+                "raybayes.plan(model, model_kwargs, num_shards=S)."
+            )
+        if num_shards is not None and int(num_shards) != plan.num_shards:
+            raise ConfigurationError(
+                f"num_shards={num_shards} but plan= was made for {plan.num_shards} "
+                "shards; pass one of the two."
+            )
+        num_shards = plan.num_shards
+    if num_shards is None:
+        if max_shard_bytes is not None:
+            raise ConfigurationError(
+                "max_shard_bytes= applies to data-sharded NUTS; pass num_shards= too."
+            )
+        return None
+    if isinstance(num_shards, bool) or int(num_shards) != num_shards or num_shards < 1:
+        raise ConfigurationError(f"num_shards={num_shards!r}; use an integer >= 1.")
+    if num_workers is not None and num_workers != num_shards:
+        raise ConfigurationError(
+            f"num_workers={num_workers} and num_shards={num_shards}: data-sharded NUTS "
+            "runs one worker per shard (the chains run together on the driver); pass "
+            "one of them, or the same number."
+        )
+    bad = []
+    if init_params is not None:
+        bad.append("init_params")
+    if scheduling != "dynamic":
+        bad.append("_scheduling")
+    if worker_slowdown:
+        bad.append("_worker_slowdown")
+    if key_stream:
+        bad.append("_key_stream")
+    if bad:
+        raise ConfigurationError(
+            f"num_shards={num_shards} cannot be combined with {', '.join(bad)}: with "
+            "data-sharded NUTS the chains run together on the driver and each worker "
+            "holds a shard, so there is no chain scheduling to choose, and initial "
+            "values are drawn per chain. Drop these options, or drop num_shards= to "
+            "run chain-parallel NUTS."
+        )
+    if max_shard_bytes is not None and not (
+        isinstance(max_shard_bytes, (int, np.integer)) and max_shard_bytes > 0
+    ):
+        raise ConfigurationError(
+            f"max_shard_bytes={max_shard_bytes!r}; use a positive number of bytes."
+        )
+    return int(num_shards)
