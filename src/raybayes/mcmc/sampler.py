@@ -554,6 +554,7 @@ def _sample_sharded(
         x64=bool(jax_x64_enabled()),
         scaling=scaling,
     )
+    pool = None
     try:
         pool = ShardedChainPool(
             objective,
@@ -584,6 +585,8 @@ def _sample_sharded(
         )
         backend_name = objective.backend.name
     finally:
+        if pool is not None:
+            pool.shutdown()
         objective.close()
     idata = _to_inference_data(
         chains, outcome, observed, site_dims, site_coords, settings, num_shards,

@@ -31,6 +31,7 @@ each shard's local matrix ``(P_s, k)`` raveled, in shard order.
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from typing import Any
@@ -75,9 +76,11 @@ class NUTSShardWorker(ShardWorker):
             ``(values (B,), grad_global (B, G), grad_local (B, P_s, k))`` NumPy.
         """
         self._check()
-        dtype = jnp.result_type(float)
+        # NumPy in, NumPy out: the jitted call converts its arguments itself, at a
+        # fraction of the cost of jnp.asarray (this runs once per leapfrog step).
+        dtype = np.float64 if self.x64 else np.float32
         v, gg, gl = self.density.batched_value_and_grad(
-            jnp.asarray(global_batch, dtype), jnp.asarray(local_batch, dtype)
+            np.asarray(global_batch, dtype), np.asarray(local_batch, dtype)
         )
         return np.asarray(v), np.asarray(gg), np.asarray(gl)
 
@@ -252,6 +255,43 @@ def check_shard_budget(model_kwargs, partition, num_shards, max_shard_bytes):
     )
 
 
+class _Compiled:
+    """A NUTS kernel on a sharded potential and its jitted init and chunk functions.
+
+    The potential calls whatever objective :attr:`evaluate` names when it runs, so
+    a later run with the same shapes and settings reuses the compiled code (the
+    compilation of a vectorised NUTS chunk takes seconds to tens of seconds).
+    """
+
+    def __init__(self, size, kernel_kwargs):
+        from numpyro.infer import NUTS
+
+        self.evaluate = None
+        self.in_use = False
+        self.potential = sharded_potential(lambda xs: self.evaluate(xs), size)
+        self.kernel = NUTS(potential_fn=self.potential, **kernel_kwargs)
+        self.init_fn = None
+        self.chunk_fn = None
+
+
+#: (size, num_chains, num_warmup, chunk_size, dtype, kernel settings) -> [_Compiled]
+_COMPILED: dict[tuple, list[_Compiled]] = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+def _acquire_compiled(key, size, kernel_kwargs) -> _Compiled:
+    with _COMPILED_LOCK:
+        entries = _COMPILED.setdefault(key, [])
+        for entry in entries:
+            if not entry.in_use:
+                entry.in_use = True
+                return entry
+        entry = _Compiled(size, kernel_kwargs)
+        entry.in_use = True
+        entries.append(entry)
+        return entry
+
+
 class _BatchFuture(Future):
     def __init__(self, worker_index, tag, method, args):
         self.worker_index = worker_index
@@ -285,8 +325,6 @@ class ShardedChainPool:
 
     def __init__(self, objective, *, num_chains, num_warmup, chunk_size, kernel_kwargs,
                  seed):
-        from numpyro.infer import NUTS
-
         self.objective = objective
         self.size = int(num_chains)
         self.num_warmup = int(num_warmup)
@@ -294,13 +332,16 @@ class ShardedChainPool:
         self.seed = seed
         self.dtype = jnp.result_type(float)
         kernel_kwargs = {k: v for k, v in kernel_kwargs.items() if k != "init_strategy"}
-        self.potential = sharded_potential(objective.batch_value_and_grad, objective.size)
-        self.kernel = NUTS(potential_fn=self.potential, **kernel_kwargs)
+        key = (
+            objective.size, self.size, self.num_warmup, self.chunk_size,
+            np.dtype(self.dtype).name, repr(sorted(kernel_kwargs.items())),
+        )
+        self._compiled = _acquire_compiled(key, objective.size, kernel_kwargs)
+        self._compiled.evaluate = objective.batch_value_and_grad
+        self.kernel = self._compiled.kernel
         self.states: dict[int, Any] = {}
         self.queue: list[_BatchFuture] = []
         self.restarts = 0
-        self._init_fn = None
-        self._chunk_fn = None
 
     # -- the pool interface ------------------------------------------------------------
     def submit(self, worker_index, method, *args, tag=None, **kwargs):
@@ -326,7 +367,12 @@ class ShardedChainPool:
         pass
 
     def shutdown(self):
-        pass
+        """Release the compiled kernel for the next run (the objective is closed by
+        its owner)."""
+        if self._compiled is not None:
+            self._compiled.evaluate = None
+            self._compiled.in_use = False
+            self._compiled = None
 
     # -- the work ------------------------------------------------------------------------
     def _run(self, batch):
@@ -385,14 +431,14 @@ class ShardedChainPool:
 
     def _init_batch(self, batch):
         keys, xs = self._initial_positions()
-        if self._init_fn is None:
+        if self._compiled.init_fn is None:
             kernel, num_warmup = self.kernel, self.num_warmup
 
             def init(key, x):
                 return kernel.init(key, num_warmup, x, (), {})
 
-            self._init_fn = jax.jit(jax.vmap(init))
-        states = self._init_fn(jnp.asarray(np.stack(keys)), jnp.asarray(xs))
+            self._compiled.init_fn = jax.jit(jax.vmap(init))
+        states = self._compiled.init_fn(jnp.asarray(np.stack(keys)), jnp.asarray(xs))
         states = jax.tree_util.tree_map(np.asarray, states)
         for c in range(self.size):
             self.states[c] = jax.tree_util.tree_map(lambda a, c=c: a[c], states)
@@ -422,7 +468,7 @@ class ShardedChainPool:
 
             return lax.scan(body, states, jnp.arange(size))
 
-        self._chunk_fn = jax.jit(chunk)
+        self._compiled.chunk_fn = jax.jit(chunk)
 
     def _advance_batch(self, batch):
         start = time.perf_counter()
@@ -440,12 +486,12 @@ class ShardedChainPool:
             raise ChainError(
                 "(data-sharded NUTS)", "a chain was advanced before every chain existed"
             )
-        if self._chunk_fn is None:
+        if self._compiled.chunk_fn is None:
             self._build_chunk()
         stacked = jax.tree_util.tree_map(
             lambda *a: jnp.asarray(np.stack(a)), *[self.states[c] for c in range(self.size)]
         )
-        new, (zs, stats) = self._chunk_fn(stacked, jnp.asarray(num_steps))
+        new, (zs, stats) = self._compiled.chunk_fn(stacked, jnp.asarray(num_steps))
         new = jax.tree_util.tree_map(np.asarray, new)
         zs = np.asarray(zs)  # (chunk, C, size)
         stats = {k: np.asarray(v) for k, v in stats.items()}

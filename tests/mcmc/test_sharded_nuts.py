@@ -1,0 +1,143 @@
+"""Data-sharded NUTS: the posterior of the conjugate hierarchical normal model, the
+same draws in-process and on Ray, the shard budget, bad input, and a killed shard."""
+
+from __future__ import annotations
+
+import arviz as az
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from conjugate_normal import hierarchical_normal_model, posterior, simulate
+
+import raybayes
+from raybayes.errors import ConfigurationError
+
+S0, TAU, SIGMA = 2.0, 1.0, 1.0
+MODEL = hierarchical_normal_model(S0, TAU, SIGMA)
+DATA = simulate(6, (3, 8), 0.5, TAU, SIGMA, seed=4)
+# One setting for every run, so that the compiled chunk is shared between them.
+RUN = dict(num_chains=2, num_warmup=150, num_samples=250, chunk_size=100,
+           progress_bar=False, seed=11)
+
+
+def _run(num_shards, backend="local", **kwargs):
+    return raybayes.sample(
+        MODEL, model_kwargs=DATA, num_shards=num_shards, backend=backend,
+        **{**RUN, **kwargs},
+    )
+
+
+def _draws(idata):
+    post = idata.posterior
+    return np.concatenate(
+        [post["mu"].values[..., None], post["theta"].values], axis=-1
+    )  # (chains, draws, 1 + J)
+
+
+def _mean_and_mcse(idata):
+    x = _draws(idata)
+    mcse = np.array([float(az.mcse(x[..., j], method="mean")) for j in range(x.shape[-1])])
+    return x.mean(axis=(0, 1)), mcse
+
+
+@pytest.fixture(scope="module")
+def two_shards():
+    return _run(2)
+
+
+def test_sharded_posterior_matches_the_exact_one_and_one_shard(two_shards):
+    exact_mean, prec, _ = posterior(DATA, S0, TAU, SIGMA)
+    exact_sd = np.sqrt(np.diag(np.linalg.inv(prec)))
+    assert two_shards.attrs["num_shards"] == 2
+    assert two_shards.attrs["split_plate"] == "groups"
+    mean2, mcse2 = _mean_and_mcse(two_shards)
+    # 0.999 normal quantile: 3.29
+    assert np.all(np.abs(mean2 - exact_mean) / mcse2 < 3.3), (mean2, exact_mean, mcse2)
+    sd2 = _draws(two_shards).std(axis=(0, 1))
+    assert np.all(np.abs(sd2 / exact_sd - 1) < 0.2), (sd2, exact_sd)
+    one = _run(1)
+    mean1, mcse1 = _mean_and_mcse(one)
+    z = np.abs(mean1 - mean2) / np.sqrt(mcse1**2 + mcse2**2)
+    assert np.all(z < 3.3), z
+    # a different split changes the float sums, so the chains differ
+    assert not np.array_equal(_draws(one), _draws(two_shards))
+
+
+@pytest.mark.slow
+def test_same_draws_in_process_and_on_ray(two_shards, ray_backend):
+    got = _run(2, backend=ray_backend)
+    assert got.attrs["backend"] == "ray"
+    for name in two_shards.posterior:
+        np.testing.assert_array_equal(
+            got.posterior[name].values, two_shards.posterior[name].values
+        )
+
+
+def test_shard_budget_refuses_one_shard_and_samples_on_four():
+    total = sum(np.asarray(v).nbytes for v in DATA.values() if np.ndim(v))
+    budget = total // 2  # the data are twice the budget
+    with pytest.raises(ConfigurationError, match=r"num_shards=(2|3|4)\b"):
+        _run(1, max_shard_bytes=budget)
+    idata = _run(4, max_shard_bytes=budget)
+    assert idata.posterior["theta"].shape == (2, RUN["num_samples"], 6)
+    assert idata.attrs["num_shards"] == 4
+
+
+def _no_plate(y):
+    mu = numpyro.sample("mu", dist.Normal(0, 1))
+    numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_shards=10_000), "more than the entries"),
+        (dict(num_shards=0), "num_shards=0"),
+        (dict(num_shards=2, num_workers=3), "one worker per shard"),
+        (dict(num_shards=2, _scheduling="static"), "_scheduling"),
+        (dict(num_shards=2, init_params={"mu": np.zeros(())}), "init_params"),
+        (dict(max_shard_bytes=100), "pass num_shards"),
+        (dict(num_shards=2, plan="groups"), "raybayes.Plan"),
+    ],
+)
+def test_bad_input_fails_before_compute(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        raybayes.sample(MODEL, model_kwargs=DATA, backend="local", progress_bar=False,
+                        **kwargs)
+
+
+def test_no_plate_to_split():
+    with pytest.raises(ConfigurationError, match="no plate that can be split"):
+        raybayes.sample(_no_plate, np.zeros(5), num_shards=2, backend="local",
+                        progress_bar=False)
+
+
+def test_plan_gives_the_split():
+    p = raybayes.plan(MODEL, DATA, num_shards=3)
+    with pytest.raises(ConfigurationError, match="made for 3 shards"):
+        _run(2, plan=p)
+
+
+@pytest.mark.slow
+def test_killed_shard_worker_changes_nothing(two_shards, ray_backend, monkeypatch):
+    from raybayes.mcmc import sharded
+
+    real = sharded.NUTSShardObjective.batch_value_and_grad
+    state = {"calls": 0, "killed": False}
+
+    def flaky(self, xs):
+        state["calls"] += 1
+        if not state["killed"] and state["calls"] == 400:  # mid-chunk, in warmup
+            state["killed"] = True
+            self.pool.kill(1)
+        return real(self, xs)
+
+    monkeypatch.setattr(sharded.NUTSShardObjective, "batch_value_and_grad", flaky)
+    got = _run(2, backend=ray_backend)
+    assert state["killed"]
+    assert got.attrs["worker_restarts"] >= 1
+    for name in two_shards.posterior:
+        np.testing.assert_array_equal(
+            got.posterior[name].values, two_shards.posterior[name].values
+        )
