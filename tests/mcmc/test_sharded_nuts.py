@@ -46,6 +46,35 @@ def two_shards():
     return _run(2)
 
 
+def test_shard_sum_equals_the_full_potential():
+    """The invariant the sampler rests on: summed over shards, the batched
+    potential and gradient equal those of one shard holding all the data."""
+    from raybayes.mcmc.sharded import NUTSShardObjective
+    from raybayes.plan import resolve_split
+
+    rng = np.random.default_rng(0)
+    _, kwargs, part, _ = resolve_split(MODEL, (), DATA, 2, None)
+    values = []
+    for s in (1, 2):
+        with NUTSShardObjective(MODEL, kwargs, partition=part, num_shards=s) as f:
+            xs = rng.standard_normal((4, f.size)) if s == 1 else xs
+            values.append(f.batch_value_and_grad(xs))
+            assert f.num_round_trips == 1
+    np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-10)
+    np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-9, atol=1e-12)
+    # against NumPyro's own potential of the full model
+    from numpyro.infer.util import initialize_model
+    import jax
+
+    info = initialize_model(jax.random.PRNGKey(0), MODEL, model_kwargs=DATA)
+    pe = info.potential_fn
+    with jax.enable_x64():
+        for x, v in zip(xs, values[0][0], strict=True):
+            params = {"mu": x[0], "theta": x[1:]}
+            assert abs(float(pe(params)) - v) < 1e-4 * max(1.0, abs(v))
+
+
+@pytest.mark.slow
 def test_sharded_posterior_matches_the_exact_one_and_one_shard(two_shards):
     exact_mean, prec, _ = posterior(DATA, S0, TAU, SIGMA)
     exact_sd = np.sqrt(np.diag(np.linalg.inv(prec)))
@@ -74,11 +103,18 @@ def test_same_draws_in_process_and_on_ray(two_shards, ray_backend):
         )
 
 
-def test_shard_budget_refuses_one_shard_and_samples_on_four():
-    total = sum(np.asarray(v).nbytes for v in DATA.values() if np.ndim(v))
-    budget = total // 2  # the data are twice the budget
-    with pytest.raises(ConfigurationError, match=r"num_shards=(2|3|4)\b"):
-        _run(1, max_shard_bytes=budget)
+BUDGET = sum(np.asarray(v).nbytes for v in DATA.values() if np.ndim(v)) // 2
+
+
+def test_shard_budget_refuses_one_shard():
+    # the data are twice the budget: refused before any worker starts
+    with pytest.raises(ConfigurationError, match=r"use at least num_shards=(3|4)\b"):
+        _run(1, max_shard_bytes=BUDGET)
+
+
+@pytest.mark.slow
+def test_shard_budget_samples_on_four_shards():
+    budget = BUDGET
     idata = _run(4, max_shard_bytes=budget)
     assert idata.posterior["theta"].shape == (2, RUN["num_samples"], 6)
     assert idata.attrs["num_shards"] == 4
