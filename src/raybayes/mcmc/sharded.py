@@ -91,6 +91,32 @@ class NUTSShardObjective(ShardedObjective):
     :meth:`batch_value_and_grad` is the potential of data-sharded NUTS. A worker
     lost during a call is recorded in :attr:`lost_shards` (the chunk that made the
     call is then run again after :meth:`restart_shard`).
+
+    Args:
+        *args: as :class:`~raybayes.distributed.ShardedObjective` (model, model
+            keyword arguments, ``partition=``, ``num_shards=``, ``backend=``, ...).
+        **kwargs: as :class:`~raybayes.distributed.ShardedObjective`.
+
+    Attributes:
+        lost_shards: shards whose worker died during a call, not yet restarted.
+        num_round_trips: calls of :meth:`batch_value_and_grad` so far (one per
+            leapfrog step of all chains).
+
+    Raises:
+        ConfigurationError: see :class:`~raybayes.distributed.ShardedObjective`.
+
+    Examples:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> from raybayes.core import Partition
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+        ...     with numpyro.plate("obs", y.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> with NUTSShardObjective(model, {"y": np.ones(4)}, partition=Partition(
+        ...         "obs", entity_args=("y",)), num_shards=2) as f:
+        ...     values, grads = f.batch_value_and_grad(np.zeros((3, f.size)))
+        >>> values.shape, grads[:, 0].tolist()  # 3 chains; d/dmu = -4 each
+        ((3,), [-4.0, -4.0, -4.0])
     """
 
     worker_class = NUTSShardWorker
