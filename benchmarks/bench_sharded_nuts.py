@@ -48,7 +48,7 @@ from raybayes.plan import plan
 
 
 class EchoWorker(NUTSShardWorker):
-    """A shard worker that also answers with arrays of a gradient's shape, no compute."""
+    """A shard worker that also answers with arrays of a gradient's shape."""
 
     def echo(self, global_batch, local_batch):
         return np.zeros(len(global_batch)), global_batch, local_batch
@@ -69,7 +69,9 @@ class EchoObjective(NUTSShardObjective):
 
 def data(num_products, seed=0):
     df, truth = simulate_elasticity(10, num_products, 156, seed=seed)
-    prepared = prepare_elasticity_data(df, product_cols=("product",), category_col="category")
+    prepared = prepare_elasticity_data(
+        df, product_cols=("product",), category_col="category"
+    )
     return prepared.model_kwargs(), truth
 
 
@@ -86,7 +88,9 @@ def median_time(fn, reps):
 def unsharded(kwargs, chains, reps):
     from numpyro.infer.util import initialize_model
 
-    info = initialize_model(jax.random.PRNGKey(0), elasticity_model, model_kwargs=kwargs)
+    info = initialize_model(
+        jax.random.PRNGKey(0), elasticity_model, model_kwargs=kwargs
+    )
     z = info.param_info.z
     zs = jax.tree_util.tree_map(lambda a: jnp.stack([a] * chains), z)
     vg = jax.jit(jax.vmap(jax.value_and_grad(info.potential_fn)))
@@ -100,15 +104,22 @@ def unsharded(kwargs, chains, reps):
 
 def products_partition(kwargs, num_shards):
     return next(
-        c for c in plan(elasticity_model, kwargs, num_shards=num_shards).candidates
+        c
+        for c in plan(elasticity_model, kwargs, num_shards=num_shards).candidates
         if c.plate == "products"
     ).partition
 
 
 def sharded(kwargs, num_shards, backend, chains, reps, echo=False):
     part = products_partition(kwargs, num_shards)
-    obj = EchoObjective(elasticity_model, kwargs, partition=part, num_shards=num_shards,
-                        backend=backend, x64=False)
+    obj = EchoObjective(
+        elasticity_model,
+        kwargs,
+        partition=part,
+        num_shards=num_shards,
+        backend=backend,
+        x64=False,
+    )
     try:
         xs = 0.1 * np.random.default_rng(0).standard_normal((chains, obj.size))
         xs = xs.astype(np.float32)
@@ -121,10 +132,14 @@ def sharded(kwargs, num_shards, backend, chains, reps, echo=False):
 
 
 def gradient_benchmark(args):
-    print(f"machine: {platform.machine()}, {jax.local_device_count()} JAX CPU device(s); "
-          f"jax {jax.__version__}; chains per call: {args.chains}")
-    print("| rows | unsharded (s) | S=1 local (s) | S=1 Ray (s) | S=2 Ray (s) | "
-          "S=2 / unsharded | echo round trip S=1 / S=2 (ms) | echo S=2 / unsharded |")
+    print(
+        f"machine: {platform.machine()}, {jax.local_device_count()} JAX CPU device(s); "
+        f"jax {jax.__version__}; chains per call: {args.chains}"
+    )
+    print(
+        "| rows | unsharded (s) | S=1 local (s) | S=1 Ray (s) | S=2 Ray (s) | "
+        "S=2 / unsharded | echo round trip S=1 / S=2 (ms) | echo S=2 / unsharded |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     models = []
     backend = RayBackend(num_cpus=2).start()
@@ -135,13 +150,18 @@ def gradient_benchmark(args):
             reps = args.reps if rows < 10**6 else max(3, args.reps // 3)
             t_full = unsharded(kwargs, args.chains, reps)
             t_local1, _, _ = sharded(kwargs, 1, "local", args.chains, reps)
-            t_ray1, t_echo1, _ = sharded(kwargs, 1, backend, args.chains, reps, echo=True)
+            t_ray1, t_echo1, _ = sharded(
+                kwargs, 1, backend, args.chains, reps, echo=True
+            )
             t_ray2, t_echo, (G, locals_) = sharded(
                 kwargs, 2, backend, args.chains, reps, echo=True
             )
-            print(f"| {rows:,} | {t_full:.4f} | {t_local1:.4f} | {t_ray1:.4f} | "
-                  f"{t_ray2:.4f} | {t_ray2 / t_full:.2f} | {1e3 * t_echo1:.2f} / "
-                  f"{1e3 * t_echo:.2f} | {t_echo / t_full:.1%} |", flush=True)
+            print(
+                f"| {rows:,} | {t_full:.4f} | {t_local1:.4f} | {t_ray1:.4f} | "
+                f"{t_ray2:.4f} | {t_ray2 / t_full:.2f} | {1e3 * t_echo1:.2f} / "
+                f"{1e3 * t_echo:.2f} | {t_echo / t_full:.1%} |",
+                flush=True,
+            )
             models.append((rows, t_full, t_echo1, t_echo, G, sum(locals_)))
     finally:
         backend.shutdown()
@@ -160,10 +180,13 @@ def cost_model(models, chains, bytes_per_value=4):
     ``t_rt(W) = t_rt(1) + (W - 1) (t_rt(2) - t_rt(1))``. With the gradient's
     compute split perfectly, a leapfrog step takes ``t_grad / W + t_rt(W)``.
     """
-    print("| rows | G | L | bytes per leapfrog, W=2 | W=16 | W=64 | "
-          "predicted step W=16 (ms) | W=64 (ms) | comm share W=16 | W=64 |")
+    print(
+        "| rows | G | L | bytes per leapfrog, W=2 | W=16 | W=64 | "
+        "predicted step W=16 (ms) | W=64 (ms) | comm share W=16 | W=64 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for rows, t_full, t_echo1, t_echo2, G, L in models:
+
         def nbytes(W, G=G, L=L):
             return 2 * chains * (W * G + L) * bytes_per_value
 
@@ -173,9 +196,11 @@ def cost_model(models, chains, bytes_per_value=4):
 
         s16, r16 = step(16)
         s64, r64 = step(64)
-        print(f"| {rows:,} | {G:,} | {L:,} | {nbytes(2) / 1e6:.2f} MB | "
-              f"{nbytes(16) / 1e6:.2f} MB | {nbytes(64) / 1e6:.2f} MB | "
-              f"{1e3 * s16:.1f} | {1e3 * s64:.1f} | {r16 / s16:.0%} | {r64 / s64:.0%} |")
+        print(
+            f"| {rows:,} | {G:,} | {L:,} | {nbytes(2) / 1e6:.2f} MB | "
+            f"{nbytes(16) / 1e6:.2f} MB | {nbytes(64) / 1e6:.2f} MB | "
+            f"{1e3 * s16:.1f} | {1e3 * s64:.1f} | {r16 / s16:.0%} | {r64 / s64:.0%} |"
+        )
     print("round trips per leapfrog step: 1 (all chains, all shards at once)")
 
 
@@ -183,15 +208,25 @@ def scale_benchmark(args):
     products = args.products[0]
     kwargs, truth = data(products)
     rows = len(kwargs["log_price"])
-    print(f"scale run: {products:,} products x 156 weeks = {rows:,} rows, "
-          f"{args.shards} shards, 4 chains, target ESS 400, R-hat 1.01 on beta")
+    print(
+        f"scale run: {products:,} products x 156 weeks = {rows:,} rows, "
+        f"{args.shards} shards, 4 chains, target ESS 400, R-hat 1.01 on beta"
+    )
     t = time.perf_counter()
     with RayBackend(num_cpus=2) as backend:
         idata = raybayes.sample(
-            elasticity_model, model_kwargs=kwargs, num_shards=args.shards,
-            backend=backend, num_chains=4, num_warmup=args.warmup,
-            num_samples=args.samples, target_ess=400, target_rhat=1.01,
-            target_var_names=["beta"], max_time_s=args.max_time_s, seed=0,
+            elasticity_model,
+            model_kwargs=kwargs,
+            num_shards=args.shards,
+            backend=backend,
+            num_chains=4,
+            num_warmup=args.warmup,
+            num_samples=args.samples,
+            target_ess=400,
+            target_rhat=1.01,
+            target_var_names=["beta"],
+            max_time_s=args.max_time_s,
+            seed=0,
             progress_bar=False,
         )
     elapsed = time.perf_counter() - t
@@ -200,14 +235,16 @@ def scale_benchmark(args):
     coverage = float(np.mean((truth["beta"] >= lo) & (truth["beta"] <= hi)))
     steps = idata.sample_stats["n_steps"].values
     attrs = idata.attrs
-    print(f"wall time {elapsed:.0f} s; stop reason {attrs.get('stop_reason')}; "
-          f"draws per chain {attrs.get('draws_per_chain')}; "
-          f"bulk ESS min {attrs.get('ess_bulk_min', float('nan')):.0f}, "
-          f"tail ESS min {attrs.get('ess_tail_min', float('nan')):.0f}, "
-          f"R-hat max {attrs.get('r_hat_max', float('nan')):.3f}; "
-          f"leapfrog steps per draw {steps.mean():.1f}; "
-          f"round trips {attrs.get('num_round_trips')}; "
-          f"coverage of 90% intervals {coverage:.1%} ({products} products)")
+    print(
+        f"wall time {elapsed:.0f} s; stop reason {attrs.get('stop_reason')}; "
+        f"draws per chain {attrs.get('draws_per_chain')}; "
+        f"bulk ESS min {attrs.get('ess_bulk_min', float('nan')):.0f}, "
+        f"tail ESS min {attrs.get('ess_tail_min', float('nan')):.0f}, "
+        f"R-hat max {attrs.get('r_hat_max', float('nan')):.3f}; "
+        f"leapfrog steps per draw {steps.mean():.1f}; "
+        f"round trips {attrs.get('num_round_trips')}; "
+        f"coverage of 90% intervals {coverage:.1%} ({products} products)"
+    )
 
 
 def main():

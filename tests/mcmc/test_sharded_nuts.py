@@ -8,22 +8,31 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from conjugate_normal import hierarchical_normal_model, posterior, simulate
 
 import raybayes
+from conjugate_normal import hierarchical_normal_model, posterior, simulate
 from raybayes.errors import ConfigurationError
 
 S0, TAU, SIGMA = 2.0, 1.0, 1.0
 MODEL = hierarchical_normal_model(S0, TAU, SIGMA)
 DATA = simulate(6, (3, 8), 0.5, TAU, SIGMA, seed=4)
 # One setting for every run, so that the compiled chunk is shared between them.
-RUN = dict(num_chains=2, num_warmup=150, num_samples=250, chunk_size=100,
-           progress_bar=False, seed=11)
+RUN = dict(
+    num_chains=2,
+    num_warmup=150,
+    num_samples=250,
+    chunk_size=100,
+    progress_bar=False,
+    seed=11,
+)
 
 
 def _run(num_shards, backend="local", **kwargs):
     return raybayes.sample(
-        MODEL, model_kwargs=DATA, num_shards=num_shards, backend=backend,
+        MODEL,
+        model_kwargs=DATA,
+        num_shards=num_shards,
+        backend=backend,
         **{**RUN, **kwargs},
     )
 
@@ -37,7 +46,9 @@ def _draws(idata):
 
 def _mean_and_mcse(idata):
     x = _draws(idata)
-    mcse = np.array([float(az.mcse(x[..., j], method="mean")) for j in range(x.shape[-1])])
+    mcse = np.array(
+        [float(az.mcse(x[..., j], method="mean")) for j in range(x.shape[-1])]
+    )
     return x.mean(axis=(0, 1)), mcse
 
 
@@ -55,16 +66,17 @@ def test_shard_sum_equals_the_full_potential():
     rng = np.random.default_rng(0)
     _, kwargs, part, _ = resolve_split(MODEL, (), DATA, 2, None)
     values = []
+    xs = rng.standard_normal((4, 1 + DATA["num_groups"]))  # (chains, mu + theta)
     for s in (1, 2):
         with NUTSShardObjective(MODEL, kwargs, partition=part, num_shards=s) as f:
-            xs = rng.standard_normal((4, f.size)) if s == 1 else xs
+            assert f.size == xs.shape[1]
             values.append(f.batch_value_and_grad(xs))
             assert f.num_round_trips == 1
     np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-10)
     np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-9, atol=1e-12)
     # against NumPyro's own potential of the full model
-    from numpyro.infer.util import initialize_model
     import jax
+    from numpyro.infer.util import initialize_model
 
     info = initialize_model(jax.random.PRNGKey(0), MODEL, model_kwargs=DATA)
     pe = info.potential_fn
@@ -139,14 +151,16 @@ def _no_plate(y):
 )
 def test_bad_input_fails_before_compute(kwargs, message):
     with pytest.raises(ConfigurationError, match=message):
-        raybayes.sample(MODEL, model_kwargs=DATA, backend="local", progress_bar=False,
-                        **kwargs)
+        raybayes.sample(
+            MODEL, model_kwargs=DATA, backend="local", progress_bar=False, **kwargs
+        )
 
 
 def test_no_plate_to_split():
     with pytest.raises(ConfigurationError, match="no plate that can be split"):
-        raybayes.sample(_no_plate, np.zeros(5), num_shards=2, backend="local",
-                        progress_bar=False)
+        raybayes.sample(
+            _no_plate, np.zeros(5), num_shards=2, backend="local", progress_bar=False
+        )
 
 
 def test_plan_gives_the_split():

@@ -163,7 +163,8 @@ class NUTSShardObjective(ShardedObjective):
             value += np.asarray(v, np.float64)
             grad_g += np.asarray(gg, np.float64)
         grads = np.concatenate(
-            [grad_g] + [np.asarray(r[2], np.float64).reshape(len(xs), -1) for r in results],
+            [grad_g]
+            + [np.asarray(r[2], np.float64).reshape(len(xs), -1) for r in results],
             axis=1,
         )
         self.num_round_trips += 1
@@ -349,8 +350,9 @@ class ShardedChainPool:
 
     MAX_RETRIES = 5
 
-    def __init__(self, objective, *, num_chains, num_warmup, chunk_size, kernel_kwargs,
-                 seed):
+    def __init__(
+        self, objective, *, num_chains, num_warmup, chunk_size, kernel_kwargs, seed
+    ):
         self.objective = objective
         self.size = int(num_chains)
         self.num_warmup = int(num_warmup)
@@ -359,8 +361,12 @@ class ShardedChainPool:
         self.dtype = jnp.result_type(float)
         kernel_kwargs = {k: v for k, v in kernel_kwargs.items() if k != "init_strategy"}
         key = (
-            objective.size, self.size, self.num_warmup, self.chunk_size,
-            np.dtype(self.dtype).name, repr(sorted(kernel_kwargs.items())),
+            objective.size,
+            self.size,
+            self.num_warmup,
+            self.chunk_size,
+            np.dtype(self.dtype).name,
+            repr(sorted(kernel_kwargs.items())),
         )
         self._compiled = _acquire_compiled(key, objective.size, kernel_kwargs)
         self._compiled.evaluate = objective.batch_value_and_grad
@@ -400,7 +406,7 @@ class ShardedChainPool:
             self._compiled.in_use = False
             self._compiled = None
 
-    # -- the work ------------------------------------------------------------------------
+    # -- the work ------------------------------------------------------------------
     def _run(self, batch):
         methods = {f.method for f in batch}
         for attempt in range(self.MAX_RETRIES + 1):
@@ -423,7 +429,9 @@ class ShardedChainPool:
                 error = err
                 if not isinstance(err, ChainError):
                     error = ChainError(
-                        "(all chains: data-sharded NUTS)", repr(err), traceback.format_exc()
+                        "(all chains: data-sharded NUTS)",
+                        repr(err),
+                        traceback.format_exc(),
                     )
                 for f in batch:
                     f.done, f.error = True, error
@@ -439,9 +447,14 @@ class ShardedChainPool:
         todo = list(range(self.size))
         for attempt in range(_INIT_ATTEMPTS):
             for c in todo:
-                k = jax.random.fold_in(jax.random.fold_in(jnp.asarray(keys[c]), 7), attempt)
-                xs[c] = np.asarray(jax.random.uniform(
-                    k, (size,), self.dtype, -_INIT_RADIUS, _INIT_RADIUS))
+                k = jax.random.fold_in(
+                    jax.random.fold_in(jnp.asarray(keys[c]), 7), attempt
+                )
+                xs[c] = np.asarray(
+                    jax.random.uniform(
+                        k, (size,), self.dtype, -_INIT_RADIUS, _INIT_RADIUS
+                    )
+                )
             v, g = self.objective.batch_value_and_grad(xs[todo])
             ok = np.isfinite(v) & np.all(np.isfinite(g), axis=1)
             todo = [c for c, good in zip(todo, ok, strict=True) if not good]
@@ -504,7 +517,9 @@ class ShardedChainPool:
         for f in batch:
             chain_id, state, n, want = f.args
             if not 0 < n <= self.chunk_size:
-                raise ChainError(chain_id, f"num_steps={n} outside 1..{self.chunk_size}")
+                raise ChainError(
+                    chain_id, f"num_steps={n} outside 1..{self.chunk_size}"
+                )
             self.states[chain_id] = state
             num_steps[chain_id], collect[chain_id] = n, want
             requested[chain_id] = f
@@ -515,7 +530,8 @@ class ShardedChainPool:
         if self._compiled.chunk_fn is None:
             self._build_chunk()
         stacked = jax.tree_util.tree_map(
-            lambda *a: jnp.asarray(np.stack(a)), *[self.states[c] for c in range(self.size)]
+            lambda *a: jnp.asarray(np.stack(a)),
+            *[self.states[c] for c in range(self.size)],
         )
         new, (zs, stats) = self._compiled.chunk_fn(stacked, jnp.asarray(num_steps))
         new = jax.tree_util.tree_map(np.asarray, new)
@@ -528,22 +544,33 @@ class ShardedChainPool:
             values, _ = constrained_values(self.objective, xs)
             offsets = np.cumsum([0] + [int(num_steps[c]) for c in want])
             for j, c in enumerate(want):
-                draws[c] = {k: v[offsets[j] : offsets[j + 1]] for k, v in values.items()}
+                draws[c] = {
+                    k: v[offsets[j] : offsets[j + 1]] for k, v in values.items()
+                }
         elapsed = time.perf_counter() - start
         for c, f in requested.items():
             n = int(num_steps[c])
             state = jax.tree_util.tree_map(lambda a, c=c: a[c], new)
             self.states[c] = state
             st = {k: v[:n, c] for k, v in stats.items()}
-            st["tree_depth"] = np.floor(np.log2(np.maximum(st["n_steps"], 1))).astype(
-                np.int64
-            ) + 1
+            st["tree_depth"] = (
+                np.floor(np.log2(np.maximum(st["n_steps"], 1))).astype(np.int64) + 1
+            )
             f.done = True
             f.value = ChunkResult(c, state, draws.get(c), st, n, elapsed)
 
 
-def check_sharded_arguments(*, num_shards, plan, num_workers, init_params, scheduling,
-                            worker_slowdown, key_stream, max_shard_bytes):
+def check_sharded_arguments(
+    *,
+    num_shards,
+    plan,
+    num_workers,
+    init_params,
+    scheduling,
+    worker_slowdown,
+    key_stream,
+    max_shard_bytes,
+):
     """Raise :class:`ConfigurationError` for options data-sharded NUTS cannot take.
 
     Returns:
