@@ -191,3 +191,29 @@ def test_killed_shard_worker_changes_nothing(two_shards, ray_backend, monkeypatc
         np.testing.assert_array_equal(
             got.posterior[name].values, two_shards.posterior[name].values
         )
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_draws(two_shards, tmp_path, monkeypatch):
+    from raybayes.mcmc.store import DrawStore
+
+    real = DrawStore.write_chunk
+    written = []
+
+    def write_then_stop(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        written.append(args)
+        if len(written) == 3:  # one chain's second sampling chunk is on disk
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DrawStore, "write_chunk", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _run(2, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(DrawStore, "write_chunk", real)
+    got = _run(2, checkpoint_dir=tmp_path)
+    for name in two_shards.posterior:
+        np.testing.assert_array_equal(
+            got.posterior[name].values, two_shards.posterior[name].values
+        )
+    with pytest.raises(ConfigurationError, match="num_shards"):
+        _run(1, checkpoint_dir=tmp_path)  # another split is refused on resume

@@ -54,7 +54,7 @@ class DrawStore:
     RESUME_KEYS = (
         "model", "data", "num_chains", "num_warmup", "num_samples", "chunk_size",
         "seed", "kernel", "init_params", "cross_chain_adaptation", "key_stream",
-        "target_ess", "target_rhat", "target_var_names",
+        "target_ess", "target_rhat", "target_var_names", "num_shards", "partition",
     )
 
     def open(self, config: dict[str, Any], overwrite: bool = False) -> bool:
