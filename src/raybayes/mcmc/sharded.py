@@ -306,9 +306,17 @@ _COMPILED: dict[tuple, list[_Compiled]] = {}
 _COMPILED_LOCK = threading.Lock()
 
 
+_MAX_COMPILED = 8
+
+
 def _acquire_compiled(key, size, kernel_kwargs) -> _Compiled:
     with _COMPILED_LOCK:
-        entries = _COMPILED.setdefault(key, [])
+        # keep the most recent settings only (dicts keep insertion order)
+        for old in list(_COMPILED)[: max(0, len(_COMPILED) - _MAX_COMPILED)]:
+            if old != key and not any(e.in_use for e in _COMPILED[old]):
+                del _COMPILED[old]
+        entries = _COMPILED.pop(key, [])
+        _COMPILED[key] = entries
         for entry in entries:
             if not entry.in_use:
                 entry.in_use = True
@@ -345,7 +353,8 @@ class ShardedChainPool:
         num_warmup: warmup iterations per chain.
         chunk_size: iterations per chunk.
         kernel_kwargs: arguments of :class:`numpyro.infer.NUTS`.
-        dtype: float dtype of the positions (JAX's default float).
+        seed: the run's seed; chain ``c`` uses ``chain_key(seed, c)`` (positions
+            are JAX's default float).
     """
 
     MAX_RETRIES = 5
