@@ -234,7 +234,14 @@ def scale_benchmark(args):
     lo, hi = np.quantile(beta, [0.05, 0.95], axis=0)
     coverage = float(np.mean((truth["beta"] >= lo) & (truth["beta"] <= hi)))
     steps = idata.sample_stats["n_steps"].values
-    attrs = idata.attrs
+    attrs = dict(idata.attrs)
+    if "ess_bulk_min" not in attrs:  # stopped by max_time_s: diagnose the draws
+        import arviz as az
+
+        post = idata.posterior[["beta"]]
+        attrs["ess_bulk_min"] = float(az.ess(post, method="bulk")["beta"].min())
+        attrs["ess_tail_min"] = float(az.ess(post, method="tail")["beta"].min())
+        attrs["r_hat_max"] = float(az.rhat(post)["beta"].max())
     print(
         f"wall time {elapsed:.0f} s; stop reason {attrs.get('stop_reason')}; "
         f"draws per chain {attrs.get('draws_per_chain')}; "
