@@ -217,3 +217,13 @@ def test_interrupted_run_resumes_to_the_same_draws(two_shards, tmp_path, monkeyp
         )
     with pytest.raises(ConfigurationError, match="num_shards"):
         _run(1, checkpoint_dir=tmp_path)  # another split is refused on resume
+
+
+@pytest.mark.slow
+def test_cross_chain_adaptation_and_targets(two_shards):
+    exact_mean, _, _ = posterior(DATA, S0, TAU, SIGMA)
+    idata = _run(2, cross_chain_adaptation=True, target_ess=100, target_rhat=1.05)
+    assert idata.attrs["cross_chain_adaptation"] == 1
+    assert idata.attrs["targets_met"] == 1, idata.attrs
+    mean, mcse = _mean_and_mcse(idata)
+    assert np.all(np.abs(mean - exact_mean) / mcse < 3.3), (mean, exact_mean, mcse)
