@@ -89,11 +89,17 @@ class SVIResult:
 
     Attributes:
         params: global variational parameters: ``loc`` ``(G,)``, ``scale`` ``(G,)``
-            (per-coordinate, of the mean-field part) and, for the low-rank guide,
-            ``cov_factor`` ``(G, rank)`` (already multiplied by ``scale``), all in
-            the unconstrained space; ``global_sites`` gives the layout.
+            (per-coordinate, of the mean-field part; for a full-rank block the
+            diagonal of ``scale_tril``), for a low-rank block ``cov_factor``
+            ``(G, rank)`` (already multiplied by ``scale``), for a full-rank block
+            (``guide="structured"``) ``scale_tril`` ``(G, G)``, the Cholesky factor
+            of q's covariance; all in the unconstrained space; ``global_sites``
+            gives the layout.
         local_params: ``loc`` and ``scale`` ``(P, k)`` of the per-entity block, in
-            entity order of the split plate.
+            entity order of the split plate; for ``guide="structured"`` also
+            ``scale_tril`` ``(P, k, k)`` (``L_i``) and ``coupling`` ``(P, k, G)``
+            (``B_i``): ``q(z_i | g) = N(loc_i + B_i (g - params["loc"]),
+            L_i L_i^T)``.
         idata: ``arviz.InferenceData`` with ``num_samples`` draws from q (one
             chain), constrained, deterministic sites included.
         losses: ``(num_steps,)`` negative ELBO estimate of every step (nats).
@@ -296,7 +302,8 @@ class _Run:
         for lo in range(0, num_draws, chunk):
             hi = min(num_draws, lo + chunk)
             results = self.pool_call_all(
-                "q_constrained_values", globals_[lo:hi], key, lo, hi, num_draws
+                "q_constrained_values", globals_[lo:hi], key, lo, hi, num_draws,
+                np.asarray(self.theta["loc"]),
             )
             values, axes = merge_shard_values(results)
             for k, v in values.items():
@@ -483,7 +490,11 @@ def fit_svi(
     each. The global latent variables get a mean-field (``AutoNormal``) or low-rank
     (``AutoLowRankMultivariateNormal``) Normal guide held by the parameter server
     (the driver); each entity of the split plate (a product, a store) gets a
-    mean-field Normal guide held by the shard that owns it. Each step every shard
+    mean-field Normal guide held by the shard that owns it. With
+    ``guide="structured"`` the globals get a full-rank Normal and each entity's
+    block is a full-rank Normal conditioned on them,
+    ``q(z_i | g) = N(m_i + B_i (g - mu), L_i L_i^T)``, still held by its shard:
+    hierarchical models get posterior sds that mean-field underestimates. Each step every shard
     subsamples ``subsample_size`` of its entities (all of them by default) and
     returns its unbiased term of the ELBO gradient; see :mod:`raybayes.svi.fit`.
 
@@ -509,10 +520,14 @@ def fit_svi(
         use_gpu: one GPU per worker (Ray).
         resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
         address: a Ray cluster address (``"HOST:PORT"``).
-        guide: ``"normal"`` / ``AutoNormal``, or ``"lowrank"`` /
+        guide: ``"normal"`` / ``AutoNormal``, ``"lowrank"`` /
             ``AutoLowRankMultivariateNormal`` (low-rank global block, mean-field
-            local blocks); an autoguide instance built for ``model`` also works.
-        rank: rank of the low-rank global factor (default ``round(sqrt(G))``).
+            local blocks), or ``"structured"`` (full-rank global block; each
+            entity's ``k`` locals full-rank and linear in the globals, ``k (k + 1)
+            / 2 + k G`` more parameters per entity, see ``SVIResult.local_params``);
+            an autoguide instance built for ``model`` also works.
+        rank: rank of the low-rank global factor (default ``round(sqrt(G))``; for
+            ``"structured"`` the default ``None`` is a full-rank global block).
         init_scale: initial standard deviation of the guide (unconstrained).
         init_params: constrained initial means of some latent sites (local sites
             over the whole plate), e.g. a MAP; others start at 0 unconstrained.
@@ -579,6 +594,10 @@ def fit_svi(
 
     References:
         Hoffman, Blei, Wang & Paisley (2013). Stochastic variational inference. JMLR.
+        Hoffman & Blei (2015). Structured stochastic variational inference.
+        AISTATS. https://arxiv.org/abs/1404.4114
+        Agrawal & Domke (2021). Amortized variational inference for simple
+        hierarchical models. NeurIPS. https://arxiv.org/abs/2111.03144
         Kucukelbir et al. (2017). Automatic differentiation variational inference.
         Ho et al. (2013). More effective distributed ML via a stale synchronous
         parallel parameter server. NeurIPS.
@@ -722,10 +741,12 @@ def fit_svi(
             "loc": np.asarray(run.theta["loc"]),
             "scale": np.asarray(jax.nn.softplus(run.theta["scale_raw"])),
         }
-        if family == "lowrank":
+        if gguide.block == "lowrank":
             params["cov_factor"] = (
                 np.asarray(run.theta["cov_factor"]) * params["scale"][:, None]
             )
+        elif gguide.block == "full":
+            params["scale_tril"] = np.asarray(gguide.scale_tril(run.theta))
         return SVIResult(
             params=params,
             local_params=local_params,
@@ -795,8 +816,10 @@ def _merge_locals(parts):
     if sum(len(p["loc"]) for p in parts) != len(ids):  # no local sites (row split)
         ids = np.zeros(0, ids.dtype)
     order = np.argsort(ids, kind="stable")
-    return {
-        "loc": np.concatenate([p["loc"] for p in parts])[order],
-        "scale": np.concatenate([p["scale"] for p in parts])[order],
-        "entity_ids": ids[order],
+    out = {
+        name: np.concatenate([p[name] for p in parts])[order]
+        for name in parts[0]
+        if name != "entity_ids"
     }
+    out["entity_ids"] = ids[order]
+    return out

@@ -7,6 +7,19 @@ entity of the split plate) is mean-field Normal and lives on the shard that owns
 the entity. Parameterization follows NumPyro: ``scale = softplus(scale_raw)``,
 initial scale ``init_scale`` (0.1), low-rank ``cov = (W s)(W s)^T + diag(s^2)``.
 
+The structured family (``"structured"``) conditions each entity's block on the
+globals: ``q(g) = N(mu, L L^T)`` with a full-rank (or, given ``rank``, low-rank)
+``L``, and for entity ``i``
+
+    q(z_i | g) = N(m_i + B_i (g - mu), L_i L_i^T),
+
+``B_i`` ``(k, G)`` and ``L_i`` ``(k, k)`` lower triangular with diagonal
+``softplus(scale_raw_i)``, held by the shard that owns ``i`` (Hoffman & Blei,
+"Structured stochastic variational inference", AISTATS 2015; Agrawal & Domke,
+"Amortized variational inference for simple hierarchical models", NeurIPS 2021).
+Given the globals the entities stay independent, so the entropy is
+``H[q(g)] + sum_i log|det L_i| + const`` and the ELBO still splits over shards.
+
 Pure JAX; no Ray.
 """
 
@@ -38,13 +51,18 @@ class GlobalGuide:
 
     Args:
         num_global: G.
-        family: ``"normal"`` (mean-field) or ``"lowrank"``.
-        rank: rank of the low-rank factor (default ``round(sqrt(G))``, NumPyro's).
+        family: ``"normal"`` (mean-field), ``"lowrank"`` or ``"structured"``
+            (the global block of the structured guide: full-rank, or low-rank when
+            ``rank`` is given).
+        rank: rank of the low-rank factor (default ``round(sqrt(G))``, NumPyro's;
+            for ``"structured"``, ``None`` means full rank).
         init_scale: initial standard deviation of every coordinate.
 
     Parameters (a dict of arrays, the pytree that the optimizer updates):
-        ``loc`` ``(G,)``, ``scale_raw`` ``(G,)`` and, for ``"lowrank"``,
-        ``cov_factor`` ``(G, rank)``.
+        ``loc`` ``(G,)``, ``scale_raw`` ``(G,)``; for a low-rank block
+        ``cov_factor`` ``(G, rank)``; for a full-rank block ``tril`` ``(G, G)``
+        (its strictly lower triangle is used: ``L = tril(tril, -1) + diag(scale)``,
+        NumPyro's ``AutoMultivariateNormal``).
     """
 
     def __init__(
@@ -52,11 +70,13 @@ class GlobalGuide:
     ):
         self.num_global = int(num_global)
         self.family = family
-        if family == "lowrank":
+        if family == "lowrank" or (family == "structured" and rank is not None):
+            self.block = "lowrank"
             self.rank = (
                 int(rank) if rank is not None else max(1, round(np.sqrt(num_global)))
             )
         else:
+            self.block = "full" if family == "structured" else "normal"
             self.rank = 0
         self.init_scale = float(init_scale)
 
@@ -71,35 +91,53 @@ class GlobalGuide:
             "loc": np.zeros(G, dtype) if loc is None else np.asarray(loc, dtype),
             "scale_raw": np.full(G, softplus_inv(self.init_scale), dtype),
         }
-        if self.family == "lowrank":
+        if self.block == "lowrank":
             params["cov_factor"] = np.zeros((G, self.rank), dtype)
+        elif self.block == "full":
+            params["tril"] = np.zeros((G, G), dtype)
         return params
+
+    def scale_tril(self, params):
+        """The full-rank block's Cholesky factor ``L`` ``(G, G)``."""
+        scale = jax.nn.softplus(params["scale_raw"])
+        return jnp.tril(params["tril"], -1) + jnp.diag(scale)
+
+    def deviation(self, params, eps):
+        """``g - loc`` ``(K, G)`` of the draws from noise ``eps`` ``(K, G + rank)``."""
+        scale = jax.nn.softplus(params["scale_raw"])
+        G = self.num_global
+        if self.block == "full":
+            return eps[:, :G] @ self.scale_tril(params).T
+        dev = scale * eps[:, :G]
+        if self.block == "lowrank":
+            factor = params["cov_factor"] * scale[:, None]
+            dev = dev + eps[:, G:] @ factor.T
+        return dev
 
     def sample(self, params, eps):
         """Reparameterized draws ``(K, G)`` from noise ``eps`` ``(K, G + rank)``."""
-        scale = jax.nn.softplus(params["scale_raw"])
-        G = self.num_global
-        g = params["loc"] + scale * eps[:, :G]
-        if self.family == "lowrank":
-            factor = params["cov_factor"] * scale[:, None]
-            g = g + eps[:, G:] @ factor.T
-        return g
+        return params["loc"] + self.deviation(params, eps)
 
     def entropy(self, params):
         """Entropy of q (nats), the exact term of the ELBO."""
         scale = jax.nn.softplus(params["scale_raw"])
-        if self.family == "lowrank":
+        if self.block == "lowrank":
             factor = params["cov_factor"] * scale[:, None]
             return dist.LowRankMultivariateNormal(
                 params["loc"], factor, scale**2
             ).entropy()
+        if self.block == "full":  # log det L = sum log diag(L)
+            G = self.num_global
+            return 0.5 * G * (1.0 + jnp.log(2 * jnp.pi)) + jnp.sum(jnp.log(scale))
         return jnp.sum(dist.Normal(params["loc"], scale).entropy())
 
     def marginal_scale(self, params):
         """Posterior standard deviation of each coordinate ``(G,)``."""
         scale = jax.nn.softplus(params["scale_raw"])
+        if self.block == "full":
+            return jnp.sqrt(jnp.sum(self.scale_tril(params) ** 2, axis=1))
         var = scale**2
-        if self.family == "lowrank":
+        if self.block == "lowrank":
             var = var + jnp.sum((params["cov_factor"] * scale[:, None]) ** 2, axis=1)
         return jnp.sqrt(var)
 
@@ -110,15 +148,18 @@ _FAMILIES = {
     "meanfield": "normal",
     "lowrank": "lowrank",
     "autolowrankmultivariatenormal": "lowrank",
+    "structured": "structured",
 }
 
 
 def resolve_guide(guide, model, rank=None, init_scale=0.1):
     """``(family, rank, init_scale)`` from a name, a NumPyro autoguide class or instance.
 
-    Accepted: ``"normal"``/``AutoNormal`` (mean-field everywhere) and
+    Accepted: ``"normal"``/``AutoNormal`` (mean-field everywhere),
     ``"lowrank"``/``AutoLowRankMultivariateNormal`` (low-rank global block,
-    mean-field local blocks). An instance must have been built for ``model``.
+    mean-field local blocks) and ``"structured"`` (full-rank global block, each
+    entity's block full-rank and conditioned on the globals; see the module). An
+    instance must have been built for ``model``.
 
     Raises:
         ConfigurationError: another guide, or an instance built for another model.
@@ -144,7 +185,8 @@ def resolve_guide(guide, model, rank=None, init_scale=0.1):
     if not isinstance(guide, str) or guide.lower() not in _FAMILIES:
         raise ConfigurationError(
             f"guide={guide!r} is not supported by distributed SVI; use 'normal' "
-            "(AutoNormal) or 'lowrank' (AutoLowRankMultivariateNormal for the global "
-            "block, mean-field for the per-entity block)."
+            "(AutoNormal), 'lowrank' (AutoLowRankMultivariateNormal for the global "
+            "block, mean-field for the per-entity block) or 'structured' (each "
+            "entity's block conditioned on the globals)."
         )
     return _FAMILIES[guide.lower()], rank, init_scale

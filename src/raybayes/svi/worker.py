@@ -16,6 +16,11 @@ gradient because the entity terms are scaled by ``P_s / B`` (Hoffman et al.,
 variational parameters get the exact gradient of its own terms and are updated on
 the shard by an optimizer applied row by row (lazily: rows not sampled keep their
 state), so local parameters never leave the worker.
+
+With the structured guide (``family="structured"``) entity ``i``'s locals are drawn
+given the step's globals, ``z_i = m_i + B_i (g - mu) + L_i eps_i``, so the shard's
+term also carries the gradient of theta through every sampled entity's locals;
+``B_i`` and ``L_i`` are local parameters like ``m_i``.
 """
 
 from __future__ import annotations
@@ -48,8 +53,11 @@ class SVIWorkerConfig:
     """The settings every SVI shard worker receives (``configure_svi``).
 
     Attributes:
-        family: ``"normal"`` (mean-field) or ``"lowrank"`` global guide.
-        rank: rank of the low-rank global factor (``None`` for mean-field).
+        family: ``"normal"`` (mean-field), ``"lowrank"`` (low-rank global block) or
+            ``"structured"`` (locals conditioned on the globals, see
+            :mod:`raybayes.svi.guides`).
+        rank: rank of the low-rank global factor (``None``: mean-field, or
+            full-rank for ``"structured"``).
         init_scale: initial standard deviation of the guide (unconstrained).
         subsample_size: entities per shard per step; ``None``: all of them.
         num_particles: Monte Carlo draws of the latents per step.
@@ -183,6 +191,12 @@ class SVIShardWorker(ShardWorker):
             "loc": jnp.asarray(loc),
             "scale_raw": jnp.full((P, k), softplus_inv(cfg.init_scale), dtype),
         }
+        # Structured guide: L_i's strictly lower triangle and the coupling B_i to
+        # the globals, both 0 at the start (the mean-field guide's q).
+        self.structured = cfg.family == "structured" and k > 0
+        if self.structured:
+            self.phi["tril"] = jnp.zeros((P, k, k), dtype)
+            self.phi["coupling"] = jnp.zeros((P, k, d.num_global), dtype)
         self.local_opt = cfg.local_optimizer
         self.local_state = jax.vmap(self.local_opt.init)(self.phi)
         self.clock = 0
@@ -320,9 +334,25 @@ class SVIShardWorker(ShardWorker):
         )(ids)
         return jnp.swapaxes(eps, 0, 1).astype(jnp.result_type(float))  # (K, B, k)
 
+    def _locals(self, phi, eps_l, dev):
+        """Locals ``(K, B, k)`` from noise ``eps_l`` ``(K, B, k)`` and, for the
+        structured guide, the globals' deviations ``dev = g - mu`` ``(K, G)``."""
+        scale = jax.nn.softplus(phi["scale_raw"])
+        if not self.structured:
+            return phi["loc"] + scale * eps_l
+        tril = jnp.tril(phi["tril"], -1) + scale[..., :, None] * jnp.eye(
+            scale.shape[-1], dtype=scale.dtype
+        )
+        return (
+            phi["loc"]
+            + jnp.einsum("bij,kbj->kbi", tril, eps_l)
+            + jnp.einsum("bij,kj->kbi", phi["coupling"], dev)
+        )
+
     def _objective(self, theta, phi_b, eps_g, eps_l, arrays, static, mask):
-        g = self.guide.sample(theta, eps_g)  # (K, G)
-        lm = phi_b["loc"] + jax.nn.softplus(phi_b["scale_raw"]) * eps_l  # (K, B, k)
+        dev = self.guide.deviation(theta, eps_g)  # (K, G)
+        g = theta["loc"] + dev
+        lm = self._locals(phi_b, eps_l, dev)  # (K, B, k)
         lp = jax.vmap(lambda gi, li: self._log_joint(gi, li, arrays, static, mask))(
             g, lm
         )
@@ -447,24 +477,49 @@ class SVIShardWorker(ShardWorker):
 
     # ---------------------------------------------------------------- results
     def local_params(self) -> dict:
-        """``{"loc", "scale"}`` ``(P_s, k)`` and the shard's global entity ids."""
-        return dict(
+        """``{"loc", "scale"}`` ``(P_s, k)`` and the shard's global entity ids.
+
+        For the structured guide also ``scale_tril`` ``(P_s, k, k)`` (``L_i``,
+        its diagonal is ``scale``) and ``coupling`` ``(P_s, k, G)`` (``B_i``).
+        """
+        scale = jax.nn.softplus(self.phi["scale_raw"])
+        out = dict(
             loc=np.asarray(self.phi["loc"]),
-            scale=np.asarray(jax.nn.softplus(self.phi["scale_raw"])),
+            scale=np.asarray(scale),
             entity_ids=np.asarray(
                 self.entity_ids if self.density.num_local_per_entity else []
             ).astype(np.int64),
         )
+        if self.structured:
+            k = scale.shape[-1]
+            out["scale_tril"] = np.asarray(
+                jnp.tril(self.phi["tril"], -1) + scale[..., :, None] * jnp.eye(k)
+            )
+            out["coupling"] = np.asarray(self.phi["coupling"])
+        return out
 
     @worker_precision
-    def q_constrained_values(self, global_draws, rng_key, lo, hi, num_draws):
+    def q_constrained_values(
+        self, global_draws, rng_key, lo, hi, num_draws, global_loc=None
+    ):
         """Constrained sites for draws ``lo .. hi - 1`` of ``num_draws`` from q.
 
         The locals are drawn here (keyed by entity id, see :meth:`local_draws`),
         the globals are given ``(hi - lo, G)``; see :meth:`constrained_values` for
-        the output.
+        the output. The structured guide needs the globals' mean ``global_loc``
+        ``(G,)`` too (its locals are drawn given ``global_draws - global_loc``).
         """
         local = self.local_draws(num_draws, rng_key)[lo:hi]
+        if self.structured:
+            if global_loc is None:
+                raise ConfigurationError(
+                    "the structured guide draws the locals given the globals: "
+                    "pass global_loc (the global means, shape (G,))."
+                )
+            dev = np.asarray(global_draws) - np.asarray(global_loc)
+            local = local + np.einsum(
+                "pij,dj->dpi", np.asarray(self.phi["coupling"]), dev
+            )
         return self.constrained_values(global_draws, local)
 
     @worker_precision
@@ -472,6 +527,8 @@ class SVIShardWorker(ShardWorker):
         """``(num_draws, P_s, k)`` draws of the locals from q.
 
         Entity ``e`` uses ``fold_in(rng_key, e)``: the same draws on any shard.
+        For the structured guide these are draws at the globals' mean
+        (``g = mu``); :meth:`q_constrained_values` adds ``B_i (g - mu)``.
         """
         key = rng_key
         k = self.density.num_local_per_entity
@@ -482,4 +539,5 @@ class SVIShardWorker(ShardWorker):
             lambda e: jax.random.normal(jax.random.fold_in(key, e), (num_draws, k))
         )(ids)
         z = jnp.swapaxes(z, 0, 1).astype(self.phi["loc"].dtype)
-        return np.asarray(self.phi["loc"] + jax.nn.softplus(self.phi["scale_raw"]) * z)
+        dev = jnp.zeros((num_draws, self.density.num_global), z.dtype)
+        return np.asarray(self._locals(self.phi, z, dev))
