@@ -162,7 +162,8 @@ def resolve_guide(guide, model, rank=None, init_scale=0.1):
     instance must have been built for ``model``.
 
     Raises:
-        ConfigurationError: another guide, or an instance built for another model.
+        ConfigurationError: another guide, an instance built for another model, or
+            a ``rank`` that is not an integer >= 1.
     """
     if isinstance(guide, (AutoNormal, AutoLowRankMultivariateNormal)):
         if (
@@ -188,5 +189,12 @@ def resolve_guide(guide, model, rank=None, init_scale=0.1):
             "(AutoNormal), 'lowrank' (AutoLowRankMultivariateNormal for the global "
             "block, mean-field for the per-entity block) or 'structured' (each "
             "entity's block conditioned on the globals)."
+        )
+    if rank is not None and (
+        isinstance(rank, bool) or int(rank) != rank or rank < 1
+    ):
+        raise ConfigurationError(
+            f"rank={rank!r}; use an integer >= 1 (the rank of the low-rank global "
+            "factor) or None (lowrank: round(sqrt(G)); structured: full rank)."
         )
     return _FAMILIES[guide.lower()], rank, init_scale

@@ -526,11 +526,13 @@ class SVIShardWorker(ShardWorker):
     def local_draws(self, num_draws: int, rng_key) -> np.ndarray:
         """``(num_draws, P_s, k)`` draws of the locals from q.
 
-        Entity ``e`` uses ``fold_in(rng_key, e)``: the same draws on any shard.
+        Entity ``e`` uses ``fold_in(fold_in(rng_key, 1), e)``: the same draws on
+        any shard, and never the stream of the globals' noise
+        (``fold_in(rng_key, 0)``, drawn by the server).
         For the structured guide these are draws at the globals' mean
         (``g = mu``); :meth:`q_constrained_values` adds ``B_i (g - mu)``.
         """
-        key = rng_key
+        key = jax.random.fold_in(rng_key, 1)
         k = self.density.num_local_per_entity
         if k == 0:  # no local latent sites (e.g. a split of the observations)
             return np.zeros((num_draws, self.density.num_local_entities, 0))
