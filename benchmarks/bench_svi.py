@@ -1,4 +1,4 @@
-"""Distributed SVI (raybayes.fit_svi) vs NumPyro's published SVI recipe: time to target.
+"""Distributed SVI (raybayes.fit_svi) vs NumPyro SVI peers: time to a target RMSE.
 
 Simulates ``--categories x --products x --weeks`` rows with known elasticities
 (:func:`raybayes.datasets.simulate_elasticity`) and, in one run:
@@ -11,18 +11,32 @@ Simulates ``--categories x --products x --weeks`` rows with known elasticities
   counted by ``info.elapsed_s``); it stops at the target or ``--max-steps``. Its
   times include ``fit_svi``'s set-up (plan, workers, data), as the peer's include
   its init and JIT compilation;
-* the peer, the published NumPyro recipe: ``SVI`` with ``AutoNormal``,
-  ``RenyiELBO(num_particles=4)`` and ``optax.adamw`` on
-  ``optax.exponential_decay(0.01, 1000, 0.99, end_value=1e-5)``, run in jitted
-  blocks of ``--peer-block`` steps (``lax.fori_loop`` over ``svi.update``),
-  evaluated between blocks outside the timed region, until the target or
-  ``--peer-budget-s`` of timed wall time. JIT compilation counts in its time and is
-  also reported separately.
+* the peers (``--peers``, any of):
+
+  - ``recipe``, the published NumPyro recipe: ``SVI`` with ``AutoNormal``,
+    ``RenyiELBO(num_particles=4)`` and ``optax.adamw`` on
+    ``optax.exponential_decay(0.01, 1000, 0.99, end_value=1e-5)``;
+  - ``tuned``, a tuned single-process NumPyro SVI: ``AutoNormal``,
+    ``Trace_ELBO(num_particles=1)``, ``optax.adam(--peer-lr)`` (0.05), full batch;
+  - ``subsample``, NumPyro's own plate subsampling: the same model written with
+    ``numpyro.plate("products", P, subsample_size=B)`` (the observations of a
+    product nested in its plate, so they get the ``P / B`` scale), ``AutoNormal``,
+    ``Trace_ELBO(1)``, ``adam(--peer-lr)``; the ``B`` indices are drawn with
+    ``jax.random.choice`` inside the jitted step and substituted into the plate
+    (NumPyro's own index draw is a sequential loop, much slower on CPU).
+    ``B`` = ``--peer-subsample-size`` (default: raybayes' products per step).
+
+  Each runs in jitted blocks of ``--peer-block`` steps (``lax.fori_loop`` over
+  ``svi.update``, the data passed as arguments of the jitted block, as
+  ``svi.run(..., jit_model_args=True)`` does), evaluated between blocks outside
+  the timed region, until the target or ``--peer-budget-s`` of timed wall time.
+  JIT compilation counts in its time and is also reported separately.
 
 The RMSE is that of the posterior-mean product elasticities ``beta`` (mean of
 ``--draws`` guide draws) against the truth. Both contestants use the same
 (non-centred) ``elasticity_model``. Prints each contestant's RMSE-vs-time
-trajectory, its time to the target and the ratio peer / raybayes.
+trajectory, its time to the target, the ratio peer / raybayes for each peer and
+the ratio against the best (fastest to the target) peer.
 
 Usage:
     python benchmarks/bench_svi.py --products 10000 --workers 2 --backend ray
@@ -42,13 +56,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import numpyro.distributions as dist
 import optax
-from numpyro.infer import SVI, Predictive, RenyiELBO
+from numpyro import handlers
+from numpyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from numpyro.optim import optax_to_numpyro
 
 from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
 from raybayes.models.elasticity import elasticity_model
+from raybayes.models.negbin import NegativeBinomialLogMean
 
 MODEL = elasticity_model  # already non-centred; not wrapped in reparam again
 
@@ -183,27 +200,137 @@ def _beta_kwargs(kwargs):
     return out
 
 
-def run_peer(kwargs, true_beta, target, args):
-    """The published recipe: AutoNormal, RenyiELBO(4 particles), adamw on an
-    exponentially decaying learning rate."""
-    guide = AutoNormal(MODEL)
-    schedule = optax.exponential_decay(
-        init_value=0.01, transition_steps=1000, decay_rate=0.99, end_value=1e-5
+def subsampled_elasticity_model(
+    log_price, time_idx, category_of_product, num_categories, num_times, units,
+    subsample_size, idx=None,
+):
+    """``elasticity_model`` (non-centred, negative binomial) written for NumPyro's
+    plate subsampling: data on the full grid ``(P, T)`` (products x weeks), the
+    observations nested in the ``products`` plate. ``idx`` ``(B,)``: the subsample
+    indices, substituted into the plate (drawn by the caller inside the jitted
+    step)."""
+    P, T = log_price.shape
+    beta_global = numpyro.sample("beta_global", dist.Normal(-2.0, 1.0))
+    sigma_category = numpyro.sample("sigma_category", dist.HalfNormal(1.0))
+    sigma_beta = numpyro.sample("sigma_beta", dist.HalfNormal(1.0))
+    sigma_delta = numpyro.sample("sigma_delta", dist.HalfNormal(1.0))
+    sigma_gamma = numpyro.sample("sigma_gamma", dist.HalfNormal(1.0))
+    mu_delta = numpyro.sample("mu_delta", dist.Normal(0.0, 10.0))
+    with numpyro.plate("categories", num_categories, dim=-1):
+        z_category = numpyro.sample("z_category", dist.Normal(0.0, 1.0))
+        beta_category = beta_global + sigma_category * z_category
+        with numpyro.plate("times", num_times, dim=-2):
+            gamma = sigma_gamma * numpyro.sample(
+                "gamma_decentered", dist.Normal(0.0, 1.0)
+            )
+    concentration = numpyro.sample("concentration", dist.Exponential(0.1))
+    with handlers.substitute(data=None if idx is None else {"products": idx}):
+        with numpyro.plate(
+            "products", P, subsample_size=subsample_size, dim=-2
+        ) as rows:
+            cat = category_of_product[rows]
+            z_beta = numpyro.sample("z_beta", dist.Normal(0.0, 1.0))
+            delta = mu_delta + sigma_delta * numpyro.sample(
+                "delta_decentered", dist.Normal(0.0, 1.0)
+            )
+            beta = beta_category[cat][:, None] + sigma_beta * z_beta
+            log_mu = (
+                beta * log_price[rows]
+                + gamma[time_idx[rows], cat[:, None]]
+                + delta
+            )
+            with numpyro.plate("weeks", T, dim=-1):
+                numpyro.sample(
+                    "units",
+                    NegativeBinomialLogMean(log_mu, concentration),
+                    obs=units[rows],
+                )
+
+
+def _grid_kwargs(kwargs):
+    """The model's data on the full (products x weeks) grid, for the subsampled
+    peer model; raises if the rows are not that grid in product-major order."""
+    P, T = len(kwargs["category_of_product"]), int(kwargs["num_times"])
+    pidx, tidx = np.asarray(kwargs["product_idx"]), np.asarray(kwargs["time_idx"])
+    if len(pidx) != P * T or not (
+        np.array_equal(pidx, np.repeat(np.arange(P), T))
+        and np.array_equal(tidx, np.tile(np.arange(T), P))
+    ):
+        raise ValueError("the subsample peer needs every product in every week")
+    return dict(
+        log_price=np.asarray(kwargs["log_price"]).reshape(P, T),
+        time_idx=tidx.reshape(P, T),
+        category_of_product=np.asarray(kwargs["category_of_product"]),
+        num_categories=int(kwargs["num_categories"]),
+        num_times=T,
+        units=np.asarray(kwargs["units"]).reshape(P, T),
     )
-    optim = optax_to_numpyro(optax.adamw(schedule))
-    svi = SVI(MODEL, guide, optim, RenyiELBO(num_particles=4))
+
+
+PEER_LABELS = {
+    "recipe": "NumPyro recipe: AutoNormal, RenyiELBO(4), adamw on "
+    "exponential_decay(0.01, 1000, 0.99, end 1e-5), full batch",
+    "tuned": "NumPyro tuned: AutoNormal, Trace_ELBO(1), adam({lr}), full batch",
+    "subsample": "NumPyro plate subsampling: AutoNormal, Trace_ELBO(1), adam({lr}), "
+    "{B} products/step, indices drawn in the jitted step",
+}
+
+
+def run_peer(kwargs, true_beta, target, args, kind="recipe"):
+    """One NumPyro peer (see the module docstring) in jitted blocks of steps."""
     block = int(args.peer_block)
+    if kind == "recipe":
+        model = MODEL
+        schedule = optax.exponential_decay(
+            init_value=0.01, transition_steps=1000, decay_rate=0.99, end_value=1e-5
+        )
+        optim = optax_to_numpyro(optax.adamw(schedule))
+        elbo = RenyiELBO(num_particles=4)
+    else:
+        optim = optax_to_numpyro(optax.adam(args.peer_lr))
+        elbo = Trace_ELBO(num_particles=1)
+        model = MODEL if kind == "tuned" else subsampled_elasticity_model
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, optim, elbo)
 
-    beta_kwargs = _beta_kwargs(kwargs)
+    if kind == "subsample":
+        grid = _grid_kwargs(kwargs)
+        P = grid["category_of_product"].shape[0]
+        B = int(args.peer_subsample_size)
+        cat = jnp.asarray(grid["category_of_product"])
 
-    @jax.jit
-    def beta_draws(rng_key, params):
-        k1, k2 = jax.random.split(rng_key)
-        post = guide.sample_posterior(k1, params, sample_shape=(args.draws,))
-        if "beta" in post:
-            return post["beta"]
-        pred = Predictive(MODEL, posterior_samples=post, return_sites=["beta"])
-        return pred(k2, **beta_kwargs)["beta"]
+        @jax.jit
+        def beta_draws(rng_key, params):
+            # beta = beta_global + sigma_category z_category[c] + sigma_beta z_beta,
+            # each site drawn from its AutoNormal factor (positive sites: exp).
+            keys = jax.random.split(rng_key, 5)
+            shape = (args.draws,)
+
+            def site(name, k, positive=False):
+                loc, scale = params[f"{name}_auto_loc"], params[f"{name}_auto_scale"]
+                u = loc + scale * jax.random.normal(k, shape + loc.shape)
+                return jnp.exp(u) if positive else u
+
+            bg = site("beta_global", keys[0])
+            sc = site("sigma_category", keys[1], True)
+            sb = site("sigma_beta", keys[2], True)
+            zc = site("z_category", keys[3])
+            zb = site("z_beta", keys[4])[..., 0]
+            return bg[:, None] + sc[:, None] * zc[:, cat] + sb[:, None] * zb
+
+        model_kwargs = dict(grid, subsample_size=B)
+    else:
+        beta_kwargs = _beta_kwargs(kwargs)
+        model_kwargs = kwargs
+
+        @jax.jit
+        def beta_draws(rng_key, params):
+            k1, k2 = jax.random.split(rng_key)
+            post = guide.sample_posterior(k1, params, sample_shape=(args.draws,))
+            if "beta" in post:
+                return post["beta"]
+            pred = Predictive(MODEL, posterior_samples=post, return_sites=["beta"])
+            return pred(k2, **beta_kwargs)["beta"]
 
     def evaluate(state):
         beta = np.asarray(beta_draws(jax.random.PRNGKey(1), svi.get_params(state)))
@@ -211,13 +338,17 @@ def run_peer(kwargs, true_beta, target, args):
 
     # ---- timed: data to the device, init (trace + compile), then blocks of steps
     start = time.perf_counter()
-    arrays, static = _split_kwargs(kwargs)
+    arrays, static = _split_kwargs(model_kwargs)
     arrays = jax.device_put(arrays)
 
-    def run_block(state, arrays):
-        def body(_, carry):
+    def run_block(state, arrays, first_step):
+        def body(i, carry):
             state, loss_sum = carry
-            state, loss = svi.update(state, **arrays, **static)
+            extra = {}
+            if kind == "subsample":
+                key = jax.random.fold_in(jax.random.PRNGKey(2), first_step + i)
+                extra["idx"] = jax.random.choice(key, P, (B,), replace=False)
+            state, loss = svi.update(state, **arrays, **static, **extra)
             return state, loss_sum + loss
 
         zero = jnp.zeros((), jnp.result_type(float))
@@ -225,7 +356,8 @@ def run_peer(kwargs, true_beta, target, args):
         return state, loss_sum / block
 
     run_block = jax.jit(run_block)
-    state = svi.init(jax.random.PRNGKey(0), **arrays, **static)
+    extra = {"idx": jnp.arange(B)} if kind == "subsample" else {}
+    state = svi.init(jax.random.PRNGKey(0), **arrays, **static, **extra)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
 
@@ -233,7 +365,7 @@ def run_peer(kwargs, true_beta, target, args):
     trajectory, block_s = [], []
     while True:
         t0 = time.perf_counter()
-        state, mean_loss = run_block(state, arrays)
+        state, mean_loss = run_block(state, arrays, steps)
         jax.block_until_ready(state)
         dt = time.perf_counter() - t0
         # ---- not timed: evaluation
@@ -244,7 +376,7 @@ def run_peer(kwargs, true_beta, target, args):
         trajectory.append((elapsed, steps, r, float(mean_loss)))
         if args.progress:
             print(
-                f"  peer step {steps:6d}  {elapsed:8.2f} s  block {dt:6.2f} s  "
+                f"  peer {kind} step {steps:6d}  {elapsed:8.2f} s  block {dt:6.2f} s  "
                 f"mean loss {float(mean_loss):.6g}  RMSE {r:.4f}",
                 flush=True,
             )
@@ -348,7 +480,9 @@ def main():
     # raybayes
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backend", default="ray", choices=("ray", "local"))
-    parser.add_argument("--guide", default="normal", choices=("normal", "lowrank"))
+    parser.add_argument(
+        "--guide", default="normal", choices=("normal", "lowrank", "structured")
+    )
     parser.add_argument(
         "--subsample-size",
         type=lambda s: None if s.lower() == "none" else int(s),
@@ -379,6 +513,19 @@ def main():
         help="peer steps per jitted block (evaluated between blocks)",
     )
     parser.add_argument("--peer-budget-s", type=float, default=600.0)
+    parser.add_argument(
+        "--peers",
+        default="recipe,tuned,subsample",
+        help="comma-separated peers: recipe, tuned, subsample",
+    )
+    parser.add_argument("--peer-lr", type=float, default=0.05, help="tuned peers' Adam")
+    parser.add_argument(
+        "--peer-subsample-size",
+        type=int,
+        default=None,
+        help="products per step of the subsample peer (default: raybayes' "
+        "workers x subsample size, else products / 10)",
+    )
     # common
     parser.add_argument(
         "--draws",
@@ -396,6 +543,16 @@ def main():
     )
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(peers) - set(PEER_LABELS))
+    if unknown:
+        parser.error(f"unknown peers {unknown}; choose from {list(PEER_LABELS)}")
+    if args.peer_subsample_size is None:
+        args.peer_subsample_size = (
+            args.workers * args.subsample_size
+            if args.subsample_size is not None
+            else max(1, args.products // 10)
+        )
 
     df, truth = simulate_elasticity(args.categories, args.products, args.weeks, seed=0)
     data = prepare_elasticity_data(
@@ -433,7 +590,7 @@ def main():
         )
     out()
 
-    ours = peer = None
+    ours, peer_runs = None, {}
     if not args.skip_ours:
         ours = run_ours(kwargs, true_beta, target, args)
         sub = "all" if args.subsample_size is None else args.subsample_size
@@ -456,13 +613,11 @@ def main():
         )
         out(reach_line("raybayes", ours, target))
         out()
-    if not args.skip_peer:
-        peer = run_peer(kwargs, true_beta, target, args)
-        out(
-            f"## peer: NumPyro SVI, AutoNormal, RenyiELBO(num_particles=4), adamw on "
-            f"exponential_decay(0.01, 1000, 0.99, end 1e-5), blocks of "
-            f"{args.peer_block} steps"
-        )
+    for kind in [] if args.skip_peer else peers:
+        peer = run_peer(kwargs, true_beta, target, args, kind)
+        peer_runs[kind] = peer
+        label = PEER_LABELS[kind].format(lr=args.peer_lr, B=args.peer_subsample_size)
+        out(f"## peer {kind}: {label}; blocks of {args.peer_block} steps")
         out()
         for line in trajectory_table(peer["trajectory"], target, args.max_rows):
             out(line)
@@ -484,13 +639,24 @@ def main():
             f"{peer['steps']} steps in {peer['time_s']:.2f} s timed (init and compile "
             f"included); {rate}"
         )
-        out(reach_line("peer", peer, target))
+        out(reach_line(f"peer {kind}", peer, target))
         out()
-    if ours is not None and peer is not None:
-        out(ratio_line(peer, ours, target))
+    if ours is not None and peer_runs:
+        for kind, peer in peer_runs.items():
+            out(f"- {kind}: " + ratio_line(peer, ours, target))
+        reached = {
+            k: time_to_target(p["trajectory"], target)[0]
+            for k, p in peer_runs.items()
+            if time_to_target(p["trajectory"], target) is not None
+        }
+        if reached:
+            best = min(reached, key=reached.get)
+            out(f"- best peer ({best}): " + ratio_line(peer_runs[best], ours, target))
+        else:
+            out("- best peer: none of the peers reached the target")
         out(
             f"(evaluation granularity: raybayes every {args.eval_every} steps, "
-            f"peer every {args.peer_block} steps; rows marked * reach the target)"
+            f"peers every {args.peer_block} steps; rows marked * reach the target)"
         )
 
     if args.out:

@@ -8,6 +8,9 @@ sets, seeds ``--seed0``, ``--seed0 + 1``, ...), and fits the same non-centred
 * ``svi-normal``: ``raybayes.fit_svi``, mean-field guide (``guide="normal"``);
 * ``svi-lowrank``: ``raybayes.fit_svi``, low-rank global block
   (``guide="lowrank"``, per-product blocks mean-field);
+* ``svi-structured``: ``raybayes.fit_svi``, structured guide
+  (``guide="structured"``: full-rank global block, each product's block full-rank
+  and linear in the globals);
 * ``laplace``: ``raybayes.laplace_approximation`` (distributed L-BFGS MAP, then the
   arrowhead Laplace approximation, draws in the constrained space);
 * ``nuts``: ``raybayes.sample`` (``--chains`` chains of NUTS on ``--workers``
@@ -70,10 +73,13 @@ from raybayes.models.elasticity import elasticity_model
 from raybayes.plan import plan
 
 MODEL = elasticity_model  # already non-centred; not wrapped in reparam again
-METHODS = ("svi-normal", "svi-lowrank", "laplace", "nuts")
+METHODS = ("svi-normal", "svi-lowrank", "svi-structured", "laplace", "nuts")
+GUIDES = {"svi-normal": "normal", "svi-lowrank": "lowrank",
+          "svi-structured": "structured"}
 LABELS = {
     "svi-normal": "raybayes SVI, mean-field",
     "svi-lowrank": "raybayes SVI, low-rank globals",
+    "svi-structured": "raybayes SVI, structured",
     "laplace": "raybayes Laplace",
     "nuts": "NUTS (reference)",
 }
@@ -125,7 +131,7 @@ def run_method(name, kwargs, part, backend, seed, args):
             num_shards=args.workers,
             partition=part,
             backend=backend,
-            guide="normal" if name == "svi-normal" else "lowrank",
+            guide=GUIDES[name],
             rank=args.rank if name == "svi-lowrank" else None,
             optimizer=optimizer,
             local_optimizer=local_optimizer,
@@ -139,9 +145,12 @@ def run_method(name, kwargs, part, backend, seed, args):
         idata = res.idata
         losses = np.asarray(res.losses)
         tail = losses[-min(100, losses.size) :]
+        extra["ms_per_step"] = 1e3 * float(res.time_s) / max(int(res.num_steps), 1)
         extra["note"] = (
             f"{int(res.num_steps)} steps: set-up {float(res.setup_s):.1f} s, "
-            f"fit {float(res.time_s):.1f} s, draws {float(res.draws_s):.1f} s, "
+            f"fit {float(res.time_s):.1f} s ({extra['ms_per_step']:.2f} ms/step, "
+            "JIT compilation of the step included), "
+            f"draws {float(res.draws_s):.1f} s, "
             f"-ELBO (last 100) {tail.mean():.1f}"
         )
     elif name == "laplace":
@@ -351,7 +360,8 @@ def main():
                     continue
                 cal = calibration(beta_draws(idata), true_beta, args.prob)
                 per_seed[name].append(
-                    dict(cal, time_s=extra["time_s"], rhat=extra.get("rhat"))
+                    dict(cal, time_s=extra["time_s"], rhat=extra.get("rhat"),
+                         ms_per_step=extra.get("ms_per_step"))
                 )
                 notes.append(
                     f"seed {seed}, {LABELS[name]}: "
@@ -401,6 +411,15 @@ def main():
             }
             for line in table(seed_rows, args.prob):
                 out(line)
+    svi = [m for m in methods if m.startswith("svi-") and per_seed[m]]
+    if "svi-normal" in svi and len(svi) > 1:
+        base = np.mean([r["ms_per_step"] for r in per_seed["svi-normal"]])
+        out()
+        out("cost per step (fit time / steps, mean over data sets) against "
+            "mean-field:")
+        for m in svi:
+            ms = np.mean([r["ms_per_step"] for r in per_seed[m]])
+            out(f"- {LABELS[m]}: {ms:.2f} ms/step, {ms / base:.2f}x")
     out()
     for note in notes:
         out(f"- {note}")

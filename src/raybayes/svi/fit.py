@@ -98,8 +98,10 @@ class SVIResult:
         local_params: ``loc`` and ``scale`` ``(P, k)`` of the per-entity block, in
             entity order of the split plate; for ``guide="structured"`` also
             ``scale_tril`` ``(P, k, k)`` (``L_i``) and ``coupling`` ``(P, k, G)``
-            (``B_i``): ``q(z_i | g) = N(loc_i + B_i (g - params["loc"]),
-            L_i L_i^T)``.
+            (``A_i``): with the globals ``g = loc + scale_tril @ eps``, entity
+            ``i``'s locals are ``loc_i + A_i eps + L_i eps_i``, i.e.
+            ``q(z_i | g) = N(loc_i + B_i (g - loc), L_i L_i^T)`` with ``B_i = A_i
+            scale_tril^{-1}``.
         idata: ``arviz.InferenceData`` with ``num_samples`` draws from q (one
             chain), constrained, deterministic sites included.
         losses: ``(num_steps,)`` negative ELBO estimate of every step (nats).
@@ -303,7 +305,7 @@ class _Run:
             hi = min(num_draws, lo + chunk)
             results = self.pool_call_all(
                 "q_constrained_values", globals_[lo:hi], key, lo, hi, num_draws,
-                np.asarray(self.theta["loc"]),
+                np.asarray(eps[lo:hi]),
             )
             values, axes = merge_shard_values(results)
             for k, v in values.items():
@@ -493,7 +495,8 @@ def fit_svi(
     mean-field Normal guide held by the shard that owns it. With
     ``guide="structured"`` the globals get a full-rank Normal and each entity's
     block is a full-rank Normal conditioned on them,
-    ``q(z_i | g) = N(m_i + B_i (g - mu), L_i L_i^T)``, still held by its shard:
+    ``q(z_i | g) = N(m_i + B_i (g - mu), L_i L_i^T)``, still held by its shard
+    (:mod:`raybayes.svi.guides`):
     hierarchical models get posterior sds that mean-field underestimates. Each step every shard
     subsamples ``subsample_size`` of its entities (all of them by default) and
     returns its unbiased term of the ELBO gradient; see :mod:`raybayes.svi.fit`.
@@ -523,7 +526,7 @@ def fit_svi(
         guide: ``"normal"`` / ``AutoNormal``, ``"lowrank"`` /
             ``AutoLowRankMultivariateNormal`` (low-rank global block, mean-field
             local blocks), or ``"structured"`` (full-rank global block; each
-            entity's ``k`` locals full-rank and linear in the globals, ``k (k + 1)
+            entity's ``k`` locals full-rank and linear in the globals, ``k (k - 1)
             / 2 + k G`` more parameters per entity, see ``SVIResult.local_params``);
             an autoguide instance built for ``model`` also works.
         rank: rank of the low-rank global factor (default ``round(sqrt(G))``; for

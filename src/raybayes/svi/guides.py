@@ -8,17 +8,28 @@ the entity. Parameterization follows NumPyro: ``scale = softplus(scale_raw)``,
 initial scale ``init_scale`` (0.1), low-rank ``cov = (W s)(W s)^T + diag(s^2)``.
 
 The structured family (``"structured"``) conditions each entity's block on the
-globals: ``q(g) = N(mu, L L^T)`` with a full-rank (or, given ``rank``, low-rank)
-``L``, and for entity ``i``
+globals: ``g = mu + L eps`` with a full-rank (or, given ``rank``, low-rank)
+factor ``L``, and for entity ``i``
 
-    q(z_i | g) = N(m_i + B_i (g - mu), L_i L_i^T),
+    z_i = m_i + A_i eps + L_i eps_i,   i.e.   q(z_i | g) = N(m_i + B_i (g - mu),
+                                                             L_i L_i^T),
 
-``B_i`` ``(k, G)`` and ``L_i`` ``(k, k)`` lower triangular with diagonal
-``softplus(scale_raw_i)``, held by the shard that owns ``i`` (Hoffman & Blei,
-"Structured stochastic variational inference", AISTATS 2015; Agrawal & Domke,
-"Amortized variational inference for simple hierarchical models", NeurIPS 2021).
-Given the globals the entities stay independent, so the entropy is
+with ``B_i = A_i L^{-1}`` (full rank), ``A_i`` ``(k, G)`` and ``L_i`` ``(k, k)``
+lower triangular, held by the shard that owns ``i`` (Hoffman & Blei, "Structured
+stochastic variational inference", AISTATS 2015; Agrawal & Domke, "Amortized
+variational inference for simple hierarchical models", NeurIPS 2021). Given the
+globals the entities stay independent, so the entropy is
 ``H[q(g)] + sum_i log|det L_i| + const`` and the ELBO still splits over shards.
+The coupling is kept in the whitened globals ``eps`` (``A_i`` rather than
+``B_i``) so that the locals need only the step's noise, never ``L^{-1}``.
+
+Scaled parameterization: every off-diagonal factor is relative to its row's scale
+``s`` and divided by the square root of its width, ``L = diag(s) (I +
+tril(W, -1) / sqrt(G))``, ``L_i = diag(s_i) (I + tril(T_i, -1))``, ``A_i =
+diag(s_i) C_i / sqrt(G + rank)``, all starting at 0 (the mean-field guide). One
+Adam step then changes a row's variance by about ``lr^2`` relative, however many
+globals there are; in the plain parameterization one step moves each of the ``G``
+entries by ``lr`` and a few hundred globals blow up the variance in a few steps.
 
 Pure JAX; no Ray.
 """
@@ -61,8 +72,8 @@ class GlobalGuide:
     Parameters (a dict of arrays, the pytree that the optimizer updates):
         ``loc`` ``(G,)``, ``scale_raw`` ``(G,)``; for a low-rank block
         ``cov_factor`` ``(G, rank)``; for a full-rank block ``tril`` ``(G, G)``
-        (its strictly lower triangle is used: ``L = tril(tril, -1) + diag(scale)``,
-        NumPyro's ``AutoMultivariateNormal``).
+        (its strictly lower triangle is used: ``L = diag(scale) (I + tril(tril,
+        -1) / sqrt(G))``, the family of NumPyro's ``AutoMultivariateNormal``).
     """
 
     def __init__(
@@ -100,7 +111,9 @@ class GlobalGuide:
     def scale_tril(self, params):
         """The full-rank block's Cholesky factor ``L`` ``(G, G)``."""
         scale = jax.nn.softplus(params["scale_raw"])
-        return jnp.tril(params["tril"], -1) + jnp.diag(scale)
+        G = self.num_global
+        unit = jnp.eye(G, dtype=scale.dtype) + jnp.tril(params["tril"], -1) / np.sqrt(G)
+        return scale[:, None] * unit
 
     def deviation(self, params, eps):
         """``g - loc`` ``(K, G)`` of the draws from noise ``eps`` ``(K, G + rank)``."""

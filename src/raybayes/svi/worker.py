@@ -18,9 +18,8 @@ the shard by an optimizer applied row by row (lazily: rows not sampled keep thei
 state), so local parameters never leave the worker.
 
 With the structured guide (``family="structured"``) entity ``i``'s locals are drawn
-given the step's globals, ``z_i = m_i + B_i (g - mu) + L_i eps_i``, so the shard's
-term also carries the gradient of theta through every sampled entity's locals;
-``B_i`` and ``L_i`` are local parameters like ``m_i``.
+with the step's global noise, ``z_i = m_i + A_i eps_g + L_i eps_i`` (see
+:mod:`raybayes.svi.guides`); ``A_i`` and ``L_i`` are local parameters like ``m_i``.
 """
 
 from __future__ import annotations
@@ -191,12 +190,12 @@ class SVIShardWorker(ShardWorker):
             "loc": jnp.asarray(loc),
             "scale_raw": jnp.full((P, k), softplus_inv(cfg.init_scale), dtype),
         }
-        # Structured guide: L_i's strictly lower triangle and the coupling B_i to
-        # the globals, both 0 at the start (the mean-field guide's q).
+        # Structured guide: L_i's strictly lower triangle and the coupling to the
+        # global noise, both 0 at the start (the mean-field guide's q).
         self.structured = cfg.family == "structured" and k > 0
         if self.structured:
             self.phi["tril"] = jnp.zeros((P, k, k), dtype)
-            self.phi["coupling"] = jnp.zeros((P, k, d.num_global), dtype)
+            self.phi["coupling"] = jnp.zeros((P, k, self.guide.noise_size), dtype)
         self.local_opt = cfg.local_optimizer
         self.local_state = jax.vmap(self.local_opt.init)(self.phi)
         self.clock = 0
@@ -334,25 +333,31 @@ class SVIShardWorker(ShardWorker):
         )(ids)
         return jnp.swapaxes(eps, 0, 1).astype(jnp.result_type(float))  # (K, B, k)
 
-    def _locals(self, phi, eps_l, dev):
-        """Locals ``(K, B, k)`` from noise ``eps_l`` ``(K, B, k)`` and, for the
-        structured guide, the globals' deviations ``dev = g - mu`` ``(K, G)``."""
+    def _structured_factors(self, phi):
+        """``L_i`` ``(B, k, k)`` and ``A_i`` ``(B, k, G + rank)`` of the structured
+        guide (scaled parameterization, see :mod:`raybayes.svi.guides`)."""
         scale = jax.nn.softplus(phi["scale_raw"])
+        k = scale.shape[-1]
+        unit = jnp.eye(k, dtype=scale.dtype) + jnp.tril(phi["tril"], -1)
+        width = phi["coupling"].shape[-1]
+        coupling = scale[..., None] * phi["coupling"] / np.sqrt(max(width, 1))
+        return scale[..., None] * unit, coupling
+
+    def _locals(self, phi, eps_l, eps_g):
+        """Locals ``(K, B, k)`` from noise ``eps_l`` ``(K, B, k)`` and, for the
+        structured guide, the step's global noise ``eps_g`` ``(K, G + rank)``."""
         if not self.structured:
-            return phi["loc"] + scale * eps_l
-        tril = jnp.tril(phi["tril"], -1) + scale[..., :, None] * jnp.eye(
-            scale.shape[-1], dtype=scale.dtype
-        )
+            return phi["loc"] + jax.nn.softplus(phi["scale_raw"]) * eps_l
+        tril, coupling = self._structured_factors(phi)
         return (
             phi["loc"]
             + jnp.einsum("bij,kbj->kbi", tril, eps_l)
-            + jnp.einsum("bij,kj->kbi", phi["coupling"], dev)
+            + jnp.einsum("bij,kj->kbi", coupling, eps_g)
         )
 
     def _objective(self, theta, phi_b, eps_g, eps_l, arrays, static, mask):
-        dev = self.guide.deviation(theta, eps_g)  # (K, G)
-        g = theta["loc"] + dev
-        lm = self._locals(phi_b, eps_l, dev)  # (K, B, k)
+        g = self.guide.sample(theta, eps_g)  # (K, G)
+        lm = self._locals(phi_b, eps_l, eps_g)  # (K, B, k)
         lp = jax.vmap(lambda gi, li: self._log_joint(gi, li, arrays, static, mask))(
             g, lm
         )
@@ -480,7 +485,9 @@ class SVIShardWorker(ShardWorker):
         """``{"loc", "scale"}`` ``(P_s, k)`` and the shard's global entity ids.
 
         For the structured guide also ``scale_tril`` ``(P_s, k, k)`` (``L_i``,
-        its diagonal is ``scale``) and ``coupling`` ``(P_s, k, G)`` (``B_i``).
+        its diagonal is ``scale``) and ``coupling`` ``(P_s, k, G + rank)``
+        (``A_i``: ``z_i = loc_i + A_i eps + L_i eps_i`` where the globals are
+        ``mu + L eps``).
         """
         scale = jax.nn.softplus(self.phi["scale_raw"])
         out = dict(
@@ -491,34 +498,36 @@ class SVIShardWorker(ShardWorker):
             ).astype(np.int64),
         )
         if self.structured:
-            k = scale.shape[-1]
-            out["scale_tril"] = np.asarray(
-                jnp.tril(self.phi["tril"], -1) + scale[..., :, None] * jnp.eye(k)
-            )
-            out["coupling"] = np.asarray(self.phi["coupling"])
+            tril, coupling = self._structured_factors(self.phi)
+            out["scale_tril"] = np.asarray(tril)
+            out["coupling"] = np.asarray(coupling)
         return out
 
     @worker_precision
     def q_constrained_values(
-        self, global_draws, rng_key, lo, hi, num_draws, global_loc=None
+        self, global_draws, rng_key, lo, hi, num_draws, global_noise=None
     ):
         """Constrained sites for draws ``lo .. hi - 1`` of ``num_draws`` from q.
 
         The locals are drawn here (keyed by entity id, see :meth:`local_draws`),
         the globals are given ``(hi - lo, G)``; see :meth:`constrained_values` for
-        the output. The structured guide needs the globals' mean ``global_loc``
-        ``(G,)`` too (its locals are drawn given ``global_draws - global_loc``).
+        the output. The structured guide needs the globals' noise
+        ``global_noise`` ``(hi - lo, G + rank)`` too (its locals are drawn given
+        the globals).
+
+        Raises:
+            ConfigurationError: a structured guide without ``global_noise``.
         """
         local = self.local_draws(num_draws, rng_key)[lo:hi]
         if self.structured:
-            if global_loc is None:
+            if global_noise is None:
                 raise ConfigurationError(
                     "the structured guide draws the locals given the globals: "
-                    "pass global_loc (the global means, shape (G,))."
+                    "pass global_noise (shape (draws, G + rank))."
                 )
-            dev = np.asarray(global_draws) - np.asarray(global_loc)
+            _, coupling = self._structured_factors(self.phi)
             local = local + np.einsum(
-                "pij,dj->dpi", np.asarray(self.phi["coupling"]), dev
+                "pij,dj->dpi", np.asarray(coupling), np.asarray(global_noise)
             )
         return self.constrained_values(global_draws, local)
 
@@ -530,7 +539,7 @@ class SVIShardWorker(ShardWorker):
         any shard, and never the stream of the globals' noise
         (``fold_in(rng_key, 0)``, drawn by the server).
         For the structured guide these are draws at the globals' mean
-        (``g = mu``); :meth:`q_constrained_values` adds ``B_i (g - mu)``.
+        (``g = mu``); :meth:`q_constrained_values` adds ``A_i eps``.
         """
         key = jax.random.fold_in(rng_key, 1)
         k = self.density.num_local_per_entity
@@ -541,5 +550,5 @@ class SVIShardWorker(ShardWorker):
             lambda e: jax.random.normal(jax.random.fold_in(key, e), (num_draws, k))
         )(ids)
         z = jnp.swapaxes(z, 0, 1).astype(self.phi["loc"].dtype)
-        dev = jnp.zeros((num_draws, self.density.num_global), z.dtype)
-        return np.asarray(self._locals(self.phi, z, dev))
+        eps_g = jnp.zeros((num_draws, self.guide.noise_size), z.dtype)
+        return np.asarray(self._locals(self.phi, z, eps_g))
