@@ -108,6 +108,7 @@ def test_structured_guide_recovers_the_exact_posterior(exact, structured_fit):
     assert structured_fit.local_params["coupling"].shape == (J, 1, 1)
 
 
+@pytest.mark.slow  # two more compilations; the default run keeps the exact-posterior test
 def test_one_and_two_shards_give_the_same_structured_fit(exact):
     fits = [
         raybayes.fit_svi(
