@@ -108,7 +108,7 @@ def test_structured_guide_recovers_the_exact_posterior(exact, structured_fit):
     assert structured_fit.local_params["coupling"].shape == (J, 1, 1)
 
 
-@pytest.mark.slow  # two more compilations; the default run keeps the exact-posterior test
+@pytest.mark.slow  # two more compilations; the exact-posterior test runs by default
 def test_one_and_two_shards_give_the_same_structured_fit(exact):
     fits = [
         raybayes.fit_svi(
@@ -143,7 +143,8 @@ def test_one_and_two_shards_give_the_same_structured_fit(exact):
     # Forty steps moved the coupling away from its start at 0.
     assert np.all(np.abs(fits[0].local_params["coupling"]) > 1e-3)
     np.testing.assert_allclose(
-        fits[0].idata.posterior["theta"].values, fits[1].idata.posterior["theta"].values,
+        fits[0].idata.posterior["theta"].values,
+        fits[1].idata.posterior["theta"].values,
         rtol=1e-7,
     )
 
