@@ -498,8 +498,9 @@ def fit_svi(
     ``q(z_i | g) = N(m_i + B_i (g - mu), L_i L_i^T)``, still held by its shard
     (:mod:`raybayes.svi.guides`):
     hierarchical models get posterior sds that mean-field underestimates. Each
-    step every shard subsamples ``subsample_size`` of its entities (all of them by default) and
-    returns its unbiased term of the ELBO gradient; see :mod:`raybayes.svi.fit`.
+    step every shard subsamples ``subsample_size`` of its entities (all of them by
+    default) and returns its unbiased term of the ELBO gradient; see
+    :mod:`raybayes.svi.fit`.
 
     Args:
         model: a NumPyro model with continuous latent variables.
