@@ -55,6 +55,7 @@ __all__ = [
     "newton_local_step",
     "newton_reduce",
     "sum_schur_parts",
+    "trust_region_step",
 ]
 
 
@@ -243,6 +244,77 @@ def levenberg_marquardt_step(eigenvalues, eigenvectors, rhs, damping: float):
         return np.zeros(0)
     v = np.asarray(eigenvectors)
     return v @ ((v.T @ rhs) / (np.asarray(eigenvalues) + damping))
+
+
+def trust_region_step(eigenvalues, eigenvectors, rhs, radius: float):
+    """The step of the globals that minimises the reduced quadratic model within a
+    trust region: ``min_d  -rhs . d + d^T S d / 2``  subject to  ``|d| <= radius``.
+
+    With ``S = V diag(e) V^T``, the solution is ``d = (S + lam I)^{-1} rhs`` with
+    ``lam >= max(0, -e_min)``: ``lam = 0`` when ``S`` is positive definite and the
+    Newton step lies inside the region, else the ``lam`` that puts ``d`` on its
+    boundary (a scalar root in the eigenbasis, Moré & Sorensen 1983). In the
+    "hard case" (``rhs`` orthogonal to the eigenvector of a negative ``e_min``) the
+    step is completed along that eigenvector up to the boundary.
+
+    Args:
+        eigenvalues: ``(G,)`` ``e``, ascending (as :func:`scipy.linalg.eigh` gives).
+        eigenvectors: ``(G, G)`` ``V``.
+        rhs: ``(G,)`` right-hand side (minus the reduced gradient).
+        radius: the trust radius (Euclidean norm of the step), positive.
+
+    Returns:
+        ``(step (G,), lam)``, float64.
+
+    References:
+        Moré, J. J. & Sorensen, D. C. (1983). Computing a trust region step. SIAM J.
+        Sci. Stat. Comput. 4(3), 553-572.
+        Nocedal, J. & Wright, S. J. (2006). Numerical Optimization, 2nd ed., Sec. 4.3.
+
+    Examples:
+        >>> import numpy as np
+        >>> e, v = np.array([-1.0, 2.0]), np.eye(2)
+        >>> d, lam = trust_region_step(e, v, np.array([0.0, 1.2]), radius=0.5)
+        >>> np.round(d, 6).tolist(), round(lam, 6)  # hard case: on the boundary
+        ([0.3, 0.4], 1.0)
+    """
+    rhs = np.asarray(rhs, np.float64)
+    if rhs.size == 0:
+        return np.zeros(0), 0.0
+    e = np.asarray(eigenvalues, np.float64)
+    v = np.asarray(eigenvectors, np.float64)
+    b = v.T @ rhs
+    radius = float(radius)
+    scale = max(float(np.max(np.abs(e))), 1.0)
+    if e[0] > 1e-12 * scale:
+        newton = b / e
+        if np.linalg.norm(newton) <= radius:
+            return v @ newton, 0.0
+    low = max(0.0, -float(e[0]))
+
+    def norm(lam):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.linalg.norm(b / (e + lam)))
+
+    # lam just above -e_min: if the step is still inside the region, hard case
+    tiny = 1e-12 * scale
+    if norm(low + tiny) <= radius:
+        lam = low + tiny
+        d = b / (e + lam)
+        rest = radius**2 - float(d @ d)
+        if e[0] < 0 and rest > 0:
+            d[0] += np.sqrt(rest) * (1.0 if d[0] >= 0 else -1.0)
+        return v @ d, lam
+    high = low + float(np.linalg.norm(b)) / radius + tiny
+    for _ in range(200):  # bisection on a monotone function: 1e-60 of the bracket
+        mid = 0.5 * (low + high)
+        if norm(mid) > radius:
+            low = mid
+        else:
+            high = mid
+        if high - low <= 1e-12 * max(high, 1e-300):
+            break
+    return v @ (b / (e + high)), high
 
 
 def laplace_global_draws(schur: np.ndarray, noise: np.ndarray):
