@@ -4,6 +4,8 @@
   :func:`fit_map` (model and data in, MAP out).
 * :mod:`raybayes.optim.vlbfgs`: :func:`find_map_vector_free` (the locals and their
   L-BFGS state stay on the workers).
+* :mod:`raybayes.optim.newton`: :func:`find_map_newton` (an L-BFGS warm-up, then
+  trust-region Newton steps on the arrowhead Hessian, vector-free).
 * :mod:`raybayes.optim.laplace`: :func:`newton_polish`, :func:`laplace` and
   :func:`laplace_approximation` on the arrowhead Hessian
   (:mod:`raybayes.core.arrowhead`).
@@ -18,6 +20,7 @@ from raybayes.optim.laplace import (
     newton_polish,
 )
 from raybayes.optim.map import find_map, fit_map
+from raybayes.optim.newton import NewtonMAPResult, NewtonObjective, find_map_newton
 from raybayes.optim.result import MAPResult
 from raybayes.optim.vlbfgs import find_map_vector_free
 
@@ -25,6 +28,9 @@ __all__ = [
     "MAPResult",
     "LaplaceResult",
     "find_map",
+    "find_map_newton",
+    "NewtonMAPResult",
+    "NewtonObjective",
     "find_map_vector_free",
     "fit_map",
     "laplace",

@@ -63,6 +63,7 @@ from raybayes.distributed.objective import (
 )
 from raybayes.errors import ConfigurationError
 from raybayes.optim.map import find_map
+from raybayes.optim.newton import NewtonObjective, find_map_newton
 from raybayes.optim.result import MAPResult
 from raybayes.progress import progress_lines
 from raybayes.results import draws_to_inference_data
@@ -445,6 +446,7 @@ def laplace_approximation(
     tol: float = 1e-6,
     gtol: float = 1e-5,
     max_steps: int = 200,
+    method: str = "lbfgs",
     progress_bar: bool = True,
     x64: bool = True,
     **deprecated: Any,
@@ -475,7 +477,13 @@ def laplace_approximation(
         tol: relative decrease of the loss at which L-BFGS stops (see
             :func:`find_map`).
         gtol: largest gradient component at which L-BFGS stops.
-        max_steps: maximum L-BFGS iterations (``max_iter=`` deprecated).
+        max_steps: maximum L-BFGS iterations (``max_iter=`` deprecated); with
+            ``method="newton"``, of the L-BFGS warm-up.
+        method: how the MAP is found: ``"lbfgs"`` (default; :func:`find_map`,
+            then up to 20 Newton steps if its gradient is above 1e-4) or
+            ``"newton"`` (:func:`~raybayes.optim.find_map_newton`: L-BFGS to
+            ``tol``, then trust-region Newton steps on the arrowhead Hessian to
+            ``gtol``; the fast way to a tight mode of a hierarchical model).
         progress_bar: a line per L-BFGS iteration (``progress=`` deprecated).
         x64: workers compute in float64 (default).
 
@@ -483,8 +491,8 @@ def laplace_approximation(
         :class:`LaplaceResult` (its ``map`` field holds the MAP).
 
     Raises:
-        ConfigurationError: see :func:`raybayes.plan`, :func:`find_map` and
-            :func:`laplace`.
+        ConfigurationError: an unknown ``method``; see :func:`raybayes.plan`,
+            :func:`find_map` and :func:`laplace`.
         ShardError: the model raised on a shard worker (names the shard).
 
     References:
@@ -515,14 +523,26 @@ def laplace_approximation(
     seed = renamed_argument(deprecated, "rng_key", "seed", seed, default=0)
     key = _root_key(seed)
     reject_unknown_arguments(deprecated, "laplace_approximation")
+    if method not in ("lbfgs", "newton"):
+        raise ConfigurationError(
+            f"method={method!r}; use 'lbfgs' (L-BFGS) or 'newton' (an L-BFGS "
+            "warm-up, then trust-region Newton steps on the arrowhead Hessian)."
+        )
     scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
     num_shards = shard_count(num_shards, scaling)
     with planned_objective(
         model, model_kwargs, num_shards, partition=partition, backend=backend,
         source=source, model_args=model_args, x64=x64, scaling=scaling,
+        objective_class=NewtonObjective if method == "newton" else ShardedObjective,
     ) as objective:
-        result = find_map(
-            objective, tol=tol, gtol=gtol, max_steps=max_steps,
-            progress_bar=progress_bar,
-        )
+        if method == "newton":
+            result = find_map_newton(
+                objective, tol=tol, gtol=gtol, warmup_steps=max_steps,
+                progress_bar=progress_bar,
+            )
+        else:
+            result = find_map(
+                objective, tol=tol, gtol=gtol, max_steps=max_steps,
+                progress_bar=progress_bar,
+            )
         return _laplace(objective, result, key, num_samples, 16, 20, 1e-4, False)

@@ -1,0 +1,27 @@
+"""Zoo models through ``fit_map(method="newton")``: the same MAP as L-BFGS, and the
+same on 1 and 2 shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from zoo_models import BY_NAME
+
+from raybayes.optim.map import fit_map
+
+
+@pytest.mark.parametrize("name", ["varying_intercepts", "eight_schools_noncentered"])
+def test_newton_map_equals_lbfgs_map_on_1_and_2_shards(name):
+    zoo = BY_NAME[name]
+    common = dict(model_kwargs=zoo.data(), backend="local", progress_bar=False)
+    lbfgs = fit_map(zoo.model, **common, num_shards=1, tol=1e-15, gtol=1e-8,
+                    max_steps=5000)
+    for num_shards in (1, 2):
+        newton = fit_map(zoo.model, **common, num_shards=num_shards, method="newton",
+                         gtol=1e-8)
+        assert newton.status == "converged", newton.message
+        assert newton.loss <= lbfgs.loss + 1e-9 * max(abs(lbfgs.loss), 1.0)
+        for site, value in lbfgs.params.items():
+            np.testing.assert_allclose(
+                newton.params[site], value, atol=1e-4, rtol=1e-4, err_msg=site
+            )
