@@ -3,14 +3,26 @@
 Simulates ``--categories x --products x --weeks`` rows with known elasticities
 (:func:`raybayes.datasets.simulate_elasticity`) and, in one run, times
 
-* raybayes: plan -> distributed L-BFGS MAP -> arrowhead Laplace (``--workers``
-  shard workers on ``--backend``), draws in the constrained space;
+* raybayes: plan -> distributed MAP -> arrowhead Laplace (``--workers`` shard
+  workers on ``--backend``), draws in the constrained space. The MAP is
+  ``--method newton`` (default: vector-free L-BFGS warm-up to ``--tol``, then
+  trust-region Newton steps on the arrowhead Hessian to ``--gtol``) or
+  ``--method lbfgs`` (driver-held L-BFGS-B to ``--lbfgs-tol``, at most
+  ``--max-iter`` iterations, then the Newton polish inside ``laplace``);
+* the tuned single-process peer of the MAP (``--skip-jax-peer`` to leave out):
+  the same NumPyro potential (unconstrained, Jacobians included, from
+  ``numpyro.infer.util.initialize_model``) minimised by ``optax.lbfgs`` (memory
+  10, zoom line search) with the whole loop in one ``jax.lax.while_loop`` under
+  one jit, float64, from the same start (zeros), to the same ``--gtol`` or
+  ``--peer-max-iter`` iterations. It prints its time, iterations, loss and the
+  largest difference of the unconstrained parameters from ours, and the time
+  ratio;
 * NumPyro ``AutoLaplaceApproximation`` (SVI with Adam to its MAP, then the dense
-  Laplace posterior);
-* NumPyro SVI with ``AutoNormal`` (Trace_ELBO, Adam);
+  Laplace posterior) and SVI with ``AutoNormal`` (Trace_ELBO, Adam), unless
+  ``--skip-peers``;
 
 and prints the RMSE of the posterior-mean product elasticities against the truth,
-the wall time of each, and the ratios. All three use the same non-centred model.
+the wall time of each, and the ratios. All use the same non-centred model.
 
 Usage:
     python benchmarks/bench_map_laplace.py --products 10000 --weeks 156 --workers 2
@@ -33,7 +45,7 @@ from numpyro.infer.reparam import LocScaleReparam
 from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
 from raybayes.distributed import ShardedObjective
 from raybayes.models.elasticity import elasticity_model
-from raybayes.optim import find_map, laplace
+from raybayes.optim import NewtonObjective, find_map, find_map_newton, laplace
 from raybayes.plan import plan
 
 MODEL = reparam(
@@ -49,7 +61,8 @@ def run_raybayes(kwargs, args):
     start = time.perf_counter()
     chosen = plan(MODEL, kwargs, num_shards=args.workers)
     print(chosen)
-    with ShardedObjective(
+    objective_class = NewtonObjective if args.method == "newton" else ShardedObjective
+    with objective_class(
         MODEL,
         kwargs,
         partition=chosen.partition,
@@ -57,9 +70,16 @@ def run_raybayes(kwargs, args):
         backend=args.backend,
     ) as objective:
         setup_s = time.perf_counter() - start
-        result = find_map(
-            objective, tol=args.tol, max_steps=args.max_iter, progress_bar=args.progress
-        )
+        if args.method == "newton":
+            result = find_map_newton(
+                objective, tol=args.tol, gtol=args.gtol, warmup_steps=args.max_iter,
+                progress_bar=args.progress,
+            )
+        else:
+            result = find_map(
+                objective, tol=args.lbfgs_tol, max_steps=args.max_iter,
+                progress_bar=args.progress,
+            )
         lap = laplace(
             objective,
             result,
@@ -76,6 +96,12 @@ def run_raybayes(kwargs, args):
         laplace_s=lap.time_s,
         iterations=result.num_iterations,
         status=result.status,
+        params={k: np.asarray(v) for k, v in lap.map.params.items()},
+        loss=lap.map.loss,
+        grad_norm=lap.map.grad_norm,
+        hessians=getattr(result, "num_hessians", 0),
+        warmup=getattr(result, "warmup_steps", 0),
+        newton_s=getattr(result, "newton_time_s", float("nan")),
         beta=beta,
         map_beta=np.asarray(result.params["beta"]),
         log_ml=lap.log_marginal_likelihood,
@@ -84,6 +110,65 @@ def run_raybayes(kwargs, args):
         num_global=objective.num_global,
         size=objective.size,
     )
+
+
+def run_jax_lbfgs(kwargs, gtol, max_iter, history_size=10):
+    """The tuned single-process peer: optax L-BFGS on the NumPyro potential, the
+    whole optimisation in one jit (``lax.while_loop``), float64, from zeros.
+
+    Returns a dict with ``time_s`` (first call: compilation included),
+    ``run_s`` (a second call, compiled), ``iterations``, ``loss``, ``grad_norm``
+    and ``params`` (constrained values of the sites at its optimum).
+    """
+    import jax.numpy as jnp
+    import optax
+    from jax.flatten_util import ravel_pytree
+    from numpyro.infer.util import initialize_model
+
+    with jax.enable_x64(True):
+        kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
+              for k, v in kwargs.items()}
+        info = initialize_model(jax.random.PRNGKey(0), MODEL, model_kwargs=kw,
+                                dynamic_args=False)
+        z0 = jax.tree.map(jnp.zeros_like, info.param_info.z)
+        flat0, unravel = ravel_pytree(z0)
+        potential = info.potential_fn
+
+        def fun(x):
+            return potential(unravel(x))
+
+        opt = optax.lbfgs(memory_size=history_size)
+        value_and_grad = optax.value_and_grad_from_state(fun)
+
+        @jax.jit
+        def solve(x0):
+            def body(carry):
+                x, state, _, _, it = carry
+                value, grad = value_and_grad(x, state=state)
+                updates, state = opt.update(
+                    grad, state, x, value=value, grad=grad, value_fn=fun
+                )
+                x = optax.apply_updates(x, updates)
+                return x, state, value, jnp.max(jnp.abs(grad)), it + 1
+
+            def cond(carry):
+                _, _, _, gmax, it = carry
+                return (gmax > gtol) & (it < max_iter)
+
+            init = (x0, opt.init(x0), jnp.inf, jnp.inf, 0)
+            return jax.lax.while_loop(cond, body, init)
+
+        t0 = time.perf_counter()
+        x, _, _, _, it = jax.block_until_ready(solve(flat0))
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        jax.block_until_ready(solve(flat0))
+        run_s = time.perf_counter() - t0
+        value, grad = jax.value_and_grad(fun)(x)
+        params = jax.tree.map(np.asarray, info.postprocess_fn(unravel(x)))
+        return dict(time_s=first, run_s=run_s, iterations=int(it),
+                    loss=float(value), grad_norm=float(jnp.max(jnp.abs(grad))),
+                    params=params)
 
 
 def run_svi(kwargs, guide_cls, steps, draws, lr, laplace_hessian=True):
@@ -116,8 +201,15 @@ def main():
     parser.add_argument("--weeks", type=int, default=156)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backend", default="ray")
-    parser.add_argument("--tol", type=float, default=1e-13)
+    parser.add_argument("--method", choices=("newton", "lbfgs"), default="newton")
+    parser.add_argument("--tol", type=float, default=1e-8,
+                        help="relative decrease ending the L-BFGS warm-up (newton)")
+    parser.add_argument("--lbfgs-tol", type=float, default=1e-13,
+                        help="relative decrease ending L-BFGS (--method lbfgs)")
+    parser.add_argument("--gtol", type=float, default=1e-5)
     parser.add_argument("--max-iter", type=int, default=3000)
+    parser.add_argument("--peer-max-iter", type=int, default=20_000)
+    parser.add_argument("--skip-jax-peer", action="store_true")
     parser.add_argument("--draws", type=int, default=500)
     parser.add_argument("--svi-steps", type=int, default=3000)
     parser.add_argument("--svi-lr", type=float, default=0.01)
@@ -154,7 +246,9 @@ def main():
         print(
             f"raybayes MAP+Laplace ({args.workers} workers, {args.backend}): "
             f"{ours['time_s']:.1f} s (setup {ours['setup_s']:.1f}, MAP {ours['map_s']:.1f} s / "
-            f"{ours['iterations']} it [{ours['status']}], Laplace {ours['laplace_s']:.1f} s); "
+            f"{ours['iterations']} it [{ours['status']}] of which Newton "
+            f"{ours['newton_s']:.1f} s with {ours['hessians']} Hessians after "
+            f"{ours['warmup']} L-BFGS it, Laplace {ours['laplace_s']:.1f} s); "
             f"G={ours['num_global']}, vector {ours['size']}; RMSE(beta) {rmse(ours['beta'], true_beta):.4f} "
             f"(MAP {rmse(ours['map_beta'], true_beta):.4f}); log p(y) ~ {ours['log_ml']:.1f}"
         )
@@ -163,6 +257,29 @@ def main():
             f"  final Hessian: {ours['hvp']} Hessian-vector products per shard "
             f"for {ours['num_global']} global columns"
         )
+        print(f"  optimum: loss {ours['loss']:.10e}, |grad|max {ours['grad_norm']:.2e}")
+    if not args.skip_jax_peer:
+        peer = run_jax_lbfgs(kwargs, args.gtol, args.peer_max_iter)
+        line = (
+            f"JAX/optax L-BFGS peer (one jit, float64, 1 process): "
+            f"{peer['time_s']:.1f} s with compilation, {peer['run_s']:.1f} s "
+            f"compiled; {peer['iterations']} it; "
+            f"loss {peer['loss']:.10e}, |grad|max {peer['grad_norm']:.2e}"
+        )
+        if not args.skip_ours:
+            common = sorted(set(peer["params"]) & set(ours["params"]))
+            diff = max(
+                float(np.max(np.abs(np.ravel(peer["params"][name])
+                                    - np.ravel(ours["params"][name]))))
+                for name in common
+            )
+            line += (
+                f"; loss - ours {peer['loss'] - ours['loss']:.3e}; max |diff| of the "
+                f"constrained sites {diff:.3e}; time ratio peer/raybayes: "
+                f"MAP {peer['time_s'] / ours['map_s']:.2f}, "
+                f"MAP+Laplace {peer['time_s'] / ours['time_s']:.2f}"
+            )
+        print(line)
     if args.skip_peers:
         return
     for name, cls in (

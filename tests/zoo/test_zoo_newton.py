@@ -10,7 +10,10 @@ from zoo_models import BY_NAME
 from raybayes.optim.map import fit_map
 
 
-@pytest.mark.parametrize("name", ["varying_intercepts", "eight_schools_noncentered"])
+@pytest.mark.parametrize(
+    "name",
+    ["varying_intercepts", pytest.param("radon_contextual", marks=pytest.mark.slow)],
+)
 def test_newton_map_equals_lbfgs_map_on_1_and_2_shards(name):
     zoo = BY_NAME[name]
     common = dict(model_kwargs=zoo.data(), backend="local", progress_bar=False)
