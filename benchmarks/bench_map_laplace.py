@@ -73,7 +73,7 @@ def run_raybayes(kwargs, args):
         if args.method == "newton":
             result = find_map_newton(
                 objective, tol=args.tol, gtol=args.gtol, warmup_steps=args.max_iter,
-                progress_bar=args.progress,
+                profile_steps=args.profile_steps, progress_bar=args.progress,
             )
         else:
             result = find_map(
@@ -207,6 +207,8 @@ def main():
     parser.add_argument("--lbfgs-tol", type=float, default=1e-13,
                         help="relative decrease ending L-BFGS (--method lbfgs)")
     parser.add_argument("--gtol", type=float, default=1e-5)
+    parser.add_argument("--profile-steps", type=int, default=5,
+                        help="Newton steps of the locals given the globals (newton)")
     parser.add_argument("--max-iter", type=int, default=3000)
     parser.add_argument("--peer-max-iter", type=int, default=20_000)
     parser.add_argument("--skip-jax-peer", action="store_true")

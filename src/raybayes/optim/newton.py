@@ -163,6 +163,51 @@ class NewtonShardWorker(VLBFGSShardWorker):
         return value, np.asarray(gg, np.float64), _max_abs(st["g"])
 
     @worker_precision
+    def newton_profile(self, global_flat, max_steps: int, gtol: float):
+        """Newton steps on this shard's locals only, the globals fixed.
+
+        Given the globals the entities are independent, so each worker can move
+        its locals towards their conditional mode alone: per step one gradient
+        and ``k`` Hessian-vector products (the blocks ``B_i``, damped where not
+        positive definite) and a backtracking search on the shard's loss.
+
+        Returns:
+            ``(value, grad_global (G,), local max |g|, reduce, decrement)`` at the
+            new locals (``reduce`` ``None`` before any Hessian).
+        """
+        import jax.numpy as jnp
+
+        st = self._vf()
+        d = self.density
+        g = jnp.asarray(global_flat, dtype=jnp.result_type(float))
+        x = np.array(st["x"], np.float64)
+        value, gg, gl = self.value_and_grad(global_flat, x)
+        gl = np.asarray(gl, np.float64).reshape(x.shape)
+        for _ in range(int(max_steps) if d.num_local_per_entity else 0):
+            if _max_abs(gl) <= gtol:
+                break
+            blocks = np.asarray(d.local_hessian_blocks(g, jnp.asarray(x, g.dtype)))
+            blocks = 0.5 * (blocks + np.swapaxes(blocks, -1, -2))
+            eye = np.eye(blocks.shape[-1])
+            low = np.linalg.eigvalsh(blocks)[:, :1]  # (P, 1) smallest eigenvalue
+            shift = np.where(low > 1e-8, 0.0, 1e-3 - low)[..., None] * eye
+            step = -np.linalg.solve(blocks + shift, gl[..., None])[..., 0]
+            alpha = 1.0
+            for _ in range(10):
+                v2, gg2, gl2 = self.value_and_grad(global_flat, x + alpha * step)
+                if np.isfinite(v2) and v2 <= value + _C1 * alpha * np.vdot(gl, step):
+                    break
+                alpha *= 0.5
+            else:
+                break
+            x = x + alpha * step
+            value, gg, gl = v2, gg2, np.asarray(gl2, np.float64).reshape(x.shape)
+        st["x"], st["g"], st["trial"] = x, gl, None
+        st["s"], st["y"] = [], []
+        reduced = self._reduced() if self._factor is not None else (None, 0.0)
+        return float(value), np.asarray(gg, np.float64), _max_abs(gl), *reduced
+
+    @worker_precision
     def newton_accept(self, alpha: float):
         """Move to the last trial point; forget any L-BFGS memory.
 
@@ -229,6 +274,27 @@ class NewtonObjective(VectorFreeObjective):
         value, grad = self._reduce(results)
         return value, grad, max(_max_abs(grad), max(r[2] for r in results))
 
+    def profile(self, global_flat, max_steps, gtol):
+        """Every shard's :meth:`NewtonShardWorker.newton_profile`, summed.
+
+        Returns:
+            ``(value, grad_global (G,), max local |g|, reduce (G,) or None,
+            decrement)``.
+        """
+        g = np.asarray(global_flat, np.float64)
+        results = self._call(
+            "newton_profile", lambda s: (g, int(max_steps), float(gtol))
+        )
+        self.num_evaluations += 1
+        value, grad = self._reduce(results)
+        reduce = (
+            None
+            if results[0][3] is None
+            else np.sum([np.asarray(r[3], np.float64) for r in results], axis=0)
+        )
+        return (value, grad, max(r[2] for r in results), reduce,
+                float(sum(r[4] for r in results)))
+
     def accept(self, alpha):
         """Accept the last trial point on every shard.
 
@@ -267,6 +333,7 @@ def find_map_newton(
     warmup_steps: int = 500,
     tol: float = 1e-8,
     radius: float = 1.0,
+    profile_steps: int = 0,
     batch_size: int = 16,
     progress_bar: bool = True,
     assemble: bool = True,
@@ -295,6 +362,11 @@ def find_map_newton(
             (see :func:`~raybayes.optim.find_map`).
         radius: initial trust radius of the globals' step (Euclidean norm, in the
             unconstrained space).
+        profile_steps: after the warm-up and after every accepted step, at most
+            this many Newton steps of every shard's locals with the globals fixed
+            (on the workers, ``k`` Hessian-vector products each), towards their
+            conditional mode, where ``S`` is the Hessian of the profile
+            ``min_l f(g, l)``. 0 (default) leaves them.
         batch_size: Hessian-vector products evaluated together per worker.
         progress_bar: print a line per Newton step and Hessian to stderr (always
             logged at INFO on the ``raybayes.optim`` logger).
@@ -377,6 +449,10 @@ def find_map_newton(
             x_global = np.array(x_global)
         value, grad_g, _, max_local = objective.start(x_global, x_locals, 1)
     G = objective.num_global
+    if profile_steps:
+        value, grad_g, max_local, _, _ = objective.profile(
+            x_global, profile_steps, gtol
+        )
     grad_max = max(_max_abs(grad_g), max_local)
     steps = hessians = num_hvp = rejected = age = 0
     radius = float(radius)
@@ -449,6 +525,11 @@ def find_map_newton(
             continue
         alpha, new_value, new_grad, new_max = accepted
         reduce, decrement = objective.accept(alpha)
+        if profile_steps:
+            new_value, new_grad, local_max, reduce, decrement = objective.profile(
+                x_global + alpha * delta_g, profile_steps, gtol
+            )
+            new_max = max(_max_abs(new_grad), local_max)
         x_global = x_global + alpha * delta_g
         ratio = (value - new_value) / predicted if predicted > 0 else 0.0
         if alpha < 1.0:
