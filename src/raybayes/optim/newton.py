@@ -333,7 +333,7 @@ def find_map_newton(
     warmup_steps: int = 500,
     tol: float = 1e-8,
     radius: float = 1.0,
-    profile_steps: int = 0,
+    profile_steps: int = 5,
     batch_size: int = 16,
     progress_bar: bool = True,
     assemble: bool = True,
@@ -366,7 +366,7 @@ def find_map_newton(
             this many Newton steps of every shard's locals with the globals fixed
             (on the workers, ``k`` Hessian-vector products each), towards their
             conditional mode, where ``S`` is the Hessian of the profile
-            ``min_l f(g, l)``. 0 (default) leaves them.
+            ``min_l f(g, l)`` (default 5; 0 leaves them).
         batch_size: Hessian-vector products evaluated together per worker.
         progress_bar: print a line per Newton step and Hessian to stderr (always
             logged at INFO on the ``raybayes.optim`` logger).
