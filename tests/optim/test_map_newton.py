@@ -36,7 +36,10 @@ def eight_schools(sigma, y=None):
 def _reference(objective, start):
     """The mode by SciPy's L-BFGS-B on the full objective, to a tight tolerance."""
     ref = optimize.minimize(
-        objective.value_and_grad, start, jac=True, method="L-BFGS-B",
+        objective.value_and_grad,
+        start,
+        jac=True,
+        method="L-BFGS-B",
         options=dict(maxiter=20_000, ftol=1e-15, gtol=1e-9, maxcor=30),
     )
     return ref.x, ref.fun
@@ -108,8 +111,9 @@ def test_newton_on_the_elasticity_model_matches_lbfgs_on_1_and_2_shards():
 def test_fit_map_newton_validates_its_settings_before_any_work():
     with pytest.raises(ConfigurationError, match="method='bfgs'.*'newton'"):
         fit_map(eight_schools, model_kwargs=SCHOOLS, method="bfgs", backend="local")
-    with NewtonObjective(eight_schools, SCHOOLS, partition=SCHOOLS_SPLIT,
-                         num_shards=1) as f:
+    with NewtonObjective(
+        eight_schools, SCHOOLS, partition=SCHOOLS_SPLIT, num_shards=1
+    ) as f:
         with pytest.raises(ConfigurationError, match="warmup_steps=-1"):
             find_map_newton(f, warmup_steps=-1)
         with pytest.raises(ConfigurationError, match="init has shape"):

@@ -17,11 +17,13 @@ from raybayes.optim.map import fit_map
 def test_newton_map_equals_lbfgs_map_on_1_and_2_shards(name):
     zoo = BY_NAME[name]
     common = dict(model_kwargs=zoo.data(), backend="local", progress_bar=False)
-    lbfgs = fit_map(zoo.model, **common, num_shards=1, tol=1e-15, gtol=1e-8,
-                    max_steps=5000)
+    lbfgs = fit_map(
+        zoo.model, **common, num_shards=1, tol=1e-15, gtol=1e-8, max_steps=5000
+    )
     for num_shards in (1, 2):
-        newton = fit_map(zoo.model, **common, num_shards=num_shards, method="newton",
-                         gtol=1e-8)
+        newton = fit_map(
+            zoo.model, **common, num_shards=num_shards, method="newton", gtol=1e-8
+        )
         assert newton.status == "converged", newton.message
         assert newton.loss <= lbfgs.loss + 1e-9 * max(abs(lbfgs.loss), 1.0)
         for site, value in lbfgs.params.items():

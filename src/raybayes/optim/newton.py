@@ -292,8 +292,13 @@ class NewtonObjective(VectorFreeObjective):
             if results[0][3] is None
             else np.sum([np.asarray(r[3], np.float64) for r in results], axis=0)
         )
-        return (value, grad, max(r[2] for r in results), reduce,
-                float(sum(r[4] for r in results)))
+        return (
+            value,
+            grad,
+            max(r[2] for r in results),
+            reduce,
+            float(sum(r[4] for r in results)),
+        )
 
     def accept(self, alpha):
         """Accept the last trial point on every shard.
@@ -431,8 +436,13 @@ def find_map_newton(
     num_warmup = 0
     if warmup_steps:
         warm = find_map_vector_free(
-            objective, init=init, tol=tol, gtol=gtol,
-            max_steps=int(warmup_steps), progress_bar=progress_bar, assemble=False,
+            objective,
+            init=init,
+            tol=tol,
+            gtol=gtol,
+            max_steps=int(warmup_steps),
+            progress_bar=progress_bar,
+            assemble=False,
         )
         num_warmup = warm.num_iterations
         history += warm.history
@@ -556,11 +566,19 @@ def find_map_newton(
     x = objective.join(x_global, objective.gather_locals())
     now = time.perf_counter()
     fields = map_result_fields(
-        objective, x, value, history, evals_before, status,
+        objective,
+        x,
+        value,
+        history,
+        evals_before,
+        status,
         f"{message}; {num_warmup} L-BFGS warm-up iteration(s), {steps} Newton "
         f"step(s) with {hessians} Hessian(s) (at most {num_hvp} Hessian-vector "
         f"products per shard each)",
-        grad_max, now - start, 0, assemble,
+        grad_max,
+        now - start,
+        0,
+        assemble,
     )
     return NewtonMAPResult(
         **fields,
