@@ -72,6 +72,9 @@ class ChunkResult(NamedTuple):
         stats: sample statistics (see :data:`SAMPLE_STATS`), each ``(num_steps,)``.
         num_steps: iterations run in this chunk.
         elapsed_s: wall time of the chunk on the worker, in seconds.
+        warmup_points: with a low-rank mass matrix, for the first warmup phase's
+            chunks: ``(x, grad)``, the unconstrained draws and the potential's
+            gradients there, each ``(num_steps, d)``; otherwise ``None``.
     """
 
     chain_id: int
@@ -80,6 +83,7 @@ class ChunkResult(NamedTuple):
     stats: dict[str, np.ndarray]
     num_steps: int
     elapsed_s: float
+    warmup_points: tuple | None = None
 
 
 def _to_numpy(tree):
@@ -102,6 +106,12 @@ class NUTSChainRunner:
         chunk_size: iterations per chunk.
         kernel_kwargs: extra arguments of :class:`numpyro.infer.NUTS`
             (``target_accept_prob``, ``max_tree_depth``, ``dense_mass``, ...).
+        low_rank_switch: with a low-rank plus diagonal mass matrix
+            (:mod:`raybayes.mcmc.mass`), the warmup iterations of the first phase
+            (diagonal adaptation, in the model's unconstrained coordinates); the
+            rest of the warmup and the sampling run in the coordinates ``y`` of
+            the driver's estimate (``x = m + L y``; :meth:`switch_chain`).
+            ``None`` (default): NumPyro's NUTS on the model as it is.
 
     References:
         Hoffman, M. D. & Gelman, A. (2014). The No-U-Turn Sampler: adaptively setting
@@ -118,6 +128,7 @@ class NUTSChainRunner:
         num_warmup: int,
         chunk_size: int,
         kernel_kwargs: dict | None = None,
+        low_rank_switch: int | None = None,
     ):
         self.model = model
         self.model_args = tuple(model_args)
@@ -126,7 +137,10 @@ class NUTSChainRunner:
         self.chunk_size = int(chunk_size)
         kernel_kwargs = dict(kernel_kwargs or {})
         kernel_kwargs.setdefault("init_strategy", init_to_uniform)
+        self.low_rank_switch = low_rank_switch
         self.kernel = NUTS(model, **kernel_kwargs)
+        self._kernel_kwargs = kernel_kwargs
+        self._low_rank = None
         self._chunk_fn = None
         self._postprocess_fn = None
         self._init_fn = None
@@ -218,11 +232,42 @@ class NUTSChainRunner:
             ChainError: the model raised, or no valid initial point was found.
         """
         try:
+            if self.low_rank_switch is not None:
+                return _to_numpy(self._lowrank().init_chain(rng_key, init_params))
             return _to_numpy(self._init_state(rng_key, init_params))
         except Exception as err:  # noqa: BLE001 - re-raised with the chain id
             raise ChainError(chain_id, repr(err), traceback.format_exc()) from None
 
-    def advance(self, chain_id: int, state, num_steps: int, collect: bool) -> ChunkResult:
+    def switch_chain(self, chain_id: int, state, old, new):
+        """Move a chain to new low-rank coordinates and start its second warmup phase.
+
+        The chain keeps its point and its key; its step size and diagonal are
+        adapted afresh over the remaining warmup iterations.
+
+        Args:
+            chain_id: the chain's index (for error messages).
+            state: its ``HMCState`` at the end of the first phase (NumPy leaves).
+            old: the :class:`~raybayes.mcmc.mass.LowRankMass` of ``state``.
+            new: the new one.
+
+        Returns:
+            The chain's new ``HMCState`` (NumPy leaves).
+
+        Raises:
+            ChainError: the model raised, or the new point's density is not finite.
+        """
+        try:
+            return _to_numpy(self._lowrank().switch(state, old, new))
+        except Exception as err:  # noqa: BLE001 - re-raised with the chain id
+            raise ChainError(chain_id, repr(err), traceback.format_exc()) from None
+
+    def _lowrank(self):
+        if self._low_rank is None:
+            self._low_rank = _LowRankKernels(self)
+        return self._low_rank
+
+    def advance(self, chain_id: int, state, num_steps: int, collect: bool,
+                mass=None, phase: int = 0) -> ChunkResult:
         """Advance a chain by ``num_steps <= chunk_size`` iterations.
 
         Args:
@@ -230,6 +275,9 @@ class NUTSChainRunner:
             state: its current ``HMCState`` (NumPy leaves).
             num_steps: iterations to run (warmup or sampling, as ``state.i`` says).
             collect: return the draws (sampling) or not (warmup).
+            mass: with a low-rank mass matrix, the chain's current
+                :class:`~raybayes.mcmc.mass.LowRankMass`; ``None`` otherwise.
+            phase: with a low-rank mass matrix, 0 (first warmup phase) or 1.
 
         Returns:
             A :class:`ChunkResult`.
@@ -244,12 +292,23 @@ class NUTSChainRunner:
                 chain_id, f"num_steps={num_steps} outside 1..chunk_size={self.chunk_size}"
             )
         try:
-            self._ensure_ready()
             start = time.perf_counter()
-            state = jax.tree_util.tree_map(jnp.asarray, state)
-            new_state, (zs, stats) = self._chunk_fn(state, num_steps)
-            zs = jax.tree_util.tree_map(lambda x: x[:num_steps], zs)
-            draws = _to_numpy(self._postprocess_fn(zs)) if collect else None
+            points = None
+            if mass is not None:
+                lr = self._lowrank()
+                state = jax.tree_util.tree_map(jnp.asarray, state)
+                mass = jax.tree_util.tree_map(jnp.asarray, mass)
+                new_state, (zs, gs, stats) = lr.chunk[phase](state, num_steps, mass)
+                zs, gs = zs[:num_steps], gs[:num_steps]
+                draws = _to_numpy(lr.postprocess(zs, mass)) if collect else None
+                if phase == 0 and not collect:
+                    points = (np.asarray(zs), np.asarray(gs))
+            else:
+                self._ensure_ready()
+                state = jax.tree_util.tree_map(jnp.asarray, state)
+                new_state, (zs, stats) = self._chunk_fn(state, num_steps)
+                zs = jax.tree_util.tree_map(lambda x: x[:num_steps], zs)
+                draws = _to_numpy(self._postprocess_fn(zs)) if collect else None
             stats = {k: np.asarray(v[:num_steps]) for k, v in stats.items()}
             stats["tree_depth"] = np.floor(np.log2(np.maximum(stats["n_steps"], 1))).astype(
                 np.int64
@@ -263,4 +322,138 @@ class NUTSChainRunner:
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with the chain id
             raise ChainError(chain_id, repr(err), traceback.format_exc()) from None
-        return ChunkResult(chain_id, new_state, draws, stats, num_steps, elapsed)
+        return ChunkResult(chain_id, new_state, draws, stats, num_steps, elapsed, points)
+
+
+def _stats_of(s):
+    return {
+        "diverging": s.diverging,
+        "n_steps": s.num_steps,
+        "step_size": s.adapt_state.step_size,
+        "energy": s.energy,
+        "acceptance_rate": s.accept_prob,
+        "lp": -s.potential_energy,
+    }
+
+
+class _LowRankKernels:
+    """NUTS on the model's flattened unconstrained density in coordinates ``y``.
+
+    ``x = m + L y`` (:func:`raybayes.mcmc.mass.from_unit`); the
+    :class:`~raybayes.mcmc.mass.LowRankMass` is an argument of every jitted
+    function (fixed shapes), so a new estimate compiles nothing. Two NumPyro HMC
+    instances (``numpyro.infer.hmc.hmc``) hold the two warmup phases' schedules:
+    phase 0 runs ``switch`` iterations with the identity map and NumPyro's
+    diagonal adaptation; phase 1 runs the remaining warmup (step size and a
+    diagonal in ``y``) and the sampling.
+    """
+
+    _KERNEL_KEYS = {"target_accept_prob", "max_tree_depth", "init_strategy", "dense_mass"}
+
+    def __init__(self, runner: NUTSChainRunner):
+        from jax.flatten_util import ravel_pytree
+        from numpyro.infer.hmc import hmc
+        from numpyro.infer.util import initialize_model
+
+        from raybayes.mcmc import mass as mm
+
+        kw = runner._kernel_kwargs
+        unknown = set(kw) - self._KERNEL_KEYS
+        if unknown or kw.get("dense_mass"):
+            raise ValueError(
+                "a low-rank mass matrix takes target_accept_prob, max_tree_depth and "
+                f"init_strategy only; got {sorted(unknown) or 'dense_mass=True'}."
+            )
+        model, args, kwargs = runner.model, runner.model_args, runner.model_kwargs
+        strategy = kw.get("init_strategy", init_to_uniform)
+        info = initialize_model(jax.random.PRNGKey(0), model, model_args=args,
+                                model_kwargs=kwargs, init_strategy=strategy)
+        flat, unravel = ravel_pytree(info.param_info.z)
+        self.dim = flat.shape[0]
+        potential, constrain = info.potential_fn, info.postprocess_fn
+        self.switch_at = int(runner.low_rank_switch)
+        num_warmup = runner.num_warmup
+
+        def gen(pre):
+            return lambda y: potential(unravel(mm.from_unit(pre, y)))
+
+        settings = dict(
+            target_accept_prob=kw.get("target_accept_prob", 0.8),
+            max_tree_depth=kw.get("max_tree_depth", 10),
+        )
+        phases = [hmc(potential_fn_gen=gen, algo="NUTS") for _ in range(2)]
+        warmups = [self.switch_at, num_warmup - self.switch_at]
+
+        def start(phase, y, key, pre):
+            init_kernel = phases[phase][0]
+            return init_kernel(y, warmups[phase], model_args=(pre,), rng_key=key,
+                               **settings)
+
+        def init(key, x0):
+            key, key_init = jax.random.split(key)
+            if x0 is None:
+                z = initialize_model(key_init, model, model_args=args, model_kwargs=kwargs,
+                                     init_strategy=strategy).param_info.z
+                x0 = ravel_pytree(z)[0]
+            return start(0, x0, key, mm.identity_mass(self.dim, 1))
+
+        self._init = jax.jit(init)
+        self._unravel_flat = lambda p: ravel_pytree(p)[0]
+
+        def switch(state, old, new):
+            y = mm.to_unit(new, mm.from_unit(old, state.z))
+            return start(1, y, state.rng_key, new)
+
+        self._switch = jax.jit(switch)
+        # Each HMC instance sets its schedule when its init is traced: do it once
+        # here, so a worker can continue a chain another worker started.
+        zero = jnp.zeros(self.dim, flat.dtype)
+        for phase in (0, 1):
+            jax.eval_shape(lambda y, p=phase: start(p, y, jax.random.PRNGKey(0),
+                                                     mm.identity_mass(self.dim, 1)), zero)
+        size = runner.chunk_size
+
+        def make_chunk(phase):
+            sample_kernel = phases[phase][1]
+
+            def chunk(state, num_steps, pre):
+                def body(s, i):
+                    s = lax.cond(i < num_steps,
+                                 lambda x: sample_kernel(x, model_args=(pre,)),
+                                 lambda x: x, s)
+                    x = mm.from_unit(pre, s.z)
+                    g = mm.grad_from_unit(pre, s.z_grad)
+                    return s, (x if phase == 0 else s.z, g, _stats_of(s))
+
+                return lax.scan(body, state, jnp.arange(size))
+
+            return jax.jit(chunk)
+
+        self.chunk = [make_chunk(0), make_chunk(1)]
+        self.postprocess = jax.jit(jax.vmap(
+            lambda y, pre: constrain(unravel(mm.from_unit(pre, y))), in_axes=(0, None)))
+
+    def init_chain(self, rng_key, init_params=None):
+        x0 = None if init_params is None else self._unravel_flat(
+            {k: jnp.asarray(v) for k, v in init_params.items()})
+        state = self._init(jnp.asarray(rng_key), x0)
+        _check_finite(state)
+        return state
+
+    def switch(self, state, old, new):
+        tree = jax.tree_util.tree_map
+        state = self._switch(tree(jnp.asarray, state), tree(jnp.asarray, old),
+                             tree(jnp.asarray, new))
+        _check_finite(state)
+        return state
+
+
+def _check_finite(state):
+    finite = np.isfinite(np.asarray(state.potential_energy)) and bool(
+        np.all(np.isfinite(np.asarray(state.z_grad))))
+    if not finite:
+        raise RuntimeError(
+            "the log density or its gradient is not finite at the chain's point "
+            f"(potential energy {float(state.potential_energy)}); check the model's "
+            "supports and data, or pass init_params."
+        )

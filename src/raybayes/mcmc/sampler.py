@@ -34,6 +34,13 @@ from raybayes.results import model_site_info, to_inference_data
 
 __all__ = ["sample"]
 
+#: Most eigenvectors of the low-rank mass matrix with ``low_rank_mass=True``.
+DEFAULT_MAX_RANK = 16
+#: Fewest warmup iterations with ``low_rank_mass``.
+MIN_LOW_RANK_WARMUP = 100
+#: Share of the warmup run before the low-rank estimate (the first phase).
+LOW_RANK_SWITCH = 0.4
+
 
 @dataclass
 class _Chain:
@@ -44,6 +51,9 @@ class _Chain:
     running: bool = False
     divergences: int = 0
     pooled_through: int = -1
+    phase: int = 0
+    switching: bool = False
+    points: list = field(default_factory=list)
     draws: list = field(default_factory=list)
     stats: list = field(default_factory=list)
 
@@ -83,6 +93,8 @@ class _RunSettings:
         key_stream: stream ids between the seed and the chain index: chain ``c``
             uses ``derive_key(seed, *key_stream, c)`` (a shard index, so that the
             shards of one run share a seed without sharing a stream).
+        low_rank_mass: the most eigenvectors of the low-rank plus diagonal mass
+            matrix, or 0 for NumPyro's own mass-matrix adaptation.
     """
 
     num_chains: int
@@ -96,6 +108,7 @@ class _RunSettings:
     worker_slowdown: dict | None
     progress_bar: bool
     key_stream: tuple = ()
+    low_rank_mass: int = 0
 
 
 def _check_arguments(
@@ -114,6 +127,9 @@ def _check_arguments(
     max_time_s,
     cross_chain_adaptation,
     scheduling,
+    low_rank_mass=False,
+    dense_mass=False,
+    checkpoint_dir=None,
 ):
     """Raise :class:`ConfigurationError` for any bad argument of :func:`sample`.
 
@@ -173,6 +189,35 @@ def _check_arguments(
             "cross_chain_adaptation pools the mass-matrix adaptation, but "
             "kernel_kwargs sets adapt_mass_matrix=False; drop one of the two."
         )
+    if low_rank_mass is not False:
+        if isinstance(low_rank_mass, bool):
+            pass
+        elif not (isinstance(low_rank_mass, (int, np.integer)) and low_rank_mass > 0):
+            raise ConfigurationError(
+                f"low_rank_mass={low_rank_mass!r}; pass True (at most "
+                f"{DEFAULT_MAX_RANK} eigenvectors), a positive int (the most "
+                "eigenvectors) or False."
+            )
+    if low_rank_mass:
+        if dense_mass:
+            raise ConfigurationError(
+                "low_rank_mass and dense_mass are two mass matrices; pass one of them."
+            )
+        if num_warmup < MIN_LOW_RANK_WARMUP:
+            raise ConfigurationError(
+                f"low_rank_mass needs num_warmup >= {MIN_LOW_RANK_WARMUP} (two warmup "
+                f"phases), got {num_warmup}; raise num_warmup or drop low_rank_mass."
+            )
+        if checkpoint_dir is not None:
+            raise ConfigurationError(
+                "low_rank_mass does not support checkpoint_dir yet; drop one of them."
+            )
+        extra = set(kernel_kwargs or {}) - {"init_strategy"}
+        if extra:
+            raise ConfigurationError(
+                f"low_rank_mass takes no kernel_kwargs but init_strategy; got "
+                f"{sorted(extra)}."
+            )
     if scheduling not in ("dynamic", "static"):
         raise ConfigurationError(f"_scheduling={scheduling!r}; use 'dynamic' or 'static'.")
     if not callable(model):
@@ -212,6 +257,7 @@ def sample(
     num_shards: int | None = None,
     plan: Any = None,
     max_shard_bytes: int | None = None,
+    low_rank_mass: bool | int = False,
     _scheduling: str = "dynamic",
     _worker_slowdown: dict[int, float] | None = None,
     _key_stream: tuple[int, ...] = (),
@@ -309,6 +355,19 @@ def sample(
         max_shard_bytes: with ``num_shards``, the memory budget of one worker for
             its data, in bytes: a shard above it is refused before any worker
             starts, and the message says how many shards are needed.
+        low_rank_mass: adapt a low-rank plus diagonal mass matrix from the
+            chains' draws and gradients, as nutpie does
+            (:func:`raybayes.mcmc.mass.fisher_low_rank`; ``True``: at most 16
+            eigenvectors, an int: at most that many). The warmup runs in two
+            phases: the first 40% with NumPyro's diagonal adaptation; then the
+            draws and gradients of its second half, pooled over all chains, give
+            the estimate, and each chain runs the rest of the warmup and the
+            sampling in the estimate's coordinates (step size and a diagonal
+            adapted again). Each HMC operation costs ``O(d k)``. Needs
+            ``num_warmup >= 100`` and at most ``init_strategy`` in
+            ``kernel_kwargs``; not with ``dense_mass`` or ``checkpoint_dir`` (not
+            supported yet). ``idata.attrs["low_rank_mass_rank"]`` gives the
+            eigenvectors kept.
 
     Chains advance in chunks of ``chunk_size`` iterations. A free worker always
     advances the chain that has the fewest iterations, so chains may outnumber
@@ -369,6 +428,9 @@ def sample(
         max_time_s=max_time_s,
         cross_chain_adaptation=cross_chain_adaptation,
         scheduling=_scheduling,
+        low_rank_mass=low_rank_mass,
+        dense_mass=dense_mass,
+        checkpoint_dir=checkpoint_dir,
     )
     from raybayes.mcmc.sharded import check_sharded_arguments
 
@@ -432,6 +494,7 @@ def sample(
         worker_slowdown=_worker_slowdown,
         progress_bar=progress_bar,
         key_stream=tuple(_key_stream),
+        low_rank_mass=(DEFAULT_MAX_RANK if low_rank_mass is True else int(low_rank_mass)),
     )
     site_dims, site_coords, observed = _trace_model(
         model, model_args, model_kwargs, dims, coords, target_var_names
@@ -692,6 +755,7 @@ def _run_chains(
                 settings.chunk_size,
                 settings.kernel_kwargs,
                 settings.worker_slowdown,
+                _low_rank_switch(settings),
             ),
             num_workers=num_workers,
             name="nuts",
@@ -710,6 +774,8 @@ def _run_chains(
                 static=settings.static_scheduling,
                 cross_chain=settings.cross_chain_adaptation,
                 key_stream=settings.key_stream,
+                low_rank=(_low_rank_switch(settings), settings.low_rank_mass)
+                if settings.low_rank_mass else None,
             ).run()
         finally:
             pool.shutdown()
@@ -747,12 +813,21 @@ def _to_inference_data(
             "backend": backend_name,
             "num_workers": num_workers,
             "cross_chain_adaptation": int(settings.cross_chain_adaptation),
+            "low_rank_mass": settings.low_rank_mass,
             **{k: (int(v) if isinstance(v, bool) else v) for k, v in outcome.items() if v is not None},
         },
     )
 
 
-def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=None, *, worker_index=0):
+def _low_rank_switch(settings):
+    """Warmup iterations of the first phase with a low-rank mass matrix, or None."""
+    if not settings.low_rank_mass:
+        return None
+    return int(round(LOW_RANK_SWITCH * settings.num_warmup))
+
+
+def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=None,
+                 low_rank_switch=None, *, worker_index=0):
     model_args, model_kwargs = args
     runner = NUTSChainRunner(
         model,
@@ -761,6 +836,7 @@ def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=No
         num_warmup=num_warmup,
         chunk_size=chunk_size,
         kernel_kwargs=kernel_kwargs,
+        low_rank_switch=low_rank_switch,
     )
     runner.slowdown = float((slowdown or {}).get(worker_index, 1.0))
     return runner
@@ -886,13 +962,25 @@ class _ChainScheduler:
 
     def __init__(self, pool, *, num_chains, num_warmup, seed, chunk_size, init_params,
                  stopping, store, progress_bar, static=False, cross_chain=False,
-                 key_stream=()):
+                 key_stream=(), low_rank=None):
         self.pool = pool
         self.key_stream = tuple(key_stream)
+        # With a low-rank mass matrix: the first phase's length, the most
+        # eigenvectors, and the map of each phase (phase 0: the identity, set once
+        # the dimension is known; phase 1: the estimate, set once every chain has
+        # finished phase 0).
+        self.switch, self.max_rank = low_rank if low_rank else (None, 0)
+        self.masses = [None, None]
         # Warmup iterations after which the chains pool their covariance estimates:
         # just before the last iteration of each slow window (NumPyro's schedule),
         # so that the window's final update uses the pooled estimate.
-        self.boundaries = _pooling_points(num_warmup) if cross_chain else []
+        if not cross_chain:
+            self.boundaries = []
+        elif self.switch is None:
+            self.boundaries = _pooling_points(num_warmup)
+        else:
+            self.boundaries = _pooling_points(self.switch) + [
+                self.switch + b for b in _pooling_points(num_warmup - self.switch)]
         self.num_warmup = num_warmup
         self.seed = seed
         self.chunk_size = chunk_size
@@ -952,19 +1040,47 @@ class _ChainScheduler:
             else:
                 key = chain_key(self.seed, chain.chain_id)
             return "init_chain", (chain.chain_id, key, self.init_params)
+        low_rank = ()
+        if self.switch is not None:
+            low_rank = (self.masses[chain.phase], chain.phase)
+            if chain.phase == 0 and chain.warmup_done == self.switch:
+                if self.masses[1] is None:
+                    return None  # waits for the other chains' draws
+                return "switch_chain", (chain.chain_id, chain.state, *self.masses)
         if chain.warmup_done < self.num_warmup:
             if self._waiting(chain):
                 return None
-            stop = next((b for b in self.boundaries if b > chain.warmup_done),
-                        self.num_warmup)
+            stops = self.boundaries + ([self.switch] if self.switch else [])
+            stop = min((b for b in stops if b > chain.warmup_done), default=self.num_warmup)
             n = min(self.chunk_size, stop - chain.warmup_done)
-            return "advance", (chain.chain_id, chain.state, n, False)
+            return "advance", (chain.chain_id, chain.state, n, False, *low_rank)
         lookahead = self.chunk_size if self.stopping.has_target else 0
         cap = min(self.limit + lookahead, self.stopping.max_samples)
         if chain.samples_done < cap:
             n = min(self.chunk_size, cap - chain.samples_done)
-            return "advance", (chain.chain_id, chain.state, n, True)
+            return "advance", (chain.chain_id, chain.state, n, True, *low_rank)
         return None
+
+    def _switch_if_ready(self):
+        """Estimate the low-rank mass matrix once every chain has finished phase 0.
+
+        Uses the draws and gradients of the second half of phase 0 of all chains
+        together (so the estimate does not depend on the number of workers).
+        """
+        if self.switch is None or self.masses[1] is not None:
+            return
+        if any(c.running or c.phase != 0 or c.warmup_done != self.switch
+               for c in self.chains):
+            return
+        from raybayes.mcmc.mass import fisher_low_rank
+
+        xs = np.concatenate([p[0] for c in self.chains for p in c.points])
+        gs = np.concatenate([p[1] for c in self.chains for p in c.points])
+        self.masses[1] = fisher_low_rank(xs, gs, max_rank=self.max_rank,
+                                         dtype=xs.dtype)
+        self.outcome["low_rank_mass_rank"] = self.masses[1].rank
+        for c in self.chains:
+            c.points = []
 
     def _waiting(self, chain: _Chain) -> bool:
         """Whether the chain waits at a pooling point for the other chains."""
@@ -1046,6 +1162,7 @@ class _ChainScheduler:
                     method, args = self._next_work(chain)
                     idle.remove(worker)
                     chain.running = True
+                    chain.switching = method == "switch_chain"
                     pending.append(pool.submit(worker, method, *args, tag=chain.chain_id))
                 if not pending:
                     if not idle:
@@ -1092,6 +1209,12 @@ class _ChainScheduler:
         new_chunk = False
         if isinstance(out, ChunkResult):
             chain.state = out.state
+            if out.warmup_points is not None:
+                # Keep the second half of phase 0 for the low-rank estimate.
+                first = chain.warmup_done
+                keep = np.arange(first, first + out.num_steps) >= self.switch // 2
+                if keep.any():
+                    chain.points.append(tuple(p[keep] for p in out.warmup_points))
             if out.draws is None:
                 chain.warmup_done += out.num_steps
             else:
@@ -1102,8 +1225,16 @@ class _ChainScheduler:
                 new_chunk = True
         else:
             chain.state = out
+            if chain.switching:
+                chain.phase, chain.switching = 1, False
+            elif self.switch is not None and self.masses[0] is None:
+                from raybayes.mcmc.mass import identity_mass
+
+                z = np.asarray(out.z)
+                self.masses[0] = identity_mass(z.shape[-1], self.max_rank, z.dtype)
         self._checkpoint(chain, new_chunk)
         self._pool_if_ready()
+        self._switch_if_ready()
         phase = "warmup" if chain.warmup_done < self.num_warmup else "sampling"
         total = self.num_warmup + max(self.limit, chain.samples_done)
         self.bar.update(chain.chain_id, chain.warmup_done + chain.samples_done, phase,
