@@ -8,7 +8,9 @@ Three modes (each prints the peer's figure, ours, and their ratio):
 - ``orange-juice``: the quickstart job (``--stores`` stores, all by default):
   NumPyro NUTS (``chain_method="parallel"``, default diagonal adaptation, the
   model's default non-centred form) against ``raybayes.sample`` with the
-  data-informed centring (``centered="auto"``), same chains, warmup and draws.
+  data-informed centring (``centered="auto"``), with NumPyro's diagonal mass
+  matrix and with the low-rank plus diagonal one (``low_rank_mass=True``;
+  ``--variants`` picks), same chains, warmup and draws.
   Wall time, leapfrog steps per draw, min bulk/tail ESS, ESS per gradient and per
   second, max R-hat over the brand and product elasticities and hyperparameters.
 - ``simulation``: the same on simulated data with known truth (``--products``
@@ -19,7 +21,7 @@ NumPyro's parallel method needs one XLA host device per chain, set before JAX is
 imported, so the peer runs in its own subprocess.
 
     python benchmarks/bench_nuts.py density
-    python benchmarks/bench_nuts.py orange-juice [--stores 83] [--chains 4] [--warmup 500] [--samples 500]
+    python benchmarks/bench_nuts.py orange-juice [--stores 83] [--chains 4] [--warmup 500] [--samples 500] [--variants diagonal,low-rank]
     python benchmarks/bench_nuts.py simulation [--products 1000]
 """
 
@@ -153,14 +155,21 @@ def bench_sampler(a):
     from raybayes.models import elasticity_model
 
     data, truth = load_data(cfg)
-    t = time.perf_counter()
-    idata = raybayes.sample(elasticity_model, model_kwargs=data.model_kwargs(centered="auto"),
-                            num_chains=a.chains, num_warmup=a.warmup, num_samples=a.samples,
-                            seed=a.seed, backend=a.backend, progress_bar=False)
-    wall = time.perf_counter() - t
-    draws = {k: idata.posterior[k].values for k in REPORT_SITES if k in idata.posterior}
-    steps = idata.sample_stats["n_steps"].values
-    results["raybayes (centered='auto')"] = report(draws, steps, wall, truth)
+    variants = {"diagonal": False, "low-rank": True}
+    for variant in a.variants.split(","):
+        t = time.perf_counter()
+        idata = raybayes.sample(elasticity_model,
+                                model_kwargs=data.model_kwargs(centered="auto"),
+                                num_chains=a.chains, num_warmup=a.warmup,
+                                num_samples=a.samples, seed=a.seed, backend=a.backend,
+                                progress_bar=False, low_rank_mass=variants[variant])
+        wall = time.perf_counter() - t
+        draws = {k: idata.posterior[k].values for k in REPORT_SITES if k in idata.posterior}
+        steps = idata.sample_stats["n_steps"].values
+        r = report(draws, steps, wall, truth)
+        if variants[variant]:
+            r["low_rank_mass_rank"] = idata.attrs.get("low_rank_mass_rank")
+        results[f"raybayes (centered='auto', {variant} mass matrix)"] = r
 
     print(f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; {a.chains} chains x "
           f"({a.warmup} warmup + {a.samples} draws); backend={a.backend}")
@@ -172,12 +181,18 @@ def bench_sampler(a):
         print(name)
         for k in keys:
             print(f"  {k:34s} {r[k]:10.3f}")
-    if len(results) == 2:
-        peer, mine = results.values()
-        print(f"ratios (raybayes / NumPyro): wall {mine['wall_s'] / peer['wall_s']:.2f}, "
-              f"steps per draw {mine['steps_per_draw'] / peer['steps_per_draw']:.2f}, "
-              f"ESS per gradient {mine['min_ess_bulk_per_1000_gradients'] / peer['min_ess_bulk_per_1000_gradients']:.2f}, "
-              f"ESS per second {mine['min_ess_bulk_per_s'] / peer['min_ess_bulk_per_s']:.2f}")
+        if "low_rank_mass_rank" in r:
+            print(f"  {'low_rank_mass_rank':34s} {r['low_rank_mass_rank']:10d}")
+    if not a.skip_peer:
+        names = list(results)
+        peer = results[names[0]]
+        for name in names[1:]:
+            mine = results[name]
+            print(f"ratios ({name} / NumPyro): wall {mine['wall_s'] / peer['wall_s']:.2f}, "
+                  f"steps per draw {mine['steps_per_draw'] / peer['steps_per_draw']:.2f}, "
+                  "ESS per gradient "
+                  f"{mine['min_ess_bulk_per_1000_gradients'] / peer['min_ess_bulk_per_1000_gradients']:.2f}, "
+                  f"ESS per second {mine['min_ess_bulk_per_s'] / peer['min_ess_bulk_per_s']:.2f}")
 
 
 def main():
@@ -192,6 +207,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backend", default="local")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--variants", default="diagonal,low-rank",
+                    help="raybayes mass matrices to run: diagonal, low-rank or both")
     a = ap.parse_args()
     if a.mode == "density":
         bench_density(a)

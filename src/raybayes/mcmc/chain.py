@@ -384,10 +384,10 @@ class _LowRankKernels:
         phases = [hmc(potential_fn_gen=gen, algo="NUTS") for _ in range(2)]
         warmups = [self.switch_at, num_warmup - self.switch_at]
 
-        def start(phase, y, key, pre):
+        def start(phase, y, key, pre, inverse_mass_matrix=None):
             init_kernel = phases[phase][0]
             return init_kernel(y, warmups[phase], model_args=(pre,), rng_key=key,
-                               **settings)
+                               inverse_mass_matrix=inverse_mass_matrix, **settings)
 
         def init(key, x0):
             key, key_init = jax.random.split(key)
@@ -395,7 +395,13 @@ class _LowRankKernels:
                 z = initialize_model(key_init, model, model_args=args, model_kwargs=kwargs,
                                      init_strategy=strategy).param_info.z
                 x0 = ravel_pytree(z)[0]
-            return start(0, x0, key, mm.identity_mass(self.dim, 1))
+            pre = mm.identity_mass(self.dim, 1)
+            # nutpie's first diagonal: variance 1 / |gradient| at the initial point
+            # (NumPyro's identity can be off by orders of magnitude, and the first
+            # window's draws then are far from stationary).
+            g = jnp.abs(jax.grad(gen(pre))(x0))
+            inv_mass = jnp.where(jnp.isfinite(g) & (g > 0), 1.0 / g, 1.0)
+            return start(0, x0, key, pre, jnp.clip(inv_mass, 1e-6, 1e6))
 
         self._init = jax.jit(init)
         self._unravel_flat = lambda p: ravel_pytree(p)[0]

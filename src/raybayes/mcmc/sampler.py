@@ -189,15 +189,13 @@ def _check_arguments(
             "cross_chain_adaptation pools the mass-matrix adaptation, but "
             "kernel_kwargs sets adapt_mass_matrix=False; drop one of the two."
         )
-    if low_rank_mass is not False:
-        if isinstance(low_rank_mass, bool):
-            pass
-        elif not (isinstance(low_rank_mass, (int, np.integer)) and low_rank_mass > 0):
-            raise ConfigurationError(
-                f"low_rank_mass={low_rank_mass!r}; pass True (at most "
-                f"{DEFAULT_MAX_RANK} eigenvectors), a positive int (the most "
-                "eigenvectors) or False."
-            )
+    if not (isinstance(low_rank_mass, (bool, np.bool_))
+            or (isinstance(low_rank_mass, (int, np.integer)) and low_rank_mass >= 0)):
+        raise ConfigurationError(
+            f"low_rank_mass={low_rank_mass!r}; pass True (at most "
+            f"{DEFAULT_MAX_RANK} eigenvectors), a positive int (the most "
+            "eigenvectors) or False."
+        )
     if low_rank_mass:
         if dense_mass:
             raise ConfigurationError(
