@@ -52,6 +52,7 @@ def run_quickstart(
     seed: int = 0,
     likelihood: str = "negbin",
     centered: bool | str | dict = "auto",
+    low_rank_mass: bool = False,
     backend: str = "ray",
     num_workers: int | None = None,
     address: str | None = None,
@@ -74,6 +75,9 @@ def run_quickstart(
             each block as far as the data informs it
             (:meth:`raybayes.datasets.ElasticityData.centering`), which keeps NUTS
             trajectories short on data-rich products.
+        low_rank_mass: adapt a low-rank plus diagonal mass matrix from the chains'
+            draws and gradients (see :func:`raybayes.sample`); off by default
+            until it beats the diagonal on this model (BENCHMARKS.md).
         backend, num_workers, address: where to run (see :func:`raybayes.sample`).
         progress_bar: show per-chain progress.
         echo: function used to print the report.
@@ -99,6 +103,7 @@ def run_quickstart(
         num_warmup=num_warmup,
         num_samples=num_samples,
         max_tree_depth=max_tree_depth,
+        low_rank_mass=low_rank_mass,
         seed=seed,
         backend=backend,
         num_workers=num_workers,
