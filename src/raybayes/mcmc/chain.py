@@ -72,9 +72,9 @@ class ChunkResult(NamedTuple):
         stats: sample statistics (see :data:`SAMPLE_STATS`), each ``(num_steps,)``.
         num_steps: iterations run in this chunk.
         elapsed_s: wall time of the chunk on the worker, in seconds.
-        warmup_points: with a low-rank mass matrix, for the first warmup phase's
-            chunks: ``(x, grad)``, the unconstrained draws and the potential's
-            gradients there, each ``(num_steps, d)``; otherwise ``None``.
+        warmup_points: with a low-rank mass matrix, for warmup chunks:
+            ``(x, grad)``, the unconstrained draws and the potential's gradients
+            there, each ``(num_steps, d)``; otherwise ``None``.
     """
 
     chain_id: int
@@ -106,11 +106,12 @@ class NUTSChainRunner:
         chunk_size: iterations per chunk.
         kernel_kwargs: extra arguments of :class:`numpyro.infer.NUTS`
             (``target_accept_prob``, ``max_tree_depth``, ``dense_mass``, ...).
-        low_rank_switch: with a low-rank plus diagonal mass matrix
-            (:mod:`raybayes.mcmc.mass`), the warmup iterations of the first phase
-            (diagonal adaptation, in the model's unconstrained coordinates); the
-            rest of the warmup and the sampling run in the coordinates ``y`` of
-            the driver's estimate (``x = m + L y``; :meth:`switch_chain`).
+        low_rank_phases: with a low-rank plus diagonal mass matrix
+            (:mod:`raybayes.mcmc.mass`), ``(first, later)``: the warmup iterations
+            of the first phase (diagonal adaptation, in the model's unconstrained
+            coordinates) and of each later phase, which runs in the coordinates
+            ``y`` of the driver's latest estimate (``x = m + L y``;
+            :meth:`switch_chain`); the last phase goes on into sampling.
             ``None`` (default): NumPyro's NUTS on the model as it is.
 
     References:
@@ -128,7 +129,7 @@ class NUTSChainRunner:
         num_warmup: int,
         chunk_size: int,
         kernel_kwargs: dict | None = None,
-        low_rank_switch: int | None = None,
+        low_rank_phases: tuple[int, int] | None = None,
     ):
         self.model = model
         self.model_args = tuple(model_args)
@@ -137,7 +138,7 @@ class NUTSChainRunner:
         self.chunk_size = int(chunk_size)
         kernel_kwargs = dict(kernel_kwargs or {})
         kernel_kwargs.setdefault("init_strategy", init_to_uniform)
-        self.low_rank_switch = low_rank_switch
+        self.low_rank_phases = low_rank_phases
         self.kernel = NUTS(model, **kernel_kwargs)
         self._kernel_kwargs = kernel_kwargs
         self._low_rank = None
@@ -232,21 +233,21 @@ class NUTSChainRunner:
             ChainError: the model raised, or no valid initial point was found.
         """
         try:
-            if self.low_rank_switch is not None:
+            if self.low_rank_phases is not None:
                 return _to_numpy(self._lowrank().init_chain(rng_key, init_params))
             return _to_numpy(self._init_state(rng_key, init_params))
         except Exception as err:  # noqa: BLE001 - re-raised with the chain id
             raise ChainError(chain_id, repr(err), traceback.format_exc()) from None
 
     def switch_chain(self, chain_id: int, state, old, new):
-        """Move a chain to new low-rank coordinates and start its second warmup phase.
+        """Move a chain to new low-rank coordinates and start its next warmup phase.
 
         The chain keeps its point and its key; its step size and diagonal are
         adapted afresh over the remaining warmup iterations.
 
         Args:
             chain_id: the chain's index (for error messages).
-            state: its ``HMCState`` at the end of the first phase (NumPy leaves).
+            state: its ``HMCState`` at the end of a phase (NumPy leaves).
             old: the :class:`~raybayes.mcmc.mass.LowRankMass` of ``state``.
             new: the new one.
 
@@ -277,7 +278,7 @@ class NUTSChainRunner:
             collect: return the draws (sampling) or not (warmup).
             mass: with a low-rank mass matrix, the chain's current
                 :class:`~raybayes.mcmc.mass.LowRankMass`; ``None`` otherwise.
-            phase: with a low-rank mass matrix, 0 (first warmup phase) or 1.
+            phase: with a low-rank mass matrix, the chain's warmup phase.
 
         Returns:
             A :class:`ChunkResult`.
@@ -298,11 +299,12 @@ class NUTSChainRunner:
                 lr = self._lowrank()
                 state = jax.tree_util.tree_map(jnp.asarray, state)
                 mass = jax.tree_util.tree_map(jnp.asarray, mass)
-                new_state, (zs, gs, stats) = lr.chunk[phase](state, num_steps, mass)
-                zs, gs = zs[:num_steps], gs[:num_steps]
+                chunk = lr.chunk[min(phase, 1)]
+                new_state, (zs, xs, gs, stats) = chunk(state, num_steps, mass)
+                zs = zs[:num_steps]
                 draws = _to_numpy(lr.postprocess(zs, mass)) if collect else None
-                if phase == 0 and not collect:
-                    points = (np.asarray(zs), np.asarray(gs))
+                if not collect:
+                    points = (np.asarray(xs[:num_steps]), np.asarray(gs[:num_steps]))
             else:
                 self._ensure_ready()
                 state = jax.tree_util.tree_map(jnp.asarray, state)
@@ -342,10 +344,12 @@ class _LowRankKernels:
     ``x = m + L y`` (:func:`raybayes.mcmc.mass.from_unit`); the
     :class:`~raybayes.mcmc.mass.LowRankMass` is an argument of every jitted
     function (fixed shapes), so a new estimate compiles nothing. Two NumPyro HMC
-    instances (``numpyro.infer.hmc.hmc``) hold the two warmup phases' schedules:
-    phase 0 runs ``switch`` iterations with the identity map and NumPyro's
-    diagonal adaptation; phase 1 runs the remaining warmup (step size and a
-    diagonal in ``y``) and the sampling.
+    instances (``numpyro.infer.hmc.hmc``) hold the warmup schedules: phase 0 runs
+    ``first`` iterations with the identity map and NumPyro's diagonal adaptation
+    (started from nutpie's ``1 / |gradient|``); every later phase runs ``later``
+    iterations in the latest estimate's coordinates (step size and a diagonal in
+    ``y`` adapted afresh; one instance, as the phases have one length), the last
+    one going on into sampling.
     """
 
     _KERNEL_KEYS = {"target_accept_prob", "max_tree_depth", "init_strategy", "dense_mass"}
@@ -371,8 +375,7 @@ class _LowRankKernels:
         flat, unravel = ravel_pytree(info.param_info.z)
         self.dim = flat.shape[0]
         potential, constrain = info.potential_fn, info.postprocess_fn
-        self.switch_at = int(runner.low_rank_switch)
-        num_warmup = runner.num_warmup
+        warmups = [int(n) for n in runner.low_rank_phases]
 
         def gen(pre):
             return lambda y: potential(unravel(mm.from_unit(pre, y)))
@@ -382,7 +385,6 @@ class _LowRankKernels:
             max_tree_depth=kw.get("max_tree_depth", 10),
         )
         phases = [hmc(potential_fn_gen=gen, algo="NUTS") for _ in range(2)]
-        warmups = [self.switch_at, num_warmup - self.switch_at]
 
         def start(phase, y, key, pre, inverse_mass_matrix=None):
             init_kernel = phases[phase][0]
@@ -429,7 +431,7 @@ class _LowRankKernels:
                                  lambda x: x, s)
                     x = mm.from_unit(pre, s.z)
                     g = mm.grad_from_unit(pre, s.z_grad)
-                    return s, (x if phase == 0 else s.z, g, _stats_of(s))
+                    return s, (s.z, x, g, _stats_of(s))
 
                 return lax.scan(body, state, jnp.arange(size))
 

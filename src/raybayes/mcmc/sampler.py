@@ -38,8 +38,9 @@ __all__ = ["sample"]
 DEFAULT_MAX_RANK = 16
 #: Fewest warmup iterations with ``low_rank_mass``.
 MIN_LOW_RANK_WARMUP = 100
-#: Share of the warmup run before the low-rank estimate (the first phase).
-LOW_RANK_SWITCH = 0.4
+#: Warmup phases with ``low_rank_mass``: the low-rank estimate is refreshed at the
+#: end of each phase but the last (from the second half of the phase's draws).
+LOW_RANK_PHASES = 3
 
 
 @dataclass
@@ -356,12 +357,13 @@ def sample(
         low_rank_mass: adapt a low-rank plus diagonal mass matrix from the
             chains' draws and gradients, as nutpie does
             (:func:`raybayes.mcmc.mass.fisher_low_rank`; ``True``: at most 16
-            eigenvectors, an int: at most that many). The warmup runs in two
-            phases: the first 40% with NumPyro's diagonal adaptation; then the
-            draws and gradients of its second half, pooled over all chains, give
-            the estimate, and each chain runs the rest of the warmup and the
-            sampling in the estimate's coordinates (step size and a diagonal
-            adapted again). Each HMC operation costs ``O(d k)``. Needs
+            eigenvectors, an int: at most that many). The warmup runs in three
+            phases: the first with NumPyro's diagonal adaptation (started from
+            nutpie's ``1 / |gradient|`` at the initial point); at the end of the
+            first and of the second, the draws and gradients of the phase's
+            second half, pooled over all chains, give a new estimate, and each
+            chain goes on in the estimate's coordinates (step size and a
+            diagonal adapted again); the last phase goes on into sampling. Each HMC operation costs ``O(d k)``. Needs
             ``num_warmup >= 100`` and at most ``init_strategy`` in
             ``kernel_kwargs``; not with ``dense_mass`` or ``checkpoint_dir`` (not
             supported yet). ``idata.attrs["low_rank_mass_rank"]`` gives the
@@ -753,7 +755,7 @@ def _run_chains(
                 settings.chunk_size,
                 settings.kernel_kwargs,
                 settings.worker_slowdown,
-                _low_rank_switch(settings),
+                _low_rank_phases(settings),
             ),
             num_workers=num_workers,
             name="nuts",
@@ -772,7 +774,7 @@ def _run_chains(
                 static=settings.static_scheduling,
                 cross_chain=settings.cross_chain_adaptation,
                 key_stream=settings.key_stream,
-                low_rank=(_low_rank_switch(settings), settings.low_rank_mass)
+                low_rank=(_low_rank_phases(settings), settings.low_rank_mass)
                 if settings.low_rank_mass else None,
             ).run()
         finally:
@@ -817,15 +819,19 @@ def _to_inference_data(
     )
 
 
-def _low_rank_switch(settings):
-    """Warmup iterations of the first phase with a low-rank mass matrix, or None."""
+def _low_rank_phases(settings):
+    """``(first, later)`` warmup phase lengths with a low-rank mass matrix, or None.
+
+    The later phases have one length (they share one HMC instance, one compile).
+    """
     if not settings.low_rank_mass:
         return None
-    return int(round(LOW_RANK_SWITCH * settings.num_warmup))
+    later = settings.num_warmup // LOW_RANK_PHASES
+    return settings.num_warmup - (LOW_RANK_PHASES - 1) * later, later
 
 
 def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=None,
-                 low_rank_switch=None, *, worker_index=0):
+                 low_rank_phases=None, *, worker_index=0):
     model_args, model_kwargs = args
     runner = NUTSChainRunner(
         model,
@@ -834,7 +840,7 @@ def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=No
         num_warmup=num_warmup,
         chunk_size=chunk_size,
         kernel_kwargs=kernel_kwargs,
-        low_rank_switch=low_rank_switch,
+        low_rank_phases=low_rank_phases,
     )
     runner.slowdown = float((slowdown or {}).get(worker_index, 1.0))
     return runner
@@ -963,22 +969,23 @@ class _ChainScheduler:
                  key_stream=(), low_rank=None):
         self.pool = pool
         self.key_stream = tuple(key_stream)
-        # With a low-rank mass matrix: the first phase's length, the most
-        # eigenvectors, and the map of each phase (phase 0: the identity, set once
-        # the dimension is known; phase 1: the estimate, set once every chain has
-        # finished phase 0).
-        self.switch, self.max_rank = low_rank if low_rank else (None, 0)
-        self.masses = [None, None]
+        # With a low-rank mass matrix: the warmup iterations at which the phases
+        # end (but the last), the most eigenvectors, and the map of each phase
+        # (phase 0: the identity, set once the dimension is known; phase p > 0:
+        # the estimate from phase p - 1, set once every chain has finished it).
+        self.switches, self.max_rank = [], 0
+        if low_rank:
+            (first, later), self.max_rank = low_rank
+            self.switches = [first + i * later for i in range(LOW_RANK_PHASES - 1)]
+        self.masses = [None] * (len(self.switches) + 1)
         # Warmup iterations after which the chains pool their covariance estimates:
         # just before the last iteration of each slow window (NumPyro's schedule),
         # so that the window's final update uses the pooled estimate.
-        if not cross_chain:
-            self.boundaries = []
-        elif self.switch is None:
-            self.boundaries = _pooling_points(num_warmup)
-        else:
-            self.boundaries = _pooling_points(self.switch) + [
-                self.switch + b for b in _pooling_points(num_warmup - self.switch)]
+        starts = [0, *self.switches]
+        ends = [*self.switches, num_warmup]
+        self.boundaries = [
+            a + b for a, e in zip(starts, ends, strict=True) for b in _pooling_points(e - a)
+        ] if cross_chain else []
         self.num_warmup = num_warmup
         self.seed = seed
         self.chunk_size = chunk_size
@@ -1039,16 +1046,19 @@ class _ChainScheduler:
                 key = chain_key(self.seed, chain.chain_id)
             return "init_chain", (chain.chain_id, key, self.init_params)
         low_rank = ()
-        if self.switch is not None:
+        if self.switches:
             low_rank = (self.masses[chain.phase], chain.phase)
-            if chain.phase == 0 and chain.warmup_done == self.switch:
-                if self.masses[1] is None:
+            if (chain.phase < len(self.switches)
+                    and chain.warmup_done == self.switches[chain.phase]):
+                new = self.masses[chain.phase + 1]
+                if new is None:
                     return None  # waits for the other chains' draws
-                return "switch_chain", (chain.chain_id, chain.state, *self.masses)
+                return "switch_chain", (chain.chain_id, chain.state,
+                                        self.masses[chain.phase], new)
         if chain.warmup_done < self.num_warmup:
             if self._waiting(chain):
                 return None
-            stops = self.boundaries + ([self.switch] if self.switch else [])
+            stops = self.boundaries + self.switches
             stop = min((b for b in stops if b > chain.warmup_done), default=self.num_warmup)
             n = min(self.chunk_size, stop - chain.warmup_done)
             return "advance", (chain.chain_id, chain.state, n, False, *low_rank)
@@ -1060,23 +1070,27 @@ class _ChainScheduler:
         return None
 
     def _switch_if_ready(self):
-        """Estimate the low-rank mass matrix once every chain has finished phase 0.
+        """Estimate the low-rank mass matrix once every chain has ended a phase.
 
-        Uses the draws and gradients of the second half of phase 0 of all chains
-        together (so the estimate does not depend on the number of workers).
+        Uses the draws and gradients of the second half of the phase, of all
+        chains together (so the estimate does not depend on the number of
+        workers), in the model's unconstrained coordinates.
         """
-        if self.switch is None or self.masses[1] is not None:
+        if not self.switches:
             return
-        if any(c.running or c.phase != 0 or c.warmup_done != self.switch
+        phase = self.chains[0].phase
+        if phase >= len(self.switches) or self.masses[phase + 1] is not None:
+            return
+        if any(c.running or c.phase != phase or c.warmup_done != self.switches[phase]
                for c in self.chains):
             return
         from raybayes.mcmc.mass import fisher_low_rank
 
         xs = np.concatenate([p[0] for c in self.chains for p in c.points])
         gs = np.concatenate([p[1] for c in self.chains for p in c.points])
-        self.masses[1] = fisher_low_rank(xs, gs, max_rank=self.max_rank,
-                                         dtype=xs.dtype)
-        self.outcome["low_rank_mass_rank"] = self.masses[1].rank
+        self.masses[phase + 1] = fisher_low_rank(xs, gs, max_rank=self.max_rank,
+                                                 dtype=xs.dtype)
+        self.outcome["low_rank_mass_rank"] = self.masses[phase + 1].rank
         for c in self.chains:
             c.points = []
 
@@ -1207,10 +1221,12 @@ class _ChainScheduler:
         new_chunk = False
         if isinstance(out, ChunkResult):
             chain.state = out.state
-            if out.warmup_points is not None:
-                # Keep the second half of phase 0 for the low-rank estimate.
+            if out.warmup_points is not None and chain.phase < len(self.switches):
+                # Keep the second half of the phase for the low-rank estimate.
+                start = ([0, *self.switches])[chain.phase]
+                end = self.switches[chain.phase]
                 first = chain.warmup_done
-                keep = np.arange(first, first + out.num_steps) >= self.switch // 2
+                keep = np.arange(first, first + out.num_steps) >= (start + end) // 2
                 if keep.any():
                     chain.points.append(tuple(p[keep] for p in out.warmup_points))
             if out.draws is None:
@@ -1224,8 +1240,8 @@ class _ChainScheduler:
         else:
             chain.state = out
             if chain.switching:
-                chain.phase, chain.switching = 1, False
-            elif self.switch is not None and self.masses[0] is None:
+                chain.phase, chain.switching = chain.phase + 1, False
+            elif self.switches and self.masses[0] is None:
                 from raybayes.mcmc.mass import identity_mass
 
                 z = np.asarray(out.z)
