@@ -108,7 +108,7 @@ def gaussian_model():
 
 def _run(low_rank_mass, seed=0):
     return raybayes.sample(
-        gaussian_model, num_chains=2, num_warmup=200, num_samples=400, seed=seed,
+        gaussian_model, num_chains=2, num_warmup=150, num_samples=300, seed=seed,
         backend="local", progress_bar=False, low_rank_mass=low_rank_mass,
     )
 
