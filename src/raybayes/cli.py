@@ -29,7 +29,7 @@ def quickstart(
     max_tree_depth: int = typer.Option(10, help="NUTS maximum tree depth (at most 2**depth - 1 leapfrog steps per draw)."),
     seed: int = typer.Option(0, help="Root seed."),
     likelihood: str = typer.Option("negbin", help="'negbin' or 'poisson'."),
-    low_rank_mass: bool = typer.Option(False, help="Adapt a low-rank plus diagonal mass matrix from the chains' draws and gradients (nutpie's), instead of NumPyro's diagonal."),
+    low_rank_mass: bool = typer.Option(False, help="Adapt a low-rank plus diagonal mass matrix from the chains' draws and gradients (nutpie's; needs --num-warmup >= 100)."),
     num_workers: int = typer.Option(0, help="Ray workers (0: one per CPU, at most one per chain)."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or an embedded instance)."),
     backend: str = typer.Option("auto", help="'auto' (Ray for several chains on several CPUs, else in-process), 'ray' or 'local'."),
