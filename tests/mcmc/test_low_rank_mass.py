@@ -103,13 +103,21 @@ CHOL = np.linalg.cholesky(COV).astype(np.float32)
 
 
 def gaussian_model():
-    numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(D), scale_tril=jnp.asarray(CHOL)))
+    numpyro.sample(
+        "x", dist.MultivariateNormal(jnp.zeros(D), scale_tril=jnp.asarray(CHOL))
+    )
 
 
 def _run(low_rank_mass, seed=0):
     return raybayes.sample(
-        gaussian_model, num_chains=2, num_warmup=150, num_samples=300, seed=seed,
-        backend="local", progress_bar=False, low_rank_mass=low_rank_mass,
+        gaussian_model,
+        num_chains=2,
+        num_warmup=150,
+        num_samples=300,
+        seed=seed,
+        backend="local",
+        progress_bar=False,
+        low_rank_mass=low_rank_mass,
     )
 
 
@@ -149,24 +157,47 @@ def test_low_rank_cuts_steps_against_diagonal():
 def test_low_rank_bad_arguments_fail_before_compute(kwargs, match):
     kwargs = {"num_warmup": 200, **kwargs}
     with pytest.raises(ConfigurationError, match=match):
-        raybayes.sample(gaussian_model, num_chains=2, num_samples=10, backend="local",
-                        progress_bar=False, **kwargs)
+        raybayes.sample(
+            gaussian_model,
+            num_chains=2,
+            num_samples=10,
+            backend="local",
+            progress_bar=False,
+            **kwargs,
+        )
 
 
 def test_low_rank_with_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="checkpoint_dir"):
-        raybayes.sample(gaussian_model, num_chains=2, num_warmup=200, num_samples=10,
-                        backend="local", progress_bar=False, low_rank_mass=True,
-                        checkpoint_dir=str(tmp_path))
+        raybayes.sample(
+            gaussian_model,
+            num_chains=2,
+            num_warmup=200,
+            num_samples=10,
+            backend="local",
+            progress_bar=False,
+            low_rank_mass=True,
+            checkpoint_dir=str(tmp_path),
+        )
 
 
 @pytest.mark.slow
 def test_low_rank_draws_do_not_depend_on_the_workers(ray_backend):
     # The estimate pools every chain's points in chain order at fixed warmup
     # iterations, so 2 Ray workers give the draws of one in-process worker.
-    kwargs = dict(num_chains=3, num_warmup=120, num_samples=50, seed=7,
-                  progress_bar=False, low_rank_mass=4)
+    kwargs = dict(
+        num_chains=3,
+        num_warmup=120,
+        num_samples=50,
+        seed=7,
+        progress_bar=False,
+        low_rank_mass=4,
+    )
     local = raybayes.sample(gaussian_model, backend="local", **kwargs)
-    remote = raybayes.sample(gaussian_model, backend=ray_backend, num_workers=2, **kwargs)
-    np.testing.assert_array_equal(local.posterior["x"].values, remote.posterior["x"].values)
+    remote = raybayes.sample(
+        gaussian_model, backend=ray_backend, num_workers=2, **kwargs
+    )
+    np.testing.assert_array_equal(
+        local.posterior["x"].values, remote.posterior["x"].values
+    )
     assert local.attrs["low_rank_mass_rank"] == remote.attrs["low_rank_mass_rank"]

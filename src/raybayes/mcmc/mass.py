@@ -65,7 +65,9 @@ def identity_mass(dim: int, max_rank: int, dtype=np.float32) -> LowRankMass:
         (3, 2)
     """
     return LowRankMass(
-        np.zeros(dim, dtype), np.ones(dim, dtype), np.zeros((dim, max_rank), dtype),
+        np.zeros(dim, dtype),
+        np.ones(dim, dtype),
+        np.zeros((dim, max_rank), dtype),
         np.ones(max_rank, dtype),
     )
 
@@ -128,7 +130,8 @@ def fisher_low_rank(
     g = np.asarray(grads, np.float64)
     if x.ndim != 2 or x.shape != g.shape:
         raise ValueError(
-            f"draws {x.shape} and grads {g.shape} must both be (n, d) arrays of one shape."
+            f"draws {x.shape} and grads {g.shape} must both be (n, d) arrays of "
+            "one shape."
         )
     n, d = x.shape
     if n < 3:
@@ -172,8 +175,12 @@ def fisher_low_rank(
     out_vals = np.ones(max_rank)
     out_vecs[:, :k] = vecs
     out_vals[:k] = vals
-    return LowRankMass(mean.astype(dtype), scale.astype(dtype), out_vecs.astype(dtype),
-                       out_vals.astype(dtype))
+    return LowRankMass(
+        mean.astype(dtype),
+        scale.astype(dtype),
+        out_vecs.astype(dtype),
+        out_vals.astype(dtype),
+    )
 
 
 def _spd_mean(a, b):
@@ -213,7 +220,9 @@ def from_unit(pre: LowRankMass, y):
 
 
 def to_unit(pre: LowRankMass, x):
-    """The inverse of :func:`from_unit`: ``y = (I + U (Lambda^(-1/2) - I) U^T) (x - m) / s``.
+    """The inverse of :func:`from_unit`.
+
+    ``y = (I + U (Lambda^(-1/2) - I) U^T) (x - m) / s``.
 
     Examples:
         >>> float(to_unit(identity_mass(2, 1), np.ones(2, np.float32))[0])

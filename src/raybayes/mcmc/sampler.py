@@ -204,7 +204,7 @@ def _check_arguments(
             )
         if num_warmup < MIN_LOW_RANK_WARMUP:
             raise ConfigurationError(
-                f"low_rank_mass needs num_warmup >= {MIN_LOW_RANK_WARMUP} (two warmup "
+                f"low_rank_mass needs num_warmup >= {MIN_LOW_RANK_WARMUP} (three warmup "
                 f"phases), got {num_warmup}; raise num_warmup or drop low_rank_mass."
             )
         if checkpoint_dir is not None:
@@ -363,11 +363,11 @@ def sample(
             first and of the second, the draws and gradients of the phase's
             second half, pooled over all chains, give a new estimate, and each
             chain goes on in the estimate's coordinates (step size and a
-            diagonal adapted again); the last phase goes on into sampling. Each HMC operation costs ``O(d k)``. Needs
-            ``num_warmup >= 100`` and at most ``init_strategy`` in
-            ``kernel_kwargs``; not with ``dense_mass`` or ``checkpoint_dir`` (not
-            supported yet). ``idata.attrs["low_rank_mass_rank"]`` gives the
-            eigenvectors kept.
+            diagonal adapted again); the last phase goes on into sampling.
+            Each HMC operation costs ``O(d k)``. Needs ``num_warmup >= 100`` and
+            at most ``init_strategy`` in ``kernel_kwargs``; not with
+            ``dense_mass`` or ``checkpoint_dir`` (not supported yet).
+            ``idata.attrs["low_rank_mass_rank"]`` gives the eigenvectors kept.
 
     Chains advance in chunks of ``chunk_size`` iterations. A free worker always
     advances the chain that has the fewest iterations, so chains may outnumber
@@ -494,7 +494,10 @@ def sample(
         worker_slowdown=_worker_slowdown,
         progress_bar=progress_bar,
         key_stream=tuple(_key_stream),
-        low_rank_mass=(DEFAULT_MAX_RANK if low_rank_mass is True else int(low_rank_mass)),
+        low_rank_mass=(
+            (DEFAULT_MAX_RANK if low_rank_mass else 0)
+            if isinstance(low_rank_mass, (bool, np.bool_)) else int(low_rank_mass)
+        ),
     )
     site_dims, site_coords, observed = _trace_model(
         model, model_args, model_kwargs, dims, coords, target_var_names
