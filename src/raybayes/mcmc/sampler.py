@@ -444,6 +444,11 @@ def sample(
         key_stream=_key_stream,
         max_shard_bytes=max_shard_bytes,
     )
+    if num_shards is not None and low_rank_mass:
+        raise ConfigurationError(
+            "low_rank_mass is not supported with data-sharded NUTS (num_shards= or "
+            "plan=) yet; drop one of them."
+        )
     scaling = ScalingConfig(
         num_workers=num_workers,
         use_gpu=use_gpu,
