@@ -219,3 +219,47 @@ def test_newton_polish_reaches_the_mode_from_an_indefinite_start():
     assert polished.grad_norm <= 1e-7
     np.testing.assert_allclose(polished.x, ref.x, atol=1e-5)
     assert polished.loss <= ref.fun + 1e-9
+
+
+def _imputation_model(y, y_mask):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=y_mask)
+
+
+@pytest.mark.parametrize("num_shards", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_laplace_with_obs_mask_imputation_is_exact(num_shards):
+    """``obs_mask``: the observed rows of ``y_unobserved`` are masked out (flat).
+
+    The model is Gaussian, so the Laplace approximation is exact: mu | y is
+    N(sum(y_obs) / (1 + n), 1 / (1 + n)), a missing y_j | y is N(that mean,
+    1 + 1 / (1 + n)), and the marginal likelihood is N(y_obs; 0, I + 11'). This
+    once looped for ever (a singular local block per observed row).
+    """
+    rng = np.random.default_rng(3)
+    y = rng.normal(0.7, 1.0, size=10)
+    mask = np.ones(10, bool)
+    mask[[1, 4, 8]] = False
+    n, y_obs = int(mask.sum()), y[mask]
+    post_mean, post_var = y_obs.sum() / (1 + n), 1.0 / (1 + n)
+    cov = np.eye(n) + np.ones((n, n))
+    quad = y_obs @ np.linalg.solve(cov, y_obs)
+    log_ml = -0.5 * (n * np.log(2 * np.pi) + np.linalg.slogdet(cov)[1] + quad)
+    num_samples = 4000
+    r = laplace_approximation(
+        _imputation_model,
+        model_kwargs=dict(y=np.where(mask, y, 0.0), y_mask=mask),
+        num_shards=num_shards,
+        backend="local",
+        num_samples=num_samples,
+        progress_bar=False,
+    )
+    assert r.num_not_positive_definite == 0
+    np.testing.assert_allclose(r.global_covariance, [[post_var]], rtol=1e-6)
+    assert r.log_marginal_likelihood == pytest.approx(log_ml, rel=1e-6)
+    missing = np.asarray(r.idata.posterior["y_unobserved"])[0][:, ~mask]  # (D, 3)
+    sd = np.sqrt(1 + post_var)
+    mc = 4 * sd / np.sqrt(num_samples)  # 4 Monte Carlo errors of a mean
+    np.testing.assert_allclose(missing.mean(0), post_mean, atol=mc)
+    # the standard error of a Gaussian sample's sd is sd / sqrt(2 D)
+    np.testing.assert_allclose(missing.std(0), sd, atol=mc / np.sqrt(2))

@@ -56,6 +56,7 @@ __all__ = [
     "newton_reduce",
     "sum_schur_parts",
     "trust_region_step",
+    "unit_curvature_where_flat",
 ]
 
 
@@ -126,6 +127,42 @@ def factor_arrowhead(
     return ArrowheadFactor(
         schur, log_det, not_pd, binv, jnp.linalg.cholesky(binv), cross
     )
+
+
+def unit_curvature_where_flat(hess_cross, local_blocks):
+    """Give unit curvature to the local coordinates the log joint does not depend on.
+
+    A local coordinate whose row of the Hessian is zero (in its block ``B_i`` and in
+    ``C_i``) does not enter the log joint at all: NumPyro's ``obs_mask`` imputation,
+    for one, declares ``<site>_unobserved`` over the whole plate and masks out the
+    observed rows. The posterior is flat (improper) along such a coordinate, and
+    ``B_i`` is singular there. Setting its diagonal entry to 1 leaves every other
+    coordinate's Laplace approximation unchanged (the coordinate is decoupled from
+    them) and adds ``log 1 = 0`` to ``log det B_i``; its draws are the mode plus
+    standard normal noise and mean nothing, as in MCMC, where such a coordinate
+    wanders freely.
+
+    Args:
+        hess_cross: ``(P, k, G)`` the blocks ``C_i``.
+        local_blocks: ``(P, k, k)`` the blocks ``B_i``.
+
+    Returns:
+        ``(blocks (P, k, k), num_flat)``: the blocks with unit curvature on the flat
+        coordinates, and how many coordinates were flat (int scalar array).
+
+    Examples:
+        >>> import numpy as np
+        >>> blocks = np.array([[[2.0, 0.0], [0.0, 0.0]]])  # the 2nd coordinate is flat
+        >>> b, n = unit_curvature_where_flat(np.zeros((1, 2, 1)), blocks)
+        >>> np.asarray(b)[0].tolist(), int(n)
+        ([[2.0, 0.0], [0.0, 1.0]], 1)
+    """
+    blocks = jnp.asarray(local_blocks)
+    cross = jnp.asarray(hess_cross, blocks.dtype)
+    flat = jnp.all(blocks == 0, axis=-1) & jnp.all(cross == 0, axis=-1)  # (P, k)
+    eye = jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
+    blocks = blocks + flat[..., :, None].astype(blocks.dtype) * eye
+    return blocks, jnp.sum(flat)
 
 
 def newton_reduce(factor: ArrowheadFactor, grad_local):

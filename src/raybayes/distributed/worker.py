@@ -73,6 +73,7 @@ class ShardWorker:
         self.density: ShardLogDensity | None = None
         self.shard_id: int | None = None
         self._hessian = None
+        self._num_flat = 0
         self._factor: arrowhead.ArrowheadFactor | None = None
 
     # -------------------------------------------------------------- set-up
@@ -197,6 +198,10 @@ class ShardWorker:
             hgg, hlg = d.global_hessian_columns(g, lm, batch_size=batch_size)
             num_hvp = d.last_num_hvp + d.num_local_per_entity
             blocks = d.local_hessian_blocks(g, lm) if d.num_local_per_entity else None
+            self._num_flat = 0
+            if blocks is not None:  # coordinates the log joint does not depend on
+                blocks, num_flat = arrowhead.unit_curvature_where_flat(hlg, blocks)
+                self._num_flat = int(num_flat)
             self._hessian = (hgg, hlg, blocks)
         self._factor = arrowhead.factor_arrowhead(
             hgg, hlg, blocks, damping=damping, num_shards=len(self.specs)
@@ -208,6 +213,13 @@ class ShardWorker:
             int(f.num_not_positive_definite),
             num_hvp,
         )
+
+    def num_flat_locals(self) -> int:
+        """Local coordinates of this shard that the log joint does not depend on
+        (given unit curvature by the last :meth:`laplace_factor`; see
+        :func:`raybayes.core.arrowhead.unit_curvature_where_flat`)."""
+        self._factored()
+        return self._num_flat
 
     @worker_precision
     def newton_reduce(self, grad_local):

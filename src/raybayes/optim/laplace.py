@@ -201,13 +201,25 @@ def newton_polish(
                 lambda s: (g, locals_[s], batch_size, 0.0, False),  # noqa: B023
             )
             local_damping = 0.0
-            while sum(p[2] for p in parts) > 0:  # local blocks not positive definite
+            for _ in range(_MAX_LOCAL_DAMPING_TRIALS):
+                if sum(p[2] for p in parts) == 0:  # local blocks positive definite
+                    break
                 schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
                 scale = np.max(np.abs(np.diag(schur)), initial=1.0)
+                if not np.isfinite(scale):  # S is not finite while a B_i is singular
+                    scale = 1.0
                 local_damping = max(10 * local_damping, 1e-3 * scale)
                 parts = objective.gather(  # the same Hessian, damped
                     "laplace_factor",
                     lambda s: (g, locals_[s], batch_size, local_damping, True),  # noqa: B023
+                )
+            else:
+                raise ConfigurationError(
+                    f"{sum(p[2] for p in parts)} local Hessian block(s) stay not "
+                    f"positive definite with damping {local_damping:.1e} at the "
+                    "current point; the log joint is not finite or not smooth "
+                    "there. Check the model (its log density and gradient at the "
+                    "MAP), or use fit_svi or sample."
                 )
             schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
             eig, basis = linalg.eigh(schur) if G else (np.ones(0), None)
@@ -280,6 +292,9 @@ def newton_polish(
         time_s=map_result.time_s,
         num_restarts=map_result.num_restarts,
     )
+
+
+_MAX_LOCAL_DAMPING_TRIALS = 30  # damping 1e-3 * scale up to 1e26 * scale
 
 
 def _root_key(seed):
@@ -405,7 +420,8 @@ def _laplace(objective, map_result, key, num_samples, batch_size, newton_steps,
     )
     globals_ = g_star[None, :] + delta
     values, axes = constrained_values(objective, globals_, local_draws)
-    dim = objective.size
+    # coordinates the log joint does not depend on (masked out) are not integrated
+    dim = objective.size - int(sum(objective.call_all("num_flat_locals")))
     log_ml = (
         -map_result.loss
         + 0.5 * dim * np.log(2 * np.pi)
