@@ -259,3 +259,42 @@ def test_one_shard_needs_no_plan():
         varying_intercepts, (g, np.zeros(12), np.zeros(12)), None, 1, None
     )[2]
     assert part.plate == "groups"
+
+
+def test_an_explicit_partition_is_checked_against_shard_traces():
+    """A user's Partition is verified like the planned split, before any compute."""
+    from raybayes.core import Partition
+    from raybayes.plan import resolve_split
+
+    def regression(x, y):
+        b = numpyro.sample("b", dist.Normal(0, 1))
+        with numpyro.plate("data", len(y)):
+            numpyro.sample("y", dist.Normal(b * x, 1), obs=y)
+
+    kw = {"x": np.ones(6), "y": np.ones(6)}
+    good = Partition("data", entity_args=("x", "y"))
+    assert resolve_split(regression, (), kw, 2, good)[2] is good
+    # x follows the plate but is not split: shard 0 sees 6 x and 3 y
+    with pytest.raises(
+        ConfigurationError,
+        match=r"(?s)entity_args=\('y',\)\) does not fit the model: the model does "
+        r"not run on shard 0's data.*entity_args",
+    ):
+        resolve_split(regression, (), kw, 2, Partition("data", entity_args=("y",)))
+    # checked on one shard too (the partition decides the local blocks)
+    with pytest.raises(ConfigurationError, match="does not fit the model"):
+        resolve_split(regression, (), kw, 1, Partition("data", entity_args=("y",)))
+    with pytest.raises(
+        ConfigurationError, match=r"names plate `rows`.*its plates: `data`"
+    ):
+        resolve_split(regression, (), kw, 2, Partition("rows", entity_args=("x", "y")))
+
+    # an index that is not given: every shard would still see all the groups' rows
+    g = np.repeat(np.arange(4), 3)
+    kw = {"g": g, "x": np.zeros(12), "y": np.zeros(12)}
+    with pytest.raises(ConfigurationError, match="does not fit the model"):
+        resolve_split(varying_intercepts, (), kw, 2, Partition("groups", size=4))
+    right = Partition(
+        "groups", index_arg="g", obs_args=("x", "y"), obs_plate="data", size=4
+    )
+    assert resolve_split(varying_intercepts, (), kw, 2, right)[2] is right

@@ -37,7 +37,7 @@ from raybayes.core.tracing import (
 )
 from raybayes.errors import ConfigurationError
 
-__all__ = ["Plan", "CandidateSplit", "plan", "resolve_split"]
+__all__ = ["Plan", "CandidateSplit", "check_partition", "plan", "resolve_split"]
 
 
 @dataclass
@@ -686,10 +686,12 @@ def resolve_split(
         arguments bound to their names.
 
     Raises:
-        ConfigurationError: see :func:`plan`; also a latent discrete site.
+        ConfigurationError: see :func:`plan`; also a latent discrete site, and a
+            given partition that does not fit the model (:func:`check_partition`).
     """
     model_args, model_kwargs = bind_arguments(model, model_args, model_kwargs)
     if partition is not None:
+        check_partition(model, model_args, model_kwargs, partition, num_shards)
         return model_args, model_kwargs, partition, int(num_shards)
     if int(num_shards) == 1:
         _check_enumeration(_site_structure(model, model_args, model_kwargs))
@@ -702,6 +704,85 @@ def resolve_split(
         return model_args, model_kwargs, chosen.partition, 1
     chosen = plan(model, model_kwargs, num_shards, model_args=model_args)
     return chosen.model_args, chosen.model_kwargs, chosen.partition, chosen.num_shards
+
+
+def check_partition(
+    model: Callable,
+    model_args: tuple,
+    model_kwargs: Mapping[str, Any],
+    partition: Partition,
+    num_shards: int,
+) -> None:
+    """Check a partition given by the user the way :func:`plan` checks its own.
+
+    The model is traced (abstractly, no compute) on the first and the last shard's
+    data: each must see its own entries of the split plate (and of the observation
+    plate), every other plate whole and every global site at its full shape. With
+    ``num_shards=1`` the split into 2 shards is checked, since the partition still
+    decides which sites are local blocks.
+
+    Args:
+        model: the NumPyro model.
+        model_args: its positional arguments (bound ones excluded).
+        model_kwargs: its keyword arguments (the whole data).
+        partition: the user's :class:`~raybayes.core.partition.Partition`.
+        num_shards: S.
+
+    Raises:
+        ConfigurationError: the plate is not in the model, or a shard's trace does
+            not match the whole model's (the message says what differs on which
+            shard and what to do); also the errors of
+            :meth:`Partition.validate <raybayes.core.partition.Partition.validate>`.
+        DataValidationError: see
+            :meth:`Partition.validate <raybayes.core.partition.Partition.validate>`.
+
+    Examples:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(x, y):
+        ...     b = numpyro.sample("b", dist.Normal(0, 1))
+        ...     with numpyro.plate("data", len(y)):
+        ...         numpyro.sample("y", dist.Normal(b * x, 1), obs=y)
+        >>> kw = {"x": np.ones(4), "y": np.ones(4)}
+        >>> check_partition(model, (), kw, Partition("data", ("x", "y")), 2)
+        >>> try:
+        ...     check_partition(model, (), kw, Partition("data", ("y",)), 2)
+        ... except ConfigurationError as err:
+        ...     print(str(err)[:60])
+        partition=Partition(plate='data', entity_args=('y',)) does n
+    """
+    structure = _site_structure(model, model_args, model_kwargs)
+    label = _partition_label(partition)
+    if partition.plate not in structure.plate_sizes:
+        plates = ", ".join(f"`{p}`" for p in structure.plate_sizes) or "none"
+        raise ConfigurationError(
+            f"partition={label} names plate `{partition.plate}`, which the model "
+            f"does not have (its plates: {plates}); name one of them, or leave "
+            "partition=None and let raybayes.plan choose the split."
+        )
+    partition.validate(model_kwargs)
+    shards = max(2, int(num_shards))
+    if partition.num_entities(model_kwargs) < shards:
+        return  # more shards than entries: reported when the shards are assigned
+    why = _check_shards(
+        model, model_args, model_kwargs, partition, shards, structure
+    )
+    if why is not None:
+        raise ConfigurationError(
+            f"partition={label} does not fit the model: {why}. Name every argument "
+            "that follows the plate in entity_args (per-entity arrays) or obs_args "
+            "with index_arg (per-observation arrays), or leave partition=None and "
+            "let raybayes.plan find the split."
+        )
+
+
+def _partition_label(partition: Partition) -> str:
+    """``Partition(plate=..., <the fields that are set>)``."""
+    fields = [f"plate={partition.plate!r}"]
+    for f in dataclasses.fields(partition)[1:]:
+        value = getattr(partition, f.name)
+        if value not in (None, ()):
+            fields.append(f"{f.name}={value!r}")
+    return f"Partition({', '.join(fields)})"
 
 
 def _site_structure(model, model_args, model_kwargs):

@@ -3,7 +3,8 @@
 Runs every case of the zoo the way ``test_zoo.py`` does (the same ``run_case``)
 and writes the table atomically. Usage, from the repository root::
 
-    python tests/zoo/make_table.py
+    python tests/zoo/make_table.py            # every model
+    python tests/zoo/make_table.py --resume   # keep the rows already in the table
 """
 
 from __future__ import annotations
@@ -30,23 +31,41 @@ def _cell(zoo, method, shards):
     return f"{status}: {first}"
 
 
-def main() -> int:
+def _existing_rows(header):
+    """The rows of the current table, by model name (for ``--resume``)."""
+    if not OUT.exists():
+        return {}
+    rows = {}
+    for line in OUT.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == len(header):
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def main(argv=None) -> int:
+    resume = "--resume" in (sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     header = ["model", "source"] + [
         f"{m}, {s} shard(s)" for m in METHODS for s in SHARDS
     ]
+    kept = _existing_rows(header) if resume else {}
     rows = []
     crashes = 0
     for zoo in ZOO:  # the table is rewritten after each model
+        if zoo.name in kept:
+            rows.append(kept[zoo.name])
+            crashes += sum(c.startswith("crash") for c in kept[zoo.name][2:])
+            continue
         cells = [_cell(zoo, m, s) for m in METHODS for s in SHARDS]
         crashes += sum(c.startswith("crash") for c in cells)
         rows.append([f"`{zoo.name}`", zoo.source, *cells])
-        _write(header, rows, crashes, time.perf_counter() - start)
+        _write(header, rows, crashes, time.perf_counter() - start, bool(kept))
     print(f"wrote {OUT} ({crashes} crash(es))")
     return 1 if crashes else 0
 
 
-def _write(header, rows, crashes, elapsed):
+def _write(header, rows, crashes, elapsed, kept=False):
     done = (
         "" if len(rows) == len(ZOO) else f" (partial: {len(rows)} of {len(ZOO)} models)"
     )
@@ -68,7 +87,8 @@ def _write(header, rows, crashes, elapsed):
         "",
         f"{len(rows)} models, {len(rows) * len(METHODS) * len(SHARDS)} cases, "
         f"{crashes} crash(es){done}; generated in {elapsed:.0f} s on a shared, "
-        "loaded machine.",
+        "loaded machine"
+        + (" (rows of an earlier run kept: --resume)." if kept else "."),
         "",
     ]
     with atomic_path(OUT) as tmp:
