@@ -158,6 +158,16 @@ def test_more_shards_than_entries_fails_before_sampling():
             backend="local",
             **RUN,
         )
+    # a partition that leaves X whole: checked against shard traces, before sampling
+    with pytest.raises(ConfigurationError, match="does not fit the model"):
+        raybayes.sample_subposteriors(
+            regression,
+            model_kwargs={"X": X, "y": Y},
+            num_shards=2,
+            partition=Partition("obs", entity_args=("y",)),
+            backend="local",
+            **RUN,
+        )
 
 
 @pytest.mark.parametrize(

@@ -790,7 +790,7 @@ def sample_subposteriors(
     from raybayes.core.partition import ShardSpec, assign_entities
     from raybayes.core.shard_density import trace_latent_sites
     from raybayes.mcmc.sampler import sample
-    from raybayes.plan import plan
+    from raybayes.plan import check_partition, plan
     from raybayes.results import model_site_info, to_inference_data
 
     if (
@@ -890,6 +890,8 @@ def sample_subposteriors(
                     "split (see the plan's warning); pass partition=, or use "
                     "num_shards=1."
                 )
+        else:  # the user's split, checked against shard traces like a planned one
+            check_partition(model, model_args, model_kwargs, partition, num_shards)
         partition.validate(model_kwargs)
         specs = assign_entities(
             _entity_counts(partition, model_kwargs), num_shards, partition.plate
