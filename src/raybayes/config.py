@@ -28,10 +28,13 @@ from typing import Any
 from raybayes.errors import ConfigurationError
 
 __all__ = [
+    "CheckpointConfig",
     "ScalingConfig",
+    "config_or_keywords",
     "derive_key",
     "renamed_argument",
     "resolve_backend_name",
+    "resolve_scaling",
     "reject_unknown_arguments",
     "split_model_arguments",
 ]
@@ -95,6 +98,81 @@ class ScalingConfig:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often a run writes its checkpoint (Ray Train's name).
+
+    Args:
+        directory: the checkpoint folder; ``None``: no checkpoint. On a cluster it
+            must be storage every node can reach.
+        every: steps between checkpoints.
+        overwrite: delete the folder's checkpoint first and start fresh (a rerun
+            with other settings is refused otherwise).
+
+    Raises:
+        ConfigurationError: ``every`` is not a positive integer.
+
+    Examples:
+        >>> CheckpointConfig("ckpt", every=100).every
+        100
+    """
+
+    directory: str | os.PathLike | None = None
+    every: int = 500
+    overwrite: bool = False
+
+    def __post_init__(self):
+        e = self.every
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise ConfigurationError(
+                f"CheckpointConfig(every={e!r}) is not allowed; pass a positive "
+                "integer (steps between checkpoints), e.g. every=500."
+            )
+
+
+def config_or_keywords(name: str, config: Any, cls: type, keywords: Mapping) -> Any:
+    """A frozen config object given as ``name=`` or built from its flat keywords.
+
+    Entry points take a group of settings either as one object (e.g.
+    ``checkpoint=CheckpointConfig(...)``) or, as before, as separate keywords;
+    both forms are supported, not both at once.
+
+    Args:
+        name: the entry point's argument that takes the object (for messages).
+        config: the object given, or ``None``.
+        cls: the config class (a frozen dataclass).
+        keywords: ``{field: (keyword name, value given)}``; a value equal to the
+            field's default counts as not given.
+
+    Returns:
+        ``config``, or ``cls(**values)`` (validated by the class).
+
+    Raises:
+        ConfigurationError: ``config`` is not a ``cls``, or it was given together
+            with one of the flat keywords (names both).
+
+    Examples:
+        >>> config_or_keywords("checkpoint", None, CheckpointConfig,
+        ...                    {"every": ("checkpoint_every", 50)}).every
+        50
+    """
+    if config is None:
+        return cls(**{f: v for f, (_, v) in keywords.items()})
+    if not isinstance(config, cls):
+        raise ConfigurationError(
+            f"{name}={config!r} is not a {cls.__name__}; pass {name}="
+            f"{cls.__name__}(...) or None."
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for field_name, (keyword, value) in keywords.items():
+        if value is not defaults[field_name] and value != defaults[field_name]:
+            raise ConfigurationError(
+                f"both {name}= and {keyword}= were given; put {field_name}= in the "
+                f"{cls.__name__} only."
+            )
+    return config
+
+
 def resolve_backend_name(backend: Any, scaling: ScalingConfig, *, parallel_work: int = 1):
     """The backend an entry point uses for ``backend="auto"``.
 
@@ -128,6 +206,57 @@ def resolve_backend_name(backend: Any, scaling: ScalingConfig, *, parallel_work:
     if parallel_work > 1 and (os.cpu_count() or 1) > 1:
         return "ray"
     return "local"
+
+
+def resolve_scaling(
+    backend: Any = "auto",
+    num_workers: int | None = None,
+    use_gpu: bool = False,
+    resources_per_worker: Mapping[str, float] | None = None,
+    address: str | None = None,
+    *,
+    parallel_work: int | None = None,
+) -> tuple[ScalingConfig, Any]:
+    """An entry point's scaling configuration and backend, from its arguments.
+
+    The one place where an entry point's ``backend``, ``num_workers``,
+    ``use_gpu``, ``resources_per_worker`` and ``address`` are checked and combined.
+
+    Args:
+        backend: ``"auto"``, ``"local"``, ``"ray"`` or a backend instance.
+        num_workers: see :class:`ScalingConfig`.
+        use_gpu: see :class:`ScalingConfig`.
+        resources_per_worker: see :class:`ScalingConfig`.
+        address: see :class:`ScalingConfig`.
+        parallel_work: how many pieces of the job could run at once (chains,
+            shards, batches); with it ``"auto"`` is resolved
+            (:func:`resolve_backend_name`). ``None``: the backend name is only
+            checked, and ``"auto"`` is resolved later, when the work is known.
+
+    Returns:
+        ``(scaling, backend)``: the validated :class:`ScalingConfig`, and
+        ``"local"``, ``"ray"``, ``"auto"`` (when ``parallel_work`` is ``None``) or
+        the backend instance given.
+
+    Raises:
+        ConfigurationError: an unknown backend name or an invalid scaling setting
+            (see :class:`ScalingConfig`).
+
+    Examples:
+        >>> scaling, name = resolve_scaling("auto", num_workers=1, parallel_work=1)
+        >>> scaling.num_workers, name
+        (1, 'local')
+    """
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        address=address,
+    )
+    if parallel_work is None:
+        resolve_backend_name(backend, scaling)  # an unknown name fails here
+        return scaling, backend
+    return scaling, resolve_backend_name(backend, scaling, parallel_work=parallel_work)
 
 
 def derive_key(seed: int, *stream: int | str):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from raybayes.backends import Backend, Future, get_backend
-from raybayes.config import ScalingConfig, resolve_backend_name
+from raybayes.config import ScalingConfig
 from raybayes.core.partition import (
     Partition,
     ShardSpec,
@@ -60,22 +60,7 @@ def make_backend(
         ConfigurationError: an unknown backend name, or ``address=`` with
             ``backend="local"``.
     """
-    scaling = scaling or ScalingConfig()
-    name = resolve_backend_name(backend, scaling, parallel_work=parallel_work)
-    if isinstance(name, Backend):
-        return name
-    if name == "local":
-        return get_backend("local", address=scaling.address)
-    return get_backend(
-        "ray",
-        address=scaling.address,
-        use_gpu=scaling.use_gpu,
-        resources_per_worker=(
-            dict(scaling.resources_per_worker)
-            if scaling.resources_per_worker is not None
-            else None
-        ),
-    )
+    return get_backend(backend, scaling or ScalingConfig(), parallel_work=parallel_work)
 
 
 class ShardedObjective:

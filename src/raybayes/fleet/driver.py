@@ -24,7 +24,7 @@ import pandas as pd
 from raybayes.backends import Backend, get_backend
 from raybayes.checkpoint import describe_changes
 from raybayes.checkpoint import plain as _plain
-from raybayes.config import ScalingConfig, renamed_argument, resolve_backend_name
+from raybayes.config import renamed_argument, resolve_scaling
 from raybayes.errors import ConfigurationError, RaybayesError, WorkerLostError
 from raybayes.fleet import store
 from raybayes.fleet.data import open_input, schema_bytes
@@ -403,11 +403,8 @@ def fit_many(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigurationError(f"batch_size={batch_size!r} must be an integer >= 1.")
-    scaling = ScalingConfig(
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        resources_per_worker=resources_per_worker,
-        address=address,
+    scaling, _ = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address
     )
     if num_warmup is None:
         num_warmup = 60 if mass_matrix == "laplace" else 300
@@ -494,13 +491,7 @@ def fit_many(
     _remove_unvouched(output_dir, todo_keys, done)
 
     try:
-        name = resolve_backend_name(backend, scaling, parallel_work=len(todo))
-        engine = get_backend(
-            name,
-            address=address,
-            use_gpu=use_gpu,
-            resources_per_worker=resources_per_worker,
-        )
+        engine = get_backend(backend, scaling, parallel_work=len(todo))
         owns = not isinstance(backend, Backend)
         engine.start()
         try:

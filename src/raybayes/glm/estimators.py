@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from raybayes.backends import Backend
-from raybayes.config import ScalingConfig, renamed_argument
+from raybayes.config import ScalingConfig, renamed_argument, resolve_scaling
 from raybayes.errors import ConfigurationError, RaybayesWarning
 from raybayes.glm.optim import minimize_lbfgs, minimize_newton, minimize_owlqn
 from raybayes.glm.sharded import ShardedGLMData
@@ -101,12 +101,14 @@ class _ShardedGLM(BaseEstimator):
 
     def _scaling(self) -> ScalingConfig:
         """The estimator's scaling configuration (validated)."""
-        return ScalingConfig(
-            num_workers=self.num_workers,
-            use_gpu=self.use_gpu,
-            resources_per_worker=self.resources_per_worker,
-            address=self.address,
+        scaling, _ = resolve_scaling(
+            self.backend,
+            self.num_workers,
+            self.use_gpu,
+            self.resources_per_worker,
+            self.address,
         )
+        return scaling
 
     def _l1_ratio(self):
         return {"l2": 0.0, "l1": 1.0, None: 0.0}.get(self.penalty, self.l1_ratio)

@@ -250,7 +250,7 @@ class ShardedGLMData:
         feature_names=None,
     ):
         from raybayes.backends import get_backend
-        from raybayes.config import ScalingConfig
+        from raybayes.config import resolve_scaling
         from raybayes.glm.validation import (
             check_binary_labels,
             check_counts,
@@ -259,11 +259,8 @@ class ShardedGLMData:
 
         if family not in ("logistic", "poisson"):
             raise ConfigurationError(f"family={family!r}; use 'logistic' or 'poisson'.")
-        scaling = ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker=resources_per_worker,
-            address=address,
+        scaling, _ = resolve_scaling(
+            backend, num_workers, use_gpu, resources_per_worker, address
         )
         # "auto": Ray only when the scaling settings ask for it; a one-shot fit on
         # one machine runs in-process (BLAS uses the cores) and starts no workers.

@@ -423,7 +423,7 @@ def run_fit_elasticity(
         >>> r.product_table.shape[0], sorted(r.files)[0]  # doctest: +SKIP
         (6, 'category_elasticities')
     """
-    from raybayes.config import ScalingConfig, resolve_backend_name
+    from raybayes.config import resolve_scaling
     from raybayes.datasets import prepare_elasticity_data
 
     start = time.perf_counter()
@@ -457,10 +457,8 @@ def run_fit_elasticity(
         f"{prepared.num_categories} categories, {prepared.num_times} periods."
     )
     parallel = num_chains if method == "nuts" else num_shards
-    backend_name = resolve_backend_name(
-        backend,
-        ScalingConfig(num_workers=num_workers, address=address),
-        parallel_work=parallel,
+    scaling, backend_name = resolve_scaling(
+        backend, num_workers, address=address, parallel_work=parallel
     )
     if backend_name == "local" and address is not None:
         raise ConfigurationError(
@@ -471,7 +469,7 @@ def run_fit_elasticity(
 
     from raybayes.backends import get_backend
 
-    backend_obj = get_backend(backend_name, address=address)
+    backend_obj = get_backend(backend_name, scaling)
     try:
         if backend_name == "ray":
             backend_obj.start()

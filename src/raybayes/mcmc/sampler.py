@@ -25,7 +25,7 @@ import numpy as np
 
 from raybayes.backends import Backend, get_backend
 from raybayes.checkpoint import content_hash, data_fingerprint
-from raybayes.config import ScalingConfig, resolve_backend_name
+from raybayes.config import resolve_scaling
 from raybayes.core.validation import check_observed_data
 from raybayes.errors import ChainError, ConfigurationError, WorkerLostError
 from raybayes.mcmc.chain import SAMPLE_STATS, ChunkResult, NUTSChainRunner, chain_key
@@ -449,11 +449,8 @@ def sample(
             "low_rank_mass is not supported with data-sharded NUTS (num_shards= or "
             "plan=) yet; drop one of them."
         )
-    scaling = ScalingConfig(
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        resources_per_worker=resources_per_worker,
-        address=address,
+    scaling, _ = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address
     )
     if num_shards is not None:
         return _sample_sharded(
@@ -472,9 +469,11 @@ def sample(
     # Chains that can run at once: one per chain, unless num_workers caps it (one
     # worker runs its chains one after the other, which in-process does as well).
     parallel_work = num_chains if num_workers is None else min(num_chains, num_workers)
-    engine = get_backend(
-        resolve_backend_name(backend, scaling, parallel_work=parallel_work), scaling
+    scaling, name = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address,
+        parallel_work=parallel_work,
     )
+    engine = get_backend(name, scaling)
     # Bad data (NaN, inf) fails here, before any compute.
     model_kwargs = dict(model_kwargs or {})
     check_observed_data(model, model_args, model_kwargs)

@@ -780,7 +780,7 @@ def sample_subposteriors(
         ((2, 200), 'combination reliable')
     """
     from raybayes.backends import Backend, get_backend
-    from raybayes.config import ScalingConfig, resolve_backend_name
+    from raybayes.config import resolve_scaling
     from raybayes.core.combination import (
         consensus,
         diagnose_combination,
@@ -848,14 +848,9 @@ def sample_subposteriors(
         max_samples=max_samples,
         progress_bar=progress_bar,
     )
-    scaling = ScalingConfig(
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        resources_per_worker=resources_per_worker,
-        address=address,
-    )
-    name = resolve_backend_name(
-        backend, scaling, parallel_work=int(num_chains) * num_shards
+    scaling, name = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address,
+        parallel_work=int(num_chains) * num_shards,
     )
     if num_shards == 1:
         warnings.warn(
@@ -916,12 +911,7 @@ def sample_subposteriors(
             for m, b in enumerate(blocks)
         ]
 
-    engine = get_backend(
-        name,
-        address=address,
-        use_gpu=use_gpu,
-        resources_per_worker=resources_per_worker,
-    )
+    engine = get_backend(name, scaling)
     owns_engine = not isinstance(backend, Backend)
     sub_model = SubposteriorModel(model, num_shards, partition.local_plates)
     shards, finished, worker_s, num_workers_used, described = _sample_shards(

@@ -47,10 +47,10 @@ from scipy import linalg
 
 from raybayes.backends import Backend
 from raybayes.config import (
-    ScalingConfig,
     derive_key,
     reject_unknown_arguments,
     renamed_argument,
+    resolve_scaling,
     split_model_arguments,
 )
 from raybayes.core import arrowhead
@@ -544,7 +544,9 @@ def laplace_approximation(
             f"method={method!r}; use 'lbfgs' (L-BFGS) or 'newton' (an L-BFGS "
             "warm-up, then trust-region Newton steps on the arrowhead Hessian)."
         )
-    scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
+    scaling, backend = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address
+    )
     num_shards = shard_count(num_shards, scaling)
     with planned_objective(
         model, model_kwargs, num_shards, partition=partition, backend=backend,

@@ -27,9 +27,9 @@ from scipy import optimize
 
 from raybayes.backends import Backend
 from raybayes.config import (
-    ScalingConfig,
     reject_unknown_arguments,
     renamed_argument,
+    resolve_scaling,
     split_model_arguments,
 )
 from raybayes.core.partition import Partition
@@ -289,7 +289,9 @@ def fit_map(
             f"method={method!r}; use 'lbfgs' (L-BFGS) or 'newton' (an L-BFGS "
             "warm-up, then trust-region Newton steps on the arrowhead Hessian)."
         )
-    scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
+    scaling, backend = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address
+    )
     num_shards = shard_count(num_shards, scaling)
     objective_class, run = ShardedObjective, find_map
     if method == "newton":
