@@ -7,7 +7,7 @@ the ``raybayes`` command's ``--help``) does not load JAX or Ray.
 from typing import TYPE_CHECKING
 
 from raybayes._lazy import lazy_exports
-from raybayes.config import ScalingConfig
+from raybayes.config import CheckpointConfig, ScalingConfig
 from raybayes.errors import (
     ChainError,
     ClusterConnectionError,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference; at run time, _LAZY
     )
     from raybayes.plan import Plan, plan
     from raybayes.results import print_summary, summary, to_inference_data
-    from raybayes.svi import SVIResult, fit_svi
+    from raybayes.svi import StoppingConfig, SVIResult, fit_svi
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ _LAZY = {
     "laplace_approximation": "raybayes.optim",
     "fit_svi": "raybayes.svi",
     "SVIResult": "raybayes.svi",
+    "StoppingConfig": "raybayes.svi",
     "fit_many": "raybayes.fleet",
     "aggregate": "raybayes.fleet",
     "plot_group": "raybayes.fleet",
@@ -77,6 +78,8 @@ __all__ = [
     "ScalingConfig",
     "fit_svi",
     "SVIResult",
+    "StoppingConfig",
+    "CheckpointConfig",
     "fit_many",
     "aggregate",
     "plot_group",

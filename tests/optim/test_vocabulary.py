@@ -112,3 +112,32 @@ def test_fit_svi_takes_the_same_vocabulary():
     np.testing.assert_array_equal(
         old.idata.posterior["mu"].values, new.idata.posterior["mu"].values
     )
+
+
+def test_fit_svi_takes_its_settings_grouped_or_as_keywords(tmp_path):
+    """``stopping=StoppingConfig(...)`` and ``checkpoint=CheckpointConfig(...)`` give
+    the same fit as the flat keywords; both forms at once are refused."""
+    flat = raybayes.fit_svi(
+        model, 1.0, model_kwargs={"y": Y}, num_steps=4, tol=None, window=2,
+        checkpoint_dir=tmp_path / "a", checkpoint_every=2, num_samples=5,
+        progress_bar=False, backend="local",
+    )
+    grouped = raybayes.fit_svi(
+        model, 1.0, model_kwargs={"y": Y}, num_samples=5, progress_bar=False,
+        backend="local",
+        stopping=raybayes.StoppingConfig(num_steps=4, tol=None, window=2),
+        checkpoint=raybayes.CheckpointConfig(tmp_path / "b", every=2),
+    )
+    assert grouped.num_steps == flat.num_steps == 4
+    np.testing.assert_array_equal(grouped.losses, flat.losses)
+    assert (tmp_path / "b" / "run.json").exists()
+    with pytest.raises(ConfigurationError, match="both stopping= and num_steps="):
+        raybayes.fit_svi(model, 1.0, model_kwargs={"y": Y}, num_steps=5,
+                         stopping=raybayes.StoppingConfig(num_steps=4))
+    with pytest.raises(ConfigurationError, match="both checkpoint= and overwrite="):
+        raybayes.fit_svi(model, 1.0, model_kwargs={"y": Y}, overwrite=True,
+                         checkpoint=raybayes.CheckpointConfig(tmp_path / "c"))
+    with pytest.raises(ConfigurationError, match="window=0"):
+        raybayes.StoppingConfig(window=0)
+    with pytest.raises(ConfigurationError, match="every=0"):
+        raybayes.CheckpointConfig(tmp_path, every=0)

@@ -45,10 +45,12 @@ from raybayes.checkpoint import (
     save_checkpoint,
 )
 from raybayes.config import (
-    ScalingConfig,
+    CheckpointConfig,
+    config_or_keywords,
     derive_key,
     reject_unknown_arguments,
     renamed_argument,
+    resolve_scaling,
     split_model_arguments,
 )
 from raybayes.core.partition import Partition
@@ -163,6 +165,49 @@ class SVIStepInfo:
         The draws use ``derive_key(seed, "draws")``.
         """
         return self._run.draws(num_draws, derive_key(seed, "draws"), var_names)[0]
+
+
+@dataclass(frozen=True)
+class StoppingConfig:
+    """When :func:`fit_svi` stops: a step budget and a convergence check.
+
+    Args:
+        num_steps: maximum optimizer steps.
+        tol: relative change at which to stop (see ``convergence``); ``None``:
+            never stop early.
+        window: steps per window of the convergence check.
+        convergence: ``"elbo"``: stop when the mean negative ELBO of the last
+            ``window`` steps changes by at most ``tol`` relative to the window
+            before; ``"params"``: when the global means moved by at most ``tol``
+            relative over ``window`` steps.
+
+    Raises:
+        ConfigurationError: ``num_steps`` or ``window`` not an integer >= 1,
+            ``tol`` negative, or an unknown ``convergence``.
+
+    Examples:
+        >>> StoppingConfig(num_steps=2000, tol=None).window
+        200
+    """
+
+    num_steps: int = 10_000
+    tol: float | None = 1e-5
+    window: int = 200
+    convergence: str = "elbo"
+
+    def __post_init__(self):
+        for name in ("num_steps", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ConfigurationError(
+                    f"{name}={value!r}; use an integer >= 1."
+                )
+        if self.convergence not in ("elbo", "params"):
+            raise ConfigurationError(
+                f"convergence={self.convergence!r}; use 'elbo' or 'params'."
+            )
+        if self.tol is not None and not self.tol >= 0:
+            raise ConfigurationError(f"tol={self.tol!r}; use a number >= 0 or None.")
 
 
 def _check_args(
@@ -468,6 +513,7 @@ def fit_svi(
     local_learning_rate: float | None = None,
     local_optimizer: optax.GradientTransformation | None = None,
     num_steps: int = 10_000,
+    stopping: StoppingConfig | None = None,
     staleness: int = 0,
     tol: float | None = 1e-5,
     window: int = 200,
@@ -477,6 +523,7 @@ def fit_svi(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     overwrite: bool = False,
+    checkpoint: CheckpointConfig | None = None,
     callback: Callable[[SVIStepInfo], bool | None] | None = None,
     callback_every: int = 100,
     progress_bar: bool = True,
@@ -544,6 +591,9 @@ def fit_svi(
         local_learning_rate: step size of the per-entity Adam (default
             ``learning_rate``); ``local_optimizer`` overrides it.
         num_steps: maximum optimizer steps.
+        stopping: ``num_steps``, ``tol``, ``window`` and ``convergence`` as one
+            :class:`StoppingConfig` (then leave those keywords at their
+            defaults).
         staleness: s of SSP; 0 is bulk-synchronous (BSP).
         tol: relative change at which to stop (see ``convergence``);
             ``tol=None``: never stop early.
@@ -576,6 +626,9 @@ def fit_svi(
         checkpoint_every: steps between checkpoints.
         overwrite: with ``checkpoint_dir``, delete the folder's checkpoint
             (``run.json``, ``global.npz``, ``shard-*.npz``) first and start fresh.
+        checkpoint: ``checkpoint_dir``, ``checkpoint_every`` and ``overwrite`` as
+            one :class:`~raybayes.config.CheckpointConfig` (then leave those
+            keywords at their defaults).
         callback: called as ``callback(info)`` every ``callback_every`` steps;
             returning ``True`` stops the fit.
         progress_bar: show the loss and steps (rich).
@@ -588,6 +641,7 @@ def fit_svi(
 
     Raises:
         ConfigurationError: a learning rate <= 0, a subsample larger than a shard,
+            ``stopping=`` or ``checkpoint=`` together with one of their keywords,
             ``num_workers`` different from ``num_shards``, an unknown argument,
             a guide or ``init_params`` that does not match the model's sites, a
             shard over ``max_shard_bytes``, or a non-finite ELBO at the start (the
@@ -614,7 +668,22 @@ def fit_svi(
     progress_bar = renamed_argument(deprecated, "progress", "progress_bar",
                                     progress_bar, default=True)
     reject_unknown_arguments(deprecated, "fit_svi")
-    scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
+    stopping = config_or_keywords("stopping", stopping, StoppingConfig, dict(
+        num_steps=("num_steps", num_steps), tol=("tol", tol),
+        window=("window", window), convergence=("convergence", convergence),
+    ))
+    num_steps, tol = stopping.num_steps, stopping.tol
+    window, convergence = stopping.window, stopping.convergence
+    checkpoint = config_or_keywords("checkpoint", checkpoint, CheckpointConfig, dict(
+        directory=("checkpoint_dir", checkpoint_dir),
+        every=("checkpoint_every", checkpoint_every),
+        overwrite=("overwrite", overwrite),
+    ))
+    checkpoint_dir, checkpoint_every = checkpoint.directory, checkpoint.every
+    overwrite = checkpoint.overwrite
+    scaling, backend = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address
+    )
     num_shards = shard_count(num_shards, scaling)
     family, rank, init_scale = resolve_guide(guide, model, rank, init_scale)
     _check_args(
