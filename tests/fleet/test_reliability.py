@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from plot_checks import assert_texts_inside
 from raybayes.cli import app
 from raybayes.errors import ConfigurationError, DataValidationError
-from raybayes.fleet import fit_many, store
+from raybayes.fleet import fit_many, plot_group, store
 from raybayes.fleet.data import validate_group
 from raybayes.fleet.store import read_manifest
 
@@ -148,6 +149,11 @@ def test_plot_group_takes_keys_in_any_order(fitted, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["g.png"]  # no temporary left
+    fig = plot_group(out, {"g": "b_int", "r": "x"}, tmp_path / "h.png")
+    assert "posterior predictive" in fig.axes[0].get_title()
+    assert fig.axes[-1].get_xlabel() == "time"
+    assert_texts_inside(fig)  # titles and labels inside the image
+    (tmp_path / "h.png").unlink()
     unknown = CliRunner().invoke(
         app, ["plot-group", out, "--key", '{"g": "zzz", "r": "x"}', "--to", str(png)]
     )

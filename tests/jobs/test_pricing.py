@@ -258,3 +258,34 @@ def test_svi_quotes_its_calibration_and_fits_near_the_truth(tmp_path, csv_path, 
     products = pd.read_csv(out / "product_elasticities.csv")
     err = products["elasticity_mean"].to_numpy() - sales[1]["beta"]
     assert np.sqrt(np.mean(err**2)) < 0.35 and np.abs(err).max() < 0.7
+
+
+def test_category_plot_keeps_its_title_and_labels_inside(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plot_checks import assert_texts_inside
+    from raybayes.jobs.pricing import plot_category_elasticities
+
+    mean = np.linspace(-3.0, -0.5, 12)
+    table = pd.DataFrame({
+        "category": [f"refrigerated juices, brand group {i}" for i in range(12)],
+        "mean": mean, "q5": mean - 0.4, "q95": mean + 0.4,
+    })
+    seen = {}
+    real_close = plt.close
+    plt.close = lambda fig=None: seen.setdefault("fig", fig)  # keep the figure
+    try:
+        plot_category_elasticities(table, tmp_path / "c.png", method="laplace")
+    finally:
+        plt.close = real_close
+    fig = seen["fig"]
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == list(table["category"])[::-1] or sorted(labels) == sorted(
+        table["category"]
+    )
+    assert "laplace" in fig.axes[0].get_title()
+    assert_texts_inside(fig)
+    real_close(fig)

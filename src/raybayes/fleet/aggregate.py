@@ -226,13 +226,21 @@ def plot_group(
         label="predictive mean",
     )
     ax.plot(states["timestamp"], states["y"], "k.", ms=3, label="observed")
-    ax.set_ylabel("count")
-    ax.set_title(", ".join(f"{k}={v}" for k, v in rec["key"].items()))
+    ax.set_ylabel("count per period")
+    group = ", ".join(f"{k}={v}" for k, v in rec["key"].items())
+    ax.set_title(
+        f"Observed counts and {interval:.0%} posterior predictive band\n"
+        f"group {group}",
+        fontsize=10,
+    )
     ax.legend(loc="upper right", fontsize=8)
+    bottom = ax
     if pcols:
         ax2.plot(states["timestamp"], states[pcols[state]], color="C3")
         ax2.set_ylim(-0.02, 1.02)
-        ax2.set_ylabel(f"P(state {pcols[state][-1]})")
+        ax2.set_ylabel(f"P(state {pcols[state][-1]} | data)", fontsize=9)
+        bottom = ax2
+    bottom.set_xlabel("time")
     fig.autofmt_xdate()
     fig.tight_layout()
     with io.atomic_path(path) as tmp:

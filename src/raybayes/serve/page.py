@@ -141,8 +141,9 @@ def build_figure(band: pd.DataFrame, observed: pd.DataFrame, interval: float):
     )
     fig.update_yaxes(title_text="count", row=1, col=1)
     fig.update_yaxes(title_text="mean state", row=2, col=1)
+    fig.update_xaxes(title_text="time", row=2, col=1)
     fig.update_layout(
-        height=560, margin={"t": 40, "b": 40}, legend={"orientation": "h", "y": 1.08}
+        height=560, margin={"t": 40, "b": 60}, legend={"orientation": "h", "y": 1.08}
     )
     return fig
 
