@@ -412,7 +412,10 @@ def _laplace(objective, map_result, key, num_samples, batch_size, newton_steps,
             "the Hessian at the MAP is not positive definite in the global "
             f"parameters ({err}); the MAP did not converge to a proper mode "
             f"(status {map_result.status!r}: {map_result.message}). Raise "
-            "max_steps or newton_steps, or check the model."
+            "max_steps or newton_steps, or check the model: a hierarchical scale "
+            "in the centred form (theta ~ Normal(mu, tau)) has a joint density "
+            "that grows without bound as tau -> 0, so there is no mode; write it "
+            "non-centred (numpyro.infer.reparam.LocScaleReparam) or use fit_svi."
         ) from None
     local_key = jax.random.fold_in(key, 1)
     local_draws = objective.gather(
