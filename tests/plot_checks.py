@@ -6,6 +6,10 @@ from __future__ import annotations
 def assert_texts_inside(fig):
     """Every drawn title, axis label, tick label and legend of ``fig`` lies inside
     the image (each axes' tight bounding box, which holds exactly those)."""
+    if not hasattr(fig.canvas, "get_renderer"):  # a figure closed by pyplot
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     box = fig.bbox

@@ -3,8 +3,6 @@ shard-count invariance, SSP, checkpoints and bad input."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -14,9 +12,11 @@ from numpyro.infer.autoguide import AutoDelta, AutoNormal
 
 import raybayes
 from conjugate_normal import hierarchical_normal_model, posterior, simulate
+from raybayes.backends import Backend
 from raybayes.core import Partition
 from raybayes.errors import ConfigurationError
-from raybayes.svi.fit import _SVIObjective
+from raybayes.svi import GlobalGuide
+from raybayes.svi.fit import SVIObjective
 
 S0, TAU, SIGMA = 3.0, 0.8, 1.0
 J = 48  # groups
@@ -110,7 +110,7 @@ def test_minibatch_gradient_is_unbiased(conjugate):
     grads = {}
     for B in (None, 5):
         with _configured(kwargs, B) as obj:
-            grads[B] = _worker_grads(obj.pool._objects[0], range(400))
+            grads[B] = _worker_grads(obj, 0, range(400))
     diff = grads[5] - grads[None]
     se = diff.std(0, ddof=1) / np.sqrt(len(diff))
     assert np.all(np.abs(diff.mean(0)) < 4 * se + 1e-9)
@@ -125,15 +125,11 @@ def test_minibatch_updates_each_sampled_group_with_its_exact_gradient(conjugate)
     phis, idx = {}, None
     for b in (None, 5):
         with _configured(kwargs, b) as obj:
-            worker = obj.pool._objects[1]
-            with jax.enable_x64(True):
-                theta = _theta(worker)
-                _, _, phi, _ = worker._step_fn(
-                    theta, worker.phi, worker.local_state, 7, worker._arrays_sorted
-                )
-                phis[b] = np.asarray(phi["loc"]), np.asarray(worker.phi["loc"])
-                if b is not None:
-                    idx = np.asarray(worker._indices(worker._keys(7)[1]))
+            old = obj.call(1, "local_params")["loc"]
+            trial = obj.call(1, "trial_step", _theta(obj), 7)
+            phis[b] = trial["local_loc"], old
+            if b is not None:
+                idx = trial["subsample"]
     new_full, _ = phis[None]
     new_mb, old = phis[5]
     assert len(idx) == 5
@@ -144,30 +140,30 @@ def test_minibatch_updates_each_sampled_group_with_its_exact_gradient(conjugate)
 
 def _configured(kwargs, subsample_size):
     """Two in-process shard workers, configured for SVI (float64)."""
-    obj = _SVIObjective(hierarchical_normal, kwargs, partition=PARTITION,
+    obj = SVIObjective(hierarchical_normal, kwargs, partition=PARTITION,
                         num_shards=2, backend="local", x64=True)
     cfg = dict(family="normal", rank=None, init_scale=0.5,
                subsample_size=subsample_size, num_particles=1, seed=0,
                local_optimizer=optax.adam(0.1), checkpoint_dir=None, init_params={})
-    obj.pool.call_all("configure_svi", cfg)
+    obj.call_all("configure_svi", cfg)
     return obj
 
 
-def _theta(worker):
+def _theta(obj):
     """Global variational parameters with every mean at 0.3 (float64)."""
-    init = worker.guide.init(np.full(worker.density.num_global, 0.3))
-    return {k: jnp.asarray(v, jnp.float64) for k, v in init.items()}
+    init = GlobalGuide(obj.num_global, "normal", None, 0.5).init(
+        np.full(obj.num_global, 0.3)
+    )
+    return {k: np.asarray(v, np.float64) for k, v in init.items()}
 
 
-def _worker_grads(worker, clocks):
-    with jax.enable_x64(True):
-        theta = _theta(worker)
-        rows = []
-        for c in clocks:
-            _, g, _, _ = worker._step_fn(
-                theta, worker.phi, worker.local_state, c, worker._arrays_sorted
-            )
-            rows.append(np.concatenate([np.ravel(np.asarray(v)) for v in g.values()]))
+def _worker_grads(obj, shard, clocks):
+    """Global gradients of one shard's steps at ``clocks`` from the same state."""
+    theta = _theta(obj)
+    rows = []
+    for c in clocks:
+        g = obj.call(shard, "trial_step", theta, c)["grad_theta"]
+        rows.append(np.concatenate([np.ravel(np.asarray(v)) for v in g.values()]))
     return np.array(rows)
 
 
@@ -291,7 +287,7 @@ def test_lowrank_guide_runs_and_reports_its_factor(conjugate):
         backend="local",
         partition=PARTITION,
         guide="lowrank",
-        num_steps=300,
+        num_steps=30,
         tol=None,
         learning_rate=0.05,
         progress_bar=False,
@@ -398,24 +394,56 @@ def test_ray_workers_give_the_in_process_fit(conjugate, ray_backend):
     )
 
 
+class _PoolKeeper(Backend):
+    """A backend (the public interface) that keeps the worker pools it creates,
+    so that a test can kill a worker through :meth:`WorkerPool.kill`."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.pools = inner, inner.name, []
+
+    def start(self):
+        self.inner.start()
+        return self
+
+    def shutdown(self):  # the module's Ray instance is shared
+        pass
+
+    def put(self, value):
+        return self.inner.put(value)
+
+    def default_num_workers(self):
+        return self.inner.default_num_workers()
+
+    def create_pool(self, factory, factory_args=(), *, num_workers, name="worker"):
+        pool = self.inner.create_pool(
+            factory, factory_args, num_workers=num_workers, name=name
+        )
+        self.pools.append(pool)
+        return pool
+
+
 def test_a_lost_worker_restarts_from_its_shard_checkpoint(
     conjugate, ray_backend, tmp_path
 ):
     """Killed right after a checkpoint, the shard reloads exactly the state it had,
     so the fit is the one without the failure."""
-    common = dict(SHORT, num_steps=160, num_samples=20, seed=6, backend=ray_backend,
-                  checkpoint_every=50)
+    common = dict(SHORT, num_steps=160, num_samples=20, seed=6, checkpoint_every=50)
+    del common["backend"]
+    keeper = _PoolKeeper(ray_backend)
     killed = []
 
     def kill_at_100(info):
         if info.step == 100:
-            info._run.pool.kill(0)
+            keeper.pools[-1].kill(0)  # the fit's shard pool, worker 0
             killed.append(info.step)
 
-    whole = raybayes.fit_svi(hierarchical_normal, model_kwargs=conjugate[0], **common)
+    whole = raybayes.fit_svi(
+        hierarchical_normal, model_kwargs=conjugate[0], backend=ray_backend, **common
+    )
     hurt = raybayes.fit_svi(
         hierarchical_normal,
         model_kwargs=conjugate[0],
+        backend=keeper,
         callback=kill_at_100,
         callback_every=50,
         checkpoint_dir=tmp_path,
@@ -426,6 +454,24 @@ def test_a_lost_worker_restarts_from_its_shard_checkpoint(
     np.testing.assert_array_equal(hurt.local_params["loc"], whole.local_params["loc"])
 
 
+def test_ssp_runs_ahead_within_its_bound(conjugate, ray_backend):
+    """Shard 0 takes twice its time on half of its steps, so shard 1 runs ahead,
+    never more than ``staleness`` versions (the convergence under SSP: below)."""
+    res = raybayes.fit_svi(
+        hierarchical_normal,
+        model_kwargs=conjugate[0],
+        **dict(SHORT, backend=ray_backend),
+        num_steps=150,
+        num_samples=10,
+        seed=1,
+        staleness=2,
+        _worker_slowdown={0: (2.0, 0.5)},
+    )
+    assert sum(res.staleness.values()) == 2 * 150
+    assert max(res.staleness) == 2 and res.staleness.get(1, 0) > 0
+
+
+@pytest.mark.slow  # the whole schedule; the bound itself is checked above
 def test_ssp_runs_ahead_within_its_bound_and_still_converges(conjugate, ray_backend):
     # The whole BSP schedule: with half of it, asynchrony left one run 0.34 sd off.
     # Shard 0 takes twice its time on half of its steps, so shard 1 runs ahead.

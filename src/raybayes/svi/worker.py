@@ -202,6 +202,7 @@ class SVIShardWorker(ShardWorker):
         self._slow = cfg.slowdown
         self._slow_rng = np.random.default_rng(1000 + self.shard_id)
         self._step_fn = jax.jit(self._step_impl)
+        self._subsample_fn = jax.jit(lambda clock: self._indices(self._keys(clock)[1]))
         data_bytes = int(sum(np.asarray(v).nbytes for v in d.arrays.values()))
         return dict(
             init_global=np.asarray(init_global),
@@ -419,6 +420,35 @@ class SVIShardWorker(ShardWorker):
             if self._slow_rng.random() < prob:
                 time.sleep((factor - 1.0) * (time.perf_counter() - start))
         return float(loss), g_theta, clock
+
+    @worker_precision
+    def trial_step(self, theta: dict, clock: int) -> dict:
+        """The step :meth:`step` would take at ``clock``, without keeping it.
+
+        Nothing changes on the worker: the same clock gives the same global noise,
+        subsample and local noise as :meth:`step`, so tests and diagnostics can
+        compare steps from one state (e.g. a subsampled step against a full one).
+
+        Args:
+            theta: global variational parameters (NumPy arrays).
+            clock: the step number.
+
+        Returns:
+            ``{"loss": float, "grad_theta": {name: array}, "local_loc": (P_s, k)
+            local means after the step, "subsample": (B,) the shard's entities
+            (rows of ``local_loc``) in this step's subsample}``.
+        """
+        self._check()
+        theta = {k: jnp.asarray(v) for k, v in theta.items()}
+        loss, g_theta, phi, _ = self._step_fn(
+            theta, self.phi, self.local_state, clock, self._arrays_sorted
+        )
+        return dict(
+            loss=float(loss),
+            grad_theta={k: np.asarray(v) for k, v in g_theta.items()},
+            local_loc=np.asarray(phi["loc"]),
+            subsample=np.asarray(self._subsample_fn(clock)),
+        )
 
     # ------------------------------------------------------------ diagnostics
     @worker_precision
