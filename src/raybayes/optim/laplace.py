@@ -37,7 +37,7 @@ References:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,7 @@ def newton_polish(
     gtol: float = 1e-4,
     batch_size: int = 16,
     progress_bar: bool = False,
+    fixed: Sequence[int] = (),
     **deprecated,
 ) -> MAPResult:
     """Levenberg-Marquardt Newton steps from an L-BFGS point, with the arrowhead
@@ -143,6 +144,11 @@ def newton_polish(
         progress_bar: print a line per Newton step and per Hessian to stderr
             (always logged at INFO on ``raybayes.optim``; ``progress=`` is the
             deprecated name).
+        fixed: indices into the globals ``(G,)`` held at their values in
+            ``map_result.x`` (the hyperparameters of
+            :func:`~raybayes.optim.nested_laplace.nested_laplace`): the steps, the
+            Schur complement and ``gtol`` then concern the other coordinates only,
+            so the result is the mode of the conditional ``p(x | theta, y)``.
 
     Returns:
         A :class:`MAPResult` at the polished point: ``status`` is ``"converged"``
@@ -184,8 +190,17 @@ def newton_polish(
     emit = progress_lines(progress_bar, "raybayes.optim")
     start = time.perf_counter()
     x = map_result.x.copy()
-    value, grad = objective.value_and_grad(x)
     G = objective.num_global
+    free = np.setdiff1d(np.arange(G), np.asarray(fixed, dtype=np.int64))
+    held = np.zeros(objective.size, bool)
+    held[np.setdiff1d(np.arange(G), free)] = True
+
+    def value_and_grad(point):
+        v, gr = objective.value_and_grad(point)
+        gr[held] = 0.0  # the held coordinates neither move nor count for gtol
+        return v, gr
+
+    value, grad = value_and_grad(x)
     steps = factorizations = num_hvp = rejected = age = 0
     lam = floor = 0.0  # Levenberg-Marquardt parameter of the global system
     eig = basis = None
@@ -222,9 +237,10 @@ def newton_polish(
                     "MAP), or use fit_svi or sample."
                 )
             schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
-            eig, basis = linalg.eigh(schur) if G else (np.ones(0), None)
+            schur = schur[np.ix_(free, free)]
+            eig, basis = linalg.eigh(schur) if free.size else (np.ones(0), None)
             floor = 0.0
-            if G and eig[0] <= 1e-10 * max(abs(eig[-1]), 1.0):
+            if free.size and eig[0] <= 1e-10 * max(abs(eig[-1]), 1.0):
                 floor = 1.01 * abs(eig[0]) + 1e-10 * max(abs(eig[-1]), 1.0)
             lam = max(lam, floor)
             factorizations += 1
@@ -233,20 +249,23 @@ def newton_polish(
             emit(
                 f"Newton Hessian {factorizations}: {max(p[3] for p in parts)} "
                 f"Hessian-vector products per shard; smallest eigenvalue of S "
-                f"{eig[0] if G else 0.0:.3e}; damping: local {local_damping:.2e}, "
+                f"{eig[0] if free.size else 0.0:.3e}; damping: local {local_damping:.2e}, "
                 f"global {lam:.2e}  {time.perf_counter() - start:7.2f} s"
             )
         reduced = objective.gather(
             "newton_reduce", lambda s: (grad_l[s],)  # noqa: B023
         )
         rhs = -grad_g + np.sum([np.asarray(r, np.float64) for r in reduced], axis=0)
-        delta_g = arrowhead.levenberg_marquardt_step(eig, basis, rhs, lam)
+        delta_g = np.zeros(G)
+        delta_g[free] = arrowhead.levenberg_marquardt_step(
+            eig, basis, np.broadcast_to(rhs, (G,))[free], lam
+        )
         delta_l = objective.gather(
             "newton_local_step",
             lambda s: (grad_l[s], delta_g),  # noqa: B023
         )
         step = objective.join(delta_g, delta_l)
-        new_value, new_grad = objective.value_and_grad(x + step)
+        new_value, new_grad = value_and_grad(x + step)
         new_max = float(np.max(np.abs(new_grad))) if new_grad.size else 0.0
         # near the mode the loss changes by less than its rounding error: there a
         # step is judged by the gradient it leaves
@@ -258,7 +277,7 @@ def newton_polish(
         ):
             # reject: a shorter, more gradient-like step from the same Hessian
             rejected += 1
-            lam = max(4.0 * lam, 1e-6 * max(abs(eig[-1]) if G else 1.0, 1.0))
+            lam = max(4.0 * lam, 1e-6 * max(abs(eig[-1]) if free.size else 1.0, 1.0))
             if rejected >= 3 and age:
                 eig = None  # the Hessian may be stale: recompute it here
             continue
