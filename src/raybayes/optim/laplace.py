@@ -249,7 +249,8 @@ def newton_polish(
             emit(
                 f"Newton Hessian {factorizations}: {max(p[3] for p in parts)} "
                 f"Hessian-vector products per shard; smallest eigenvalue of S "
-                f"{eig[0] if free.size else 0.0:.3e}; damping: local {local_damping:.2e}, "
+                f"{eig[0] if free.size else 0.0:.3e}; damping: local "
+                f"{local_damping:.2e}, "
                 f"global {lam:.2e}  {time.perf_counter() - start:7.2f} s"
             )
         reduced = objective.gather(

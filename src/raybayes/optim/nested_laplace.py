@@ -197,12 +197,14 @@ def find_hyperparameters(model: Callable, *model_args, model_kwargs=None) -> lis
     latent = {
         n: s
         for n, s in tr.items()
-        if s["type"] == "sample" and not s["is_observed"]
+        if s["type"] == "sample"
+        and not s["is_observed"]
         and not s.get("infer", {}).get("is_auxiliary")
     }
     observed = [n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"]]
     gaussian = [
-        n for n, s in latent.items()
+        n
+        for n, s in latent.items()
         if type(_base_distribution(s["fn"])).__name__ in _GAUSSIAN
     ]
     if not gaussian:
@@ -215,7 +217,8 @@ def find_hyperparameters(model: Callable, *model_args, model_kwargs=None) -> lis
             "laplace_approximation, fit_svi or sample."
         )
     candidates = [
-        n for n in latent
+        n
+        for n in latent
         if n not in gaussian and _is_positive(_base_distribution(latent[n]["fn"]))
     ]
     try:
@@ -321,15 +324,27 @@ class _ConditionalLaplace:
         value, grad = self.objective.value_and_grad(x)
         grad[self.index] = 0.0
         rough = MAPResult(
-            params={}, x=x, loss=value, num_iterations=0, num_evaluations=1,
-            converged=False, status="start", message="", grad_norm=float(
-                np.max(np.abs(grad), initial=0.0)), history=[value], time_s=0.0,
+            params={},
+            x=x,
+            loss=value,
+            num_iterations=0,
+            num_evaluations=1,
+            converged=False,
+            status="start",
+            message="",
+            grad_norm=float(np.max(np.abs(grad), initial=0.0)),
+            history=[value],
+            time_s=0.0,
         )
         if rough.grad_norm <= self.gtol:
             return rough
         result = newton_polish(
-            self.objective, rough, max_steps=self.max_newton, gtol=self.gtol,
-            batch_size=self.batch_size, fixed=self.index,
+            self.objective,
+            rough,
+            max_steps=self.max_newton,
+            gtol=self.gtol,
+            batch_size=self.batch_size,
+            fixed=self.index,
         )
         if result.grad_norm > max(self.gtol, 1e-3):
             raise ConfigurationError(
@@ -345,13 +360,13 @@ class _ConditionalLaplace:
         of the free globals and ``sum_i log det B_i``."""
         obj = self.objective
         g, locals_ = obj.split(x)
-        parts = obj.gather(
-            "laplace_factor", lambda s: (g, locals_[s], self.batch_size)
-        )
+        parts = obj.gather("laplace_factor", lambda s: (g, locals_[s], self.batch_size))
         schur = arrowhead.sum_schur_parts([p[0] for p in parts], obj.num_global)
         free = np.setdiff1d(np.arange(obj.num_global), self.index)
-        return schur[np.ix_(free, free)], float(sum(p[1] for p in parts)), int(
-            sum(p[2] for p in parts)
+        return (
+            schur[np.ix_(free, free)],
+            float(sum(p[1] for p in parts)),
+            int(sum(p[2] for p in parts)),
         )
 
     def __call__(self, theta, start=None):
@@ -368,9 +383,7 @@ class _ConditionalLaplace:
         if not_pd:
             return -np.inf, result
         logdet = 2.0 * float(np.sum(np.log(np.diag(chol)))) + logdet_local
-        value = (
-            -result.loss + 0.5 * self.num_free * np.log(2 * np.pi) - 0.5 * logdet
-        )
+        value = -result.loss + 0.5 * self.num_free * np.log(2 * np.pi) - 0.5 * logdet
         self.emit(
             f"log p(theta|y) {value:.6f} at theta {np.round(theta, 4).tolist()} "
             f"({self.num_evaluations} evaluations)"
@@ -434,8 +447,11 @@ def _grid_design(evaluate, dim, dz, diff_logdens, max_points):
     for z in product(*axes):
         z = np.asarray(z, np.float64)
         # inside the box's ellipsoid (per quadrant), as the Gaussian would be
-        r = sum((zi / (reach[i][0 if zi > 0 else 1] * dz + dz)) ** 2
-                for i, zi in enumerate(z) if zi != 0)
+        r = sum(
+            (zi / (reach[i][0 if zi > 0 else 1] * dz + dz)) ** 2
+            for i, zi in enumerate(z)
+            if zi != 0
+        )
         if r > 1.0 + 1e-9:
             continue
         v = evaluate(z)
@@ -511,8 +527,11 @@ def integrate_hyperparameters(
     offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in objective.global_sites])
     names = [n for n, _ in objective.global_sites]
     index = np.concatenate(
-        [np.arange(offsets[names.index(h)], offsets[names.index(h) + 1])
-         for h in names if h in set(hyperparameters)]
+        [
+            np.arange(offsets[names.index(h)], offsets[names.index(h) + 1])
+            for h in names
+            if h in set(hyperparameters)
+        ]
         or [np.zeros(0, np.int64)]
     ).astype(np.int64)
     dim = index.size
@@ -537,7 +556,10 @@ def integrate_hyperparameters(
     theta0 = x0[index]
     if dim:
         opt = optimize.minimize(
-            value_and_grad, theta0, jac=True, method="BFGS",
+            value_and_grad,
+            theta0,
+            jac=True,
+            method="BFGS",
             options={"maxiter": max_steps, "gtol": 1e-3},
         )
         theta_star = opt.x
@@ -767,14 +789,13 @@ def nested_laplace(
     )
     reject_unknown_arguments(deprecated, "nested_laplace")
     if design not in _DESIGNS:
-        raise ConfigurationError(
-            f"design={design!r}; use one of {_DESIGNS}."
-        )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
-            or num_samples < 1:
-        raise ConfigurationError(
-            f"num_samples={num_samples!r}; use an integer >= 1."
-        )
+        raise ConfigurationError(f"design={design!r}; use one of {_DESIGNS}.")
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, (int, np.integer))
+        or num_samples < 1
+    ):
+        raise ConfigurationError(f"num_samples={num_samples!r}; use an integer >= 1.")
     derive_key(seed)  # checks the seed before any work
     latent_names = None
     if isinstance(hyperparameters, str):
@@ -804,15 +825,27 @@ def nested_laplace(
     scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
     num_shards = shard_count(num_shards, scaling)
     with planned_objective(
-        model, model_kwargs, num_shards, partition=partition, backend=backend,
-        source=source, model_args=model_args, x64=x64, scaling=scaling,
+        model,
+        model_kwargs,
+        num_shards,
+        partition=partition,
+        backend=backend,
+        source=source,
+        model_args=model_args,
+        x64=x64,
+        scaling=scaling,
     ) as objective:
         _check_hyperparameters(
             hyperparameters, latent_names or [], objective.global_sites
         )
         return integrate_hyperparameters(
-            objective, hyperparameters, design=design, num_samples=int(num_samples),
-            seed=seed, max_steps=max_steps, progress_bar=progress_bar,
+            objective,
+            hyperparameters,
+            design=design,
+            num_samples=int(num_samples),
+            seed=seed,
+            max_steps=max_steps,
+            progress_bar=progress_bar,
         )
 
 
@@ -833,7 +866,8 @@ def _latent_names(model, model_args, model_kwargs):
 def _require_gaussian(model, model_args, model_kwargs, hyperparameters):
     tr = _trace(model, model_args, model_kwargs)
     latent = [
-        n for n, s in tr.items()
+        n
+        for n, s in tr.items()
         if s["type"] == "sample" and not s["is_observed"] and n not in hyperparameters
     ]
     if not any(
