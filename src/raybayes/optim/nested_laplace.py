@@ -186,14 +186,10 @@ def find_hyperparameters(model: Callable, *model_args, model_kwargs=None) -> lis
         >>> find_hyperparameters(model, model_kwargs={"y": np.zeros(3)})
         ['tau']
     """
-    import numpyro
     from numpyro.infer.inspect import get_dependencies
 
     model_kwargs = dict(model_kwargs or {})
-    with numpyro.handlers.block():
-        tr = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(
-            *model_args, **model_kwargs
-        )
+    tr = _trace(model, model_args, model_kwargs)
     latent = {
         n: s
         for n, s in tr.items()
@@ -850,12 +846,22 @@ def nested_laplace(
 
 
 def _trace(model, model_args, model_kwargs):
+    """The model's trace, traced abstractly (``jax.make_jaxpr``: no compilation);
+    only the sites' types, distributions and supports are read from it."""
     import numpyro
 
-    with numpyro.handlers.block():
-        return numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(
-            *model_args, **dict(model_kwargs or {})
-        )
+    sites: dict = {}
+
+    def run():
+        with numpyro.handlers.block():
+            tr = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(
+                *model_args, **dict(model_kwargs or {})
+            )
+        sites.update(tr)
+        return 0
+
+    jax.make_jaxpr(run)()
+    return sites
 
 
 def _latent_names(model, model_args, model_kwargs):
