@@ -13,6 +13,9 @@ sets, seeds ``--seed0``, ``--seed0 + 1``, ...), and fits the same non-centred
   and linear in the globals);
 * ``laplace``: ``raybayes.laplace_approximation`` (distributed L-BFGS MAP, then the
   arrowhead Laplace approximation, draws in the constrained space);
+* ``nested-laplace``: ``raybayes.nested_laplace`` (the scales and the
+  concentration integrated over a central composite design, the latent field
+  Gaussian given them, on the arrowhead system);
 * ``nuts``: ``raybayes.sample`` (``--chains`` chains of NUTS on ``--workers``
   workers), the reference.
 
@@ -73,7 +76,9 @@ from raybayes.models.elasticity import elasticity_model
 from raybayes.plan import plan
 
 MODEL = elasticity_model  # already non-centred; not wrapped in reparam again
-METHODS = ("svi-normal", "svi-lowrank", "svi-structured", "laplace", "nuts")
+METHODS = (
+    "svi-normal", "svi-lowrank", "svi-structured", "laplace", "nested-laplace", "nuts"
+)
 GUIDES = {"svi-normal": "normal", "svi-lowrank": "lowrank",
           "svi-structured": "structured"}
 LABELS = {
@@ -81,6 +86,7 @@ LABELS = {
     "svi-lowrank": "raybayes SVI, low-rank globals",
     "svi-structured": "raybayes SVI, structured",
     "laplace": "raybayes Laplace",
+    "nested-laplace": "raybayes nested Laplace (INLA)",
     "nuts": "NUTS (reference)",
 }
 
@@ -168,6 +174,25 @@ def run_method(name, kwargs, part, backend, seed, args):
         extra["note"] = (
             f"MAP {res.map.num_iterations} it [{res.map.status}], "
             f"non-PD blocks {res.num_not_positive_definite}"
+        )
+    elif name == "nested-laplace":
+        res = raybayes.nested_laplace(
+            MODEL,
+            model_kwargs=kwargs,
+            num_shards=args.workers,
+            partition=part,
+            backend=backend,
+            num_samples=args.draws,
+            seed=seed,
+            progress_bar=args.progress,
+        )
+        idata = res.idata
+        t = res.timings
+        extra["note"] = (
+            f"theta {res.hyperparameters}, {len(res.weights)} design points, "
+            f"{res.num_evaluations} evaluations of log p(theta|y): mode "
+            f"{t['mode_s']:.1f} s, Hessian {t['hessian_s']:.1f} s, design "
+            f"{t['design_s']:.1f} s, draws {t['draws_s']:.1f} s"
         )
     elif name == "nuts":
         idata = raybayes.sample(
@@ -273,6 +298,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--out", default=None, help="also write the report as Markdown")
+    parser.add_argument("--progress", action="store_true", help="nested Laplace lines")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))

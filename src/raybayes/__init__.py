@@ -25,10 +25,12 @@ if TYPE_CHECKING:  # for type checkers and the API reference; at run time, _LAZY
     from raybayes.optim import (
         LaplaceResult,
         MAPResult,
+        NestedLaplaceResult,
         find_map,
         fit_map,
         laplace,
         laplace_approximation,
+        nested_laplace,
     )
     from raybayes.plan import Plan, plan
     from raybayes.results import print_summary, summary, to_inference_data
@@ -50,6 +52,8 @@ _LAZY = {
     "LaplaceResult": "raybayes.optim",
     "laplace": "raybayes.optim",
     "laplace_approximation": "raybayes.optim",
+    "nested_laplace": "raybayes.optim",
+    "NestedLaplaceResult": "raybayes.optim",
     "fit_svi": "raybayes.svi",
     "SVIResult": "raybayes.svi",
     "StoppingConfig": "raybayes.svi",
@@ -75,6 +79,8 @@ __all__ = [
     "laplace",
     "laplace_approximation",
     "LaplaceResult",
+    "nested_laplace",
+    "NestedLaplaceResult",
     "ScalingConfig",
     "fit_svi",
     "SVIResult",

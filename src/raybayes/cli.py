@@ -64,6 +64,7 @@ def quickstart(
 class _Method(StrEnum):
     nuts = "nuts"
     laplace = "laplace"
+    nested_laplace = "nested-laplace"
     svi = "svi"
 
 
@@ -83,8 +84,8 @@ def fit_elasticity(
     num_warmup: int = typer.Option(500, help="NUTS: warmup iterations per chain."),
     num_samples: int = typer.Option(500, help="NUTS: draws kept per chain."),
     num_steps: int = typer.Option(10_000, help="SVI: optimizer steps (at most)."),
-    num_draws: int = typer.Option(1000, help="Laplace, SVI: draws from the approximation."),
-    num_shards: int = typer.Option(None, help="Laplace, SVI: shards of the products (one worker each)."),
+    num_draws: int = typer.Option(1000, help="Laplace, nested Laplace, SVI: draws from the approximation."),
+    num_shards: int = typer.Option(None, help="Laplace, nested Laplace, SVI: shards of the products (one worker each)."),
     num_workers: int = typer.Option(None, help="Ray workers (NUTS: one per chain at most)."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or an embedded instance)."),
     backend: str = typer.Option("auto", help="'auto', 'ray' or 'local'."),

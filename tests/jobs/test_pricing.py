@@ -185,8 +185,23 @@ def test_unreadable_or_absent_table_is_a_clear_error(tmp_path):
 def test_bad_options_fail_before_reading(tmp_path, csv_path):
     result = _invoke(csv_path, "--method", "laplace", "--num-shards", 0, *OPTIONS)
     assert result.exit_code == 2 and "num_shards=0" in result.output
-    result = _invoke(csv_path, "--method", "nested-laplace", *OPTIONS)
-    assert result.exit_code == 2 and "nested-laplace" in result.output
+    result = _invoke(csv_path, "--method", "gibbs", *OPTIONS)
+    assert result.exit_code == 2 and "gibbs" in result.output
+
+
+@pytest.mark.slow
+def test_nested_laplace_from_the_command_line(tmp_path, csv_path, sales):
+    out = tmp_path / "out"
+    result = _invoke(
+        csv_path, "--method", "nested-laplace", "-o", out, "--num-draws", 400, *OPTIONS
+    )
+    assert result.exit_code == 0, result.output
+    assert "Method: nested-laplace" in result.output
+    assert "design points" in result.output
+    products = pd.read_csv(out / "product_elasticities.csv")
+    err = products["elasticity_mean"].to_numpy() - sales[1]["beta"]
+    # the standard error of 0.23 above: RMSE within 1.5 of them
+    assert np.sqrt(np.mean(err**2)) < 0.35
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Methods the job can fit with.
-METHODS = ("nuts", "laplace", "svi")
+METHODS = ("nuts", "laplace", "nested-laplace", "svi")
 
 #: Calibration measured in BENCHMARKS.md ("Calibration: which method to trust for
 #: uncertainty"): 3 simulated data sets of 5 categories x 100 products x 52 weeks,
@@ -44,10 +44,19 @@ CALIBRATION = {
 _METHOD_NAMES = {
     "nuts": "NUTS (Hoffman & Gelman 2014), chains spread over workers",
     "laplace": "a Gaussian at the MAP (sharded L-BFGS, arrowhead Hessian)",
+    "nested-laplace": (
+        "integrated nested Laplace (scales integrated over a design, the "
+        "elasticities Gaussian given them; arrowhead Hessian)"
+    ),
     "svi": "mean-field SVI (sharded, AutoNormal guide)",
 }
 
-_LABELS = {"nuts": "NUTS", "laplace": "Laplace", "svi": "SVI"}
+_LABELS = {
+    "nuts": "NUTS",
+    "laplace": "Laplace",
+    "nested-laplace": "nested Laplace",
+    "svi": "SVI",
+}
 
 
 @dataclass
@@ -56,7 +65,7 @@ class PricingResult:
 
     Attributes:
         idata: ``arviz.InferenceData`` of the posterior draws (constrained space).
-        method: ``"nuts"``, ``"laplace"`` or ``"svi"``.
+        method: ``"nuts"``, ``"laplace"``, ``"nested-laplace"`` or ``"svi"``.
         product_table: one row per product: its key columns, ``category``,
             ``elasticity_mean``, ``elasticity_sd``, ``elasticity_q5``,
             ``elasticity_q95``.
@@ -235,6 +244,20 @@ def _fit(
             "map_status": result.map.status,
             "num_not_positive_definite": result.num_not_positive_definite,
         }
+    if method == "nested-laplace":
+        result = raybayes.nested_laplace(
+            elasticity_model,
+            model_kwargs=model_kwargs,
+            num_shards=num_shards,
+            backend=backend,
+            num_samples=num_draws,
+            seed=seed,
+            progress_bar=progress_bar,
+        )
+        return result.idata, {
+            "hyperparameters": result.hyperparameters,
+            "num_design_points": len(result.weights),
+        }
     result = raybayes.fit_svi(
         elasticity_model,
         model_kwargs=model_kwargs,
@@ -300,17 +323,23 @@ def _trust_lines(method, idata, extra):
                 "chains before trusting the intervals."
             )
         return lines
-    cal = CALIBRATION[method]
+    cal = CALIBRATION.get(method)
     nuts = CALIBRATION["nuts"]
-    lines = [
-        f"How far the intervals can be trusted: on the calibration benchmark of "
-        f"BENCHMARKS.md (3 simulated data sets of 100 products x 52 weeks), the "
-        f"{cal['nominal']:.0%} intervals of {_LABELS[method]}"
-        f" covered the true product elasticities {cal['coverage']:.3f} of the time "
-        f"(NUTS {nuts['coverage']:.3f}) and were {cal['width_vs_nuts']:.2f}x as wide "
-        "as "
-        f"NUTS's.",
-    ]
+    if cal is None:
+        lines = [
+            f"{_LABELS[method]} has not been measured on the calibration benchmark "
+            "of BENCHMARKS.md; check it against --method nuts on a subset before "
+            "trusting its intervals."
+        ]
+    else:
+        lines = [
+            f"How far the intervals can be trusted: on the calibration benchmark of "
+            f"BENCHMARKS.md (3 simulated data sets of 100 products x 52 weeks), the "
+            f"{cal['nominal']:.0%} intervals of {_LABELS[method]}"
+            f" covered the true product elasticities {cal['coverage']:.3f} of the "
+            f"time (NUTS {nuts['coverage']:.3f}) and were "
+            f"{cal['width_vs_nuts']:.2f}x as wide as NUTS's.",
+        ]
     if method == "laplace":
         lines.append(
             "Read: conservative (too wide, over-covering) intervals at that size; use "
@@ -326,6 +355,12 @@ def _trust_lines(method, idata, extra):
                 "were "
                 "not positive definite (not at a proper mode)."
             )
+    elif method == "nested-laplace":
+        lines.append(
+            f"Read: the scales {', '.join(extra.get('hyperparameters', []))} were "
+            f"integrated over {extra.get('num_design_points')} design points, the "
+            "elasticities are a mixture of Gaussians given them."
+        )
     else:
         lines.append(
             "Read: mean-field SVI intervals are slightly too narrow (they cover a few "
@@ -371,8 +406,9 @@ def run_fit_elasticity(
 
     Methods: ``"nuts"`` (Hoffman & Gelman, JMLR 2014; :func:`raybayes.sample`),
     ``"laplace"`` (Gaussian at the MAP; Tierney & Kadane, JASA 1986;
-    :func:`raybayes.laplace_approximation`), ``"svi"`` (mean-field ADVI,
-    Kucukelbir et al., JMLR 2017; :func:`raybayes.fit_svi`).
+    :func:`raybayes.laplace_approximation`), ``"nested-laplace"`` (INLA; Rue,
+    Martino & Chopin, JRSS B 2009; :func:`raybayes.nested_laplace`), ``"svi"``
+    (mean-field ADVI, Kucukelbir et al., JMLR 2017; :func:`raybayes.fit_svi`).
 
     Args:
         data: a CSV file, a Parquet file, a partitioned Parquet folder, or a
@@ -380,7 +416,7 @@ def run_fit_elasticity(
         output_dir: where ``posterior.nc`` (InferenceData),
             ``product_elasticities.csv``, ``category_elasticities.csv`` and
             ``category_elasticities.png`` are written, each atomically.
-        method: ``"nuts"``, ``"laplace"`` or ``"svi"``.
+        method: ``"nuts"``, ``"laplace"``, ``"nested-laplace"`` or ``"svi"``.
         product_cols: columns whose combination identifies a product.
         category_col: column of the category (constant within a product).
         time_col: column of the period (week).

@@ -9,6 +9,8 @@
 * :mod:`raybayes.optim.laplace`: :func:`newton_polish`, :func:`laplace` and
   :func:`laplace_approximation` on the arrowhead Hessian
   (:mod:`raybayes.core.arrowhead`).
+* :mod:`raybayes.optim.nested_laplace`: :func:`nested_laplace`, the integrated
+  nested Laplace approximation (INLA) of latent Gaussian models.
 * :mod:`raybayes.optim.result`: :class:`MAPResult`, shared by the optimizers.
 """
 
@@ -20,6 +22,7 @@ from raybayes.optim.laplace import (
     newton_polish,
 )
 from raybayes.optim.map import find_map, fit_map
+from raybayes.optim.nested_laplace import NestedLaplaceResult, nested_laplace
 from raybayes.optim.newton import NewtonMAPResult, NewtonObjective, find_map_newton
 from raybayes.optim.result import MAPResult
 from raybayes.optim.vlbfgs import find_map_vector_free
@@ -36,5 +39,7 @@ __all__ = [
     "laplace",
     "laplace_approximation",
     "newton_polish",
+    "nested_laplace",
+    "NestedLaplaceResult",
     "constrained_values",
 ]

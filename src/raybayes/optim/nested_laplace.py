@@ -33,9 +33,9 @@ References:
     Rue, H., Martino, S. & Chopin, N. (2009). Approximate Bayesian inference for
     latent Gaussian models by using integrated nested Laplace approximations. JRSS B
     71(2), 319-392. https://doi.org/10.1111/j.1467-9868.2008.00700.x
-    Gaedke-Merzhäuser, L., van Niekerk, J., Schenk, O. & Rue, H. (2024). Parallelized
-    integrated nested Laplace approximations for fast Bayesian inference. Statistics
-    and Computing 33, 25 (the distributed INLA anchor; see docs/nested_laplace.md).
+    Gaedke-Merzhäuser, L., Krainski, E., Janalik, R., Rue, H. & Schenk, O. (2024).
+    Integrated nested Laplace approximations for large-scale spatiotemporal Bayesian
+    modeling. SIAM J. Sci. Comput. (distributed INLA; see docs/nested_laplace.md).
     Box, G. E. P. & Wilson, K. B. (1951). On the experimental attainment of optimum
     conditions. JRSS B 13(1), 1-45 (central composite designs).
 """
@@ -764,9 +764,9 @@ def nested_laplace(
         Rue, H., Martino, S. & Chopin, N. (2009). Approximate Bayesian inference
         for latent Gaussian models by using integrated nested Laplace
         approximations. JRSS B 71(2), 319-392.
-        Gaedke-Merzhäuser, L., van Niekerk, J., Schenk, O. & Rue, H. (2024).
-        Parallelized integrated nested Laplace approximations for fast Bayesian
-        inference. Statistics and Computing 33, 25.
+        Gaedke-Merzhäuser, L., Krainski, E., Janalik, R., Rue, H. & Schenk, O.
+        (2024). Integrated nested Laplace approximations for large-scale
+        spatiotemporal Bayesian modeling. SIAM J. Sci. Comput.
 
     Examples:
         >>> import numpy as np, numpyro, numpyro.distributions as dist
