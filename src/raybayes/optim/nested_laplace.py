@@ -387,15 +387,6 @@ class _ConditionalLaplace:
         return float(value), result
 
 
-def _finite_difference_gradient(f, theta, f0, step):
-    grad = np.zeros_like(theta)
-    for i in range(theta.size):
-        e = np.zeros_like(theta)
-        e[i] = step
-        grad[i] = (f(theta + e) - f(theta - e)) / (2 * step)
-    return grad
-
-
 def _finite_difference_hessian(f, theta, f0, step):
     d = theta.size
     hess = np.zeros((d, d))
@@ -482,6 +473,7 @@ def integrate_hyperparameters(
     num_samples: int = 1000,
     seed: int = 0,
     max_steps: int = 50,
+    gtol: float = 5e-3,
     step: float = 5e-3,
     f0: float = 1.1,
     dz: float = 0.75,
@@ -504,6 +496,8 @@ def integrate_hyperparameters(
             ``fold_in(derive_key(seed, "locals", k, j), i)`` for entity ``i``: the
             same draws for any number of shards).
         max_steps: BFGS iterations over ``theta``.
+        gtol: BFGS stops when the largest component of the gradient of
+            ``log p(theta | y)`` (unconstrained ``theta``) is below this.
         step: finite-difference step in unconstrained ``theta``.
         f0, dz, diff_logdens: the design's radius factor, grid step and cut-off.
         batch_size: Hessian-vector products evaluated together per worker.
@@ -534,29 +528,47 @@ def integrate_hyperparameters(
     x0 = np.zeros(objective.size) if init is None else np.asarray(init, np.float64)
     cond = _ConditionalLaplace(objective, index, x0, batch_size, newton_gtol, 50, emit)
 
-    # 1. the mode of log p(theta | y)
+    # 1. the mode of log p(theta | y): BFGS on central differences, its initial
+    # inverse Hessian from the curvature the first differences give for free
     base = {"x": None}
 
     def negative(theta):
         value, result = cond(theta, start=base["x"])
         return -value if np.isfinite(value) else 1e300
 
-    def value_and_grad(theta):
+    def differences(theta):
         value, result = cond(theta)
-        cond.x = result.x
-        base["x"] = result.x
-        grad = _finite_difference_gradient(negative, theta, -value, step)
+        if not np.isfinite(value):
+            return 1e300, np.zeros_like(theta), np.ones_like(theta)
+        cond.x = base["x"] = result.x
+        plus = np.empty_like(theta)
+        minus = np.empty_like(theta)
+        for i in range(theta.size):
+            e = np.zeros_like(theta)
+            e[i] = step
+            plus[i], minus[i] = negative(theta + e), negative(theta - e)
         base["x"] = None
-        return -value, grad
+        grad = (plus - minus) / (2 * step)
+        curvature = (plus + minus + 2 * value) / step**2
+        return -value, grad, curvature
 
     theta0 = x0[index]
     if dim:
+        first = differences(theta0)
+        cache = {tuple(theta0): first}
+
+        def value_and_grad(theta):
+            v, g, _ = cache.pop(tuple(theta), None) or differences(theta)
+            return v, g
+
+        curvature = first[2]
+        inverse = np.where(curvature > 1e-8, 1.0 / np.abs(curvature), 1.0)
         opt = optimize.minimize(
             value_and_grad,
             theta0,
             jac=True,
             method="BFGS",
-            options={"maxiter": max_steps, "gtol": 1e-3},
+            options={"maxiter": max_steps, "gtol": gtol, "hess_inv0": np.diag(inverse)},
         )
         theta_star = opt.x
     else:
