@@ -108,6 +108,9 @@ class NestedLaplaceResult:
         num_evaluations: evaluations of ``log p(theta | y)`` (each one a Newton
             solve for ``x*`` and a Hessian).
         time_s: wall time, worker start-up excluded.
+        timings: seconds spent finding the mode (``"mode_s"``), the Hessian at it
+            (``"hessian_s"``), the design (``"design_s"``) and the draws
+            (``"draws_s"``).
     """
 
     idata: Any
@@ -499,7 +502,10 @@ def integrate_hyperparameters(
         gtol: BFGS stops when the largest component of the gradient of
             ``log p(theta | y)`` (unconstrained ``theta``) is below this.
         step: finite-difference step in unconstrained ``theta``.
-        f0, dz, diff_logdens: the design's radius factor, grid step and cut-off.
+        f0: the central composite design's radius factor.
+        dz: the grid's step in standardised coordinates.
+        diff_logdens: the grid keeps the points whose log density is within this
+            of the mode's.
         batch_size: Hessian-vector products evaluated together per worker.
         newton_gtol: gradient tolerance of the conditional modes.
         progress_bar: a line per evaluation to stderr.
@@ -752,8 +758,11 @@ def nested_laplace(
         source: a :class:`~raybayes.datasets.parquet.ParquetShards` (then
             ``partition`` and the ``hyperparameters`` names are required).
         backend: ``"auto"``, ``"local"``, ``"ray"`` or a backend instance.
-        num_workers, use_gpu, resources_per_worker, address: Ray scaling options
+        num_workers: Ray workers, one per shard
             (:class:`~raybayes.config.ScalingConfig`).
+        use_gpu: one GPU per worker (Ray).
+        resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
+        address: a Ray cluster address (``"HOST:PORT"``).
         num_samples: draws from the mixture.
         seed: integer seed; the same draws for any number of shards.
         max_steps: BFGS iterations over ``theta`` (finite-difference gradients).
