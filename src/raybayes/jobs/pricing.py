@@ -37,6 +37,7 @@ METHODS = ("nuts", "laplace", "nested-laplace", "svi")
 #: and their mean width relative to NUTS's (NUTS covered 0.870 on the same data).
 CALIBRATION = {
     "laplace": {"coverage": 0.977, "nominal": 0.90, "width_vs_nuts": 2.03},
+    "nested-laplace": {"coverage": 0.870, "nominal": 0.90, "width_vs_nuts": 0.99},
     "svi": {"coverage": 0.837, "nominal": 0.90, "width_vs_nuts": 0.95},
     "nuts": {"coverage": 0.870, "nominal": 0.90, "width_vs_nuts": 1.00},
 }
@@ -357,7 +358,11 @@ def _trust_lines(method, idata, extra):
             )
     elif method == "nested-laplace":
         lines.append(
-            f"Read: the scales {', '.join(extra.get('hyperparameters', []))} were "
+            "Read: intervals as calibrated as NUTS's on that benchmark (and an "
+            "RMSE of the means 1.00x NUTS's)."
+        )
+        lines.append(
+            f"The scales {', '.join(extra.get('hyperparameters', []))} were "
             f"integrated over {extra.get('num_design_points')} design points, the "
             "elasticities are a mixture of Gaussians given them."
         )
