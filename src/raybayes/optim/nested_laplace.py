@@ -314,10 +314,27 @@ class _ConditionalLaplace:
         self.emit = emit
         self.num_evaluations = 0
         self.num_free = objective.size - self.index.size
+        self.rescue = None  # a callable giving another start point, used once
 
     def mode(self, theta, start=None):
         """``x*(theta)`` (a MAPResult) by Newton from ``start`` (default: the last
-        mode found)."""
+        mode found). If Newton fails from there the first time, it starts again
+        from the joint MAP's latent field (``rescue``, used once)."""
+        result = self._newton(theta, start)
+        if result.grad_norm > max(self.gtol, 1e-3) and self.rescue is not None:
+            rescue, self.rescue = self.rescue, None
+            self.emit("Newton failed from the start point; restarting from the MAP")
+            result = self._newton(theta, rescue())
+        if result.grad_norm > max(self.gtol, 1e-3):
+            raise ConfigurationError(
+                f"the conditional mode x*(theta) was not found at theta={theta} "
+                f"(largest gradient component {result.grad_norm:.2e} after "
+                f"{4 * self.max_newton} Newton steps). Check the model, or pass "
+                "hyperparameters= explicitly."
+            )
+        return result
+
+    def _newton(self, theta, start):
         x = (self.x if start is None else start).copy()
         x[self.index] = theta
         value, grad = self.objective.value_and_grad(x)
@@ -337,21 +354,20 @@ class _ConditionalLaplace:
         )
         if rough.grad_norm <= self.gtol:
             return rough
-        result = newton_polish(
-            self.objective,
-            rough,
-            max_steps=self.max_newton,
-            gtol=self.gtol,
-            batch_size=self.batch_size,
-            fixed=self.index,
-        )
-        if result.grad_norm > max(self.gtol, 1e-3):
-            raise ConfigurationError(
-                f"the conditional mode x*(theta) was not found at theta={theta} "
-                f"(largest gradient component {result.grad_norm:.2e} after "
-                f"{self.max_newton} Newton steps). Check the model, or pass "
-                "hyperparameters= explicitly."
+        # a cold start far from the mode (e.g. a Poisson rate whose Newton steps
+        # overshoot) may need more damped steps: up to 4 rounds
+        result = rough
+        for _ in range(4):
+            result = newton_polish(
+                self.objective,
+                result,
+                max_steps=self.max_newton,
+                gtol=self.gtol,
+                batch_size=self.batch_size,
+                fixed=self.index,
             )
+            if result.grad_norm <= self.gtol:
+                break
         return result
 
     def factor(self, x):
@@ -533,6 +549,25 @@ def integrate_hyperparameters(
     dim = index.size
     x0 = np.zeros(objective.size) if init is None else np.asarray(init, np.float64)
     cond = _ConditionalLaplace(objective, index, x0, batch_size, newton_gtol, 50, emit)
+
+    def rescue():
+        # Newton's local steps are undamped: far from the mode (a Poisson rate
+        # started at exp(0)) they overshoot; L-BFGS on the joint log density
+        # brings the latent field near its data first
+        from raybayes.optim.map import find_map
+
+        found = find_map(
+            objective,
+            init=x0,
+            tol=1e-10,
+            gtol=1e-4,
+            max_steps=500,
+            progress_bar=False,
+            assemble=False,
+        )
+        return found.x
+
+    cond.rescue = rescue
 
     # 1. the mode of log p(theta | y): BFGS on central differences, its initial
     # inverse Hessian from the curvature the first differences give for free
