@@ -54,9 +54,9 @@ from scipy import linalg, optimize
 
 from raybayes.backends import Backend
 from raybayes.config import (
-    ScalingConfig,
     derive_key,
     reject_unknown_arguments,
+    resolve_scaling,
     split_model_arguments,
 )
 from raybayes.core import arrowhead
@@ -874,7 +874,9 @@ def nested_laplace(
             _require_gaussian(model, model_args, model_kwargs, hyperparameters)
     if source is None:
         latent_names = _latent_names(model, model_args, model_kwargs)
-    scaling = ScalingConfig(num_workers, use_gpu, resources_per_worker, address)
+    scaling, backend = resolve_scaling(
+        backend, num_workers, use_gpu, resources_per_worker, address
+    )
     num_shards = shard_count(num_shards, scaling)
     with planned_objective(
         model,
