@@ -210,17 +210,32 @@ def test_data_reduced_inside_the_model_is_not_split():
         plan(centred, {"x": np.zeros(10), "y": np.zeros(10)}, num_shards=2)
 
 
-def test_enumerated_discrete_latent_is_a_clear_error():
-    def mixture(y):
+def test_enumerated_local_site_splits_and_other_discrete_latents_are_clear_errors():
+    def mixture(y, enumerate="parallel"):
         locs = numpyro.sample("locs", dist.Normal(jnp.zeros(2), 10.0).to_event(1))
         with numpyro.plate("data", y.shape[0]):
             z = numpyro.sample(
-                "z", dist.Categorical(jnp.ones(2) / 2), infer={"enumerate": "parallel"}
+                "z", dist.Categorical(jnp.ones(2) / 2), infer={"enumerate": enumerate}
             )
             numpyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
 
-    with pytest.raises(ConfigurationError, match="enumeration.*Marginalise"):
-        plan(mixture, {"y": np.zeros(10)}, num_shards=2)
+    # One z per row: summed out within its shard, the split is the data plate.
+    p = plan(mixture, {"y": np.zeros(10)}, num_shards=2)
+    assert p.partition.plate == "data"
+    with pytest.raises(ConfigurationError, match="'z'.*not enumerated.*config_enumerate"):
+        plan(mixture, {"y": np.zeros(10), "enumerate": None}, num_shards=2)
+
+    def shared_switch(y):
+        # One z for all rows: summing it out couples every shard.
+        locs = numpyro.sample("locs", dist.Normal(jnp.zeros(2), 10.0).to_event(1))
+        z = numpyro.sample(
+            "z", dist.Categorical(jnp.ones(2) / 2), infer={"enumerate": "parallel"}
+        )
+        with numpyro.plate("data", y.shape[0]):
+            numpyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+
+    with pytest.raises(ConfigurationError, match="'z' is outside the split plate"):
+        plan(shared_switch, {"y": np.zeros(10)}, num_shards=2)
 
 
 def test_nested_plates_split_the_data_along_the_plate_axis():

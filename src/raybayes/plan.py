@@ -645,24 +645,27 @@ def _explain(result: Plan, model_kwargs) -> str:
 
 
 def _check_enumeration(structure) -> None:
-    enumerated = [
+    """Discrete latent sites that are not enumerated cannot be fitted here.
+
+    Sites marked ``infer={"enumerate": "parallel"}`` are summed out of the shard
+    log density (``numpyro.contrib.funsor``); whether they fit a split is checked
+    with the partition (:func:`~raybayes.core.shard_density.trace_latent_sites`).
+    """
+    discrete = [
         n
         for n, s in structure.sites.items()
         if s.type == "sample" and not s.is_observed and s.is_discrete
+        and not s.enumerated
     ]
-    if enumerated:
-        name = enumerated[0]
-        how = (
-            "it is marked for enumeration (infer={'enumerate': 'parallel'}), which "
-            "needs funsor and is not done by the shard algorithms"
-            if structure.sites[name].enumerated
-            else "it is discrete"
-        )
+    if discrete:
+        name = discrete[0]
         raise ConfigurationError(
-            f"latent site {name!r} ({len(enumerated)} discrete latent site(s) in all) "
-            f"cannot be fitted by MAP, Laplace or SVI here: {how}. Marginalise it in "
-            "the model (e.g. a mixture's component with logsumexp, or "
-            "dist.MixtureSameFamily), or run raybayes.sample."
+            f"latent site {name!r} ({len(discrete)} discrete latent site(s) in all) "
+            "cannot be fitted by MAP, Laplace or SVI here: it is discrete and not "
+            "enumerated. Mark it infer={'enumerate': 'parallel'} (or decorate the "
+            "model with numpyro.contrib.funsor.config_enumerate) to sum it out, "
+            "marginalise it in the model (e.g. dist.MixtureSameFamily), or run "
+            "raybayes.sample."
         )
 
 

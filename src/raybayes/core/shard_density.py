@@ -33,8 +33,85 @@ __all__ = [
     "ShardLogDensity",
     "scale_global_sites",
     "shard_log_density",
+    "enumerated_sites",
+    "model_log_density",
     "trace_latent_sites",
 ]
+
+
+def enumerated_sites(trace) -> dict[str, int]:
+    """The latent discrete sites of a trace marked for enumeration.
+
+    Args:
+        trace: a NumPyro trace (:func:`~raybayes.core.tracing.abstract_trace`).
+
+    Returns:
+        site name -> its outermost plate dimension's depth (``-min(dim)`` over the
+        plates of the site, 0 outside plates), in trace order; empty when the model
+        enumerates nothing.
+    """
+    out = {}
+    for name, site in trace.items():
+        if (
+            site["type"] == "sample"
+            and not site.get("is_observed")
+            and (site.get("infer") or {}).get("enumerate") == "parallel"
+            and getattr(site["fn"].support, "is_discrete", False)
+        ):
+            dims = [f.dim for f in site.get("cond_indep_stack", ()) if f.dim is not None]
+            out[name] = -min(dims, default=0)
+    return out
+
+
+def _max_plate_nesting(trace) -> int:
+    """The deepest plate of a trace (NumPyro's ``max_plate_nesting``)."""
+    dims = [
+        -f.dim
+        for site in trace.values()
+        for f in site.get("cond_indep_stack", ())
+        if f.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+def model_log_density(
+    model: Callable,
+    model_args: tuple,
+    model_kwargs: Mapping[str, Any],
+    params: Mapping[str, Any],
+    max_plate_nesting: int | None = None,
+) -> jax.Array:
+    """The log joint of a model at ``params``, enumerated sites summed out.
+
+    Without enumeration (``max_plate_nesting=None``) this is
+    ``numpyro.infer.util.log_density``. With it, the discrete sites marked
+    ``infer={"enumerate": "parallel"}`` are marginalised exactly by
+    ``numpyro.contrib.funsor.log_density`` (variable elimination over the plates,
+    Obermeyer et al. 2019, "Tensor variable elimination for plated factor graphs"),
+    as NumPyro's MCMC does.
+
+    Args:
+        model: a NumPyro model (with any handlers, e.g. scales, applied).
+        model_args, model_kwargs: its arguments.
+        params: constrained values of the continuous latent sites.
+        max_plate_nesting: the model's deepest plate, or ``None`` (no enumeration).
+
+    Returns:
+        Scalar log density.
+    """
+    if max_plate_nesting is None:
+        lp, _ = _numpyro_log_density(model, tuple(model_args), dict(model_kwargs), params)
+        return lp
+    from numpyro.contrib.funsor import enum
+    from numpyro.contrib.funsor import log_density as _enum_log_density
+
+    lp, _ = _enum_log_density(
+        enum(model, -int(max_plate_nesting) - 1),
+        tuple(model_args),
+        dict(model_kwargs),
+        params,
+    )
+    return lp
 
 
 class scale_global_sites(handlers.scale):  # noqa: N801 - a NumPyro handler
@@ -112,15 +189,33 @@ def trace_latent_sites(
         the NumPyro trace (taken abstractly: latent values are shapes only, see
         :func:`~raybayes.core.tracing.abstract_trace`).
 
+    Sites marked ``infer={"enumerate": "parallel"}`` are summed out of the log
+    density (:func:`model_log_density`), so they are not parameters and are left
+    out of ``sites``.
+
     Raises:
         ConfigurationError: a latent site sits in the observation plate but not in
-            the split plate (its values would have no entity to follow).
+            the split plate (its values would have no entity to follow); an
+            enumerated site outside the split plates (summing it out couples the
+            shards).
     """
     tr = abstract_trace(model, model_args, model_kwargs)
     local = partition.local_plates if partition is not None else frozenset()
+    enumerated = enumerated_sites(tr)
     sites = {}
     for name, site in tr.items():
         if site["type"] != "sample" or site.get("is_observed"):
+            continue
+        if name in enumerated:
+            plates = {f.name for f in site.get("cond_indep_stack", ())}
+            if partition is not None and not plates & local:
+                raise ConfigurationError(
+                    f"enumerated site {name!r} is outside the split plate "
+                    f"{partition.plate!r}: it is summed out of the whole data at once "
+                    "(one value shared by every shard), so the log joint is not a sum "
+                    "over shards. Put it inside the plate that is split, use "
+                    "num_shards=1, or run raybayes.sample."
+                )
             continue
         frames = site.get("cond_indep_stack", ())
         plates = tuple(f.name for f in frames)
@@ -197,6 +292,9 @@ class ShardLogDensity:
         self.model_args = tuple(model_args)
         self.sites, self.trace = trace_latent_sites(
             model, shard_kwargs, partition, model_args
+        )
+        self.max_plate_nesting = (
+            _max_plate_nesting(self.trace) if enumerated_sites(self.trace) else None
         )
         self.global_sites = [s for s in self.sites.values() if not s.is_local]
         self.local_sites = [s for s in self.sites.values() if s.is_local]
@@ -347,8 +445,12 @@ class ShardLogDensity:
             constrained[name] = x
             ld = jnp.sum(t.log_abs_det_jacobian(u, x))
             log_det = log_det + (ld if s.is_local else scale * ld)
-        lp, _ = _numpyro_log_density(
-            self._scaled_model, self.model_args, {**arrays, **self._static}, constrained
+        lp = model_log_density(
+            self._scaled_model,
+            self.model_args,
+            {**arrays, **self._static},
+            constrained,
+            self.max_plate_nesting,
         )
         return lp + log_det
 
@@ -530,7 +632,10 @@ def shard_log_density(
         return density.log_density_params(params)
     local_plates = partition.local_plates if partition is not None else frozenset()
     scaled = scale_global_sites(model, 1.0 / num_shards, local_plates)
-    lp, _ = _numpyro_log_density(
-        scaled, tuple(model_args), dict(shard_kwargs), dict(params)
+    return model_log_density(
+        scaled,
+        tuple(model_args),
+        dict(shard_kwargs),
+        dict(params),
+        density.max_plate_nesting,
     )
-    return lp

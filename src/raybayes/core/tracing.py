@@ -155,7 +155,7 @@ class SiteRecord:
         event_dim: number of event dimensions of the distribution.
         is_observed: an observed sample site (``numpyro.factor`` included).
         is_discrete: a latent with a discrete support.
-        enumerated: marked ``infer={"enumerate": ...}``.
+        enumerated: marked ``infer={"enumerate": "parallel"}`` (summed out).
     """
 
     name: str
@@ -235,7 +235,7 @@ def _record_sites(trace) -> tuple[dict, dict]:
             event_dim=len(getattr(fn, "event_shape", ())) if fn is not None else 0,
             is_observed=bool(site.get("is_observed")),
             is_discrete=bool(getattr(support, "is_discrete", False)),
-            enumerated=bool((site.get("infer") or {}).get("enumerate")),
+            enumerated=(site.get("infer") or {}).get("enumerate") == "parallel",
         )
     return sites, sizes
 

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from numpyro import handlers
-from numpyro.infer.util import log_density as _numpyro_log_density
 from numpyro.primitives import Messenger
 
 from raybayes.config import derive_key
+from raybayes.core.shard_density import model_log_density
 from raybayes.distributed import ShardWorker, worker_precision
 from raybayes.errors import ConfigurationError
 from raybayes.checkpoint import load_checkpoint, save_checkpoint
@@ -161,6 +161,13 @@ class SVIShardWorker(ShardWorker):
         self.batch_size = num_units if B is None else int(B)
         self.subsample = B is not None and B < num_units
         self.local_scale = num_units / self.batch_size
+        if self.subsample and d.max_plate_nesting is not None:
+            raise ConfigurationError(
+                f"subsample_size={B} with enumerated discrete sites: a minibatch "
+                "scale would multiply each enumerated term before it is summed out, "
+                "not the marginal log likelihood of a row. Use subsample_size=None "
+                "for a model with infer={'enumerate': 'parallel'} sites."
+            )
         self.global_scale = 1.0 / len(self.specs)
         self.guide = GlobalGuide(
             d.num_global, cfg.family, cfg.rank, cfg.init_scale
@@ -305,8 +312,9 @@ class SVIShardWorker(ShardWorker):
             self._mask_plate,
             mask,
         )
-        lp, _ = _numpyro_log_density(
-            model, self.model_args, {**arrays, **static}, constrained
+        lp = model_log_density(
+            model, self.model_args, {**arrays, **static}, constrained,
+            d.max_plate_nesting,
         )
         return lp + log_det
 
