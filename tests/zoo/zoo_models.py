@@ -27,6 +27,7 @@ import numpyro
 import numpyro.distributions as dist
 import pandas as pd
 from numpyro.contrib.funsor import config_enumerate
+from numpyro.distributions.transforms import OrderedTransform
 from numpyro.infer.reparam import LocScaleReparam
 
 DATA = Path(__file__).parents[1] / "data"
@@ -382,7 +383,14 @@ def gaussian_mixture_enumerated(y):
     """NumPyro's Gaussian mixture tutorial: the assignment ``z`` (one per row, in
     the split plate) is enumerated, summed out of each shard's log density."""
     weights = numpyro.sample("weights", dist.Dirichlet(jnp.ones(2)))
-    locs = numpyro.sample("locs", dist.Normal(jnp.zeros(2), 10.0).to_event(1))
+    # Ordered locations (Stan's ordered[K]): the labels are identified, and the
+    # optimizers' start (0, 1) is off the saddle locs[0] == locs[1].
+    locs = numpyro.sample(
+        "locs",
+        dist.TransformedDistribution(
+            dist.Normal(jnp.zeros(2), 10.0).to_event(1), OrderedTransform()
+        ),
+    )
     scale = numpyro.sample("scale", dist.HalfNormal(2.0))
     with numpyro.plate("data", y.shape[0]):
         z = numpyro.sample("z", dist.Categorical(weights))
