@@ -222,7 +222,9 @@ def test_enumerated_local_site_splits_and_other_discrete_latents_are_clear_error
     # One z per row: summed out within its shard, the split is the data plate.
     p = plan(mixture, {"y": np.zeros(10)}, num_shards=2)
     assert p.partition.plate == "data"
-    with pytest.raises(ConfigurationError, match="'z'.*not enumerated.*config_enumerate"):
+    with pytest.raises(
+        ConfigurationError, match="'z'.*not enumerated.*config_enumerate"
+    ):
         plan(mixture, {"y": np.zeros(10), "enumerate": None}, num_shards=2)
 
     def shared_switch(y):

@@ -654,7 +654,9 @@ def _check_enumeration(structure) -> None:
     discrete = [
         n
         for n, s in structure.sites.items()
-        if s.type == "sample" and not s.is_observed and s.is_discrete
+        if s.type == "sample"
+        and not s.is_observed
+        and s.is_discrete
         and not s.enumerated
     ]
     if discrete:

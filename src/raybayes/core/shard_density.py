@@ -58,7 +58,8 @@ def enumerated_sites(trace) -> dict[str, int]:
             and (site.get("infer") or {}).get("enumerate") == "parallel"
             and getattr(site["fn"].support, "is_discrete", False)
         ):
-            dims = [f.dim for f in site.get("cond_indep_stack", ()) if f.dim is not None]
+            frames = site.get("cond_indep_stack", ())
+            dims = [f.dim for f in frames if f.dim is not None]
             out[name] = -min(dims, default=0)
     return out
 
@@ -100,7 +101,9 @@ def model_log_density(
         Scalar log density.
     """
     if max_plate_nesting is None:
-        lp, _ = _numpyro_log_density(model, tuple(model_args), dict(model_kwargs), params)
+        lp, _ = _numpyro_log_density(
+            model, tuple(model_args), dict(model_kwargs), params
+        )
         return lp
     from numpyro.contrib.funsor import enum
     from numpyro.contrib.funsor import log_density as _enum_log_density
@@ -225,8 +228,10 @@ def trace_latent_sites(
         if getattr(support, "is_discrete", False):
             raise ConfigurationError(
                 f"latent site {name!r} is discrete ({type(support).__name__}); MAP and "
-                "Laplace need continuous latent variables. Pass its observed value, or "
-                "marginalise it (e.g. an HMM's states with the forward algorithm)."
+                "Laplace need continuous latent variables. Mark it "
+                "infer={'enumerate': 'parallel'} to sum it out, pass its observed "
+                "value, or marginalise it (e.g. an HMM's states with the forward "
+                "algorithm)."
             )
         t = biject_to(support)
         ushape = tuple(t.inverse_shape(shape))

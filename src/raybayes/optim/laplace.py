@@ -493,7 +493,8 @@ def laplace_approximation(
     """Distributed MAP, then the Laplace approximation there, in one call.
 
     Args:
-        model: a NumPyro model with continuous latent variables.
+        model: a NumPyro model with continuous latent variables (discrete ones
+            marked ``infer={"enumerate": "parallel"}`` are summed out).
         *model_args: its positional arguments (not split).
         model_kwargs: its keyword arguments (NumPy arrays and scalars; put into the
             object store once). Passing them as the second positional argument is

@@ -222,7 +222,8 @@ def fit_map(
     releases them.
 
     Args:
-        model: a NumPyro model with continuous latent variables.
+        model: a NumPyro model with continuous latent variables (discrete ones
+            marked ``infer={"enumerate": "parallel"}`` are summed out).
         *model_args: its positional arguments (not split).
         model_kwargs: its keyword arguments (NumPy arrays and scalars); put into the
             object store once. Passing them as the second positional argument is

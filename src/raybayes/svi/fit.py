@@ -550,7 +550,8 @@ def fit_svi(
     :mod:`raybayes.svi.fit`.
 
     Args:
-        model: a NumPyro model with continuous latent variables.
+        model: a NumPyro model with continuous latent variables (discrete ones
+            marked ``infer={"enumerate": "parallel"}`` are summed out).
         *model_args: its positional arguments (not split; ``model_args=`` is
             deprecated).
         model_kwargs: its keyword arguments (NumPy arrays and scalars), or ``None``

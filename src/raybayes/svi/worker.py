@@ -313,7 +313,10 @@ class SVIShardWorker(ShardWorker):
             mask,
         )
         lp = model_log_density(
-            model, self.model_args, {**arrays, **static}, constrained,
+            model,
+            self.model_args,
+            {**arrays, **static},
+            constrained,
             d.max_plate_nesting,
         )
         return lp + log_det
