@@ -49,6 +49,15 @@ def enumerated_sites(trace) -> dict[str, int]:
         site name -> its outermost plate dimension's depth (``-min(dim)`` over the
         plates of the site, 0 outside plates), in trace order; empty when the model
         enumerates nothing.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model():
+        ...     with numpyro.plate("data", 3):
+        ...         numpyro.sample("z", dist.Bernoulli(0.5),
+        ...                        infer={"enumerate": "parallel"})
+        >>> enumerated_sites(abstract_trace(model))
+        {'z': 1}
     """
     out = {}
     for name, site in trace.items():
@@ -99,6 +108,18 @@ def model_log_density(
 
     Returns:
         Scalar log density.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(y):
+        ...     loc = numpyro.sample("loc", dist.Normal(0, 1))
+        ...     with numpyro.plate("data", 2):
+        ...         z = numpyro.sample("z", dist.Bernoulli(0.5),
+        ...                            infer={"enumerate": "parallel"})
+        ...         numpyro.sample("y", dist.Normal(loc * z, 1), obs=y)
+        >>> lp = model_log_density(model, (jnp.zeros(2),), {}, {"loc": 0.0}, 1)
+        >>> round(float(lp), 4)  # log N(0|0,1) + 2 log N(0|0,1): z does not matter
+        -2.7568
     """
     if max_plate_nesting is None:
         lp, _ = _numpyro_log_density(
