@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
@@ -238,6 +239,7 @@ def test_hmm_forward_matches_enumeration():
     np.testing.assert_allclose(float(got), exact, rtol=1e-5)
 
 
+@pytest.mark.slow  # tests/models/test_hmm.py samples the same posterior by default
 def test_hmm_example(data_dir):
     data, reference = load_posterior(data_dir, "hmm_example-hmm_example")
     assert data["K"] == 2

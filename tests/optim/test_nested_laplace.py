@@ -123,6 +123,7 @@ def test_conjugate_hierarchical_normal_matches_exact_marginals(one_shard):
     assert r.idata.attrs["log_marginal_likelihood"] == r.log_marginal_likelihood
 
 
+@pytest.mark.slow
 def test_shard_count_does_not_change_the_draws(one_shard):
     two = fit(2)  # the same seed: the same design and the same draws
     for name in ("mu", "tau", "theta"):
