@@ -480,8 +480,8 @@ def sample(
 
     # 2. Configuration: frozen settings of the chains and of the stopping rule.
     chunk_size = chunk_size or _default_chunk_size(num_warmup, num_samples)
-    kernel_kwargs = dict(kernel_kwargs or {})
-    kernel_kwargs.update(
+    kernel_kwargs = dict(
+        kernel_kwargs or {},
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
         dense_mass=dense_mass,
@@ -503,29 +503,12 @@ def sample(
             if isinstance(low_rank_mass, (bool, np.bool_)) else int(low_rank_mass)
         ),
     )
-    site_dims, site_coords, observed = _trace_model(
-        model, model_args, model_kwargs, dims, coords, target_var_names
-    )
-    has_target = target_ess is not None or target_rhat is not None
-    stopping = _StoppingRule(
-        target_ess=target_ess,
-        target_rhat=target_rhat,
-        var_names=target_var_names,
-        num_samples=num_samples,
-        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
-        max_time_s=max_time_s,
-        step=chunk_size,
-    )
-    store = _open_store(
-        checkpoint_dir, settings, num_samples, model, site_dims, site_coords,
-        rerun=dict(
-            **data_fingerprint(model, model_args, model_kwargs),
-            init_params=None if init_params is None else {
-                k: content_hash(v) for k, v in init_params.items()},
-            target_ess=target_ess, target_rhat=target_rhat,
-            target_var_names=target_var_names,
-        ),
-        overwrite=overwrite,
+    site_dims, site_coords, observed, stopping, store = _stopping_and_store(
+        model, model_args, model_kwargs, settings, dims=dims, coords=coords,
+        target_ess=target_ess, target_rhat=target_rhat,
+        target_var_names=target_var_names, num_samples=num_samples,
+        max_samples=max_samples, max_time_s=max_time_s,
+        checkpoint_dir=checkpoint_dir, overwrite=overwrite,
     )
 
     # 3. Work: run the chains, then assemble the InferenceData.
@@ -544,6 +527,46 @@ def sample(
         chains, outcome, observed, site_dims, site_coords, settings, num_workers,
         engine.name,
     )
+
+
+def _stopping_and_store(
+    model, model_args, model_kwargs, settings, *, dims, coords, target_ess,
+    target_rhat, target_var_names, num_samples, max_samples, max_time_s,
+    checkpoint_dir, overwrite, rerun_extra=None,
+):
+    """Trace the model's sites, build the stopping rule and open the draw store.
+
+    Returns ``(site_dims, site_coords, observed, stopping, store)``; the store
+    refuses a rerun whose data or settings (``rerun_extra`` included) differ
+    from the run in ``checkpoint_dir`` unless ``overwrite``.
+    """
+    site_dims, site_coords, observed = _trace_model(
+        model, model_args, model_kwargs, dims, coords, target_var_names
+    )
+    has_target = target_ess is not None or target_rhat is not None
+    stopping = _StoppingRule(
+        target_ess=target_ess,
+        target_rhat=target_rhat,
+        var_names=target_var_names,
+        num_samples=num_samples,
+        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
+        max_time_s=max_time_s,
+        step=settings.chunk_size,
+    )
+    init_params = settings.init_params
+    store = _open_store(
+        checkpoint_dir, settings, num_samples, model, site_dims, site_coords,
+        rerun=dict(
+            **data_fingerprint(model, model_args, model_kwargs),
+            init_params=None if init_params is None else {
+                k: content_hash(v) for k, v in init_params.items()},
+            target_ess=target_ess, target_rhat=target_rhat,
+            target_var_names=target_var_names,
+            **(rerun_extra or {}),
+        ),
+        overwrite=overwrite,
+    )
+    return site_dims, site_coords, observed, stopping, store
 
 
 def _sample_sharded(
@@ -572,8 +595,8 @@ def _sample_sharded(
         check_shard_budget(bound_kwargs, partition, num_shards, max_shard_bytes)
 
     chunk_size = chunk_size or _default_chunk_size(num_warmup, num_samples)
-    kernel_kwargs = dict(kernel_kwargs or {})
-    kernel_kwargs.update(
+    kernel_kwargs = dict(
+        kernel_kwargs or {},
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
         dense_mass=dense_mass,
@@ -590,29 +613,13 @@ def _sample_sharded(
         worker_slowdown=None,
         progress_bar=progress_bar,
     )
-    site_dims, site_coords, observed = _trace_model(
-        model, model_args, model_kwargs, dims, coords, target_var_names
-    )
-    has_target = target_ess is not None or target_rhat is not None
-    stopping = _StoppingRule(
-        target_ess=target_ess,
-        target_rhat=target_rhat,
-        var_names=target_var_names,
-        num_samples=num_samples,
-        max_samples=(max_samples or 10 * num_samples) if has_target else num_samples,
-        max_time_s=max_time_s,
-        step=chunk_size,
-    )
-    store = _open_store(
-        checkpoint_dir, settings, num_samples, model, site_dims, site_coords,
-        rerun=dict(
-            **data_fingerprint(model, model_args, model_kwargs),
-            init_params=None,
-            target_ess=target_ess, target_rhat=target_rhat,
-            target_var_names=target_var_names,
-            num_shards=num_shards, partition=repr(partition),
-        ),
-        overwrite=overwrite,
+    site_dims, site_coords, observed, stopping, store = _stopping_and_store(
+        model, model_args, model_kwargs, settings, dims=dims, coords=coords,
+        target_ess=target_ess, target_rhat=target_rhat,
+        target_var_names=target_var_names, num_samples=num_samples,
+        max_samples=max_samples, max_time_s=max_time_s,
+        checkpoint_dir=checkpoint_dir, overwrite=overwrite,
+        rerun_extra=dict(num_shards=num_shards, partition=repr(partition)),
     )
     objective = NUTSShardObjective(
         model,
