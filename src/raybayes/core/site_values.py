@@ -8,6 +8,8 @@ shards' values on that axis (:func:`raybayes.distributed.merge_shard_values`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,29 +49,22 @@ def constrained_site_values(
         ([1.0, 1.0], {})
     """
     d = density
-    model, model_args, partition = d.model, d.model_args, d.partition
+    partition = d.partition
     arrays = {k: jnp.asarray(v) for k, v in d.arrays.items()}
-    static = d.static_kwargs
     plate = partition.plate if partition is not None else None
     obs_plate = partition.obs_plate if partition is not None else None
-
-    def trace(g, lm):
-        params = d.constrain(d.unflatten(g, lm))
-        return handlers.trace(
-            handlers.substitute(handlers.seed(model, 0), params)
-        ).get_trace(*model_args, **arrays, **static)
-
-    def one(g, lm):
-        return {
-            name: site["value"]
-            for name, site in trace(g, lm).items()
-            if (site["type"] == "deterministic") or (name in d.sites)
-        }
-
+    trace = functools.partial(_trace, d)
+    # one jitted function per density (the data passed as an argument, not as a
+    # closure constant): repeated calls with draws of the same shape compile once
+    batched = getattr(d, "_constrained_site_values", None)
+    if batched is None:
+        batched = jax.jit(jax.vmap(functools.partial(_values, d), (0, 0, None)))
+        d._constrained_site_values = batched
     g = jnp.asarray(global_draws, dtype=jnp.result_type(float))
     lm = jnp.asarray(local_draws, dtype=g.dtype)
-    values = jax.jit(jax.vmap(one))(g, lm)
-    tr = trace(g[0], lm[0])  # which sites follow the split plate, and on which axis
+    values = batched(g, lm, arrays)
+    # which sites follow the split plate, and on which axis
+    tr = trace(g[0], lm[0], arrays)
     out, axes = {}, {}
     for name, value in values.items():
         frames = tr[name].get("cond_indep_stack", ())
@@ -92,3 +87,18 @@ def constrained_site_values(
             axes[name] = 0
         out[name] = np.asarray(value)
     return out, axes
+
+
+def _trace(d: ShardLogDensity, g, lm, arrays):
+    params = d.constrain(d.unflatten(g, lm))
+    return handlers.trace(
+        handlers.substitute(handlers.seed(d.model, 0), params)
+    ).get_trace(*d.model_args, **arrays, **d.static_kwargs)
+
+
+def _values(d: ShardLogDensity, g, lm, arrays):
+    return {
+        name: site["value"]
+        for name, site in _trace(d, g, lm, arrays).items()
+        if (site["type"] == "deterministic") or (name in d.sites)
+    }

@@ -51,6 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 from scipy import linalg, optimize
+from threadpoolctl import threadpool_limits
 
 from raybayes.backends import Backend
 from raybayes.config import (
@@ -533,6 +534,48 @@ def integrate_hyperparameters(
         ConfigurationError: a bad argument, or a conditional mode not found.
         ShardError: a shard worker failed (names the shard).
     """
+    # the driver's dense algebra (eigh and Cholesky of the Schur complement, a few
+    # hundred rows) on one BLAS thread: with the workers' XLA threads in the same
+    # process, OpenBLAS's threads wait on each other and each call was 20-150x
+    # slower than alone
+    with threadpool_limits(1, user_api="blas"):
+        return _integrate_hyperparameters(
+            objective,
+            hyperparameters,
+            init=init,
+            design=design,
+            num_samples=num_samples,
+            seed=seed,
+            max_steps=max_steps,
+            gtol=gtol,
+            step=step,
+            f0=f0,
+            dz=dz,
+            diff_logdens=diff_logdens,
+            batch_size=batch_size,
+            newton_gtol=newton_gtol,
+            progress_bar=progress_bar,
+        )
+
+
+def _integrate_hyperparameters(
+    objective,
+    hyperparameters,
+    *,
+    init,
+    design,
+    num_samples,
+    seed,
+    max_steps,
+    gtol,
+    step,
+    f0,
+    dz,
+    diff_logdens,
+    batch_size,
+    newton_gtol,
+    progress_bar,
+):
     start = time.perf_counter()
     timings = {}
     emit = progress_lines(progress_bar, "raybayes.optim")
