@@ -91,6 +91,24 @@ def test_constrained_values_are_assembled_in_plate_order(kwargs, point):
     np.testing.assert_allclose(values["mu"], expected["mu"], rtol=1e-12)
 
 
+def test_constrained_values_compile_once_per_density(kwargs, point):
+    # the Newton loop of nested_laplace asks for the values at every conditional
+    # mode: a new trace and compilation per call made 40% of a fit
+    full = ShardLogDensity(model, kwargs, GROUPS, 1)
+    with jax.enable_x64(True):
+        first, _ = constrained_site_values(
+            full, point[None, :1], point[None, 1:].reshape(1, 7, 1)
+        )
+        fn = full._constrained_site_values
+        second, _ = constrained_site_values(
+            full, 2 * point[None, :1], 2 * point[None, 1:].reshape(1, 7, 1)
+        )
+    assert full._constrained_site_values is fn
+    assert fn._cache_size() == 1
+    np.testing.assert_allclose(first["theta"], point[None, 1:], rtol=1e-12)
+    np.testing.assert_allclose(second["theta"], 2 * point[None, 1:], rtol=1e-12)
+
+
 class _FailingWorker(ShardWorker):
     def fail_on_shard_one(self):
         if self.shard_id == 1:
