@@ -100,10 +100,12 @@ def test_constrained_values_compile_once_per_density(kwargs, point):
             full, point[None, :1], point[None, 1:].reshape(1, 7, 1)
         )
         fn = full._constrained_site_values
+        tr = full._constrained_site_trace
         second, _ = constrained_site_values(
             full, 2 * point[None, :1], 2 * point[None, 1:].reshape(1, 7, 1)
         )
     assert full._constrained_site_values is fn
+    assert full._constrained_site_trace is tr is not None
     assert fn._cache_size() == 1
     np.testing.assert_allclose(first["theta"], point[None, 1:], rtol=1e-12)
     np.testing.assert_allclose(second["theta"], 2 * point[None, 1:], rtol=1e-12)

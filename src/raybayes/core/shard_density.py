@@ -348,6 +348,7 @@ class ShardLogDensity:
         self._value_and_grad = jax.jit(jax.value_and_grad(self._neg, argnums=(0, 1)))
         self._batched_value_and_grad = None
         self._constrained_site_values = None  # see core.site_values
+        self._constrained_site_trace = None
         self._hvp = jax.jit(self._hvp_impl)
         self._columns = jax.jit(self._columns_impl, static_argnums=(5,))
         self._coloring: ColoredGlobalHessian | None = None

@@ -63,8 +63,12 @@ def constrained_site_values(
     g = jnp.asarray(global_draws, dtype=jnp.result_type(float))
     lm = jnp.asarray(local_draws, dtype=g.dtype)
     values = batched(g, lm, arrays)
-    # which sites follow the split plate, and on which axis
-    tr = trace(g[0], lm[0], arrays)
+    # which sites follow the split plate, and on which axis: the trace's structure
+    # (site types and plates) does not depend on the values, so it is kept too
+    tr = getattr(d, "_constrained_site_trace", None)
+    if tr is None:
+        tr = trace(g[0], lm[0], arrays)
+        d._constrained_site_trace = tr
     out, axes = {}, {}
     for name, value in values.items():
         frames = tr[name].get("cond_indep_stack", ())
