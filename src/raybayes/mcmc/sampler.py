@@ -479,24 +479,21 @@ def sample(
     check_observed_data(model, model_args, model_kwargs)
 
     # 2. Configuration: frozen settings of the chains and of the stopping rule.
-    chunk_size = chunk_size or _default_chunk_size(num_warmup, num_samples)
-    kernel_kwargs = dict(
-        kernel_kwargs or {},
-        target_accept_prob=target_accept_prob,
-        max_tree_depth=max_tree_depth,
-        dense_mass=dense_mass,
-    )
-    settings = _RunSettings(
+    settings = _run_settings(
         num_chains=num_chains,
         num_warmup=num_warmup,
+        num_samples=num_samples,
         seed=seed,
         chunk_size=chunk_size,
         kernel_kwargs=kernel_kwargs,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        dense_mass=dense_mass,
+        cross_chain_adaptation=cross_chain_adaptation,
+        progress_bar=progress_bar,
         init_params=init_params,
-        cross_chain_adaptation=bool(cross_chain_adaptation),
         static_scheduling=_scheduling == "static",
         worker_slowdown=_worker_slowdown,
-        progress_bar=progress_bar,
         key_stream=tuple(_key_stream),
         low_rank_mass=(
             (DEFAULT_MAX_RANK if low_rank_mass else 0)
@@ -526,6 +523,30 @@ def sample(
     return _to_inference_data(
         chains, outcome, observed, site_dims, site_coords, settings, num_workers,
         engine.name,
+    )
+
+
+def _run_settings(
+    *, num_chains, num_warmup, num_samples, seed, chunk_size, kernel_kwargs,
+    target_accept_prob, max_tree_depth, dense_mass, cross_chain_adaptation,
+    progress_bar, **scheduling,
+):
+    """The frozen :class:`_RunSettings` of a run: the default chunk size and the
+    NUTS kernel arguments filled in; ``scheduling`` holds the remaining fields."""
+    return _RunSettings(
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        seed=seed,
+        chunk_size=chunk_size or _default_chunk_size(num_warmup, num_samples),
+        kernel_kwargs=dict(
+            kernel_kwargs or {},
+            target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth,
+            dense_mass=dense_mass,
+        ),
+        cross_chain_adaptation=bool(cross_chain_adaptation),
+        progress_bar=progress_bar,
+        **scheduling,
     )
 
 
@@ -594,25 +615,23 @@ def _sample_sharded(
     if max_shard_bytes is not None:
         check_shard_budget(bound_kwargs, partition, num_shards, max_shard_bytes)
 
-    chunk_size = chunk_size or _default_chunk_size(num_warmup, num_samples)
-    kernel_kwargs = dict(
-        kernel_kwargs or {},
-        target_accept_prob=target_accept_prob,
-        max_tree_depth=max_tree_depth,
-        dense_mass=dense_mass,
-    )
-    settings = _RunSettings(
+    settings = _run_settings(
         num_chains=num_chains,
         num_warmup=num_warmup,
+        num_samples=num_samples,
         seed=seed,
         chunk_size=chunk_size,
         kernel_kwargs=kernel_kwargs,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        dense_mass=dense_mass,
+        cross_chain_adaptation=cross_chain_adaptation,
+        progress_bar=progress_bar,
         init_params=None,
-        cross_chain_adaptation=bool(cross_chain_adaptation),
         static_scheduling=True,
         worker_slowdown=None,
-        progress_bar=progress_bar,
     )
+    chunk_size, kernel_kwargs = settings.chunk_size, settings.kernel_kwargs
     site_dims, site_coords, observed, stopping, store = _stopping_and_store(
         model, model_args, model_kwargs, settings, dims=dims, coords=coords,
         target_ess=target_ess, target_rhat=target_rhat,
