@@ -13,6 +13,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
+from raybayes.core import Partition
+
 
 def hierarchical_normal_model(s0: float, tau: float, sigma: float):
     """The NumPyro model with these scales: ``model(group_idx, num_groups, y=None)``."""
@@ -57,3 +59,13 @@ def posterior(kwargs, s0, tau, sigma):
     prec[0, 0] += 1.0 / s0**2
     mean = np.linalg.solve(prec, A.T @ y / sigma**2)
     return mean, prec, A
+
+
+#: How the tests split the model: groups (and their observations) over shards.
+PARTITION = Partition(
+    "groups",
+    index_arg="group_idx",
+    obs_args=("group_idx", "y"),
+    obs_plate="obs",
+    size_arg="num_groups",
+)

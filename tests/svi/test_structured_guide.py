@@ -15,8 +15,7 @@ import optax
 import pytest
 
 import raybayes
-from conjugate_normal import hierarchical_normal_model, posterior, simulate
-from raybayes.core import Partition
+from conjugate_normal import PARTITION, hierarchical_normal_model, posterior, simulate
 from raybayes.errors import ConfigurationError
 
 S0, TAU, SIGMA = 3.0, 0.3, 1.0
@@ -24,14 +23,6 @@ J = 8  # groups, 1 to 3 observations each
 STEPS = 500
 
 hierarchical_normal = hierarchical_normal_model(S0, TAU, SIGMA)
-
-PARTITION = Partition(
-    "groups",
-    index_arg="group_idx",
-    obs_args=("group_idx", "y"),
-    obs_plate="obs",
-    size_arg="num_groups",
-)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ import pytest
 from numpyro.infer.autoguide import AutoDelta, AutoNormal
 
 import raybayes
-from conjugate_normal import hierarchical_normal_model, posterior, simulate
+from conjugate_normal import PARTITION, hierarchical_normal_model, posterior, simulate
 from raybayes.backends import Backend
-from raybayes.core import Partition
 from raybayes.errors import ConfigurationError
 from raybayes.svi import GlobalGuide
 from raybayes.svi.fit import SVIObjective
@@ -25,14 +24,6 @@ J = 48  # groups
 # Every conditional is Gaussian: the optimal mean-field q is known exactly.
 hierarchical_normal = hierarchical_normal_model(S0, TAU, SIGMA)
 
-
-PARTITION = Partition(
-    "groups",
-    index_arg="group_idx",
-    obs_args=("group_idx", "y"),
-    obs_plate="obs",
-    size_arg="num_groups",
-)
 
 
 @pytest.fixture(scope="module")
