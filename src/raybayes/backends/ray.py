@@ -123,6 +123,8 @@ class RayWorkerPool(WorkerPool):
         try:
             return ray.get(future.ref)
         except ray.exceptions.RayActorError as err:
+            # ActorDiedError, and ActorUnavailableError (the call failed and Ray
+            # cannot tell whether the actor lives): restart() kills it either way.
             raise WorkerLostError(future.worker_index, str(err).splitlines()[0]) from None
         except ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
@@ -427,6 +429,8 @@ class RayBackend(Backend):
         options: dict[str, Any] = dict(
             num_cpus=res.pop("CPU", 1),
             num_gpus=res.pop("GPU", 0),
+            # Ray never restarts a lost worker behind the scheduler's back: the
+            # scheduler replaces it and counts it (worker_restarts).
             max_restarts=0,
             scheduling_strategy="SPREAD",
             runtime_env={"env_vars": env},

@@ -385,7 +385,10 @@ def sample(
         plates), ``sample_stats`` (``diverging``, ``tree_depth``, ``n_steps``,
         ``step_size``, ``energy``, ``acceptance_rate``, ``lp``) and
         ``observed_data``. ``idata.attrs`` holds ``backend`` (the backend's name),
-        ``num_workers``, ``worker_restarts`` (workers replaced after a loss),
+        ``num_workers``, ``worker_restarts`` (workers replaced because a call to
+        one failed with its process or node gone; Ray never restarts a worker
+        itself, and a worker lost after its last call, with no work of the run's
+        to redo, is not counted),
         ``stop_reason`` (``"num_samples"``, ``"targets_met"``,
         ``"max_samples"`` or ``"max_time_s"``), ``targets_met`` and the final
         ``ess_bulk_min``, ``ess_tail_min``, ``r_hat_max`` when targets were given.
