@@ -116,7 +116,7 @@ def _lose_node(cluster, node):
     return {a.actor_id for a in actors}
 
 
-@pytest.mark.slow  # a two-node cluster, two cold workers: ~45 s on 2 busy cores
+@pytest.mark.slow  # a two-node cluster, two cold workers: 45 s to 4 min on 2 busy cores
 def test_lost_node_changes_nothing(reference, monkeypatch):
     """A node lost mid-run: its worker's chains resume elsewhere, draws unchanged."""
     pytest.importorskip("psutil")
