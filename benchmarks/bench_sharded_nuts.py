@@ -205,15 +205,31 @@ def cost_model(models, chains, bytes_per_value=4):
 
 
 def scale_benchmark(args):
+    """The scale run at ``--products``, and its cost predicted at ``--predict-products``.
+
+    Prints what the run measured (wall time, leapfrog steps per draw, round trips per
+    warmup and per sampling iteration, seconds per round trip, the sharded gradient
+    alone, bulk/tail ESS, ESS per hour, R-hat, coverage of the 90% intervals) and the
+    predicted wall time to ESS >= 400 at ``--predict-products`` (see
+    :func:`predict_wall_time`).
+    """
     products = args.products[0]
     kwargs, truth = data(products)
     rows = len(kwargs["log_price"])
     print(
         f"scale run: {products:,} products x 156 weeks = {rows:,} rows, "
-        f"{args.shards} shards, 4 chains, target ESS 400, R-hat 1.01 on beta"
+        f"{args.shards} shards, 4 chains, {args.warmup} warmup, target ESS 400, "
+        f"R-hat 1.01 on beta (max {args.max_time_s:.0f} s); "
+        f"load average before: {load_average()}",
+        flush=True,
     )
-    t = time.perf_counter()
     with RayBackend(num_cpus=2) as backend:
+        t_grad, _, _ = sharded(kwargs, args.shards, backend, 4, args.reps)
+        print(
+            f"sharded gradient of 4 chains at {rows:,} rows: {1e3 * t_grad:.1f} ms",
+            flush=True,
+        )
+        t = time.perf_counter()
         idata = raybayes.sample(
             elasticity_model,
             model_kwargs=kwargs,
@@ -229,11 +245,18 @@ def scale_benchmark(args):
             seed=0,
             progress_bar=False,
         )
-    elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        t_grad_target = None
+        if args.predict_products and args.predict_products != products:
+            big, _ = data(args.predict_products)
+            t_grad_target, _, _ = sharded(
+                big, args.shards, backend, 4, max(3, args.reps // 3)
+            )
+            del big
     beta = idata.posterior["beta"].values.reshape(-1, products)
     lo, hi = np.quantile(beta, [0.05, 0.95], axis=0)
     coverage = float(np.mean((truth["beta"] >= lo) & (truth["beta"] <= hi)))
-    steps = idata.sample_stats["n_steps"].values
+    steps = idata.sample_stats["n_steps"].values  # (chains, draws)
     attrs = dict(idata.attrs)
     if "ess_bulk_min" not in attrs:  # stopped by max_time_s: diagnose the draws
         import arviz as az
@@ -242,16 +265,96 @@ def scale_benchmark(args):
         attrs["ess_bulk_min"] = float(az.ess(post, method="bulk")["beta"].min())
         attrs["ess_tail_min"] = float(az.ess(post, method="tail")["beta"].min())
         attrs["r_hat_max"] = float(az.rhat(post)["beta"].max())
+    draws = int(steps.shape[1])
+    round_trips = int(attrs["num_round_trips"])
+    # The chains run vectorised: each iteration takes as many round trips as the
+    # longest trajectory among the chains.
+    sampling_rt = int(steps.max(axis=0).sum())
+    warmup_rt = max(round_trips - sampling_rt, 0)
+    t_rt = elapsed / round_trips
+    ess_bulk, ess_tail = attrs["ess_bulk_min"], attrs["ess_tail_min"]
     print(
-        f"wall time {elapsed:.0f} s; stop reason {attrs.get('stop_reason')}; "
-        f"draws per chain {attrs.get('draws_per_chain')}; "
-        f"bulk ESS min {attrs.get('ess_bulk_min', float('nan')):.0f}, "
-        f"tail ESS min {attrs.get('ess_tail_min', float('nan')):.0f}, "
-        f"R-hat max {attrs.get('r_hat_max', float('nan')):.3f}; "
-        f"leapfrog steps per draw {steps.mean():.1f}; "
-        f"round trips {attrs.get('num_round_trips')}; "
-        f"coverage of 90% intervals {coverage:.1%} ({products} products)"
+        f"wall time {elapsed:.0f} s (load average after: {load_average()}); "
+        f"stop reason {attrs.get('stop_reason')}; draws per chain {draws}\n"
+        f"bulk ESS min {ess_bulk:.0f}, tail ESS min {ess_tail:.0f}, "
+        f"R-hat max {attrs['r_hat_max']:.3f} (over {products} elasticities); "
+        f"bulk ESS per hour {3600 * ess_bulk / elapsed:.0f}\n"
+        f"leapfrog steps per draw {steps.mean():.1f} (mean over chains), "
+        f"{steps.max(axis=0).mean():.1f} (longest chain, what a vectorised "
+        f"iteration waits for); round trips {round_trips:,}: warmup "
+        f"{warmup_rt / max(args.warmup, 1):.0f} per iteration, sampling "
+        f"{sampling_rt / max(draws, 1):.0f} per draw; {1e3 * t_rt:.1f} ms per round "
+        f"trip in the run (the sharded gradient alone: {1e3 * t_grad:.1f} ms)\n"
+        f"coverage of the 90% intervals: {coverage:.1%} ({products} products)",
+        flush=True,
     )
+    if t_grad_target is not None:
+        predict_wall_time(
+            products=products,
+            target_products=args.predict_products,
+            num_warmup=args.warmup,
+            warmup_rt_per_iteration=warmup_rt / max(args.warmup, 1),
+            sampling_rt_per_draw=sampling_rt / max(draws, 1),
+            ess_bulk_per_draw=min(ess_bulk, ess_tail) / draws,
+            t_round_trip=t_rt,
+            t_grad=t_grad,
+            t_grad_target=t_grad_target,
+        )
+
+
+def predict_wall_time(
+    *,
+    products,
+    target_products,
+    num_warmup,
+    warmup_rt_per_iteration,
+    sampling_rt_per_draw,
+    ess_bulk_per_draw,
+    t_round_trip,
+    t_grad,
+    t_grad_target,
+    target_ess=400,
+    hour_s=3600.0,
+):
+    """Wall time to ESS >= ``target_ess`` at ``target_products``, from a smaller run.
+
+    ``T = (num_warmup * r_w + n * r_s) * t_step``: ``r_w`` and ``r_s`` the round
+    trips (leapfrog steps of the vectorised chains) per warmup iteration and per
+    draw, measured; ``n = target_ess / (ESS per draw)`` the draws per chain;
+    ``t_step = t_grad_target + (t_round_trip - t_grad)``, the sharded gradient at the
+    target size (measured) plus the per-step overhead of the run (driver NUTS,
+    callback, Ray; measured). Two cases for the trajectories: the same steps per
+    draw as in the smaller run, and steps growing as ``d^(1/4)`` with the dimension
+    ``d`` (the step size of HMC shrinks as ``d^(-1/4)``; Beskos et al. 2013), with
+    ``d = 1,577 + 2 P`` for the elasticity model.
+    """
+    overhead = max(t_round_trip - t_grad, 0.0)
+    t_step = t_grad_target + overhead
+    draws = int(np.ceil(target_ess / max(ess_bulk_per_draw, 1e-9)))
+    growth = ((1577 + 2 * target_products) / (1577 + 2 * products)) ** 0.25
+    print(
+        f"prediction at {target_products:,} products: sharded gradient of 4 chains "
+        f"{1e3 * t_grad_target:.0f} ms + per-step overhead {1e3 * overhead:.1f} ms = "
+        f"{1e3 * t_step:.0f} ms per round trip; {draws} draws per chain for ESS "
+        f"{target_ess} (at {ess_bulk_per_draw:.2f} ESS per draw, min of bulk and tail)"
+    )
+    for label, factor in (("same steps per draw", 1.0), ("steps x d^(1/4)", growth)):
+        per_chain = num_warmup * warmup_rt_per_iteration + draws * sampling_rt_per_draw
+        rt = factor * per_chain
+        wall = rt * t_step
+        print(
+            f"  {label} (x{factor:.2f}): {rt:,.0f} round trips, "
+            f"{wall / hour_s:.1f} h (target: 1 h)"
+        )
+
+
+def load_average() -> str:
+    try:
+        import os
+
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def main():
@@ -264,6 +367,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--max-time-s", type=float, default=3600.0)
+    parser.add_argument(
+        "--predict-products",
+        type=int,
+        default=10000,
+        help="with --scale: predict the wall time to ESS 400 at this size (0: no)",
+    )
     args = parser.parse_args()
     if args.scale:
         scale_benchmark(args)
