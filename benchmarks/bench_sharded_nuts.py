@@ -205,7 +205,7 @@ def cost_model(models, chains, bytes_per_value=4):
 
 
 def scale_benchmark(args):
-    """The scale run at ``--products``, and its cost predicted at ``--predict-products``.
+    """The scale run at ``--products``; its cost predicted at ``--predict-products``.
 
     Prints what the run measured (wall time, leapfrog steps per draw, round trips per
     warmup and per sampling iteration, seconds per round trip, the sharded gradient

@@ -10,7 +10,7 @@ import numpyro.distributions as dist
 import pytest
 
 import raybayes
-from conjugate_normal import hierarchical_normal_model, posterior, simulate
+from conjugate_normal import PARTITION, hierarchical_normal_model, posterior, simulate
 from raybayes.errors import ConfigurationError
 
 S0, TAU, SIGMA = 2.0, 1.0, 1.0
@@ -30,10 +30,21 @@ RUN = dict(
 def _run(num_shards, backend="local", **kwargs):
     return raybayes.sample(
         MODEL,
-        model_kwargs=DATA,
         num_shards=num_shards,
         backend=backend,
-        **{**RUN, **kwargs},
+        **{"model_kwargs": DATA, **RUN, **kwargs},
+    )
+
+
+def _read(num_shards, source, backend="local", **kwargs):
+    """:func:`_run` on the Parquet ``source`` instead of the in-memory data."""
+    return _run(
+        num_shards,
+        backend,
+        model_kwargs=None,
+        partition=PARTITION,
+        source=source,
+        **kwargs,
     )
 
 
@@ -144,7 +155,6 @@ def _no_plate(y):
         (dict(num_shards=0), "num_shards=0"),
         (dict(num_shards=2, num_workers=3), "one worker per shard"),
         (dict(num_shards=2, _scheduling="static"), "_scheduling"),
-        (dict(num_shards=2, init_params={"mu": np.zeros(())}), "init_params"),
         (dict(max_shard_bytes=100), "pass num_shards"),
         (dict(num_shards=2, plan="groups"), "raybayes.Plan"),
     ],
@@ -227,3 +237,141 @@ def test_cross_chain_adaptation_and_targets(two_shards):
     assert idata.attrs["targets_met"] == 1, idata.attrs
     mean, mcse = _mean_and_mcse(idata)
     assert np.all(np.abs(mean - exact_mean) / mcse < 3.3), (mean, exact_mean, mcse)
+
+
+# -- init_params ---------------------------------------------------------------------
+
+
+def test_init_params_set_the_initial_positions():
+    """Given sites start where ``init_params`` says (broadcast or one value per
+    chain; local sites over the whole plate, each shard taking its entries); the
+    others are drawn exactly as without ``init_params``."""
+    from raybayes.mcmc.sharded import NUTSShardObjective, ShardedChainPool
+    from raybayes.plan import resolve_split
+
+    _, kwargs, part, _ = resolve_split(MODEL, (), DATA, 2, PARTITION)
+    theta = np.linspace(-1.0, 1.0, DATA["num_groups"]).astype(np.float32)
+    mu = np.array([0.25, -0.5])  # one per chain
+    with NUTSShardObjective(MODEL, kwargs, partition=part, num_shards=2) as f:
+
+        def start(init_params):
+            pool = ShardedChainPool(
+                f,
+                num_chains=2,
+                num_warmup=10,
+                chunk_size=10,
+                kernel_kwargs={},
+                seed=3,
+                init_params=init_params,
+            )
+            try:
+                return pool._initial_positions()[1]
+            finally:
+                pool.shutdown()
+
+        drawn = start(None)
+        both = start({"mu": mu, "theta": theta})
+        np.testing.assert_array_equal(both[:, 0], mu)
+        np.testing.assert_array_equal(both[:, 1:], np.stack([theta, theta]))
+        only_theta = start({"theta": np.stack([theta, -theta])})
+        np.testing.assert_array_equal(only_theta[:, 0], drawn[:, 0])
+        np.testing.assert_array_equal(only_theta[1, 1:], -theta)
+        for bad, message in [
+            ({"nu": 0.0}, "not latent sites"),
+            ({"theta": np.zeros(5)}, r"takes \(6,\).*\(2, 6\)"),
+            ({"mu": np.nan}, "NaN or infinite"),
+        ]:
+            with pytest.raises(ConfigurationError, match=message):
+                start(bad)
+
+
+# -- Parquet partitions read by the shard workers ------------------------------------
+
+
+def _groups_from_table(table):
+    ids, group_idx = np.unique(table.column("group").to_numpy(), return_inverse=True)
+    kwargs = dict(
+        group_idx=group_idx.astype(np.int32),
+        num_groups=len(ids),
+        y=table.column("y").to_numpy().astype(np.float32),
+    )
+    return kwargs, ids
+
+
+@pytest.fixture(scope="module")
+def parquet_groups(tmp_path_factory):
+    """One Parquet file per group of ``DATA``, and a record of the groups each
+    ``read_shard`` call read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybayes.datasets.parquet import ParquetShards
+
+    root = tmp_path_factory.mktemp("groups")
+    files = []
+    for j in range(DATA["num_groups"]):
+        rows = DATA["group_idx"] == j
+        files.append(root / f"group-{j}.parquet")
+        pq.write_table(
+            pa.table({"group": np.full(rows.sum(), j), "y": DATA["y"][rows]}),
+            files[-1],
+        )
+    reads = []
+
+    def to_model_kwargs(table):
+        kwargs, ids = _groups_from_table(table)
+        reads.append(ids.tolist())
+        return kwargs, ids
+
+    return ParquetShards(files, to_model_kwargs), reads
+
+
+SMALL = dict(num_chains=2, num_warmup=60, num_samples=40, chunk_size=50)
+
+
+def test_parquet_source_gives_the_draws_of_the_same_rows_in_memory(parquet_groups):
+    source, reads = parquet_groups
+    reads.clear()
+    init = {"mu": np.array([0.1, -0.1])}
+    read = _read(2, source, init_params=init, **SMALL)
+    # each shard's worker read its own three groups, once; the driver none
+    assert reads == [[0, 1, 2], [3, 4, 5]]
+    held = _run(2, partition=PARTITION, init_params=init, **SMALL)
+    for name in ("mu", "theta"):
+        a, b = read.posterior[name].values, held.posterior[name].values
+        assert a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    assert read.attrs["split_plate"] == "groups"
+    assert "observed_data" not in read.groups()
+
+
+@pytest.mark.slow
+def test_parquet_source_same_draws_on_ray(parquet_groups, ray_backend):
+    source, _ = parquet_groups
+    local = _read(2, source, **SMALL)
+    remote = _read(2, source, backend=ray_backend, **SMALL)
+    assert remote.attrs["backend"] == "ray"
+    for name in ("mu", "theta"):
+        np.testing.assert_array_equal(
+            remote.posterior[name].values, local.posterior[name].values
+        )
+
+
+def test_parquet_source_bad_input_fails_before_compute(parquet_groups):
+    source, reads = parquet_groups
+    reads.clear()
+    cases = [
+        (dict(num_shards=2, source=source), "needs partition="),
+        (
+            dict(num_shards=2, partition=PARTITION, source=source, model_kwargs=DATA),
+            "pass model_kwargs=None",
+        ),
+        (dict(num_shards=7, partition=PARTITION, source=source), "only 6 partitions"),
+        (dict(partition=PARTITION, source=source), "apply to data-sharded NUTS"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigurationError, match=message):
+            raybayes.sample(MODEL, backend="local", progress_bar=False, **kwargs)
+    assert reads == []  # refused from the partitions' metadata alone
+    # the budget is known once the workers have read their rows: before compute
+    with pytest.raises(ConfigurationError, match=r"use more shards \(at least"):
+        _read(2, source, max_shard_bytes=64)

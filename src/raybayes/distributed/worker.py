@@ -120,6 +120,36 @@ class ShardWorker:
             global_sites=[(s.name, s.unconstrained_shape) for s in d.global_sites],
         )
 
+    def describe(self) -> dict:
+        """What the driver needs of a shard whose data it does not read (a Parquet
+        source): the shard's data checked for NaN/inf, its ArviZ dims, a fingerprint
+        of its data (for checkpoints) and its size.
+
+        Returns:
+            ``{"site_dims", "observed_names", "fingerprint", "num_rows",
+            "data_bytes"}``; ``site_dims`` as
+            :func:`raybayes.results.model_site_info` gives them for this shard.
+
+        Raises:
+            DataValidationError: an observed site of this shard holds NaN or inf.
+        """
+        from raybayes.checkpoint import data_fingerprint
+        from raybayes.core.validation import check_observed_data
+        from raybayes.results import model_site_info
+
+        self._check()
+        check_observed_data(self.model, self.model_args, self.kwargs)
+        site_dims, _, observed = model_site_info(
+            self.model, self.model_args, self.kwargs
+        )
+        return dict(
+            site_dims=site_dims,
+            observed_names=sorted(observed),
+            fingerprint=data_fingerprint(self.model, self.model_args, self.kwargs),
+            num_rows=self.num_rows(),
+            data_bytes=self.memory_usage()["data_bytes"],
+        )
+
     def num_rows(self) -> int:
         """Rows of data this shard holds (the length of its longest argument)."""
         self._check()

@@ -16,6 +16,7 @@ configuration (:class:`_RunSettings` for the chains and their scheduling,
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -255,6 +256,8 @@ def sample(
     cross_chain_adaptation: bool = False,
     num_shards: int | None = None,
     plan: Any = None,
+    partition: Any = None,
+    source: Any = None,
     max_shard_bytes: int | None = None,
     low_rank_mass: bool | int = False,
     _scheduling: str = "dynamic",
@@ -292,7 +295,10 @@ def sample(
         use_gpu: one GPU per worker (Ray only).
         resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 2}``.
         init_params: initial values in the unconstrained space, site -> array of
-            the site's shape (the same for every chain).
+            the site's shape (the same for every chain). With ``num_shards``, a
+            site may also be given one value per chain (a leading ``num_chains``
+            axis), local sites are given over the whole split plate, and the sites
+            left out are drawn uniformly in [-2, 2].
         target_accept_prob: NUTS target acceptance probability, in (0, 1).
         max_tree_depth: maximum NUTS tree depth (at most ``2**max_tree_depth - 1``
             leapfrog steps per draw).
@@ -347,10 +353,22 @@ def sample(
             together on the driver and each leapfrog step sums the potential and
             its gradient over the shards (one round trip per step for all chains;
             see :mod:`raybayes.mcmc.sharded` and the "Data-sharded NUTS" guide).
-            ``num_workers`` must be ``None`` or equal; ``init_params`` and the
-            scheduling options are refused. ``None`` (default): chain-parallel.
+            ``num_workers`` must be ``None`` or equal; the scheduling options and
+            ``low_rank_mass`` are refused. ``None`` (default): chain-parallel.
         plan: a :class:`raybayes.Plan` from :func:`raybayes.plan` (the split to
             use, and its number of shards); implies data-sharded NUTS.
+        partition: with ``num_shards``, the split (a :class:`raybayes.Partition`)
+            instead of the one :func:`raybayes.plan` chooses; required with
+            ``source``.
+        source: with ``num_shards``, a
+            :class:`~raybayes.datasets.parquet.ParquetShards` instead of
+            ``model_kwargs``: shard ``s`` is a contiguous block of the
+            partitions, read (and turned into model arguments by the source's
+            ``to_model_kwargs``) by its own worker only; the driver lists the
+            partitions (metadata) and never reads rows. Positional model
+            arguments go to every shard unchanged. The result then has no
+            ``observed_data`` group; ``max_shard_bytes`` is checked once the
+            workers have read their partitions, before any compute.
         max_shard_bytes: with ``num_shards``, the memory budget of one worker for
             its data, in bytes: a shard above it is refused before any worker
             starts, and the message says how many shards are needed.
@@ -437,15 +455,17 @@ def sample(
     )
     from raybayes.mcmc.sharded import check_sharded_arguments
 
-    num_shards = check_sharded_arguments(
+    num_shards, partition = check_sharded_arguments(
         num_shards=num_shards,
         plan=plan,
         num_workers=num_workers,
-        init_params=init_params,
         scheduling=_scheduling,
         worker_slowdown=_worker_slowdown,
         key_stream=_key_stream,
         max_shard_bytes=max_shard_bytes,
+        partition=partition,
+        source=source,
+        model_kwargs=model_kwargs,
     )
     if num_shards is not None and low_rank_mass:
         raise ConfigurationError(
@@ -457,7 +477,8 @@ def sample(
     )
     if num_shards is not None:
         return _sample_sharded(
-            model, model_args, model_kwargs, num_shards=num_shards, plan=plan,
+            model, model_args, model_kwargs, num_shards=num_shards,
+            partition=partition, source=source, init_params=init_params,
             max_shard_bytes=max_shard_bytes, backend=backend, scaling=scaling,
             num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
             seed=seed, target_accept_prob=target_accept_prob,
@@ -556,17 +577,27 @@ def _run_settings(
 def _stopping_and_store(
     model, model_args, model_kwargs, settings, *, dims, coords, target_ess,
     target_rhat, target_var_names, num_samples, max_samples, max_time_s,
-    checkpoint_dir, overwrite, rerun_extra=None,
+    checkpoint_dir, overwrite, rerun_extra=None, described=None,
 ):
     """Trace the model's sites, build the stopping rule and open the draw store.
+
+    ``described`` (data read on the workers only): ``(site_dims, fingerprint)``
+    from the workers instead of a trace on the driver; there are no observed data.
 
     Returns ``(site_dims, site_coords, observed, stopping, store)``; the store
     refuses a rerun whose data or settings (``rerun_extra`` included) differ
     from the run in ``checkpoint_dir`` unless ``overwrite``.
     """
-    site_dims, site_coords, observed = _trace_model(
-        model, model_args, model_kwargs, dims, coords, target_var_names
-    )
+    if described is None:
+        site_dims, site_coords, observed = _trace_model(
+            model, model_args, model_kwargs, dims, coords, target_var_names
+        )
+        fingerprint = data_fingerprint(model, model_args, model_kwargs)
+    else:
+        site_dims, observed_names, fingerprint = described
+        site_dims = {**site_dims, **(dims or {})}
+        site_coords, observed = dict(coords or {}), {}
+        _check_target_names(site_dims, observed_names, target_var_names)
     has_target = target_ess is not None or target_rhat is not None
     stopping = _StoppingRule(
         target_ess=target_ess,
@@ -581,7 +612,7 @@ def _stopping_and_store(
     store = _open_store(
         checkpoint_dir, settings, num_samples, model, site_dims, site_coords,
         rerun=dict(
-            **data_fingerprint(model, model_args, model_kwargs),
+            **fingerprint,
             init_params=None if init_params is None else {
                 k: content_hash(v) for k, v in init_params.items()},
             target_ess=target_ess, target_rhat=target_rhat,
@@ -594,29 +625,37 @@ def _stopping_and_store(
 
 
 def _sample_sharded(
-    model, model_args, model_kwargs, *, num_shards, plan, max_shard_bytes, backend,
-    scaling, num_chains, num_warmup, num_samples, seed, target_accept_prob,
-    max_tree_depth, dense_mass, kernel_kwargs, chunk_size, coords, dims,
-    progress_bar, target_ess, target_rhat, target_var_names, max_samples,
-    max_time_s, checkpoint_dir, overwrite, cross_chain_adaptation,
+    model, model_args, model_kwargs, *, num_shards, partition, source, init_params,
+    max_shard_bytes, backend, scaling, num_chains, num_warmup, num_samples, seed,
+    target_accept_prob, max_tree_depth, dense_mass, kernel_kwargs, chunk_size,
+    coords, dims, progress_bar, target_ess, target_rhat, target_var_names,
+    max_samples, max_time_s, checkpoint_dir, overwrite, cross_chain_adaptation,
 ):
     """Data-sharded NUTS (see :mod:`raybayes.mcmc.sharded`): the split is resolved
-    and the shard budget checked before any worker starts."""
+    and the shard budget checked before any worker starts (with a Parquet
+    ``source``: the partitions are counted from metadata before, the budget and the
+    data checked once the workers have read them, before any compute)."""
     from raybayes.mcmc.sharded import (
         NUTSShardObjective,
         ShardedChainPool,
+        check_loaded_shard_budget,
         check_shard_budget,
     )
     from raybayes.plan import resolve_split
 
-    model_kwargs = dict(model_kwargs or {})
-    check_observed_data(model, model_args, model_kwargs)
-    partition = plan.partition if plan is not None else None
-    bound_args, bound_kwargs, partition, num_shards = resolve_split(
-        model, model_args, model_kwargs, num_shards, partition
-    )
-    if max_shard_bytes is not None:
-        check_shard_budget(bound_kwargs, partition, num_shards, max_shard_bytes)
+    if source is None:
+        model_kwargs = dict(model_kwargs or {})
+        check_observed_data(model, model_args, model_kwargs)
+        bound_args, bound_kwargs, partition, num_shards = resolve_split(
+            model, model_args, model_kwargs, num_shards, partition
+        )
+        if max_shard_bytes is not None:
+            check_shard_budget(bound_kwargs, partition, num_shards, max_shard_bytes)
+    else:
+        # The rows stay on the workers: the driver lists partitions (metadata only);
+        # more shards than partitions raises here.
+        source.shard_values(0, num_shards)
+        bound_args, bound_kwargs = tuple(model_args), None
 
     settings = _run_settings(
         num_chains=num_chains,
@@ -630,12 +669,13 @@ def _sample_sharded(
         dense_mass=dense_mass,
         cross_chain_adaptation=cross_chain_adaptation,
         progress_bar=progress_bar,
-        init_params=None,
+        init_params=init_params,
         static_scheduling=True,
         worker_slowdown=None,
     )
     chunk_size, kernel_kwargs = settings.chunk_size, settings.kernel_kwargs
-    site_dims, site_coords, observed, stopping, store = _stopping_and_store(
+    stopping_and_store = functools.partial(
+        _stopping_and_store,
         model, model_args, model_kwargs, settings, dims=dims, coords=coords,
         target_ess=target_ess, target_rhat=target_rhat,
         target_var_names=target_var_names, num_samples=num_samples,
@@ -643,18 +683,41 @@ def _sample_sharded(
         checkpoint_dir=checkpoint_dir, overwrite=overwrite,
         rerun_extra=dict(num_shards=num_shards, partition=repr(partition)),
     )
+    if source is None:
+        site_dims, site_coords, observed, stopping, store = stopping_and_store()
     objective = NUTSShardObjective(
         model,
         bound_kwargs,
         partition=partition,
         num_shards=num_shards,
         backend=backend,
+        source=source,
         model_args=bound_args,
         x64=bool(jax_x64_enabled()),
         scaling=scaling,
     )
     pool = None
     try:
+        if source is not None:
+            described = objective.call_all("describe")
+            if max_shard_bytes is not None:
+                check_loaded_shard_budget(
+                    [d["data_bytes"] for d in described], max_shard_bytes
+                )
+            fingerprint = dict(
+                model=described[0]["fingerprint"]["model"],
+                data={
+                    f"shard_{s}": content_hash(d["fingerprint"]["data"])
+                    for s, d in enumerate(described)
+                },
+            )
+            site_dims, site_coords, observed, stopping, store = stopping_and_store(
+                described=(
+                    described[0]["site_dims"],
+                    described[0]["observed_names"],
+                    fingerprint,
+                )
+            )
         pool = ShardedChainPool(
             objective,
             num_chains=num_chains,
@@ -662,6 +725,7 @@ def _sample_sharded(
             chunk_size=chunk_size,
             kernel_kwargs=kernel_kwargs,
             seed=seed,
+            init_params=init_params,
         )
         chains, outcome = _ChainScheduler(
             pool,
@@ -725,6 +789,13 @@ def _trace_model(model, model_args, model_kwargs, dims, coords, target_var_names
         ) from None
     site_dims.update(dims or {})
     site_coords.update(coords or {})
+    _check_target_names(site_dims, observed, target_var_names)
+    return site_dims, site_coords, observed
+
+
+def _check_target_names(site_dims, observed, target_var_names):
+    """Raise :class:`ConfigurationError` when ``target_var_names`` names sites the
+    model lacks."""
     latent = [n for n in site_dims if n not in observed]
     if target_var_names is not None:
         unknown = [v for v in target_var_names if v not in site_dims]
@@ -733,7 +804,6 @@ def _trace_model(model, model_args, model_kwargs, dims, coords, target_var_names
                 f"target_var_names has unknown sites {unknown}; the model has "
                 f"{sorted(latent)}."
             )
-    return site_dims, site_coords, observed
 
 
 def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_coords,

@@ -84,6 +84,68 @@ class NUTSShardWorker(ShardWorker):
         )
         return np.asarray(v), np.asarray(gg), np.asarray(gl)
 
+    @worker_precision
+    def initial_values(self, init_params, num_chains, entity_start, num_entities):
+        """This shard's part of the chains' initial positions, from ``init_params``.
+
+        Args:
+            init_params: site -> unconstrained value, of the site's unconstrained
+                shape over the whole split plate (the same for every chain) or with
+                a leading ``num_chains`` axis (one per chain).
+            num_chains: C.
+            entity_start: position of this shard's first entity in the split plate.
+            num_entities: entries of the split plate (all shards).
+
+        Returns:
+            ``(globals (C, G), locals (C, P_s, k))``, NaN where ``init_params`` gives
+            no value.
+
+        Raises:
+            ConfigurationError: an unknown site, a value of the wrong shape, or a
+                value that is not finite.
+        """
+        self._check()
+        d = self.density
+        unknown = sorted(set(init_params) - set(d.sites))
+        if unknown:
+            raise ConfigurationError(
+                f"init_params names {unknown}, which are not latent sites of the "
+                f"model; its latent sites are {list(d.sites)}."
+            )
+        count = d.num_local_entities
+        g = np.full((num_chains, d.num_global), np.nan)
+        lm = np.full((num_chains, count, d.num_local_per_entity), np.nan)
+        for c in range(num_chains):
+            params = d.unflatten(g[c], lm[c])
+            for name, value in init_params.items():
+                site = d.sites[name]
+                shape = list(site.unconstrained_shape)
+                if site.is_local:
+                    shape[site.entity_axis] = num_entities
+                value = np.asarray(value, np.float64)
+                if value.shape == (num_chains, *shape):
+                    value = value[c]
+                elif value.shape != tuple(shape):
+                    raise ConfigurationError(
+                        f"init_params[{name!r}] has shape {value.shape}; site "
+                        f"{name!r} takes {tuple(shape)} (unconstrained, the whole "
+                        f"plate), or {(num_chains, *shape)} with one value per chain."
+                    )
+                bad = int((~np.isfinite(value)).sum())
+                if bad:
+                    raise ConfigurationError(
+                        f"init_params[{name!r}] holds {bad} values that are NaN or "
+                        "infinite; give finite unconstrained values, or leave the "
+                        "site out (drawn uniformly)."
+                    )
+                if site.is_local:
+                    rows = np.arange(entity_start, entity_start + count)
+                    value = np.take(value, rows, axis=site.entity_axis)
+                params[name] = value
+            gc, lc = d.flatten(params)
+            g[c], lm[c] = np.asarray(gc), np.asarray(lc)
+        return g, lm
+
 
 class NUTSShardObjective(ShardedObjective):
     """:class:`~raybayes.distributed.ShardedObjective` whose workers evaluate batches.
@@ -169,6 +231,33 @@ class NUTSShardObjective(ShardedObjective):
         )
         self.num_round_trips += 1
         return value, grads
+
+    def initial_positions(self, init_params: dict, num_chains: int) -> np.ndarray:
+        """The chains' initial positions given by ``init_params``, NaN elsewhere.
+
+        Args:
+            init_params: site -> unconstrained value, of the site's unconstrained
+                shape (local sites over the whole split plate), or with a leading
+                ``num_chains`` axis (one value per chain).
+            num_chains: C.
+
+        Returns:
+            ``(C, size)`` driver vectors; NaN at the coordinates of sites that
+            ``init_params`` leaves out.
+
+        Raises:
+            ConfigurationError: an unknown site, a wrong shape or a value that is
+                not finite (raised by the shard workers, before any compute).
+        """
+        counts = [p for p, _ in self.local_shapes]
+        starts = np.cumsum([0, *counts])
+        results = self.gather(
+            "initial_values",
+            lambda s: (dict(init_params), num_chains, int(starts[s]), int(starts[-1])),
+        )
+        parts = [np.asarray(results[0][0], np.float64)]
+        parts += [np.asarray(r[1], np.float64).reshape(num_chains, -1) for r in results]
+        return np.concatenate(parts, axis=1)
 
 
 def sharded_potential(evaluate, size: int):
@@ -355,14 +444,26 @@ class ShardedChainPool:
         kernel_kwargs: arguments of :class:`numpyro.infer.NUTS`.
         seed: the run's seed; chain ``c`` uses ``chain_key(seed, c)`` (positions
             are JAX's default float).
+        init_params: initial unconstrained values of some sites (see
+            :meth:`NUTSShardObjective.initial_positions`); the other coordinates
+            are drawn uniformly in [-2, 2].
     """
 
     MAX_RETRIES = 5
 
     def __init__(
-        self, objective, *, num_chains, num_warmup, chunk_size, kernel_kwargs, seed
+        self,
+        objective,
+        *,
+        num_chains,
+        num_warmup,
+        chunk_size,
+        kernel_kwargs,
+        seed,
+        init_params=None,
     ):
         self.objective = objective
+        self.init_params = init_params
         self.size = int(num_chains)
         self.num_warmup = int(num_warmup)
         self.chunk_size = int(chunk_size)
@@ -447,11 +548,15 @@ class ShardedChainPool:
                 return
 
     def _initial_positions(self):
-        """``(C, size)`` initial positions: uniform in [-2, 2] (unconstrained), drawn
-        again (from the chain's key) where the log density or its gradient is not
-        finite."""
+        """``(C, size)`` initial positions: ``init_params`` where given, elsewhere
+        uniform in [-2, 2] (unconstrained), drawn again (from the chain's key) where
+        the log density or its gradient is not finite."""
         size = self.objective.size
         keys = [chain_key(self.seed, c) for c in range(self.size)]
+        given = np.full((self.size, size), np.nan)
+        if self.init_params:
+            given = self.objective.initial_positions(self.init_params, self.size)
+        free = np.isnan(given)
         xs = np.zeros((self.size, size), self.dtype)
         todo = list(range(self.size))
         for attempt in range(_INIT_ATTEMPTS):
@@ -459,22 +564,33 @@ class ShardedChainPool:
                 k = jax.random.fold_in(
                     jax.random.fold_in(jnp.asarray(keys[c]), 7), attempt
                 )
-                xs[c] = np.asarray(
+                uniform = np.asarray(
                     jax.random.uniform(
                         k, (size,), self.dtype, -_INIT_RADIUS, _INIT_RADIUS
                     )
                 )
+                xs[c] = np.where(free[c], uniform, given[c])
             v, g = self.objective.batch_value_and_grad(xs[todo])
             ok = np.isfinite(v) & np.all(np.isfinite(g), axis=1)
             todo = [c for c, good in zip(todo, ok, strict=True) if not good]
             if not todo:
                 return keys, xs
+            fixed = [c for c in todo if not free[c].any()]
+            if fixed:
+                raise ChainError(
+                    fixed[0],
+                    "the log density or its gradient is not finite at the initial "
+                    "point given by init_params (every coordinate given); pass "
+                    "values inside the model's support, or leave sites out to have "
+                    "them drawn.",
+                )
         raise ChainError(
             todo[0],
             "Cannot find valid initial parameters: the log density or its gradient is "
             f"not finite at {_INIT_ATTEMPTS} initial points drawn uniformly in "
-            f"[-{_INIT_RADIUS}, {_INIT_RADIUS}] (unconstrained). Check the model's "
-            "supports and data.",
+            f"[-{_INIT_RADIUS}, {_INIT_RADIUS}] (unconstrained)"
+            + (" for the sites init_params leaves out" if self.init_params else "")
+            + ". Check the model's supports and data, or pass init_params.",
         )
 
     def _init_batch(self, batch):
@@ -574,16 +690,20 @@ def check_sharded_arguments(
     num_shards,
     plan,
     num_workers,
-    init_params,
     scheduling,
     worker_slowdown,
     key_stream,
     max_shard_bytes,
+    partition=None,
+    source=None,
+    model_kwargs=None,
 ):
     """Raise :class:`ConfigurationError` for options data-sharded NUTS cannot take.
 
     Returns:
-        The number of shards (from ``num_shards`` or the plan).
+        ``(num_shards, partition)``: the number of shards (from ``num_shards`` or
+        the plan; ``None`` for chain-parallel NUTS) and the split (from
+        ``partition`` or the plan; ``None`` for :func:`raybayes.plan` to choose).
     """
     if plan is not None:
         from raybayes.plan import Plan
@@ -598,13 +718,28 @@ def check_sharded_arguments(
                 f"num_shards={num_shards} but plan= was made for {plan.num_shards} "
                 "shards; pass one of the two."
             )
-        num_shards = plan.num_shards
-    if num_shards is None:
-        if max_shard_bytes is not None:
+        if partition is not None and partition != plan.partition:
             raise ConfigurationError(
-                "max_shard_bytes= applies to data-sharded NUTS; pass num_shards= too."
+                f"partition={partition!r} and plan= (split {plan.partition!r}) were "
+                "both given; pass one of the two."
             )
-        return None
+        num_shards, partition = plan.num_shards, plan.partition
+    if num_shards is None:
+        given = [
+            name
+            for name, value in (
+                ("max_shard_bytes", max_shard_bytes),
+                ("partition", partition),
+                ("source", source),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigurationError(
+                f"{'= and '.join(given)}= apply to data-sharded NUTS; pass "
+                "num_shards= (or plan=) too."
+            )
+        return None, None
     if isinstance(num_shards, bool) or int(num_shards) != num_shards or num_shards < 1:
         raise ConfigurationError(f"num_shards={num_shards!r}; use an integer >= 1.")
     if num_workers is not None and num_workers != num_shards:
@@ -614,8 +749,6 @@ def check_sharded_arguments(
             "one of them, or the same number."
         )
     bad = []
-    if init_params is not None:
-        bad.append("init_params")
     if scheduling != "dynamic":
         bad.append("_scheduling")
     if worker_slowdown:
@@ -626,9 +759,8 @@ def check_sharded_arguments(
         raise ConfigurationError(
             f"num_shards={num_shards} cannot be combined with {', '.join(bad)}: with "
             "data-sharded NUTS the chains run together on the driver and each worker "
-            "holds a shard, so there is no chain scheduling to choose, and initial "
-            "values are drawn per chain. Drop these options, or drop num_shards= to "
-            "run chain-parallel NUTS."
+            "holds a shard, so there is no chain scheduling to choose. Drop these "
+            "options, or drop num_shards= to run chain-parallel NUTS."
         )
     if max_shard_bytes is not None and not (
         isinstance(max_shard_bytes, (int, np.integer)) and max_shard_bytes > 0
@@ -636,4 +768,53 @@ def check_sharded_arguments(
         raise ConfigurationError(
             f"max_shard_bytes={max_shard_bytes!r}; use a positive number of bytes."
         )
-    return int(num_shards)
+    if source is not None:
+        check_source(source, partition, model_kwargs)
+    return int(num_shards), partition
+
+
+def check_source(source, partition, model_kwargs) -> None:
+    """Raise :class:`ConfigurationError` for a Parquet ``source`` that cannot be
+    read shard by shard (as :func:`raybayes.sample_subposteriors` checks it).
+
+    Args:
+        source: a :class:`~raybayes.datasets.parquet.ParquetShards` (anything with
+            ``read_shard(shard_id, num_shards)``).
+        partition: the split the partitions follow; required.
+        model_kwargs: must be empty: the workers build them from their partitions.
+    """
+    if not hasattr(source, "read_shard"):
+        raise ConfigurationError(
+            f"source={source!r} has no read_shard; pass a "
+            "raybayes.datasets.parquet.ParquetShards."
+        )
+    if partition is None:
+        raise ConfigurationError(
+            "source= needs partition=: the plate the Parquet partitions split, "
+            "e.g. partition=raybayes.Partition('obs', entity_args=('X', 'y'))."
+        )
+    if model_kwargs:
+        raise ConfigurationError(
+            f"source= and model_kwargs={sorted(model_kwargs)} were both given; "
+            "with source, each worker builds its shard's model_kwargs from its "
+            "partitions (source.to_model_kwargs): pass model_kwargs=None."
+        )
+
+
+def check_loaded_shard_budget(data_bytes, max_shard_bytes) -> None:
+    """Raise :class:`ConfigurationError` when a shard read by its worker exceeds
+    ``max_shard_bytes`` (a Parquet source, whose sizes the driver cannot know
+    before the workers read it); checked before any compute.
+
+    Args:
+        data_bytes: bytes of data each shard holds, in shard order.
+        max_shard_bytes: the budget.
+    """
+    if max(data_bytes) <= max_shard_bytes:
+        return
+    worst = int(np.argmax(data_bytes))
+    raise ConfigurationError(
+        f"shard {worst} holds {data_bytes[worst]:,} bytes of data, over "
+        f"max_shard_bytes={max_shard_bytes:,}; use more shards (at least "
+        f"{int(np.ceil(sum(data_bytes) / max_shard_bytes))})."
+    )

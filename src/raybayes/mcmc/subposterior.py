@@ -811,22 +811,9 @@ def sample_subposteriors(
             f"model={model!r} is not callable; pass a NumPyro model."
         )
     if source is not None:
-        if not hasattr(source, "read_shard"):
-            raise ConfigurationError(
-                f"source={source!r} has no read_shard; pass a "
-                "raybayes.datasets.parquet.ParquetShards."
-            )
-        if partition is None:
-            raise ConfigurationError(
-                "source= needs partition=: the plate the Parquet partitions split, "
-                "e.g. partition=raybayes.Partition('obs', entity_args=('X', 'y'))."
-            )
-        if model_kwargs:
-            raise ConfigurationError(
-                f"source= and model_kwargs={sorted(model_kwargs)} were both given; "
-                "with source, each worker builds its shard's model_kwargs from its "
-                "partitions (source.to_model_kwargs): pass model_kwargs=None."
-            )
+        from raybayes.mcmc.sharded import check_source
+
+        check_source(source, partition, model_kwargs)
         if num_shards == 1:
             raise ConfigurationError(
                 "num_shards=1 with source=: there is nothing to combine; read the "
