@@ -248,6 +248,19 @@ class NUTSShardObjective(ShardedObjective):
         Raises:
             ConfigurationError: an unknown site, a wrong shape or a value that is
                 not finite (raised by the shard workers, before any compute).
+
+        Examples:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from raybayes.core import Partition
+            >>> def model(y):
+            ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+            ...     with numpyro.plate("obs", y.shape[0]):
+            ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+            >>> with NUTSShardObjective(model, {"y": np.ones(4)}, partition=Partition(
+            ...         "obs", entity_args=("y",)), num_shards=2) as f:
+            ...     x0 = f.initial_positions({"mu": np.array([0.5, -1.0])}, 2)
+            >>> x0.tolist()  # one start per chain
+            [[0.5], [-1.0]]
         """
         counts = [p for p, _ in self.local_shapes]
         starts = np.cumsum([0, *counts])
@@ -782,6 +795,16 @@ def check_source(source, partition, model_kwargs) -> None:
             ``read_shard(shard_id, num_shards)``).
         partition: the split the partitions follow; required.
         model_kwargs: must be empty: the workers build them from their partitions.
+
+    Raises:
+        ConfigurationError: ``source`` cannot read shards, ``partition`` is
+            missing, or ``model_kwargs`` were given too.
+
+    Examples:
+        >>> check_source(object(), None, None)
+        Traceback (most recent call last):
+        ...
+        raybayes.errors.ConfigurationError: source=<object ...> has no read_shard; ...
     """
     if not hasattr(source, "read_shard"):
         raise ConfigurationError(
@@ -809,6 +832,17 @@ def check_loaded_shard_budget(data_bytes, max_shard_bytes) -> None:
     Args:
         data_bytes: bytes of data each shard holds, in shard order.
         max_shard_bytes: the budget.
+
+    Raises:
+        ConfigurationError: a shard above the budget; the message names it and the
+            fewest shards whose average fits.
+
+    Examples:
+        >>> check_loaded_shard_budget([100, 120], 200)  # fits: nothing happens
+        >>> check_loaded_shard_budget([300, 280], 200)
+        Traceback (most recent call last):
+        ...
+        raybayes.errors.ConfigurationError: shard 0 holds 300 bytes ... (at least 3).
     """
     if max(data_bytes) <= max_shard_bytes:
         return
