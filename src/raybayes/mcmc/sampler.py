@@ -581,8 +581,9 @@ def _stopping_and_store(
 ):
     """Trace the model's sites, build the stopping rule and open the draw store.
 
-    ``described`` (data read on the workers only): ``(site_dims, fingerprint)``
-    from the workers instead of a trace on the driver; there are no observed data.
+    ``described`` (data read on the workers only): ``(site_dims, observed_names,
+    fingerprint)`` from the workers instead of a trace on the driver; the result
+    then holds no observed data.
 
     Returns ``(site_dims, site_coords, observed, stopping, store)``; the store
     refuses a rerun whose data or settings (``rerun_extra`` included) differ
