@@ -327,6 +327,10 @@ def predict_wall_time(
     draw as in the smaller run, and steps growing as ``d^(1/4)`` with the dimension
     ``d`` (the step size of HMC shrinks as ``d^(-1/4)``; Beskos et al. 2013), with
     ``d = 1,577 + 2 P`` for the elasticity model.
+
+    References:
+        Beskos, Pillai, Roberts, Sanz-Serna & Stuart (2013). Optimal tuning of the
+        hybrid Monte Carlo algorithm. Bernoulli 19(5A), 1501-1534.
     """
     overhead = max(t_round_trip - t_grad, 0.0)
     t_step = t_grad_target + overhead
