@@ -6,6 +6,9 @@
   L-BFGS state stay on the workers).
 * :mod:`raybayes.optim.newton`: :func:`find_map_newton` (an L-BFGS warm-up, then
   trust-region Newton steps on the arrowhead Hessian, vector-free).
+* :mod:`raybayes.optim.newton_cg`: :func:`find_map_newton_cg` (trust-region
+  Newton-CG on Hessian-vector products, preconditioned by a kept arrowhead
+  Hessian, vector-free).
 * :mod:`raybayes.optim.laplace`: :func:`newton_polish`, :func:`laplace` and
   :func:`laplace_approximation` on the arrowhead Hessian
   (:mod:`raybayes.core.arrowhead`).
@@ -24,6 +27,7 @@ from raybayes.optim.laplace import (
 from raybayes.optim.map import find_map, fit_map
 from raybayes.optim.nested_laplace import NestedLaplaceResult, nested_laplace
 from raybayes.optim.newton import NewtonMAPResult, NewtonObjective, find_map_newton
+from raybayes.optim.newton_cg import NewtonCGMAPResult, find_map_newton_cg
 from raybayes.optim.result import MAPResult
 from raybayes.optim.vlbfgs import find_map_vector_free
 
@@ -32,6 +36,8 @@ __all__ = [
     "LaplaceResult",
     "find_map",
     "find_map_newton",
+    "find_map_newton_cg",
+    "NewtonCGMAPResult",
     "NewtonMAPResult",
     "NewtonObjective",
     "find_map_vector_free",

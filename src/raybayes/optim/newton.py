@@ -63,7 +63,7 @@ from scipy import linalg
 from raybayes.config import reject_unknown_arguments
 from raybayes.core import arrowhead
 from raybayes.distributed import worker_precision
-from raybayes.errors import ConfigurationError
+from raybayes.errors import ConfigurationError, ShardError
 from raybayes.optim.result import MAPResult, map_result_fields
 from raybayes.optim.vlbfgs import (
     VectorFreeObjective,
@@ -222,6 +222,109 @@ class NewtonShardWorker(VLBFGSShardWorker):
             return None
         return self._reduced()
 
+    # ------------------------------------------- Newton-CG (Steihaug-Toint PCG)
+    def _cg(self):
+        st = self._vf()
+        if st.get("cg") is None:
+            raise ShardError(self.shard_id, "newton_cg_start was not called")
+        return st["cg"]
+
+    def _precondition_reduce(self, residual):
+        """``sum_i C_i^T B_i^{-1} r_i`` ``(G,)`` with the kept factor."""
+        factor = self._factored()
+        if factor.local_inverse is None:
+            return np.zeros(self.density.num_global)
+        return np.asarray(arrowhead.newton_reduce(factor, residual), np.float64)
+
+    @worker_precision
+    def newton_cg_start(self):
+        """Start a CG solve of ``H s = -g`` at the current point: ``r = g``, ``s = 0``.
+
+        Returns:
+            ``sum_i C_i^T B_i^{-1} r_i`` ``(G,)``: this shard's term of the
+            preconditioner's reduced right-hand side.
+        """
+        st = self._vf()
+        zero = np.zeros_like(st["x"])
+        st["cg"] = dict(r=st["g"].copy(), s=zero, hs=zero, p=zero, hp=zero, z=zero)
+        return self._precondition_reduce(st["g"])
+
+    @worker_precision
+    def newton_cg_precondition(self, z_global):
+        """The locals of ``z = M^{-1} r``: ``z_i = B_i^{-1} (r_i - C_i z_g)``.
+
+        Args:
+            z_global: ``(G,)`` the globals of ``z`` (solved on the driver).
+
+        Returns:
+            This shard's part of ``r . z``.
+        """
+        cg = self._cg()
+        factor = self._factored()
+        if factor.local_inverse is None:
+            cg["z"] = np.zeros_like(cg["r"])
+            return 0.0
+        # newton_local_step(f, -r, z_g) = -B^{-1} (-r + C z_g)
+        z = np.asarray(
+            arrowhead.newton_local_step(factor, -cg["r"], z_global), np.float64
+        ).reshape(cg["r"].shape)
+        cg["z"] = z
+        return float(np.vdot(cg["r"], z))
+
+    @worker_precision
+    def newton_cg_hvp(self, global_flat, p_global, beta):
+        """Set the locals of the CG direction, ``p = -z + beta p`` (``p = -z`` when
+        ``beta`` is ``None``), and compute ``H p`` at the current point.
+
+        Returns:
+            ``((H p)_g (G,) this shard's term, this shard's part of p_l . (H p)_l)``.
+        """
+        import jax.numpy as jnp
+
+        st = self._vf()
+        cg = self._cg()
+        cg["p"] = -cg["z"] if beta is None else -cg["z"] + float(beta) * cg["p"]
+        dtype = jnp.result_type(float)
+        hg, hl = self.density.hvp(
+            jnp.asarray(global_flat, dtype),
+            jnp.asarray(st["x"], dtype),
+            jnp.asarray(p_global, dtype),
+            jnp.asarray(cg["p"], dtype),
+        )
+        cg["hp"] = np.asarray(hl, np.float64).reshape(cg["p"].shape)
+        return np.asarray(hg, np.float64), float(np.vdot(cg["p"], cg["hp"]))
+
+    @worker_precision
+    def newton_cg_step(self, alpha: float):
+        """``s += alpha p``, ``r += alpha H p``.
+
+        Returns:
+            ``sum_i C_i^T B_i^{-1} r_i`` ``(G,)`` at the new residual.
+        """
+        cg = self._cg()
+        alpha = float(alpha)
+        cg["s"] = cg["s"] + alpha * cg["p"]
+        cg["hs"] = cg["hs"] + alpha * cg["hp"]
+        cg["r"] = cg["r"] + alpha * cg["hp"]
+        return self._precondition_reduce(cg["r"])
+
+    @worker_precision
+    def newton_cg_finish(self, tau: float):
+        """End the solve at ``s + tau p`` (``tau`` 0 inside the trust region) and
+        make it the direction of :meth:`newton_evaluate`.
+
+        Returns:
+            ``(g_l . s_l, s_l . (H s)_l)``, this shard's parts.
+        """
+        st = self._vf()
+        cg = self._cg()
+        tau = float(tau)
+        if tau:
+            cg["s"] = cg["s"] + tau * cg["p"]
+            cg["hs"] = cg["hs"] + tau * cg["hp"]
+        st["d"] = cg["s"]
+        return float(np.vdot(st["g"], cg["s"])), float(np.vdot(cg["s"], cg["hs"]))
+
 
 class NewtonObjective(VectorFreeObjective):
     """A :class:`~raybayes.optim.vlbfgs.VectorFreeObjective` whose workers also take
@@ -309,6 +412,42 @@ class NewtonObjective(VectorFreeObjective):
         results = self._call("newton_accept", lambda s: (float(alpha),))
         reduce = np.sum([np.asarray(r[0], np.float64) for r in results], axis=0)
         return reduce, float(sum(r[1] for r in results))
+
+    # --------------------------------------------------------------- Newton-CG
+    def cg_start(self):
+        """Every shard's :meth:`NewtonShardWorker.newton_cg_start`, summed ``(G,)``."""
+        results = self._call("newton_cg_start", lambda s: ())
+        return np.sum([np.asarray(r, np.float64) for r in results], axis=0)
+
+    def cg_precondition(self, z_global):
+        """Set the locals of ``z = M^{-1} r`` on every shard; sum of ``r_l . z_l``."""
+        z = np.asarray(z_global, np.float64)
+        return float(sum(self._call("newton_cg_precondition", lambda s: (z,))))
+
+    def cg_hvp(self, global_flat, p_global, beta):
+        """``H p`` on every shard (see :meth:`NewtonShardWorker.newton_cg_hvp`).
+
+        Returns:
+            ``((H p)_g (G,), sum of p_l . (H p)_l)``.
+        """
+        g = np.asarray(global_flat, np.float64)
+        p = np.asarray(p_global, np.float64)
+        b = None if beta is None else float(beta)
+        results = self._call("newton_cg_hvp", lambda s: (g, p, b))
+        hp = np.sum([np.asarray(r[0], np.float64) for r in results], axis=0)
+        return hp, float(sum(r[1] for r in results))
+
+    def cg_step(self, alpha):
+        """``s += alpha p``, ``r += alpha H p`` on every shard; the summed
+        ``sum_i C_i^T B_i^{-1} r_i`` ``(G,)``."""
+        results = self._call("newton_cg_step", lambda s: (float(alpha),))
+        return np.sum([np.asarray(r, np.float64) for r in results], axis=0)
+
+    def cg_finish(self, tau):
+        """End the solve on every shard; the sums of ``g_l . s_l`` and
+        ``s_l . (H s)_l``."""
+        results = self._call("newton_cg_finish", lambda s: (float(tau),))
+        return float(sum(r[0] for r in results)), float(sum(r[1] for r in results))
 
 
 @dataclass
