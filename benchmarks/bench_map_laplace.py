@@ -5,8 +5,10 @@ Simulates ``--categories x --products x --weeks`` rows with known elasticities
 
 * raybayes: plan -> distributed MAP -> arrowhead Laplace (``--workers`` shard
   workers on ``--backend``), draws in the constrained space. The MAP is
-  ``--method newton`` (default: vector-free L-BFGS warm-up to ``--tol``, then
-  trust-region Newton steps on the arrowhead Hessian to ``--gtol``) or
+  ``--method newton-cg`` (default: vector-free L-BFGS warm-up to ``--tol``, then
+  trust-region Newton-CG steps on Hessian-vector products, preconditioned by a
+  kept arrowhead Hessian, to ``--gtol``), ``--method newton`` (the same warm-up,
+  then trust-region Newton steps on a full arrowhead Hessian per step) or
   ``--method lbfgs`` (driver-held L-BFGS-B to ``--lbfgs-tol``, at most
   ``--max-iter`` iterations, then the Newton polish inside ``laplace``);
 * the tuned single-process peer of the MAP (``--skip-jax-peer`` to leave out):
@@ -45,7 +47,13 @@ from numpyro.infer.reparam import LocScaleReparam
 from raybayes.datasets.elasticity import prepare_elasticity_data, simulate_elasticity
 from raybayes.distributed import ShardedObjective
 from raybayes.models.elasticity import elasticity_model
-from raybayes.optim import NewtonObjective, find_map, find_map_newton, laplace
+from raybayes.optim import (
+    NewtonObjective,
+    find_map,
+    find_map_newton,
+    find_map_newton_cg,
+    laplace,
+)
 from raybayes.plan import plan
 
 MODEL = reparam(
@@ -61,7 +69,7 @@ def run_raybayes(kwargs, args):
     start = time.perf_counter()
     chosen = plan(MODEL, kwargs, num_shards=args.workers)
     print(chosen)
-    objective_class = NewtonObjective if args.method == "newton" else ShardedObjective
+    objective_class = ShardedObjective if args.method == "lbfgs" else NewtonObjective
     with objective_class(
         MODEL,
         kwargs,
@@ -70,8 +78,9 @@ def run_raybayes(kwargs, args):
         backend=args.backend,
     ) as objective:
         setup_s = time.perf_counter() - start
-        if args.method == "newton":
-            result = find_map_newton(
+        if args.method != "lbfgs":
+            run = find_map_newton if args.method == "newton" else find_map_newton_cg
+            result = run(
                 objective, tol=args.tol, gtol=args.gtol, warmup_steps=args.max_iter,
                 profile_steps=args.profile_steps, progress_bar=args.progress,
             )
@@ -107,6 +116,9 @@ def run_raybayes(kwargs, args):
         log_ml=lap.log_marginal_likelihood,
         polish=lap.map.message,
         hvp=lap.hessian_vector_products,
+        cg_steps=getattr(result, "num_cg_steps", None),
+        timings=getattr(result, "timings_s", None),
+        round_trips=getattr(result, "round_trips", None),
         num_global=objective.num_global,
         size=objective.size,
     )
@@ -201,7 +213,9 @@ def main():
     parser.add_argument("--weeks", type=int, default=156)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backend", default="ray")
-    parser.add_argument("--method", choices=("newton", "lbfgs"), default="newton")
+    parser.add_argument(
+        "--method", choices=("newton-cg", "newton", "lbfgs"), default="newton-cg"
+    )
     parser.add_argument("--tol", type=float, default=1e-8,
                         help="relative decrease ending the L-BFGS warm-up (newton)")
     parser.add_argument("--lbfgs-tol", type=float, default=1e-13,
@@ -260,6 +274,12 @@ def main():
             f"for {ours['num_global']} global columns"
         )
         print(f"  optimum: loss {ours['loss']:.10e}, |grad|max {ours['grad_norm']:.2e}")
+        if ours["timings"]:
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in ours["timings"].items())
+            print(
+                f"  Newton-CG: {ours['cg_steps']} Hessian-vector products in CG, "
+                f"{ours['round_trips']} round trips; time by part: {parts}"
+            )
     if not args.skip_jax_peer:
         peer = run_jax_lbfgs(kwargs, args.gtol, args.peer_max_iter)
         line = (

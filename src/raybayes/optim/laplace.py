@@ -62,8 +62,9 @@ from raybayes.distributed.objective import (
     shard_count,
 )
 from raybayes.errors import ConfigurationError
-from raybayes.optim.map import find_map
+from raybayes.optim.map import MAP_METHODS, find_map
 from raybayes.optim.newton import NewtonObjective, find_map_newton
+from raybayes.optim.newton_cg import find_map_newton_cg
 from raybayes.optim.result import MAPResult
 from raybayes.progress import progress_lines
 from raybayes.results import draws_to_inference_data
@@ -518,12 +519,15 @@ def laplace_approximation(
             :func:`find_map`).
         gtol: largest gradient component at which L-BFGS stops.
         max_steps: maximum L-BFGS iterations (``max_iter=`` deprecated); with
-            ``method="newton"``, of the L-BFGS warm-up.
+            ``method="newton"`` or ``"newton-cg"``, of the L-BFGS warm-up.
         method: how the MAP is found: ``"lbfgs"`` (default; :func:`find_map`,
             then up to 20 Newton steps if its gradient is above 1e-4) or
             ``"newton"`` (:func:`~raybayes.optim.find_map_newton`: L-BFGS to
             ``tol``, then trust-region Newton steps on the arrowhead Hessian to
-            ``gtol``; the fast way to a tight mode of a hierarchical model).
+            ``gtol``; the fast way to a tight mode of a hierarchical model) or
+            ``"newton-cg"`` (:func:`~raybayes.optim.find_map_newton_cg`: the
+            same warm-up, then Newton-CG steps preconditioned by one kept
+            arrowhead Hessian; fewer full Hessians).
         progress_bar: a line per L-BFGS iteration (``progress=`` deprecated).
         x64: workers compute in float64 (default).
 
@@ -563,10 +567,12 @@ def laplace_approximation(
     seed = renamed_argument(deprecated, "rng_key", "seed", seed, default=0)
     key = _root_key(seed)
     reject_unknown_arguments(deprecated, "laplace_approximation")
-    if method not in ("lbfgs", "newton"):
+    if method not in MAP_METHODS:
         raise ConfigurationError(
-            f"method={method!r}; use 'lbfgs' (L-BFGS) or 'newton' (an L-BFGS "
-            "warm-up, then trust-region Newton steps on the arrowhead Hessian)."
+            f"method={method!r}; use 'lbfgs' (L-BFGS), 'newton' (an L-BFGS "
+            "warm-up, then trust-region Newton steps on the arrowhead Hessian) or "
+            "'newton-cg' (an L-BFGS warm-up, then trust-region Newton-CG steps "
+            "preconditioned by a kept arrowhead Hessian)."
         )
     scaling, backend = resolve_scaling(
         backend, num_workers, use_gpu, resources_per_worker, address
@@ -575,10 +581,11 @@ def laplace_approximation(
     with planned_objective(
         model, model_kwargs, num_shards, partition=partition, backend=backend,
         source=source, model_args=model_args, x64=x64, scaling=scaling,
-        objective_class=NewtonObjective if method == "newton" else ShardedObjective,
+        objective_class=ShardedObjective if method == "lbfgs" else NewtonObjective,
     ) as objective:
-        if method == "newton":
-            result = find_map_newton(
+        if method != "lbfgs":
+            run = find_map_newton if method == "newton" else find_map_newton_cg
+            result = run(
                 objective, tol=tol, gtol=gtol, warmup_steps=max_steps,
                 progress_bar=progress_bar,
             )

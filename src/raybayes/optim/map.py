@@ -40,11 +40,16 @@ from raybayes.distributed.objective import (
 )
 from raybayes.errors import ConfigurationError
 from raybayes.optim.newton import NewtonObjective, find_map_newton
+from raybayes.optim.newton_cg import find_map_newton_cg
 from raybayes.optim.result import MAPResult, map_result_fields
 from raybayes.optim.vlbfgs import VectorFreeObjective, find_map_vector_free
 from raybayes.progress import progress_lines
 
-__all__ = ["MAPResult", "find_map", "fit_map"]
+__all__ = ["MAP_METHODS", "MAPResult", "find_map", "fit_map"]
+
+#: The values of ``method`` of :func:`fit_map` and
+#: :func:`~raybayes.optim.laplace_approximation`.
+MAP_METHODS = ("lbfgs", "newton", "newton-cg")
 
 
 def find_map(
@@ -252,10 +257,15 @@ def fit_map(
             arrowhead Hessian (:func:`~raybayes.optim.find_map_newton`; always
             vector-free). Newton reaches a tight optimum of a hierarchical model
             in a few Hessians where L-BFGS crawls along the ridges of its scales.
+            ``"newton-cg"``: an L-BFGS warm-up, then trust-region Newton-CG
+            steps on Hessian-vector products, preconditioned by a kept arrowhead
+            Hessian (:func:`~raybayes.optim.find_map_newton_cg`; vector-free): the
+            same optimum with one full Hessian or a few, instead of one per step.
         x64: workers compute in float64 (default).
         **kwargs: passed to :func:`find_map` (``tol``, ``gtol``, ``max_steps``,
             ``history_size``, ``progress_bar``, ...), or to
-            :func:`~raybayes.optim.find_map_newton` (``gtol``, ``max_steps``,
+            :func:`~raybayes.optim.find_map_newton` or
+            :func:`~raybayes.optim.find_map_newton_cg` (``gtol``, ``max_steps``,
             ``warmup_steps``, ``tol``, ``progress_bar``, ...).
 
     Returns:
@@ -285,10 +295,12 @@ def fit_map(
         0.8
     """
     model_args, model_kwargs = split_model_arguments(model_args, model_kwargs, kwargs)
-    if method not in ("lbfgs", "newton"):
+    if method not in MAP_METHODS:
         raise ConfigurationError(
-            f"method={method!r}; use 'lbfgs' (L-BFGS) or 'newton' (an L-BFGS "
-            "warm-up, then trust-region Newton steps on the arrowhead Hessian)."
+            f"method={method!r}; use 'lbfgs' (L-BFGS), 'newton' (an L-BFGS "
+            "warm-up, then trust-region Newton steps on the arrowhead Hessian) or "
+            "'newton-cg' (an L-BFGS warm-up, then trust-region Newton-CG steps "
+            "preconditioned by a kept arrowhead Hessian)."
         )
     scaling, backend = resolve_scaling(
         backend, num_workers, use_gpu, resources_per_worker, address
@@ -297,6 +309,8 @@ def fit_map(
     objective_class, run = ShardedObjective, find_map
     if method == "newton":
         objective_class, run = NewtonObjective, find_map_newton
+    elif method == "newton-cg":
+        objective_class, run = NewtonObjective, find_map_newton_cg
     elif vector_free:
         objective_class, run = VectorFreeObjective, find_map_vector_free
     with planned_objective(
