@@ -236,7 +236,7 @@ def find_map_newton_cg(
     profile_steps: int = 5,
     max_cg_steps: int = 50,
     max_hessians: int = 3,
-    refresh_cg_steps: int = 25,
+    refresh_ratio: float = 1.0,
     eigenvalue_floor: float = 1e-6,
     batch_size: int = 16,
     progress_bar: bool = True,
@@ -251,10 +251,12 @@ def find_map_newton_cg(
     decrease of the loss below ``tol``), then up to ``profile_steps`` Newton steps
     of every shard's locals with the globals fixed; the preconditioner is the
     arrowhead Hessian at that point. An outer step costs one CG solve (a few
-    sharded Hessian-vector products) and one evaluation of the objective; the
-    full Hessian is rebuilt only when a CG solve needed more than
-    ``refresh_cg_steps`` iterations or two steps in a row were rejected, at most
-    ``max_hessians`` times in all.
+    sharded Hessian-vector products) and one evaluation of the objective. The
+    full Hessian is rebuilt (at most ``max_hessians`` times in all) only when two
+    steps in a row were rejected, or when CG has spent on the kept one more
+    Hessian-vector products than ``refresh_ratio`` times a Hessian's and its last
+    solve took more than 10 iterations: a rent-or-buy rule that spends at most
+    about as much on a stale preconditioner as a fresh one costs.
 
     Args:
         objective: a :class:`~raybayes.optim.NewtonObjective` (its workers hold
@@ -273,8 +275,9 @@ def find_map_newton_cg(
         max_cg_steps: CG iterations (Hessian-vector products) per outer step.
         max_hessians: full arrowhead Hessians built for the preconditioner, at
             most (at least 1).
-        refresh_cg_steps: a CG solve with more iterations than this rebuilds the
-            preconditioner at the next point (while ``max_hessians`` allows).
+        refresh_ratio: rebuild the preconditioner once CG has used this many
+            times the Hessian-vector products of a full Hessian with it (see
+            above; while ``max_hessians`` allows).
         eigenvalue_floor: eigenvalues of the preconditioner's Schur complement are
             replaced by their absolute values, at least this fraction of the
             largest.
@@ -294,7 +297,7 @@ def find_map_newton_cg(
     Raises:
         ConfigurationError: ``objective`` is not a ``NewtonObjective``, or
             ``gtol``, ``max_steps``, ``warmup_steps``, ``tol``, ``radius``,
-            ``max_cg_steps``, ``max_hessians``, ``refresh_cg_steps`` or ``init``
+            ``max_cg_steps``, ``max_hessians``, ``refresh_ratio`` or ``init``
             out of range, or an unknown argument (before any work on the workers).
         ShardError: a shard worker failed (names the shard).
 
@@ -332,12 +335,15 @@ def find_map_newton_cg(
         ("profile_steps", profile_steps, 0),
         ("max_cg_steps", max_cg_steps, 1),
         ("max_hessians", max_hessians, 1),
-        ("refresh_cg_steps", refresh_cg_steps, 1),
     ):
         if int(value) != value or int(value) < low:
             raise ConfigurationError(f"{name}={value}; use an integer >= {low}.")
     if not tol > 0:
         raise ConfigurationError(f"tol={tol}; use a positive number such as 1e-8.")
+    if not refresh_ratio > 0:
+        raise ConfigurationError(
+            f"refresh_ratio={refresh_ratio}; use a positive number such as 1."
+        )
     if radius is not None and not radius > 0:
         raise ConfigurationError(
             f"radius={radius}; use a positive number, or None for the length of "
@@ -389,7 +395,8 @@ def find_map_newton_cg(
             "profile", objective.profile, x_global, profile_steps, gtol
         )
     grad_max = max(_max_abs(grad_g), max_local)
-    steps = hessians = num_hvp = rejected = age = total_cg = 0
+    steps = hessians = num_hvp = rejected = age = total_cg = cg_since = 0
+    hvp_now = 0
     cg_counts: list[int] = []
     pre = None
     status, message = None, ""
@@ -422,7 +429,7 @@ def find_map_newton_cg(
             )
             hessians += 1
             num_hvp = max(num_hvp, hvp_now)
-            rejected = age = 0
+            rejected = age = cg_since = 0
             emit(
                 f"Newton-CG Hessian {hessians}: {hvp_now} Hessian-vector products "
                 f"per shard; smallest eigenvalue of S {pre.smallest:.3e}; local "
@@ -434,6 +441,7 @@ def find_map_newton_cg(
         )
         radius = cg["radius"]
         total_cg += cg["iterations"]
+        cg_since += cg["iterations"]
         cg_counts.append(cg["iterations"])
         delta_g, slope, predicted = cg["s_g"], cg["slope"], -cg["model"]
         alpha, accepted = 1.0, None
@@ -491,11 +499,12 @@ def find_map_newton_cg(
         )
         grad_max = new_max
         if (
-            cg["iterations"] > int(refresh_cg_steps)
+            cg_since > float(refresh_ratio) * hvp_now
+            and cg["iterations"] > 10
             and hessians < int(max_hessians)
             and grad_max > gtol
         ):
-            pre = None  # CG works hard with this preconditioner: a fresh one
+            pre = None  # CG has spent a Hessian's worth on this one: a fresh one
     if status != "converged":
         emit(f"Newton-CG stopped: {status} ({message})")
     x = objective.join(x_global, objective.gather_locals())
