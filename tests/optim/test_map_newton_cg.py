@@ -35,14 +35,19 @@ def test_newton_cg_from_an_indefinite_start_reaches_the_lbfgs_b_mode(num_shards)
     # mu = 0, log tau = 3, theta_tilde = 2: up the ridge; no L-BFGS warm-up
     start = np.r_[0.0, 3.0, np.full(8, 2.0)]
     with NewtonObjective(
-        eight_schools_noncentred, SCHOOLS, partition=SCHOOLS_SPLIT,
+        eight_schools_noncentred,
+        SCHOOLS,
+        partition=SCHOOLS_SPLIT,
         num_shards=num_shards,
     ) as objective:
         r = find_map_newton_cg(
             objective, init=start, warmup_steps=0, gtol=1e-8, progress_bar=False
         )
         ref = optimize.minimize(
-            objective.value_and_grad, start, jac=True, method="L-BFGS-B",
+            objective.value_and_grad,
+            start,
+            jac=True,
+            method="L-BFGS-B",
             options=dict(maxiter=20_000, ftol=1e-15, gtol=1e-9, maxcor=30),
         )
     assert r.status == "converged" and r.grad_norm <= 1e-8, r.message
@@ -57,8 +62,9 @@ def test_newton_cg_from_an_indefinite_start_reaches_the_lbfgs_b_mode(num_shards)
 
 def test_newton_cg_validates_its_settings_before_any_work():
     with pytest.raises(ConfigurationError, match="'newton-cg'"):
-        fit_map(eight_schools_noncentred, model_kwargs=SCHOOLS, method="cg",
-                backend="local")
+        fit_map(
+            eight_schools_noncentred, model_kwargs=SCHOOLS, method="cg", backend="local"
+        )
     with NewtonObjective(
         eight_schools_noncentred, SCHOOLS, partition=SCHOOLS_SPLIT, num_shards=1
     ) as f:

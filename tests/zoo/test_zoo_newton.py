@@ -17,8 +17,14 @@ def _lbfgs_map(name):
     """SciPy's L-BFGS-B (``find_map``) to a tight tolerance, on one shard."""
     zoo = BY_NAME[name]
     return fit_map(
-        zoo.model, model_kwargs=zoo.data(), backend="local", progress_bar=False,
-        num_shards=1, tol=1e-15, gtol=1e-8, max_steps=5000,
+        zoo.model,
+        model_kwargs=zoo.data(),
+        backend="local",
+        progress_bar=False,
+        num_shards=1,
+        tol=1e-15,
+        gtol=1e-8,
+        max_steps=5000,
     )
 
 

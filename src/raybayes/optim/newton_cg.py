@@ -110,8 +110,14 @@ class _Clock:
         self.timings = {
             k: 0.0
             for k in (
-                "warmup", "profile", "hessian", "eigh", "hvp", "precondition",
-                "evaluate", "accept",
+                "warmup",
+                "profile",
+                "hessian",
+                "eigh",
+                "hvp",
+                "precondition",
+                "evaluate",
+                "accept",
             )
         }
         self.round_trips = 0
@@ -176,7 +182,8 @@ def _steihaug(objective, clock, pre, x_global, grad_g, radius, eta, max_cg):
     if not rz0 > 0:
         reason = "zero gradient"
     else:
-        for iterations in range(1, int(max_cg) + 1):
+        while iterations < int(max_cg):
+            iterations += 1
             hp_g, php_l = clock.run("hvp", objective.cg_hvp, x_global, p_g, beta)
             kappa = float(p_g @ hp_g) + php_l
             if not np.isfinite(kappa):
@@ -351,8 +358,7 @@ def find_map_newton_cg(
         )
     if not 0 < eigenvalue_floor < 1:
         raise ConfigurationError(
-            f"eigenvalue_floor={eigenvalue_floor}; use a number in (0, 1) such as "
-            "1e-6."
+            f"eigenvalue_floor={eigenvalue_floor}; use a number in (0, 1) such as 1e-6."
         )
     if init is not None and np.shape(init) != (objective.size,):
         raise ConfigurationError(
@@ -368,8 +374,13 @@ def find_map_newton_cg(
         warm = clock.run(
             "warmup",
             lambda: find_map_vector_free(
-                objective, init=init, tol=tol, gtol=gtol, max_steps=int(warmup_steps),
-                progress_bar=progress_bar, assemble=False,
+                objective,
+                init=init,
+                tol=tol,
+                gtol=gtol,
+                max_steps=int(warmup_steps),
+                progress_bar=progress_bar,
+                assemble=False,
             ),
             trips=0,
         )
@@ -420,8 +431,12 @@ def find_map_newton_cg(
                     scale = 1.0
                 local_damping = max(10 * local_damping, 1e-3 * scale)
                 parts = clock.run(  # the same Hessian, damped
-                    "hessian", objective.hessian, x_global, batch_size,
-                    local_damping, True,
+                    "hessian",
+                    objective.hessian,
+                    x_global,
+                    batch_size,
+                    local_damping,
+                    True,
                 )
             schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
             pre = clock.run(
