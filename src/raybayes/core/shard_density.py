@@ -351,6 +351,8 @@ class ShardLogDensity:
         self._constrained_site_trace = None
         self._hvp = jax.jit(self._hvp_impl)
         self._columns = jax.jit(self._columns_impl, static_argnums=(5,))
+        self._columns_tangent = None  # compiled on first use (nested Laplace)
+        self._local_tangent = None
         self._coloring: ColoredGlobalHessian | None = None
         self.last_num_hvp = 0
 
@@ -547,6 +549,91 @@ class ShardLogDensity:
             lambda e: self._hvp_impl(global_flat, local_mat, e, zl, arrays),
             eye,
             batch_size=batch_size,
+        )
+
+    def _columns_tangent_impl(
+        self, global_flat, local_mat, dir_global, dir_local, eye, zl, arrays,
+        batch_size,
+    ):
+        _, out = jax.jvp(
+            lambda g, lm: self._columns_impl(g, lm, eye, zl, arrays, batch_size),
+            (global_flat, local_mat),
+            (dir_global, dir_local),
+        )
+        return out
+
+    def hessian_tangent(
+        self, global_flat, local_mat, dir_global, dir_local, batch_size: int = 16,
+        coloring=None,
+    ):
+        """Derivatives of this shard's Hessian blocks along a direction ``v``.
+
+        ``d/de`` at ``e = 0`` of ``H_gg``, ``H_lg`` and the local blocks ``B_i`` at
+        ``(global_flat, local_mat) + e (dir_global, dir_local)``: third derivatives
+        of the negative shard log joint contracted with ``v``, by forward-mode
+        differentiation of the Hessian-vector products (exact, no differences).
+
+        Args:
+            global_flat: ``(G,)`` the point's globals.
+            local_mat: ``(P, k)`` its locals.
+            dir_global: ``(G,)`` the direction's globals.
+            dir_local: ``(P, k)`` its locals.
+            batch_size: products evaluated together.
+            coloring: a :class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`
+                whose groups are known (a copy of the one of
+                :meth:`global_hessian_columns`; the derivative has the Hessian's
+                sparsity), or ``None`` for one product per global parameter.
+
+        Returns:
+            ``(dH_gg (G, G), dH_lg (P, k, G), dB (P, k, k) or None)``.
+        """
+        if self._columns_tangent is None:
+            self._columns_tangent = jax.jit(
+                self._columns_tangent_impl, static_argnums=(7,)
+            )
+        dtype = global_flat.dtype
+        zl = jnp.zeros_like(local_mat)
+        dg = jnp.asarray(dir_global, dtype)
+        dl = jnp.asarray(dir_local, dtype)
+
+        def tangent_columns(tangents):
+            t = jnp.asarray(tangents, dtype=dtype)
+            hg, hl = self._columns_tangent(
+                global_flat, local_mat, dg, dl, t, zl, self._arrays, batch_size
+            )
+            return np.asarray(hg), np.asarray(hl)
+
+        if coloring is None:
+            hg, hl = tangent_columns(np.eye(self.num_global))
+            d_gg = jnp.asarray(hg.T, dtype)
+            d_lg = jnp.moveaxis(jnp.asarray(hl, dtype), 0, -1)
+        else:
+            d_gg, d_lg = coloring(tangent_columns)
+            d_gg, d_lg = jnp.asarray(d_gg, dtype), jnp.asarray(d_lg, dtype)
+        k = self.num_local_per_entity
+        if not k:
+            return d_gg, d_lg, None
+        # the local blocks' columns: all entities at once (as local_hessian_blocks)
+        eye = jnp.zeros((k, *local_mat.shape), dtype)
+        eye = eye.at[jnp.arange(k), :, jnp.arange(k)].set(1.0)
+        tg = jnp.zeros((k, self.num_global), dtype)
+        _, hl = self._columns_tangent_local(global_flat, local_mat, dg, dl, tg, eye)
+        return d_gg, d_lg, jnp.moveaxis(hl, 0, -1)
+
+    def _columns_tangent_local(self, global_flat, local_mat, dg, dl, tg, tl):
+        if self._local_tangent is None:
+
+            def impl(g, lm, dg, dl, tg, tl, arrays):
+                def cols(g, lm):
+                    return jax.vmap(
+                        lambda a, b: self._hvp_impl(g, lm, a, b, arrays)
+                    )(tg, tl)
+
+                return jax.jvp(cols, (g, lm), (dg, dl))[1]
+
+            self._local_tangent = jax.jit(impl)
+        return self._local_tangent(
+            global_flat, local_mat, dg, dl, tg, tl, self._arrays
         )
 
     def hvp(self, global_flat, local_mat, tangent_global, tangent_local):

@@ -75,6 +75,7 @@ class ShardWorker:
         self._hessian = None
         self._num_flat = 0
         self._factor: arrowhead.ArrowheadFactor | None = None
+        self._point = None  # (globals, locals) of the kept Hessian
 
     # -------------------------------------------------------------- set-up
     @worker_precision
@@ -233,6 +234,7 @@ class ShardWorker:
                 blocks, num_flat = arrowhead.unit_curvature_where_flat(hlg, blocks)
                 self._num_flat = int(num_flat)
             self._hessian = (hgg, hlg, blocks)
+            self._point = (g, lm)
         self._factor = arrowhead.factor_arrowhead(
             hgg, hlg, blocks, damping=damping, num_shards=len(self.specs)
         )
@@ -243,6 +245,40 @@ class ShardWorker:
             int(f.num_not_positive_definite),
             num_hvp,
         )
+
+    @worker_precision
+    def laplace_hessian_columns(self, index):
+        """Columns ``index`` of the kept Hessian (of the last :meth:`laplace_factor`):
+        ``(H_gg[:, index] (G, d) (this shard's term), H_lg[..., index] (P_s, k, d))``.
+        """
+        self._factored()
+        hgg, hlg, _ = self._hessian
+        index = np.asarray(index, np.int64)
+        return np.asarray(hgg)[:, index], np.asarray(hlg)[..., index]
+
+    @worker_precision
+    def laplace_factor_tangent(self, dir_global, dir_local, batch_size: int = 16):
+        """Derivative along ``v = (dir_global, dir_local)`` of this shard's Schur term
+        and ``sum_i log det B_i`` at the point of the last (undamped)
+        :meth:`laplace_factor` (see
+        :func:`raybayes.core.arrowhead.factor_tangent`).
+
+        Returns:
+            ``(d_schur (G, G), d_log_det_local)``.
+        """
+        import copy
+
+        factor = self._factored()
+        d = self.density
+        g, lm = self._point
+        coloring = copy.deepcopy(d._coloring) if d._coloring is not None else None
+        d_gg, d_lg, d_b = d.hessian_tangent(
+            g, lm, dir_global, dir_local, batch_size=batch_size, coloring=coloring
+        )
+        # coordinates given unit curvature (unit_curvature_where_flat) have zero
+        # Hessian rows at every point: their derivative is zero as computed
+        d_schur, d_log_det = arrowhead.factor_tangent(factor, d_gg, d_lg, d_b)
+        return np.asarray(d_schur), float(d_log_det)
 
     def num_flat_locals(self) -> int:
         """Local coordinates of this shard that the log joint does not depend on

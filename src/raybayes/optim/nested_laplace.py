@@ -316,6 +316,8 @@ class _ConditionalLaplace:
         self.num_evaluations = 0
         self.num_free = objective.size - self.index.size
         self.rescue = None  # a callable giving another start point, used once
+        self.last = None  # (theta, mode, Cholesky of S) of the last finite value
+        self.num_gradients = 0
 
     def mode(self, theta, start=None):
         """``x*(theta)`` (a MAPResult) by Newton from ``start`` (default: the last
@@ -400,11 +402,81 @@ class _ConditionalLaplace:
             return -np.inf, result
         logdet = 2.0 * float(np.sum(np.log(np.diag(chol)))) + logdet_local
         value = -result.loss + 0.5 * self.num_free * np.log(2 * np.pi) - 0.5 * logdet
+        self.last = (theta.copy(), result, chol)
         self.emit(
             f"log p(theta|y) {value:.6f} at theta {np.round(theta, 4).tolist()} "
             f"({self.num_evaluations} evaluations)"
         )
         return float(value), result
+
+
+    def gradient(self, theta):
+        """The exact gradient of ``log p~(theta | y)`` ``(d,)`` and the tangents
+        ``dx*/dtheta`` ``(size, d)`` of the conditional mode, at the ``theta`` of
+        the last finite evaluation (:meth:`__call__`, whose factor the workers
+        keep).
+
+        By the implicit function theorem at the mode (``grad_x F = 0``),
+        ``dx*/dtheta_j = -H_xx^{-1} H_{x theta_j}`` (one arrowhead solve per
+        hyperparameter with the kept factor), and with ``v_j = (dx*/dtheta_j,
+        e_j)``::
+
+            d/dtheta_j log p~ = -D_{v_j} F - 1/2 D_{v_j} log det H_xx,
+            D_v log det H_xx = tr(S^{-1} D_v S) + sum_i tr(B_i^{-1} D_v B_i),
+
+        where ``D_v S`` and ``D_v B_i`` are forward-mode derivatives of the shards'
+        Hessian blocks along ``v`` (:meth:`ShardWorker.laplace_factor_tangent`):
+        ``d`` directional third derivatives, the locals on their shards, the
+        ``G x G`` terms summed on the driver (Rue, Martino & Chopin 2009).
+        """
+        last_theta, result, chol = self.last
+        if not np.array_equal(last_theta, theta):
+            raise RuntimeError("gradient() must follow an evaluation at theta")
+        obj = self.objective
+        G = obj.num_global
+        idx = self.index
+        d = idx.size
+        free = np.setdiff1d(np.arange(G), idx)
+        x = result.x
+        _, grad_f = obj.value_and_grad(x)  # the full gradient of F, theta included
+        cols = obj.gather("laplace_hessian_columns", lambda s: (idx,))
+        h_g = np.sum([np.asarray(c[0], np.float64) for c in cols], axis=0)  # (G, d)
+        out = np.zeros(d)
+        tangents = np.zeros((obj.size, d))
+        for j in range(d):
+            reduced = obj.gather(
+                "newton_reduce",
+                lambda s: (np.asarray(cols[s][1])[..., j],),  # noqa: B023
+            )
+            rhs = -h_g[:, j] + np.sum(
+                [np.broadcast_to(np.asarray(r, np.float64), (G,)) for r in reduced],
+                axis=0,
+            )
+            v_g = np.zeros(G)
+            if free.size:
+                v_g[free] = linalg.cho_solve((chol, True), rhs[free])
+            v_g[idx[j]] = 1.0
+            # -B_i^{-1} C_i v_g = -B_i^{-1} (C_i,free dg + H_{l_i theta_j})
+            v_l = obj.gather(
+                "newton_local_step",
+                lambda s: (np.zeros(obj.local_shapes[s]), v_g),  # noqa: B023
+            )
+            v = obj.join(v_g, v_l)
+            tangents[:, j] = v
+            parts = obj.gather(
+                "laplace_factor_tangent",
+                lambda s: (v_g, v_l[s], self.batch_size),  # noqa: B023
+            )
+            d_schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
+            d_schur = d_schur[np.ix_(free, free)]
+            d_logdet = float(sum(p[1] for p in parts))
+            if free.size:
+                d_logdet += float(
+                    np.trace(linalg.cho_solve((chol, True), d_schur))
+                )
+            out[j] = -float(grad_f @ v) - 0.5 * d_logdet
+        self.num_gradients += 1
+        return out, tangents
 
 
 def _finite_difference_hessian(f, theta, f0, step):
@@ -612,62 +684,69 @@ def _integrate_hyperparameters(
 
     cond.rescue = rescue
 
-    # 1. the mode of log p(theta | y): BFGS on central differences, its initial
-    # inverse Hessian from the curvature the first differences give for free
-    base = {"x": None}
+    # 1. the mode of log p(theta | y): BFGS with the exact gradient (implicit
+    # function theorem at the conditional mode, _ConditionalLaplace.gradient);
+    # each conditional mode starts from the nearest one found so far, moved along
+    # its tangent dx*/dtheta (a first-order predictor)
+    known: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    evaluated: dict[tuple, tuple] = {}  # theta -> (log p~(theta | y), mode)
+
+    def predicted(theta):
+        if not known:
+            return None
+        t, x, tangents = min(known, key=lambda k: float(np.sum((k[0] - theta) ** 2)))
+        return x + tangents @ (theta - t)
 
     def negative(theta):
-        value, result = cond(theta, start=base["x"])
+        value, result = cond(theta, start=predicted(theta))
         return -value if np.isfinite(value) else 1e300
 
-    def differences(theta):
-        value, result = cond(theta)
+    def value_and_grad(theta):
+        theta = np.asarray(theta, np.float64)
+        value, result = cond(theta, start=predicted(theta))
         if not np.isfinite(value):
-            return 1e300, np.zeros_like(theta), np.ones_like(theta)
-        cond.x = base["x"] = result.x
-        plus = np.empty_like(theta)
-        minus = np.empty_like(theta)
-        for i in range(theta.size):
-            e = np.zeros_like(theta)
-            e[i] = step
-            plus[i], minus[i] = negative(theta + e), negative(theta - e)
-        base["x"] = None
-        grad = (plus - minus) / (2 * step)
-        curvature = (plus + minus + 2 * value) / step**2
-        return -value, grad, curvature
+            return 1e300, np.zeros_like(theta)
+        cond.x = result.x
+        grad, tangents = cond.gradient(theta)
+        known.append((theta.copy(), result.x, tangents))
+        evaluated[tuple(theta)] = (value, result)
+        return -value, -grad
 
     theta0 = x0[index]
     if dim:
-        first = differences(theta0)
+        first = value_and_grad(theta0)
         cache = {tuple(theta0): first}
 
-        def value_and_grad(theta):
-            v, g, _ = cache.pop(tuple(theta), None) or differences(theta)
-            return v, g
+        def cached_value_and_grad(theta):
+            return cache.pop(tuple(theta), None) or value_and_grad(theta)
 
-        curvature = first[2]
-        inverse = np.where(curvature > 1e-8, 1.0 / np.abs(curvature), 1.0)
+        # first step at most 1 in any unconstrained coordinate
+        scale = 1.0 / max(1.0, float(np.max(np.abs(first[1]), initial=0.0)))
         opt = optimize.minimize(
-            value_and_grad,
+            cached_value_and_grad,
             theta0,
             jac=True,
             method="BFGS",
-            options={"maxiter": max_steps, "gtol": gtol, "hess_inv0": np.diag(inverse)},
+            options={
+                "maxiter": max_steps,
+                "gtol": gtol,
+                "hess_inv0": scale * np.eye(dim),
+            },
         )
         theta_star = opt.x
     else:
         theta_star = theta0
-    centre_value, centre = cond(theta_star)
+    if dim and tuple(theta_star) not in evaluated:
+        value_and_grad(theta_star)  # the centre's tangents, for the predictor
+    centre_value, centre = evaluated.get(tuple(theta_star)) or cond(theta_star)
     cond.x = centre.x
     timings["mode_s"] = time.perf_counter() - start
 
     # 2. the Hessian at the mode, the standardised coordinates
     if dim:
-        base["x"] = centre.x
         hess = _finite_difference_hessian(
             lambda t: -negative(t), theta_star, centre_value, step * 4
         )
-        base["x"] = None
         eig, vec = linalg.eigh(-hess)
         if eig[0] <= 0:
             raise ConfigurationError(
@@ -691,7 +770,8 @@ def _integrate_hyperparameters(
     def evaluate(z):
         key = tuple(np.round(z, 12))
         if key not in values:
-            v, r = cond(theta_star + scale @ z, start=centre.x)
+            theta = theta_star + scale @ z
+            v, r = cond(theta, start=predicted(theta))
             values[key] = (v, r.x)
         return values[key][0]
 
