@@ -136,6 +136,43 @@ def test_shard_count_does_not_change_the_draws(one_shard):
     assert abs(two.log_marginal_likelihood - one_shard.log_marginal_likelihood) < 1e-8
 
 
+def test_exact_gradient_of_log_p_theta_matches_finite_differences():
+    """The implicit-function gradient of log p~(tau | y) on eight schools (2
+    shards) against central differences of the values with a step of 1e-4, whose
+    error is O(h^2) ~ 1e-8; and the mode's tangent dx*/dtheta against the moved
+    mode."""
+    from raybayes.distributed.objective import planned_objective
+    from raybayes.optim.nested_laplace import _ConditionalLaplace
+
+    with planned_objective(
+        schools,
+        {"sigma": SIGMA, "y": Y},
+        2,
+        partition=Partition("school", entity_args=("sigma", "y")),
+        backend="local",
+    ) as objective:
+        names = [n for n, _ in objective.global_sites]
+        index = np.array([names.index("tau")])
+        cond = _ConditionalLaplace(
+            objective, index, np.zeros(objective.size), 16, 1e-10, 50, print
+        )
+        h = 1e-4
+        grads, diffs = [], []
+        for log_tau in (0.5, 2.5):  # either side of the mode (about 1.5)
+            theta = np.array([log_tau])
+            _, mode = cond(theta)
+            grad, tangents = cond.gradient(theta)
+            up, moved = cond(theta + h, start=mode.x)
+            down, _ = cond(theta - h, start=mode.x)
+            grads.append(grad[0])
+            diffs.append((up - down) / (2 * h))
+            np.testing.assert_allclose(
+                (moved.x - mode.x) / h, tangents[:, 0], rtol=1e-3, atol=1e-5
+            )
+    assert grads[0] > 0.1 and grads[1] < -0.1  # a real slope on either side
+    np.testing.assert_allclose(grads, diffs, rtol=1e-6, atol=1e-7)
+
+
 def test_central_composite_design_reproduces_gaussian_moments():
     for dim in (3, 5, 6):
         z, a = central_composite_design(dim)
