@@ -190,7 +190,8 @@ def run_method(name, kwargs, part, backend, seed, args):
         t = res.timings
         extra["note"] = (
             f"theta {res.hyperparameters}, {len(res.weights)} design points, "
-            f"{res.num_evaluations} evaluations of log p(theta|y): mode "
+            f"{res.num_evaluations} evaluations of log p(theta|y) and "
+            f"{res.num_gradients} of its gradient: mode "
             f"{t['mode_s']:.1f} s, Hessian {t['hessian_s']:.1f} s, design "
             f"{t['design_s']:.1f} s, draws {t['draws_s']:.1f} s"
         )

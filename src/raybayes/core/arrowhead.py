@@ -130,7 +130,9 @@ def factor_arrowhead(
     )
 
 
-def factor_tangent(factor: ArrowheadFactor, d_hess_global, d_hess_cross, d_local_blocks):
+def factor_tangent(
+    factor: ArrowheadFactor, d_hess_global, d_hess_cross, d_local_blocks
+):
     """Directional derivative of one shard's Schur term and ``sum_i log det B_i``.
 
     Given the derivatives ``dH_gg``, ``dC_i``, ``dB_i`` of the shard's Hessian blocks
@@ -170,9 +172,7 @@ def factor_tangent(factor: ArrowheadFactor, d_hess_global, d_hess_cross, d_local
     db = 0.5 * (db + jnp.swapaxes(db, -1, -2))
     binv_c = jnp.einsum("pkj,pjg->pkg", binv, cross)  # B_i^{-1} C_i
     mixed = jnp.einsum("pkg,pkh->gh", dc, binv_c)
-    d_schur = (
-        dgg - mixed - mixed.T + jnp.einsum("pkg,pkj,pjh->gh", binv_c, db, binv_c)
-    )
+    d_schur = dgg - mixed - mixed.T + jnp.einsum("pkg,pkj,pjh->gh", binv_c, db, binv_c)
     d_log_det = jnp.einsum("pkj,pjk->", binv, db)
     return d_schur, d_log_det
 

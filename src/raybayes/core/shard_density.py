@@ -597,11 +597,14 @@ class ShardLogDensity:
         dl = jnp.asarray(dir_local, dtype)
 
         def tangent_columns(tangents):
-            t = jnp.asarray(tangents, dtype=dtype)
-            hg, hl = self._columns_tangent(
-                global_flat, local_mat, dg, dl, t, zl, self._arrays, batch_size
+            return _in_chunks(
+                lambda t: self._columns_tangent(
+                    global_flat, local_mat, dg, dl, t, zl, self._arrays, batch_size
+                ),
+                tangents,
+                batch_size,
+                dtype,
             )
-            return np.asarray(hg), np.asarray(hl)
 
         if coloring is None:
             hg, hl = tangent_columns(np.eye(self.num_global))
@@ -673,11 +676,14 @@ class ShardLogDensity:
         dtype = global_flat.dtype
 
         def hvp_columns(tangents):
-            t = jnp.asarray(tangents, dtype=dtype)
-            hg, hl = self._columns(
-                global_flat, local_mat, t, zl, self._arrays, batch_size
+            return _in_chunks(
+                lambda t: self._columns(
+                    global_flat, local_mat, t, zl, self._arrays, batch_size
+                ),
+                tangents,
+                batch_size,
+                dtype,
             )
-            return np.asarray(hg), np.asarray(hl)
 
         if not coloring:
             hg, hl = hvp_columns(np.eye(self.num_global))
@@ -692,6 +698,25 @@ class ShardLogDensity:
         hgg, hlg = self._coloring(hvp_columns)
         self.last_num_hvp = self._coloring.last_num_hvp
         return jnp.asarray(hgg, dtype), jnp.asarray(hlg, dtype)
+
+
+def _in_chunks(columns, tangents, batch_size, dtype):
+    """``columns`` of ``(n, G)`` tangents in chunks of exactly ``batch_size`` rows
+    (the last one padded with zeros): one compiled shape for any ``n``, so the
+    different numbers of probes of the colored Hessian (discovery, steady state,
+    dense fallback) do not each compile the Hessian-vector products again."""
+    tangents = np.asarray(tangents)
+    n = tangents.shape[0]
+    rows = -(-n // batch_size) * batch_size
+    padded = np.zeros((max(rows, batch_size), tangents.shape[1]), tangents.dtype)
+    padded[:n] = tangents
+    outs = [  # dispatched together, read back after
+        columns(jnp.asarray(padded[i : i + batch_size], dtype=dtype))
+        for i in range(0, padded.shape[0], batch_size)
+    ]
+    hg = np.concatenate([np.asarray(o[0]) for o in outs])[:n]
+    hl = np.concatenate([np.asarray(o[1]) for o in outs])[:n]
+    return hg, hl
 
 
 def shard_log_density(

@@ -108,6 +108,8 @@ def newton_polish(
     batch_size: int = 16,
     progress_bar: bool = False,
     fixed: Sequence[int] = (),
+    assemble: bool = True,
+    kept_schur: np.ndarray | None = None,
     **deprecated,
 ) -> MAPResult:
     """Levenberg-Marquardt Newton steps from an L-BFGS point, with the arrowhead
@@ -150,6 +152,13 @@ def newton_polish(
             :func:`~raybayes.optim.nested_laplace.nested_laplace`): the steps, the
             Schur complement and ``gtol`` then concern the other coordinates only,
             so the result is the mode of the conditional ``p(x | theta, y)``.
+        assemble: also compute the constrained values of every site at the
+            result (``params``; ``{}`` when ``False``: a call on the workers
+            saved, as :func:`~raybayes.optim.map.find_map`'s ``assemble``).
+        kept_schur: the Schur complement ``(F, F)`` of the free globals of a Hessian
+            the workers already hold (their last undamped ``laplace_factor``,
+            at a nearby point): the first steps use it instead of a new Hessian
+            (the chord method), until a step cuts the gradient less than fourfold.
 
     Returns:
         A :class:`MAPResult` at the polished point: ``status`` is ``"converged"``
@@ -211,6 +220,17 @@ def newton_polish(
             break
         g, locals_ = objective.split(x)
         grad_g, grad_l = objective.split(grad)
+        if eig is None and kept_schur is not None:  # the workers' kept Hessian
+            eig, basis = (
+                linalg.eigh(kept_schur) if free.size else (np.ones(0), None)
+            )
+            kept_schur = None
+            floor = 0.0
+            if free.size and eig[0] <= 1e-10 * max(abs(eig[-1]), 1.0):
+                floor = 1.01 * abs(eig[0]) + 1e-10 * max(abs(eig[-1]), 1.0)
+            lam = max(lam, floor)
+            rejected = 0
+            age = 1  # a stale Hessian: recomputed after three rejected steps
         if eig is None:
             parts = objective.gather(
                 "laplace_factor",
@@ -295,7 +315,7 @@ def newton_polish(
         if new_max > 0.25 * grad_max:  # slow progress: a fresh Hessian
             eig = None
     grad_norm = float(np.max(np.abs(grad))) if grad.size else 0.0
-    params = constrained_values(objective, x[None])[0]
+    params = constrained_values(objective, x[None])[0] if assemble else {}
     return MAPResult(
         params={k: v[0] for k, v in params.items()},
         x=x,

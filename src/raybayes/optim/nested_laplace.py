@@ -14,9 +14,17 @@ field ``x`` (everything else: the locals of every entity and the other globals).
    its dimension; ``log det H = log det S + sum_i log det B_i``
    (:mod:`raybayes.core.arrowhead`). The log joint is that of the unconstrained
    space, so it carries the Jacobian of ``theta``'s transform.
-3. Its mode ``theta*`` is found with SciPy's BFGS (central finite differences,
-   ``theta`` has a handful of coordinates) and the Hessian there by finite
-   differences: ``Sigma = (-d^2 log p(theta | y))^{-1} = V diag(1/lambda) V^T``.
+3. Its mode ``theta*`` is found with SciPy's BFGS on the exact gradient of
+   ``log p(theta | y)``: by the implicit function theorem at the mode,
+   ``dx*/dtheta = -H^{-1} H_{x theta}`` (an arrowhead solve per hyperparameter),
+   and the derivative of ``log det H`` along ``(dx*/dtheta_j, e_j)`` is
+   ``tr(S^{-1} dS) + sum_i tr(B_i^{-1} dB_i)``, with ``dS`` and ``dB_i`` the
+   forward-mode derivatives of the shards' Hessian blocks (third derivatives of
+   the log joint; the locals stay on their shards). Each conditional mode starts
+   from the nearest one found so far moved along its tangent ``dx*/dtheta``, with
+   the Hessian the workers kept from it (chord Newton). The Hessian of
+   ``log p(theta | y)`` at the mode is taken by finite differences:
+   ``Sigma = (-d^2 log p(theta | y))^{-1} = V diag(1/lambda) V^T``.
 4. ``theta`` is integrated over a design in the standardised coordinates
    ``z = diag(lambda)^{1/2} V^T (theta - theta*)`` (Rue, Martino & Chopin 2009,
    Sec. 6.5): a grid of step ``dz`` for one or two hyperparameters (points whose log
@@ -108,6 +116,8 @@ class NestedLaplaceResult:
             :class:`~raybayes.optim.result.MAPResult`; the full driver vector).
         num_evaluations: evaluations of ``log p(theta | y)`` (each one a Newton
             solve for ``x*`` and a Hessian).
+        num_gradients: evaluations of its exact gradient (``d`` directional
+            derivatives of the latent field's Hessian each).
         time_s: wall time, worker start-up excluded.
         timings: seconds spent finding the mode (``"mode_s"``), the Hessian at it
             (``"hessian_s"``), the design (``"design_s"``) and the draws
@@ -126,6 +136,7 @@ class NestedLaplaceResult:
     map: MAPResult
     num_evaluations: int
     time_s: float
+    num_gradients: int = 0
     timings: dict = field(default_factory=dict)
 
 
@@ -318,6 +329,7 @@ class _ConditionalLaplace:
         self.rescue = None  # a callable giving another start point, used once
         self.last = None  # (theta, mode, Cholesky of S) of the last finite value
         self.num_gradients = 0
+        self.kept = None  # Schur complement of the Hessian the workers hold
 
     def mode(self, theta, start=None):
         """``x*(theta)`` (a MAPResult) by Newton from ``start`` (default: the last
@@ -360,6 +372,9 @@ class _ConditionalLaplace:
         # a cold start far from the mode (e.g. a Poisson rate whose Newton steps
         # overshoot) may need more damped steps: up to 4 rounds
         result = rough
+        # the first steps use the Hessian the workers kept from the last mode (the
+        # chord method: a nearby point, so no new Hessian while it converges)
+        kept, self.kept = self.kept, None
         for _ in range(4):
             result = newton_polish(
                 self.objective,
@@ -368,7 +383,10 @@ class _ConditionalLaplace:
                 gtol=self.gtol,
                 batch_size=self.batch_size,
                 fixed=self.index,
+                assemble=False,
+                kept_schur=kept,
             )
+            kept = None
             if result.grad_norm <= self.gtol:
                 break
         return result
@@ -381,8 +399,9 @@ class _ConditionalLaplace:
         parts = obj.gather("laplace_factor", lambda s: (g, locals_[s], self.batch_size))
         schur = arrowhead.sum_schur_parts([p[0] for p in parts], obj.num_global)
         free = np.setdiff1d(np.arange(obj.num_global), self.index)
+        self.kept = schur[np.ix_(free, free)]
         return (
-            schur[np.ix_(free, free)],
+            self.kept,
             float(sum(p[1] for p in parts)),
             int(sum(p[2] for p in parts)),
         )
@@ -408,7 +427,6 @@ class _ConditionalLaplace:
             f"({self.num_evaluations} evaluations)"
         )
         return float(value), result
-
 
     def gradient(self, theta):
         """The exact gradient of ``log p~(theta | y)`` ``(d,)`` and the tangents
@@ -471,9 +489,7 @@ class _ConditionalLaplace:
             d_schur = d_schur[np.ix_(free, free)]
             d_logdet = float(sum(p[1] for p in parts))
             if free.size:
-                d_logdet += float(
-                    np.trace(linalg.cho_solve((chol, True), d_schur))
-                )
+                d_logdet += float(np.trace(linalg.cho_solve((chol, True), d_schur)))
             out[j] = -float(grad_f @ v) - 0.5 * d_logdet
         self.num_gradients += 1
         return out, tangents
@@ -590,7 +606,8 @@ def integrate_hyperparameters(
         max_steps: BFGS iterations over ``theta``.
         gtol: BFGS stops when the largest component of the gradient of
             ``log p(theta | y)`` (unconstrained ``theta``) is below this.
-        step: finite-difference step in unconstrained ``theta``.
+        step: finite-difference step in unconstrained ``theta`` (the Hessian of
+            ``log p(theta | y)`` at the mode uses ``4 * step``).
         f0: the central composite design's radius factor.
         dz: the grid's step in standardised coordinates.
         diff_logdens: the grid keeps the points whose log density is within this
@@ -865,6 +882,7 @@ def _integrate_hyperparameters(
         num_draws_per_point=counts,
         map=centre,
         num_evaluations=cond.num_evaluations,
+        num_gradients=cond.num_gradients,
         time_s=time.perf_counter() - start,
         timings=timings,
     )
@@ -923,7 +941,7 @@ def nested_laplace(
         address: a Ray cluster address (``"HOST:PORT"``).
         num_samples: draws from the mixture.
         seed: integer seed; the same draws for any number of shards.
-        max_steps: BFGS iterations over ``theta`` (finite-difference gradients).
+        max_steps: BFGS iterations over ``theta`` (exact gradients).
         progress_bar: a line per evaluation of ``log p(theta | y)``.
         x64: workers compute in float64 (default).
 
