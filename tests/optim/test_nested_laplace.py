@@ -136,6 +136,31 @@ def test_shard_count_does_not_change_the_draws(one_shard):
     assert abs(two.log_marginal_likelihood - one_shard.log_marginal_likelihood) < 1e-8
 
 
+@pytest.mark.slow
+def test_ray_workers_give_the_in_process_answer(one_shard, ray_backend):
+    """The exact gradient's shard calls (Hessian columns, tangents of the factor)
+    and the kept Hessians run on Ray workers too: 2 shards on Ray, the same design
+    and draws as 1 shard in-process."""
+    ray_fit = nested_laplace(
+        schools,
+        model_kwargs={"sigma": SIGMA, "y": Y},
+        num_shards=2,
+        partition=Partition("school", entity_args=("sigma", "y")),
+        backend=ray_backend,
+        num_samples=NUM_SAMPLES,
+        seed=3,
+        progress_bar=False,
+    )
+    np.testing.assert_allclose(ray_fit.design, one_shard.design, rtol=1e-6)
+    for name in ("mu", "tau", "theta"):
+        np.testing.assert_allclose(
+            ray_fit.idata.posterior[name].values,
+            one_shard.idata.posterior[name].values,
+            rtol=1e-6,
+            atol=1e-8,
+        )
+
+
 def test_exact_gradient_of_log_p_theta_matches_finite_differences():
     """The implicit-function gradient of log p~(tau | y) on eight schools (2
     shards) against central differences of the values with a step of 1e-4, whose

@@ -552,67 +552,106 @@ class ShardLogDensity:
         )
 
     def _columns_tangent_impl(
-        self, global_flat, local_mat, dir_global, dir_local, eye, zl, arrays,
-        batch_size,
+        self, global_flat, local_mat, dir_global, dir_local, eye, zl, arrays, size
     ):
-        _, out = jax.jvp(
-            lambda g, lm: self._columns_impl(g, lm, eye, zl, arrays, batch_size),
-            (global_flat, local_mat),
-            (dir_global, dir_local),
-        )
-        return out
+        def one(dg, dl):
+            return jax.jvp(
+                lambda g, lm: self._columns_impl(g, lm, eye, zl, arrays, size),
+                (global_flat, local_mat),
+                (dg, dl),
+            )[1]
+
+        # the directions batched: the Hessian-vector products themselves (the
+        # primal) do not depend on them and are computed once
+        return jax.vmap(one)(dir_global, dir_local)
+
+    def _local_tangent_impl(self, global_flat, local_mat, dir_global, dir_local,
+                            tg, tl, arrays):
+        def cols(g, lm):
+            return jax.vmap(lambda a, b: self._hvp_impl(g, lm, a, b, arrays))(tg, tl)
+
+        def one(dg, dl):
+            return jax.jvp(cols, (global_flat, local_mat), (dg, dl))[1]
+
+        return jax.vmap(one)(dir_global, dir_local)
 
     def hessian_tangent(
-        self, global_flat, local_mat, dir_global, dir_local, batch_size: int = 16,
+        self,
+        global_flat,
+        local_mat,
+        dir_global,
+        dir_local,
+        batch_size: int = 16,
         coloring=None,
     ):
-        """Derivatives of this shard's Hessian blocks along a direction ``v``.
+        """Derivatives of this shard's Hessian blocks along ``m`` directions ``v``.
 
         ``d/de`` at ``e = 0`` of ``H_gg``, ``H_lg`` and the local blocks ``B_i`` at
         ``(global_flat, local_mat) + e (dir_global, dir_local)``: third derivatives
         of the negative shard log joint contracted with ``v``, by forward-mode
-        differentiation of the Hessian-vector products (exact, no differences).
+        differentiation of the Hessian-vector products (exact, no differences),
+        the ``m`` directions in one compiled call.
 
         Args:
             global_flat: ``(G,)`` the point's globals.
             local_mat: ``(P, k)`` its locals.
-            dir_global: ``(G,)`` the direction's globals.
-            dir_local: ``(P, k)`` its locals.
-            batch_size: products evaluated together.
+            dir_global: ``(m, G)`` the directions' globals.
+            dir_local: ``(m, P, k)`` their locals.
+            batch_size: Hessian-vector products evaluated together.
             coloring: a :class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`
-                whose groups are known (a copy of the one of
-                :meth:`global_hessian_columns`; the derivative has the Hessian's
-                sparsity), or ``None`` for one product per global parameter.
+                whose groups are known (the one of :meth:`global_hessian_columns`;
+                copied here, the derivative has the Hessian's sparsity), or
+                ``None`` for one product per global parameter.
 
         Returns:
-            ``(dH_gg (G, G), dH_lg (P, k, G), dB (P, k, k) or None)``.
+            ``(dH_gg (m, G, G), dH_lg (m, P, k, G), dB (m, P, k, k) or None)``.
         """
+        import copy
+
         if self._columns_tangent is None:
             self._columns_tangent = jax.jit(
                 self._columns_tangent_impl, static_argnums=(7,)
             )
+            self._local_tangent = jax.jit(self._local_tangent_impl)
         dtype = global_flat.dtype
         zl = jnp.zeros_like(local_mat)
         dg = jnp.asarray(dir_global, dtype)
         dl = jnp.asarray(dir_local, dtype)
+        m = dg.shape[0]
+        cache: dict = {}
 
-        def tangent_columns(tangents):
-            return _in_chunks(
-                lambda t: self._columns_tangent(
-                    global_flat, local_mat, dg, dl, t, zl, self._arrays, batch_size
-                ),
-                tangents,
-                batch_size,
-                dtype,
-            )
+        def all_directions(tangents):
+            key = np.asarray(tangents).tobytes()
+            if key not in cache:
+                cache.clear()
+                cache[key] = _in_chunks(
+                    lambda t: self._columns_tangent(
+                        global_flat, local_mat, dg, dl, t, zl, self._arrays,
+                        batch_size,
+                    ),
+                    tangents,
+                    batch_size,
+                    dtype,
+                    axis=1,
+                )
+            return cache[key]
 
-        if coloring is None:
-            hg, hl = tangent_columns(np.eye(self.num_global))
-            d_gg = jnp.asarray(hg.T, dtype)
-            d_lg = jnp.moveaxis(jnp.asarray(hl, dtype), 0, -1)
-        else:
-            d_gg, d_lg = coloring(tangent_columns)
-            d_gg, d_lg = jnp.asarray(d_gg, dtype), jnp.asarray(d_lg, dtype)
+        d_gg, d_lg = [], []
+        for i in range(m):
+            def direction(tangents, i=i):
+                hg, hl = all_directions(tangents)
+                return hg[i], hl[i]
+
+            if coloring is None:
+                hg, hl = direction(np.eye(self.num_global))
+                d_gg.append(hg.T)
+                d_lg.append(np.moveaxis(hl, 0, -1))
+            else:
+                a, b = copy.deepcopy(coloring)(direction)
+                d_gg.append(a)
+                d_lg.append(b)
+        d_gg = jnp.asarray(np.stack(d_gg), dtype)
+        d_lg = jnp.asarray(np.stack(d_lg), dtype)
         k = self.num_local_per_entity
         if not k:
             return d_gg, d_lg, None
@@ -620,24 +659,10 @@ class ShardLogDensity:
         eye = jnp.zeros((k, *local_mat.shape), dtype)
         eye = eye.at[jnp.arange(k), :, jnp.arange(k)].set(1.0)
         tg = jnp.zeros((k, self.num_global), dtype)
-        _, hl = self._columns_tangent_local(global_flat, local_mat, dg, dl, tg, eye)
-        return d_gg, d_lg, jnp.moveaxis(hl, 0, -1)
-
-    def _columns_tangent_local(self, global_flat, local_mat, dg, dl, tg, tl):
-        if self._local_tangent is None:
-
-            def impl(g, lm, dg, dl, tg, tl, arrays):
-                def cols(g, lm):
-                    return jax.vmap(
-                        lambda a, b: self._hvp_impl(g, lm, a, b, arrays)
-                    )(tg, tl)
-
-                return jax.jvp(cols, (g, lm), (dg, dl))[1]
-
-            self._local_tangent = jax.jit(impl)
-        return self._local_tangent(
-            global_flat, local_mat, dg, dl, tg, tl, self._arrays
-        )
+        _, hl = self._local_tangent(
+            global_flat, local_mat, dg, dl, tg, eye, self._arrays
+        )  # (m, k, P, k)
+        return d_gg, d_lg, jnp.moveaxis(hl, 1, -1)
 
     def hvp(self, global_flat, local_mat, tangent_global, tangent_local):
         """Hessian-vector product of the negative shard log joint (jitted)."""
@@ -700,7 +725,7 @@ class ShardLogDensity:
         return jnp.asarray(hgg, dtype), jnp.asarray(hlg, dtype)
 
 
-def _in_chunks(columns, tangents, batch_size, dtype):
+def _in_chunks(columns, tangents, batch_size, dtype, axis=0):
     """``columns`` of ``(n, G)`` tangents in chunks of exactly ``batch_size`` rows
     (the last one padded with zeros): one compiled shape for any ``n``, so the
     different numbers of probes of the colored Hessian (discovery, steady state,
@@ -714,9 +739,10 @@ def _in_chunks(columns, tangents, batch_size, dtype):
         columns(jnp.asarray(padded[i : i + batch_size], dtype=dtype))
         for i in range(0, padded.shape[0], batch_size)
     ]
-    hg = np.concatenate([np.asarray(o[0]) for o in outs])[:n]
-    hl = np.concatenate([np.asarray(o[1]) for o in outs])[:n]
-    return hg, hl
+    hg = np.concatenate([np.asarray(o[0]) for o in outs], axis=axis)
+    hl = np.concatenate([np.asarray(o[1]) for o in outs], axis=axis)
+    take = (slice(None),) * axis + (slice(0, n),)
+    return hg[take], hl[take]
 
 
 def shard_log_density(

@@ -258,27 +258,41 @@ class ShardWorker:
 
     @worker_precision
     def laplace_factor_tangent(self, dir_global, dir_local, batch_size: int = 16):
-        """Derivative along ``v = (dir_global, dir_local)`` of this shard's Schur term
-        and ``sum_i log det B_i`` at the point of the last (undamped)
-        :meth:`laplace_factor` (see
+        """Derivatives along ``m`` directions ``v = (dir_global, dir_local)`` of this
+        shard's Schur term and ``sum_i log det B_i`` at the point of the last
+        (undamped) :meth:`laplace_factor` (see
         :func:`raybayes.core.arrowhead.factor_tangent`).
 
-        Returns:
-            ``(d_schur (G, G), d_log_det_local)``.
-        """
-        import copy
+        Args:
+            dir_global: ``(m, G)``.
+            dir_local: ``(m, P_s, k)``.
+            batch_size: Hessian-vector products evaluated together.
 
+        Returns:
+            ``(d_schur (m, G, G), d_log_det_local (m,))``.
+        """
         factor = self._factored()
-        d = self.density
         g, lm = self._point
-        coloring = copy.deepcopy(d._coloring) if d._coloring is not None else None
-        d_gg, d_lg, d_b = d.hessian_tangent(
-            g, lm, dir_global, dir_local, batch_size=batch_size, coloring=coloring
+        d_gg, d_lg, d_b = self.density.hessian_tangent(
+            g,
+            lm,
+            dir_global,
+            dir_local,
+            batch_size=batch_size,
+            coloring=self.density._coloring,
         )
         # coordinates given unit curvature (unit_curvature_where_flat) have zero
         # Hessian rows at every point: their derivative is zero as computed
-        d_schur, d_log_det = arrowhead.factor_tangent(factor, d_gg, d_lg, d_b)
-        return np.asarray(d_schur), float(d_log_det)
+        out = [
+            arrowhead.factor_tangent(
+                factor, d_gg[i], d_lg[i], None if d_b is None else d_b[i]
+            )
+            for i in range(d_gg.shape[0])
+        ]
+        return (
+            np.stack([np.asarray(o[0]) for o in out]),
+            np.array([float(o[1]) for o in out]),
+        )
 
     def num_flat_locals(self) -> int:
         """Local coordinates of this shard that the log joint does not depend on
