@@ -38,6 +38,9 @@ For each method it reports, over the products ``beta_i``:
   compilation and final draws included; Ray's own start-up is not) and its ratio
   to NUTS's time. There is no external peer: NUTS is the reference both for the
   calibration and for the time;
+* in the notes, the CPU seconds of the benchmark's process during the call (all
+  its threads; the whole work with the in-process backend, not Ray workers'): on
+  a loaded machine they vary less than the wall time;
 * for NUTS, the largest split R-hat (ArviZ, rank-normalised) and the smallest bulk
   ESS of ``beta``, and the number of divergences.
 
@@ -128,6 +131,7 @@ def _svi_optimizers(args):
 def run_method(name, kwargs, part, backend, seed, args):
     """Fit one method; return its InferenceData, wall time and extra notes."""
     start = time.perf_counter()
+    cpu_start = time.process_time()
     extra = {}
     if name.startswith("svi-"):
         optimizer, local_optimizer = _svi_optimizers(args)
@@ -219,6 +223,9 @@ def run_method(name, kwargs, part, backend, seed, args):
     else:  # pragma: no cover - argparse restricts the names
         raise ValueError(name)
     extra["time_s"] = time.perf_counter() - start
+    # CPU seconds of this process (all its threads): with the in-process backend
+    # it covers all the work, and it depends less on other processes' load
+    extra["cpu_s"] = time.process_time() - cpu_start
     return idata, extra
 
 
@@ -392,7 +399,8 @@ def main():
                 )
                 notes.append(
                     f"seed {seed}, {LABELS[name]}: "
-                    f"{extra['time_s']:.1f} s; {extra['note']}"
+                    f"{extra['time_s']:.1f} s wall, {extra['cpu_s']:.1f} CPU-s of "
+                    f"this process; {extra['note']}"
                 )
                 print(
                     f"  seed {seed} {name}: coverage {cal['hit'].mean():.3f}, width "
