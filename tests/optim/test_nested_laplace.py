@@ -161,7 +161,12 @@ def test_ray_workers_give_the_in_process_answer(one_shard, ray_backend):
         )
 
 
-def test_exact_gradient_of_log_p_theta_matches_finite_differences():
+@pytest.mark.parametrize(
+    "third_derivatives",
+    # forward mode compiles the derivatives of the Hessian-vector products (~25 s)
+    [pytest.param("forward", marks=pytest.mark.slow), "differences"],
+)
+def test_exact_gradient_of_log_p_theta_matches_finite_differences(third_derivatives):
     """The implicit-function gradient of log p~(tau | y) on eight schools (2
     shards) against central differences of the values with a step of 1e-4, whose
     error is O(h^2) ~ 1e-8; and the mode's tangent dx*/dtheta against the moved
@@ -181,6 +186,7 @@ def test_exact_gradient_of_log_p_theta_matches_finite_differences():
         cond = _ConditionalLaplace(
             objective, index, np.zeros(objective.size), 16, 1e-10, 50, print
         )
+        cond.third_derivatives = third_derivatives
         h = 1e-4
         grads, diffs = [], []
         for log_tau in (0.5, 2.5):  # either side of the mode (about 1.5)

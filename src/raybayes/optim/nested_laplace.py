@@ -330,6 +330,10 @@ class _ConditionalLaplace:
         self.last = None  # (theta, mode, Cholesky of S) of the last finite value
         self.num_gradients = 0
         self.kept = None  # Schur complement of the Hessian the workers hold
+        # D_v S and D_v B_i: "forward" (forward-mode derivatives of the
+        # Hessian-vector products: exact, one more compilation per shard) or
+        # "differences" (central differences of the compiled Hessian along v)
+        self.third_derivatives = "differences"
 
     def mode(self, theta, start=None):
         """``x*(theta)`` (a MAPResult) by Newton from ``start`` (default: the last
@@ -485,10 +489,16 @@ class _ConditionalLaplace:
         dir_l = [
             np.stack([c[1][s] for c in columns]) for s in range(obj.num_shards)
         ]  # (d, P_s, k) per shard
-        parts = obj.gather(
-            "laplace_factor_tangent",
-            lambda s: (dir_g, dir_l[s], self.batch_size),
-        )
+        if self.third_derivatives == "forward":
+            parts = obj.gather(
+                "laplace_factor_tangent",
+                lambda s: (dir_g, dir_l[s], self.batch_size),
+            )
+        else:
+            parts = obj.gather(
+                "laplace_factor_difference",
+                lambda s: (dir_g, dir_l[s], 1e-4, self.batch_size),
+            )
         out = np.zeros(d)
         for j in range(d):
             d_schur = arrowhead.sum_schur_parts([p[0][j] for p in parts], G)
