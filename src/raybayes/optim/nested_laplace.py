@@ -19,8 +19,11 @@ field ``x`` (everything else: the locals of every entity and the other globals).
    ``dx*/dtheta = -H^{-1} H_{x theta}`` (an arrowhead solve per hyperparameter),
    and the derivative of ``log det H`` along ``(dx*/dtheta_j, e_j)`` is
    ``tr(S^{-1} dS) + sum_i tr(B_i^{-1} dB_i)``, with ``dS`` and ``dB_i`` the
-   forward-mode derivatives of the shards' Hessian blocks (third derivatives of
-   the log joint; the locals stay on their shards). Each conditional mode starts
+   derivatives of the shards' Hessian blocks along that direction (third
+   derivatives of the log joint; the locals stay on their shards): central
+   differences of the compiled Hessian by default (error ``O(h^2)``, ``h = 1e-4``),
+   or forward-mode derivatives of the Hessian-vector products (exact, at the price
+   of one more compilation per shard). Each conditional mode starts
    from the nearest one found so far moved along its tangent ``dx*/dtheta``, with
    the Hessian the workers kept from it (chord Newton). The Hessian of
    ``log p(theta | y)`` at the mode is taken by finite differences:
@@ -446,8 +449,11 @@ class _ConditionalLaplace:
             d/dtheta_j log p~ = -D_{v_j} F - 1/2 D_{v_j} log det H_xx,
             D_v log det H_xx = tr(S^{-1} D_v S) + sum_i tr(B_i^{-1} D_v B_i),
 
-        where ``D_v S`` and ``D_v B_i`` are forward-mode derivatives of the shards'
-        Hessian blocks along ``v`` (:meth:`ShardWorker.laplace_factor_tangent`):
+        where ``D_v S`` and ``D_v B_i`` are the derivatives of the shards' Hessian
+        blocks along ``v``: central differences of the Hessian at ``x* +- h v``
+        (``third_derivatives = "differences"``, the default,
+        :meth:`ShardWorker.laplace_factor_difference`) or forward-mode
+        derivatives (``"forward"``, :meth:`ShardWorker.laplace_factor_tangent`):
         ``d`` directional third derivatives, the locals on their shards, the
         ``G x G`` terms summed on the driver (Rue, Martino & Chopin 2009).
         """
