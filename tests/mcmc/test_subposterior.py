@@ -296,9 +296,8 @@ def _regression_kwargs_from_table(table):
     return kwargs, table.column("row").to_numpy()
 
 
-def test_parquet_partitions_are_read_by_the_workers_with_the_same_draws(tmp_path):
-    # Four Parquet files of 60 rows, two shards: each shard reads its own two
-    # files on its worker; the draws equal those of the same rows in memory.
+def _parquet_source(directory):
+    """The rows of ``X, Y`` in four Parquet files of 60 rows each."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -314,19 +313,27 @@ def test_parquet_partitions_are_read_by_the_workers_with_the_same_draws(tmp_path
                 "y": Y[rows],
             }
         )
-        files.append(tmp_path / f"part-{k}.parquet")
+        files.append(directory / f"part-{k}.parquet")
         pq.write_table(table, files[-1])
-    source = ParquetShards(files, _regression_kwargs_from_table)
+    return ParquetShards(files, _regression_kwargs_from_table)
+
+
+PARQUET_RUN = dict(
+    num_chains=2,
+    num_warmup=100,
+    num_samples=100,
+    chunk_size=50,
+    progress_bar=False,
+    seed=4,
+)
+
+
+def test_parquet_partitions_are_read_by_the_workers_with_the_same_draws(tmp_path):
+    # Four Parquet files of 60 rows, two shards: each shard reads its own two
+    # files on its worker; the draws equal those of the same rows in memory.
+    source = _parquet_source(tmp_path)
     part = Partition("obs", entity_args=("X", "y"))
-    small = dict(
-        num_chains=2,
-        num_warmup=100,
-        num_samples=100,
-        chunk_size=50,
-        progress_bar=False,
-        seed=4,
-        backend="local",
-    )
+    small = dict(**PARQUET_RUN, backend="local")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RaybayesWarning)  # 200 draws: MCSE flagged
         read = raybayes.sample_subposteriors(
@@ -352,3 +359,41 @@ def test_parquet_partitions_are_read_by_the_workers_with_the_same_draws(tmp_path
         )
     with pytest.raises(ConfigurationError, match="needs partition="):
         raybayes.sample_subposteriors(regression, num_shards=2, source=source, **small)
+
+
+@SLOW  # about 6 minutes on the loaded machine (two NUTS runs, one on Ray)
+def test_parquet_partitions_on_ray_workers_give_the_in_memory_draws(
+    tmp_path, ray_backend
+):
+    # The Parquet path on Ray: two workers, two shards of two files each, every
+    # shard's rows read by the worker that runs its chains (the driver only lists
+    # the files). The draws must be those of the same rows held in memory and
+    # sampled in process.
+    source = _parquet_source(tmp_path)
+    part = Partition("obs", entity_args=("X", "y"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RaybayesWarning)  # 200 draws: MCSE flagged
+        on_ray = raybayes.sample_subposteriors(
+            regression,
+            num_shards=2,
+            partition=part,
+            source=source,
+            backend=ray_backend,
+            num_workers=2,
+            **PARQUET_RUN,
+        )
+        held = raybayes.sample_subposteriors(
+            regression,
+            model_kwargs={"X": X, "y": Y},
+            num_shards=2,
+            partition=part,
+            backend="local",
+            **PARQUET_RUN,
+        )
+    assert on_ray.attrs["num_workers"] == 2
+    assert "observed_data" not in on_ray.groups()  # no rows passed the driver
+    for group in ("posterior", "shard_0", "shard_1"):
+        a, b = on_ray[group]["beta"].values, held[group]["beta"].values
+        assert a.shape == (2, 100, D), group
+        assert a.tobytes() == b.tobytes(), group
+    assert [on_ray[f"shard_{m}"].attrs["entity_start"] for m in range(2)] == [0, 2]
