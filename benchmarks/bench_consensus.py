@@ -1,6 +1,6 @@
 """Embarrassingly parallel MCMC against full-data NUTS, with NumPyro's rules as peer.
 
-Three cases, each in one run:
+Four cases, each in one run:
 
 * ``logistic``: Bayesian logistic regression on ``--rows`` x ``--dim`` simulated
   rows (the issue asks for 1,000,000 x 20), split into M = ``--shards`` shards.
@@ -8,6 +8,12 @@ Three cases, each in one run:
   split by product; the measures cover its global sites.
 * ``banana``: a model whose subposteriors are banana-shaped (``a + b^2`` is all the
   data identify), built so that the Gaussian rules fail; the diagnostics must fire.
+* ``pool``: the logistic case on Ray with ``--workers`` workers, timing the
+  subposteriors two ways in one run: all shards at once on one pool (what
+  ``sample_subposteriors`` does: the pool serves shards x chains) and the shards
+  one after another (``raybayes.sample`` on each shard's subposterior with the
+  shard's key stream, each on its own pool of the same size); the draws must be
+  identical, only the wall time differs.
 
 For every M, ``raybayes.sample_subposteriors`` samples the subposteriors once; the
 same draws are then combined by raybayes's rules and by NumPyro's
@@ -27,11 +33,14 @@ Usage:
     python benchmarks/bench_consensus.py --case logistic --rows 1000000 --dim 20
     python benchmarks/bench_consensus.py --case elasticity --products 1000
     python benchmarks/bench_consensus.py --case banana
+    python benchmarks/bench_consensus.py --case pool --rows 1000000 --dim 20 \\
+        --shards 4 --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 import warnings
@@ -58,6 +67,11 @@ from raybayes.io import atomic_path
 from raybayes.mcmc.subposterior import _flatten_globals, unconstrained_global_draws
 
 LINES: list[str] = []
+
+
+def load():
+    """The machine's 1-minute load average (the figures depend on it)."""
+    return f"load {os.getloadavg()[0]:.1f}"
 
 
 def say(text=""):
@@ -131,7 +145,8 @@ def run_case(name, model, kwargs, args, partition=None):
     say(
         f"full NUTS: wall {full_wall:.1f} s, CPU {full_cpu:.1f} s; min bulk ESS "
         f"{summ['ess_bulk'].min():.0f}, max R-hat {summ['r_hat'].max():.3f}, "
-        f"divergences {int(full.sample_stats['diverging'].sum())}"
+        f"divergences {int(full.sample_stats['diverging'].sum())}, leapfrog steps "
+        f"per draw {float(full.sample_stats['n_steps'].mean()):.1f}; {load()}"
     )
     full_draws = None
     header = (
@@ -164,7 +179,8 @@ def run_case(name, model, kwargs, args, partition=None):
             f"{per_shard.max():.1f} s; full NUTS / slowest shard = "
             f"{full_wall / per_shard.max():.2f}x; per-shard max R-hat "
             f"{np.max(sub.attrs['r_hat_max_per_shard']):.3f}, min bulk ESS "
-            f"{np.min(sub.attrs['ess_bulk_min_per_shard']):.0f}"
+            f"{np.min(sub.attrs['ess_bulk_min_per_shard']):.0f}, leapfrog steps per "
+            f"draw {float(sub.sample_stats['n_steps'].mean()):.1f}; {load()}"
         )
         say(f"  diagnostics: {sub.attrs['combination_summary']}")
         for line in str(sub.attrs["combination_report"]).splitlines()[1:]:
@@ -252,10 +268,76 @@ def run_case(name, model, kwargs, args, partition=None):
     say("")
 
 
+def run_pool(model, kwargs, args):
+    """All shards at once on one pool against the shards one after another."""
+    from raybayes.backends import RayBackend
+    from raybayes.core.partition import assign_entities, shard_model_kwargs
+    from raybayes.mcmc.subposterior import SubposteriorModel
+
+    settings = dict(
+        num_chains=args.chains,
+        num_warmup=args.warmup,
+        num_samples=args.samples,
+        seed=args.seed,
+        progress_bar=args.progress,
+        num_workers=args.workers,
+    )
+    say(f"## all shards at once vs one after another, Ray, {args.workers} workers")
+    engine = RayBackend(num_cpus=args.workers).start()
+    try:
+        for m in args.shards:
+            part = raybayes.plan(logistic, kwargs, num_shards=m).partition
+            say(f"{load()} before M = {m}")
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", raybayes.RaybayesWarning)
+                together = raybayes.sample_subposteriors(
+                    model,
+                    model_kwargs=kwargs,
+                    num_shards=m,
+                    partition=part,
+                    backend=engine,
+                    **settings,
+                )
+            at_once = time.perf_counter() - t0
+            say(f"  all at once: wall {at_once:.1f} s; {load()}")
+            specs = assign_entities(part.num_entities(kwargs), m, part.plate)
+            sub = SubposteriorModel(model, m, part.local_plates)
+            t0, walls, same = time.perf_counter(), [], True
+            for spec in specs:
+                t1 = time.perf_counter()
+                alone = raybayes.sample(
+                    sub,
+                    model_kwargs=shard_model_kwargs(kwargs, part, spec),
+                    backend=engine,
+                    _key_stream=(spec.shard_id,),
+                    **settings,
+                )
+                walls.append(time.perf_counter() - t1)
+                for site in together.attrs["global_sites"]:
+                    a = together[f"shard_{spec.shard_id}"][site].values
+                    same &= a.tobytes() == alone.posterior[site].values.tobytes()
+            one_by_one = time.perf_counter() - t0
+            say(
+                f"  one after another: wall {one_by_one:.1f} s (shards "
+                f"{', '.join(f'{w:.1f}' for w in walls)} s); {load()}"
+            )
+            say(
+                f"M = {m}, {args.chains} chains per shard, {args.workers} workers: one "
+                f"after another / all at once = {one_by_one / at_once:.2f}x; draws "
+                f"identical: {same}"
+            )
+    finally:
+        engine.shutdown()
+    say("")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--case", choices=["logistic", "elasticity", "banana"], action="append"
+        "--case",
+        choices=["logistic", "elasticity", "banana", "pool"],
+        action="append",
     )
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=20)
@@ -270,6 +352,7 @@ def main():
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="local")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (pool case)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", help="also write the report to this file (atomically)")
     args = p.parse_args()
@@ -281,11 +364,14 @@ def main():
     )
     for case in args.case or ["logistic", "elasticity", "banana"]:
         rng = np.random.default_rng(args.seed)
-        if case == "logistic":
+        if case in ("logistic", "pool"):
             X = rng.normal(size=(args.rows, args.dim)).astype(np.float32)
             beta = rng.normal(size=args.dim) * 0.5
             p_ = 1 / (1 + np.exp(-(0.3 + X @ beta)))
             y = (rng.random(args.rows) < p_).astype(np.float32)
+            if case == "pool":
+                run_pool(logistic, {"X": X, "y": y}, args)
+                continue
             run_case(
                 f"logistic regression, {args.rows:,} x {args.dim}",
                 logistic,
