@@ -283,7 +283,18 @@ def run_pool(model, kwargs, args):
         num_workers=args.workers,
     )
     say(f"## all shards at once vs one after another, Ray, {args.workers} workers")
-    engine = RayBackend(num_cpus=args.workers).start()
+    for attempt in range(3):  # Ray's node start gives up after 30 s under load
+        try:
+            engine = RayBackend(num_cpus=args.workers).start()
+            break
+        except Exception as err:  # noqa: BLE001 - retried, then raised
+            say(f"Ray did not start ({type(err).__name__}; {load()}); retrying")
+            import ray
+
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(20)
     try:
         for m in args.shards:
             part = raybayes.plan(logistic, kwargs, num_shards=m).partition
