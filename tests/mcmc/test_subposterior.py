@@ -361,10 +361,11 @@ def test_parquet_partitions_are_read_by_the_workers_with_the_same_draws(tmp_path
         raybayes.sample_subposteriors(regression, num_shards=2, source=source, **small)
 
 
-@SLOW  # 27 s at load 9 on 2 cores, 6 min at load 30 (two NUTS runs, one on Ray)
 def test_parquet_partitions_on_ray_workers_give_the_in_memory_draws(
     tmp_path, ray_backend
 ):
+    # About 10 s on 2 quiet cores (27 s at load 9), the Ray instance being shared
+    # with the module's other Ray test.
     # The Parquet path on Ray: two workers, two shards of two files each, every
     # shard's rows read by the worker that runs its chains (the driver only lists
     # the files). The draws must be those of the same rows held in memory and
