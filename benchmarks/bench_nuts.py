@@ -25,6 +25,12 @@ imported, so the peer runs in its own subprocess.
     python benchmarks/bench_nuts.py simulation [--products 1000]
     python benchmarks/bench_nuts.py gaussian [--warmup 300 --samples 300]
 
+``--out NAME`` (``orange-juice`` and ``simulation``) also writes
+``benchmarks/results/NAME.json`` (every run's figures, with the minimum ESS and
+maximum R-hat of each site) and ``benchmarks/results/NAME_<variant>.csv`` (mean, sd,
+bulk and tail ESS and R-hat of every brand and product elasticity and every
+hyperparameter), and prints the hyperparameters and every product elasticity.
+
 ``gaussian``: a correlated Gaussian (d = 20), NumPyro's diagonal adaptation against
 the low-rank plus diagonal mass matrix (``low_rank_mass=True``): steps per draw,
 ESS per gradient, moments against the truth.
@@ -43,6 +49,10 @@ import numpy as np
 
 REPORT_SITES = ("beta", "beta_category", "beta_global", "sigma_category", "sigma_beta",
                 "sigma_delta", "sigma_gamma", "mu_delta", "concentration")
+
+HYPER_SITES = ("beta_global", "sigma_category", "sigma_beta", "sigma_delta", "sigma_gamma",
+               "mu_delta", "concentration")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 PEER = r"""
 import json, sys, time
@@ -85,6 +95,9 @@ def report(draws, steps, wall_s, truth=None):
     ess_bulk = az.ess(ds, method="bulk")
     ess_tail = az.ess(ds, method="tail")
     rhat = az.rhat(ds)
+    by_site = {k: dict(min_ess_bulk=float(ess_bulk[k].min()),
+                       min_ess_tail=float(ess_tail[k].min()), max_rhat=float(rhat[k].max()))
+               for k in ds.data_vars}
     min_bulk = min(float(ess_bulk[k].min()) for k in ds.data_vars)
     min_tail = min(float(ess_tail[k].min()) for k in ds.data_vars)
     max_rhat = max(float(rhat[k].max()) for k in ds.data_vars)
@@ -92,7 +105,8 @@ def report(draws, steps, wall_s, truth=None):
     out = dict(wall_s=wall_s, steps_per_draw=float(np.mean(steps)), gradients=grads,
                min_ess_bulk=min_bulk, min_ess_tail=min_tail, max_rhat=max_rhat,
                min_ess_bulk_per_s=min_bulk / wall_s,
-               min_ess_bulk_per_1000_gradients=1000 * min_bulk / grads)
+               min_ess_bulk_per_1000_gradients=1000 * min_bulk / grads, by_site=by_site,
+               elements=element_table(draws, ess_bulk, ess_tail, rhat))
     if truth is not None:
         beta = draws["beta"].reshape(-1, draws["beta"].shape[-1])
         lo, hi = np.quantile(beta, [0.05, 0.95], axis=0)
@@ -100,6 +114,49 @@ def report(draws, steps, wall_s, truth=None):
         out["coverage_90"] = float(np.mean((lo < true) & (true < hi)))
         out["rmse"] = float(np.sqrt(np.mean((beta.mean(0) - true) ** 2)))
     return out
+
+
+def element_table(draws, ess_bulk, ess_tail, rhat):
+    """Rows ``[site, index, mean, sd, ess_bulk, ess_tail, r_hat]``, one per element."""
+    rows = []
+    for k in REPORT_SITES:
+        if k not in draws:
+            continue
+        x = np.asarray(draws[k])
+        flat = x.reshape(x.shape[0] * x.shape[1], -1)
+        eb, et, rh = (np.asarray(d[k]).reshape(-1) for d in (ess_bulk, ess_tail, rhat))
+        for i in range(flat.shape[1]):
+            rows.append([k, i, float(flat[:, i].mean()), float(flat[:, i].std()),
+                         float(eb[i]), float(et[i]), float(rh[i])])
+    return rows
+
+
+def print_elements(r):
+    """Print the hyperparameters and every brand and product elasticity of run ``r``."""
+    print(f"  {'site':15s} {'index':>5s} {'mean':>8s} {'sd':>7s} {'ess_bulk':>8s} "
+          f"{'ess_tail':>8s} {'r_hat':>6s}")
+    order = {k: i for i, k in enumerate(HYPER_SITES + ("beta_category", "beta"))}
+    for site, i, mean, sd, eb, et, rh in sorted(
+            r["elements"], key=lambda row: (order.get(row[0], 99), row[1])):
+        print(f"  {site:15s} {i:5d} {mean:8.3f} {sd:7.3f} {eb:8.0f} {et:8.0f} {rh:6.3f}")
+
+
+def save_results(name, header, results):
+    """Write ``results`` under ``benchmarks/results/`` (JSON + one CSV per run)."""
+    from raybayes.io import atomic_path
+
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    summary = {run: {k: v for k, v in r.items() if k != "elements"}
+               for run, r in results.items()}
+    with atomic_path(os.path.join(RESULTS_DIR, f"{name}.json")) as tmp:
+        tmp.write_text(json.dumps(dict(header=header, runs=summary), indent=1))
+    for run, r in results.items():
+        tag = r.get("tag", "run")
+        lines = ["site,index,mean,sd,ess_bulk,ess_tail,r_hat"]
+        lines += [f"{s},{i},{m:.6g},{sd:.6g},{eb:.1f},{et:.1f},{rh:.4f}"
+                  for s, i, m, sd, eb, et, rh in r["elements"]]
+        with atomic_path(os.path.join(RESULTS_DIR, f"{name}_{tag}.csv")) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
 
 
 def bench_density(a):
@@ -153,8 +210,8 @@ def bench_sampler(a):
         if out.returncode:
             print(out.stderr[-3000:])
             raise SystemExit(1)
-        results["NumPyro NUTS (parallel, non-centred, diagonal)"] = json.loads(
-            out.stdout.strip().splitlines()[-1])
+        results["NumPyro NUTS (parallel, non-centred, diagonal)"] = dict(
+            json.loads(out.stdout.strip().splitlines()[-1]), tag="numpyro")
 
     import raybayes
     from raybayes.models import elasticity_model
@@ -172,12 +229,15 @@ def bench_sampler(a):
         draws = {k: idata.posterior[k].values for k in REPORT_SITES if k in idata.posterior}
         steps = idata.sample_stats["n_steps"].values
         r = report(draws, steps, wall, truth)
+        r["tag"] = variant
         if variants[variant]:
             r["low_rank_mass_rank"] = idata.attrs.get("low_rank_mass_rank")
         results[f"raybayes (centered='auto', {variant} mass matrix)"] = r
 
-    print(f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; {a.chains} chains x "
-          f"({a.warmup} warmup + {a.samples} draws); backend={a.backend}")
+    header = (f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; {a.chains} "
+              f"chains x ({a.warmup} warmup + {a.samples} draws); backend={a.backend}; "
+              f"seed={a.seed}; load average at the end {os.getloadavg()}")
+    print(header)
     keys = ["wall_s", "steps_per_draw", "min_ess_bulk", "min_ess_tail", "max_rhat",
             "min_ess_bulk_per_s", "min_ess_bulk_per_1000_gradients"]
     if truth is not None:
@@ -188,6 +248,13 @@ def bench_sampler(a):
             print(f"  {k:34s} {r[k]:10.3f}")
         if "low_rank_mass_rank" in r:
             print(f"  {'low_rank_mass_rank':34s} {r['low_rank_mass_rank']:10d}")
+        for site, f in r["by_site"].items():
+            print(f"  {site:15s} min bulk ESS {f['min_ess_bulk']:7.0f}, min tail ESS "
+                  f"{f['min_ess_tail']:7.0f}, max R-hat {f['max_rhat']:.3f}")
+        if a.out:
+            print_elements(r)
+    if a.out:
+        save_results(a.out, header, results)
     if not a.skip_peer:
         names = list(results)
         peer = results[names[0]]
@@ -250,6 +317,8 @@ def main():
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--variants", default="diagonal,low-rank",
                     help="raybayes mass matrices to run: diagonal, low-rank or both")
+    ap.add_argument("--out", default=None,
+                    help="save the figures as benchmarks/results/OUT.json and OUT_<run>.csv")
     a = ap.parse_args()
     if a.mode == "density":
         bench_density(a)
