@@ -224,8 +224,11 @@ def bench_sampler(a):
                                 model_kwargs=data.model_kwargs(centered="auto"),
                                 num_chains=a.chains, num_warmup=a.warmup,
                                 num_samples=a.samples, seed=a.seed, backend=a.backend,
-                                progress_bar=False, low_rank_mass=variants[variant])
+                                progress_bar=a.progress_bar,
+                                low_rank_mass=variants[variant])
         wall = time.perf_counter() - t
+        if a.save_idata:
+            idata.to_netcdf(f"{a.save_idata}_{variant}.nc")
         draws = {k: idata.posterior[k].values for k in REPORT_SITES if k in idata.posterior}
         steps = idata.sample_stats["n_steps"].values
         r = report(draws, steps, wall, truth)
@@ -319,6 +322,10 @@ def main():
                     help="raybayes mass matrices to run: diagonal, low-rank or both")
     ap.add_argument("--out", default=None,
                     help="save the figures as benchmarks/results/OUT.json and OUT_<run>.csv")
+    ap.add_argument("--progress-bar", action="store_true",
+                    help="print raybayes' progress (a status line every 30 s in a log)")
+    ap.add_argument("--save-idata", default=None, metavar="PREFIX",
+                    help="write each raybayes run's InferenceData to PREFIX_<variant>.nc")
     a = ap.parse_args()
     if a.mode == "density":
         bench_density(a)
