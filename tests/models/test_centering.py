@@ -108,3 +108,27 @@ def test_elasticity_centering_follows_the_data():
         elasticity_model(**data.model_kwargs(centered={"beta": 1.5}))
     with pytest.raises(ValueError, match="unknown block"):
         elasticity_model(**data.model_kwargs(centered={"alpha": 0.5}))
+
+
+def test_elasticity_centering_discounts_category_wide_promotions():
+    # Same products, weeks and units; only the prices differ. When a category runs
+    # its promotions in every product at once, its period effects absorb them and
+    # a product's elasticity is informed only by its price's departure from the
+    # category's: its weight must fall (the orange-juice case), while the
+    # intercepts' weights, which do not depend on the price, stay.
+    df, _ = simulate_elasticity(3, 30, 60, seed=1, concentration=5.0)
+    rng = np.random.default_rng(2)
+    cut = np.where(rng.random((60, 3)) < 0.3, rng.uniform(0.0, 0.4, (60, 3)), 0.0)
+    wide = df.copy()
+    wide["price"] = (
+        np.exp(np.log(df.groupby("product")["price"].transform("mean")))
+        * (1.0 - cut[df["week"].to_numpy(), df["category"].to_numpy()])
+        * np.exp(0.01 * rng.standard_normal(len(df)))
+    )
+    kw = dict(product_cols=("product",), category_col="category")
+    w_own = prepare_elasticity_data(df, **kw).centering()
+    w_wide = prepare_elasticity_data(wide, **kw).centering()
+    assert np.median(w_own["beta"]) > 0.5
+    assert np.median(w_wide["beta"]) < 0.2 * np.median(w_own["beta"])
+    # (only through the moment estimate of the concentration)
+    np.testing.assert_allclose(w_wide["delta"], w_own["delta"], atol=0.01)

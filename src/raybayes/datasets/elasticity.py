@@ -172,11 +172,19 @@ class ElasticityData:
         elements, ``w -> 0`` (non-centred) for sparse ones. Here ``I`` is the Fisher
         information of the log mean summed over each element's rows,
         ``sum mu phi / (mu + phi)`` (``mu`` is the observed count, floored at 1/2;
-        ``phi`` a moment estimate of the negative-binomial concentration), times
-        the squared centred log price for the elasticities; ``sigma`` is a moment
-        estimate of each block's scale from per-product and per-period means of
-        ``log(units + 1/2)``, floored at ``min_scale``. The weights are rough by
-        design: they only choose a parameterization, the posterior is the same.
+        ``phi`` a moment estimate of the negative-binomial concentration), times,
+        for a product elasticity, the squared log price **less its category-period
+        mean**: the category's period effects absorb the promotions a category
+        runs in every store at once, so a product's elasticity is informed only by
+        how its price departs from its category's that period (the information
+        given the other effects, a Schur complement; on the orange-juice data a
+        median 7% of the plain ``sum x^2`` information). A category's elasticity is
+        informed by its products' and by the prior of the period effects it trades
+        against. ``sigma`` is a moment estimate of each block's scale from
+        per-product and per-period means of ``log(units + 1/2)`` and per-product
+        slopes around their category's mean, floored at ``min_scale``. The weights
+        are rough by design: they only choose a parameterization, the posterior is
+        the same.
 
         Args:
             likelihood: ``"negbin"`` or ``"poisson"`` (``phi = inf``).
@@ -241,28 +249,49 @@ class ElasticityData:
         info_delta = np.bincount(p, weights=info_row, minlength=P)
         info_gamma = np.bincount(tc, weights=info_row, minlength=T * C)
         info_beta = np.bincount(p, weights=info_row * x * x, minlength=P)
+        # Given the category-period effects (free parameters of the model), a
+        # product's elasticity sees only its price's departure from the
+        # (information-weighted) mean price of its category that period.
+        tc_price = np.bincount(tc, weights=info_row * x, minlength=T * C) / np.maximum(
+            info_gamma, 1e-12
+        )
+        x_within = x - tc_price[tc]
+        info_beta_given_gamma = np.bincount(
+            p, weights=info_row * x_within * x_within, minlength=P
+        )
 
         def scale(estimates, info):
             noise = np.mean(1.0 / np.maximum(info, 1e-12))
             return float(np.sqrt(max(np.var(estimates) - noise, min_scale**2)))
 
+        cat = self.category_of_product
+        num_in_category = np.maximum(np.bincount(cat, minlength=C), 1)
+        slope_category_mean = np.bincount(cat, weights=slope, minlength=C) / num_in_category
         sigma_delta = scale(product_mean, info_delta)
         sigma_gamma = scale(period_mean, info_gamma)
-        sigma_beta = scale(slope, info_beta)
-        # A category's elasticity is informed by its products' elasticities.
-        prec_product = 1.0 / (sigma_beta**2 + 1.0 / np.maximum(info_beta, 1e-12))
-        cat = self.category_of_product
+        # The products' spread around their category (beta ~ N(beta_category, s)).
+        sigma_beta = scale(slope - slope_category_mean[cat], info_beta)
+        # A category's elasticity is informed by its products' elasticities and by
+        # the prior of its period effects: shifting it by a moves every period
+        # effect by -a times the category's mean log price that period.
+        prec_product = 1.0 / (
+            sigma_beta**2 + 1.0 / np.maximum(info_beta_given_gamma, 1e-12)
+        )
+        tc_weight = np.bincount(tc, minlength=T * C) > 0
         info_category = np.bincount(cat, weights=prec_product, minlength=C)
-        category_slope = np.bincount(
-            cat, weights=prec_product * slope, minlength=C
-        ) / np.maximum(info_category, 1e-12)
-        sigma_category = scale(category_slope, info_category)
+        info_category += np.bincount(
+            np.arange(T * C) % C, weights=tc_weight * tc_price**2, minlength=C
+        ) / sigma_gamma**2
+        sigma_category = scale(slope_category_mean, np.bincount(
+            cat, weights=1.0 / (sigma_beta**2 + 1.0 / np.maximum(info_beta, 1e-12)),
+            minlength=C,
+        ))
 
         from raybayes.models.reparam import centering_weight
 
         return {
             "beta_category": centering_weight(sigma_category, info_category),
-            "beta": centering_weight(sigma_beta, info_beta),
+            "beta": centering_weight(sigma_beta, info_beta_given_gamma),
             "delta": centering_weight(sigma_delta, info_delta),
             "gamma": centering_weight(sigma_gamma, info_gamma).reshape(T, C),
         }
