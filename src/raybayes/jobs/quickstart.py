@@ -13,6 +13,7 @@ from raybayes.datasets import load_orange_juice, prepare_elasticity_data
 from raybayes.datasets.orange_juice import BRAND_NAMES
 from raybayes.io import atomic_path, atomic_write
 from raybayes.mcmc import sample
+from raybayes.mcmc.sampler import MIN_LOW_RANK_WARMUP
 from raybayes.models import elasticity_model
 from raybayes.results import summary
 
@@ -77,7 +78,9 @@ def run_quickstart(
             trajectories short on data-rich products.
         low_rank_mass: adapt a low-rank plus diagonal mass matrix from the chains'
             draws and gradients (see :func:`raybayes.sample`); off by default
-            until it beats the diagonal on this model (BENCHMARKS.md).
+            until it beats the diagonal on this model (BENCHMARKS.md). With fewer
+            than 100 warmup iterations the run falls back to the diagonal mass
+            matrix and says so.
         backend, num_workers, address: where to run (see :func:`raybayes.sample`).
         progress_bar: show per-chain progress.
         echo: function used to print the report.
@@ -96,6 +99,12 @@ def run_quickstart(
     brand_labels = [f"{int(b)}: {BRAND_NAMES.get(int(b), b)}" for b in data.categories]
     coords = data.coords()
     coords["categories"] = np.asarray(brand_labels)
+    if low_rank_mass and num_warmup < MIN_LOW_RANK_WARMUP:
+        echo(
+            f"Note: the low-rank mass matrix needs at least {MIN_LOW_RANK_WARMUP} warmup "
+            f"iterations (got {num_warmup}); using the diagonal one for this run."
+        )
+        low_rank_mass = False
     idata = sample(
         elasticity_model,
         model_kwargs=data.model_kwargs(likelihood=likelihood, centered=centered),
