@@ -1,5 +1,7 @@
 """The low-rank plus diagonal mass matrix: the estimate, its map, and NUTS with it."""
 
+import warnings
+
 import arviz as az
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,24 @@ def test_diagonal_is_exact_for_independent_gaussian():
     mass = fisher_low_rank(x, -x / s**2, max_rank=2)
     np.testing.assert_allclose(mass.scale, s, rtol=1e-4)
     np.testing.assert_allclose(np.diag(inverse_mass_matrix(mass)), s**2, rtol=1e-3)
+
+
+def test_estimate_keeps_positive_eigenvalues_when_scales_span_many_decades():
+    # Draw and gradient scales from e^-8 to e^3 that do not match (as early in a
+    # warmup) and a run of repeated draws (NUTS rejections): the SPD mean loses
+    # its smallest eigenvalues to rounding (0 or below). Those directions must be
+    # left at 1, not kept with a non-positive eigenvalue (a singular mass matrix,
+    # NaN in the sampler).
+    rng = np.random.default_rng(0)
+    n, d = 100, 600
+    x = rng.standard_normal((n, d)) * np.exp(rng.uniform(-8, 3, d))
+    x[50:60] = x[49]
+    g = -x / np.exp(rng.uniform(-8, 3, d)) ** 2 * rng.uniform(0.5, 2.0, d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = fisher_low_rank(x, g)
+    assert np.all(np.isfinite(est.values)) and np.all(est.values > 0)
+    assert np.all(np.isfinite(est.vectors))
 
 
 def test_map_inverse_and_gradient():

@@ -167,7 +167,10 @@ def fisher_low_rank(
     cx = px @ px.T / gamma + eye
     cg = pg @ pg.T / gamma + eye
     vals, vecs = np.linalg.eigh(_spd_mean(cx, cg))
-    keep = (vals > cutoff) | (vals < 1.0 / cutoff)
+    # Eigenvalues near or below 0 (or not finite) are rounding errors of the SPD mean
+    # when the two covariances differ by many orders of magnitude: such
+    # directions are left at 1 rather than giving a singular mass matrix.
+    keep = np.isfinite(vals) & (vals > 1e-8) & ((vals > cutoff) | (vals < 1.0 / cutoff))
     order = np.argsort(-np.abs(np.log(vals[keep])))[:max_rank]
     vals, vecs = vals[keep][order], (q @ vecs[:, keep])[:, order]
     k = vals.size
