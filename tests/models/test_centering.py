@@ -102,7 +102,7 @@ def test_elasticity_centering_follows_the_data():
         model_kwargs=data.model_kwargs(centered="auto"),
     )
     expected = {"beta_category_decentered", "beta_decentered", "level_decentered",
-                "period_level_decentered"}
+                "gamma_decentered"}
     assert expected <= set(info.param_info.z)
     with pytest.raises(ValueError, match="outside"):
         elasticity_model(**data.model_kwargs(centered={"beta": 1.5}))

@@ -64,13 +64,7 @@ def elasticity_model(
       sigma_delta)``, i.e. the same prior on ``delta``): the data identify the
       level, not ``delta`` and ``gamma`` apart, and sampling ``delta`` itself
       leaves a ridge (posterior correlation near -0.9 on the orange-juice data)
-      that a diagonal mass matrix cannot follow. Likewise the period effects are
-      sampled as each category-period's level at the category's mean log price
-      that period, ``gamma_{t,c} + beta_c xbar_{t,c}`` (site ``period_level``,
-      prior ``N(beta_c xbar_{t,c}, sigma_gamma)``, i.e. the same prior on
-      ``gamma``): when a category runs its promotions in every store at once, the
-      data identify that level, not ``gamma`` and the category's elasticity apart.
-      The centring weights of ``"gamma"`` apply to ``period_level``.
+      that a diagonal mass matrix cannot follow.
       :meth:`raybayes.datasets.ElasticityData.centering` picks the weights from how
       much data informs each element.
 
@@ -123,7 +117,6 @@ def elasticity_model(
     reparam = {name: LocScaleReparam(w) for name, w in weights.items() if w is not None}
     if weights["beta"] is not None:
         reparam["level"] = reparam.pop("delta")
-        reparam["period_level"] = reparam.pop("gamma")
     with numpyro.handlers.reparam(config=reparam):
         with numpyro.plate("categories", num_categories, dim=-1):
             if weights["beta_category"] is None:
@@ -136,27 +129,7 @@ def elasticity_model(
                     "beta_category", dist.Normal(beta_global, sigma_category)
                 )
             with numpyro.plate("times", num_times, dim=-2):
-                if weights["beta"] is None:
-                    gamma = numpyro.sample("gamma", dist.Normal(0.0, sigma_gamma))
-                else:
-                    # The data identify each category-period's demand at the
-                    # category's mean price that period, gamma_{t,c} + beta_c
-                    # xbar_{t,c}, not gamma and beta_c apart (categories run their
-                    # promotions in every store at once): sample that level, with
-                    # the same prior on gamma (a shift, unit Jacobian). This
-                    # removes the ridge between a category's elasticity and its
-                    # period effects.
-                    period_price = _period_mean_price(
-                        log_price, time_idx, category_of_product[product_idx],
-                        num_times, num_categories,
-                    )
-                    period_level = numpyro.sample(
-                        "period_level",
-                        dist.Normal(beta_category * period_price, sigma_gamma),
-                    )
-                    gamma = numpyro.deterministic(
-                        "gamma", period_level - beta_category * period_price
-                    )
+                gamma = numpyro.sample("gamma", dist.Normal(0.0, sigma_gamma))
         with numpyro.plate("products", num_products, dim=-1):
             beta_mean = beta_category[category_of_product]
             if weights["beta"] is None:
@@ -192,20 +165,6 @@ def elasticity_model(
         obs_dist = dist.Poisson(jnp.exp(log_mu))
     with numpyro.plate("obs", num_obs, dim=-1):
         numpyro.sample("units", obs_dist, obs=units)
-
-
-def _period_mean_price(log_price, time_idx, category_idx, num_times, num_categories):
-    """``(T, C)`` mean log price of each category-period (0 where it has no rows)."""
-    cell = time_idx * num_categories + category_idx
-    n = num_times * num_categories
-    if any(isinstance(a, jax.core.Tracer) for a in (log_price, time_idx, category_idx)):
-        total = jax.ops.segment_sum(log_price, cell, num_segments=n)
-        count = jax.ops.segment_sum(jnp.ones_like(log_price), cell, num_segments=n)
-        return (total / jnp.maximum(count, 1.0)).reshape(num_times, num_categories)
-    cell = np.asarray(cell)
-    total = np.bincount(cell, weights=np.asarray(log_price, np.float64), minlength=n)
-    count = np.maximum(np.bincount(cell, minlength=n), 1)
-    return jnp.asarray((total / count).reshape(num_times, num_categories), jnp.float32)
 
 
 #: The blocks whose parameterization ``centered=`` chooses, in model order.
