@@ -50,8 +50,8 @@ import numpy as np
 REPORT_SITES = ("beta", "beta_category", "beta_global", "sigma_category", "sigma_beta",
                 "sigma_delta", "sigma_gamma", "mu_delta", "concentration")
 
-HYPER_SITES = ("beta_global", "sigma_category", "sigma_beta", "sigma_delta", "sigma_gamma",
-               "mu_delta", "concentration")
+HYPER_SITES = ("beta_global", "sigma_category", "sigma_beta", "sigma_delta",
+               "sigma_gamma", "mu_delta", "concentration")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 PEER = r"""
@@ -96,7 +96,8 @@ def report(draws, steps, wall_s, truth=None):
     ess_tail = az.ess(ds, method="tail")
     rhat = az.rhat(ds)
     by_site = {k: dict(min_ess_bulk=float(ess_bulk[k].min()),
-                       min_ess_tail=float(ess_tail[k].min()), max_rhat=float(rhat[k].max()))
+                       min_ess_tail=float(ess_tail[k].min()),
+                       max_rhat=float(rhat[k].max()))
                for k in ds.data_vars}
     min_bulk = min(float(ess_bulk[k].min()) for k in ds.data_vars)
     min_tail = min(float(ess_tail[k].min()) for k in ds.data_vars)
@@ -138,7 +139,8 @@ def print_elements(r):
     order = {k: i for i, k in enumerate(HYPER_SITES + ("beta_category", "beta"))}
     for site, i, mean, sd, eb, et, rh in sorted(
             r["elements"], key=lambda row: (order.get(row[0], 99), row[1])):
-        print(f"  {site:15s} {i:5d} {mean:8.3f} {sd:7.3f} {eb:8.0f} {et:8.0f} {rh:6.3f}")
+        print(f"  {site:15s} {i:5d} {mean:8.3f} {sd:7.3f} {eb:8.0f} {et:8.0f} "
+              f"{rh:6.3f}")
 
 
 def save_results(name, header, results):
@@ -150,7 +152,7 @@ def save_results(name, header, results):
                for run, r in results.items()}
     with atomic_path(os.path.join(RESULTS_DIR, f"{name}.json")) as tmp:
         tmp.write_text(json.dumps(dict(header=header, runs=summary), indent=1))
-    for run, r in results.items():
+    for r in results.values():
         tag = r.get("tag", "run")
         lines = ["site,index,mean,sd,ess_bulk,ess_tail,r_hat"]
         lines += [f"{s},{i},{m:.6g},{sd:.6g},{eb:.1f},{et:.1f},{rh:.4f}"
@@ -237,8 +239,8 @@ def bench_sampler(a):
             r["low_rank_mass_rank"] = idata.attrs.get("low_rank_mass_rank")
         results[f"raybayes (centered='auto', {variant} mass matrix)"] = r
 
-    header = (f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; {a.chains} "
-              f"chains x ({a.warmup} warmup + {a.samples} draws); backend={a.backend}; "
+    header = (f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; "
+              f"{a.chains} chains x ({a.warmup} warmup + {a.samples} draws); backend={a.backend}; "
               f"seed={a.seed}; load average at the end {os.getloadavg()}")
     print(header)
     keys = ["wall_s", "steps_per_draw", "min_ess_bulk", "min_ess_tail", "max_rhat",
@@ -321,11 +323,13 @@ def main():
     ap.add_argument("--variants", default="diagonal,low-rank",
                     help="raybayes mass matrices to run: diagonal, low-rank or both")
     ap.add_argument("--out", default=None,
-                    help="save the figures as benchmarks/results/OUT.json and OUT_<run>.csv")
+                    help="save the figures as benchmarks/results/OUT.json and "
+                    "OUT_<run>.csv")
     ap.add_argument("--progress-bar", action="store_true",
                     help="print raybayes' progress (a status line every 30 s in a log)")
     ap.add_argument("--save-idata", default=None, metavar="PREFIX",
-                    help="write each raybayes run's InferenceData to PREFIX_<variant>.nc")
+                    help="write each raybayes run's InferenceData to "
+                    "PREFIX_<variant>.nc")
     a = ap.parse_args()
     if a.mode == "density":
         bench_density(a)

@@ -266,7 +266,9 @@ class ElasticityData:
 
         cat = self.category_of_product
         num_in_category = np.maximum(np.bincount(cat, minlength=C), 1)
-        slope_category_mean = np.bincount(cat, weights=slope, minlength=C) / num_in_category
+        slope_category_mean = (
+            np.bincount(cat, weights=slope, minlength=C) / num_in_category
+        )
         sigma_delta = scale(product_mean, info_delta)
         sigma_gamma = scale(period_mean, info_gamma)
         # The products' spread around their category (beta ~ N(beta_category, s)).

@@ -101,8 +101,9 @@ def run_quickstart(
     coords["categories"] = np.asarray(brand_labels)
     if low_rank_mass and num_warmup < MIN_LOW_RANK_WARMUP:
         echo(
-            f"Note: the low-rank mass matrix needs at least {MIN_LOW_RANK_WARMUP} warmup "
-            f"iterations (got {num_warmup}); using the diagonal one for this run."
+            f"Note: the low-rank mass matrix needs at least {MIN_LOW_RANK_WARMUP} "
+            f"warmup iterations (got {num_warmup}); using the diagonal one for this "
+            "run."
         )
         low_rank_mass = False
     idata = sample(
