@@ -588,37 +588,10 @@ def find_map_newton(
     emit = progress_lines(progress_bar, "raybayes.optim")
     start = time.perf_counter()
     evals_before = objective.num_evaluations
-    history: list[float] = []
-    num_warmup = 0
-    if warmup_steps:
-        warm = find_map_vector_free(
-            objective,
-            init=init,
-            tol=tol,
-            gtol=gtol,
-            max_steps=int(warmup_steps),
-            progress_bar=progress_bar,
-            assemble=False,
-        )
-        num_warmup = warm.num_iterations
-        history += warm.history
-        emit(f"L-BFGS warm-up: {num_warmup} iterations, {warm.status}")
-    newton_start = time.perf_counter()
-    if warmup_steps:  # the workers hold the locals: go on from there
-        x_global = np.array(warm.x[: objective.num_global])
-        value, grad_g, max_local = objective.resume(x_global)
-    else:
-        if init is None:
-            x_global, x_locals = np.zeros(objective.num_global), None
-        else:
-            x_global, x_locals = objective.split(np.asarray(init, np.float64))
-            x_global = np.array(x_global)
-        value, grad_g, _, max_local = objective.start(x_global, x_locals, 1)
+    x_global, value, grad_g, max_local, num_warmup, history, newton_start = _start(
+        objective, init, warmup_steps, tol, gtol, profile_steps, progress_bar, emit
+    )
     G = objective.num_global
-    if profile_steps:
-        value, grad_g, max_local, _, _ = objective.profile(
-            x_global, profile_steps, gtol
-        )
     grad_max = max(_max_abs(grad_g), max_local)
     steps = hessians = num_hvp = rejected = age = 0
     radius = float(radius)
@@ -635,15 +608,9 @@ def find_map_newton(
             status, message = "max_steps", f"stopped after max_steps={max_steps}"
             break
         if eig is None:
-            parts = objective.hessian(x_global, batch_size)
-            local_damping = 0.0
-            hvp_now = max(p[2] for p in parts)
-            while sum(p[1] for p in parts) > 0:  # local blocks not positive definite
-                schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
-                scale = np.max(np.abs(np.diag(schur)), initial=1.0)
-                local_damping = max(10 * local_damping, 1e-3 * scale)
-                # the same Hessian, damped
-                parts = objective.hessian(x_global, batch_size, local_damping, True)
+            parts, local_damping, hvp_now = _damped_hessian(
+                objective, x_global, batch_size
+            )
             schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
             eig, basis = linalg.eigh(schur) if G else (np.zeros(0), np.zeros((0, 0)))
             reduce = np.sum([np.asarray(p[3], np.float64) for p in parts], axis=0)
@@ -743,3 +710,90 @@ def find_map_newton(
         warmup_steps=num_warmup,
         newton_time_s=now - newton_start,
     )
+
+
+def _call(part, fn, *args, trips=1):
+    """Call ``fn(*args)``: the untimed stand-in for a clock's ``run(part, ...)``."""
+    return fn(*args)
+
+
+def _start(objective, init, warmup_steps, tol, gtol, profile_steps, progress_bar,
+           emit, run=_call):
+    """The L-BFGS warm-up, the start on the workers and the local profile steps.
+
+    Shared by :func:`find_map_newton` and ``find_map_newton_cg``. ``run(part, fn,
+    *args, trips=...)`` calls each piece (a clock that times them, or a plain call).
+
+    Returns:
+        ``(x_global, value, grad_global, max_local_grad, num_warmup, history,
+        newton_start)``: the globals (shape ``(G,)``) with the locals left on the
+        workers, the loss and the global gradient there, the largest local gradient
+        component, the warm-up's iterations and loss history, and the
+        ``time.perf_counter()`` at which the Newton phase began.
+    """
+    history: list[float] = []
+    num_warmup = 0
+    if warmup_steps:
+        warm = run(
+            "warmup",
+            lambda: find_map_vector_free(
+                objective,
+                init=init,
+                tol=tol,
+                gtol=gtol,
+                max_steps=int(warmup_steps),
+                progress_bar=progress_bar,
+                assemble=False,
+            ),
+            trips=0,
+        )
+        num_warmup = warm.num_iterations
+        history += warm.history
+        emit(f"L-BFGS warm-up: {num_warmup} iterations, {warm.status}")
+    newton_start = time.perf_counter()
+    if warmup_steps:  # the workers hold the locals: go on from there
+        x_global = np.array(warm.x[: objective.num_global])
+        value, grad_g, max_local = run("evaluate", objective.resume, x_global)
+    else:
+        if init is None:
+            x_global, x_locals = np.zeros(objective.num_global), None
+        else:
+            x_global, x_locals = objective.split(np.asarray(init, np.float64))
+            x_global = np.array(x_global)
+        value, grad_g, _, max_local = run(
+            "evaluate", objective.start, x_global, x_locals, 1
+        )
+    if profile_steps:
+        value, grad_g, max_local, _, _ = run(
+            "profile", objective.profile, x_global, profile_steps, gtol
+        )
+    return x_global, value, grad_g, max_local, num_warmup, history, newton_start
+
+
+def _damped_hessian(objective, x_global, batch_size, run=_call):
+    """The full arrowhead Hessian, its local blocks damped until positive definite.
+
+    Where a shard reports a local block that is not positive definite, the same
+    Hessian is taken again with ``damping * I`` added to every local block, the
+    damping growing tenfold from 1e-3 of the Schur complement's largest diagonal
+    entry (Nocedal & Wright 2006, Sec. 3.4).
+
+    Returns:
+        ``(parts, local_damping, hvp_per_shard)``: the shards' Schur parts, the
+        damping used (0.0 when none was needed) and the largest number of
+        Hessian-vector products a shard spent.
+    """
+    G = objective.num_global
+    parts = run("hessian", objective.hessian, x_global, batch_size)
+    local_damping = 0.0
+    hvp_now = max(p[2] for p in parts)
+    while sum(p[1] for p in parts) > 0:  # local blocks not positive definite
+        schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
+        scale = np.max(np.abs(np.diag(schur)), initial=1.0)
+        if not np.isfinite(scale):
+            scale = 1.0
+        local_damping = max(10 * local_damping, 1e-3 * scale)
+        parts = run(  # the same Hessian, damped
+            "hessian", objective.hessian, x_global, batch_size, local_damping, True
+        )
+    return parts, local_damping, hvp_now

@@ -65,9 +65,14 @@ from scipy import linalg
 from raybayes.config import reject_unknown_arguments
 from raybayes.core import arrowhead
 from raybayes.errors import ConfigurationError
-from raybayes.optim.newton import NewtonMAPResult, NewtonObjective, _max_abs
+from raybayes.optim.newton import (
+    NewtonMAPResult,
+    NewtonObjective,
+    _damped_hessian,
+    _max_abs,
+    _start,
+)
 from raybayes.optim.result import map_result_fields
-from raybayes.optim.vlbfgs import find_map_vector_free
 from raybayes.progress import progress_lines
 
 __all__ = ["NewtonCGMAPResult", "find_map_newton_cg"]
@@ -368,43 +373,11 @@ def find_map_newton_cg(
     clock = _Clock()
     start = time.perf_counter()
     evals_before = objective.num_evaluations
-    history: list[float] = []
-    num_warmup = 0
-    if warmup_steps:
-        warm = clock.run(
-            "warmup",
-            lambda: find_map_vector_free(
-                objective,
-                init=init,
-                tol=tol,
-                gtol=gtol,
-                max_steps=int(warmup_steps),
-                progress_bar=progress_bar,
-                assemble=False,
-            ),
-            trips=0,
-        )
-        num_warmup = warm.num_iterations
-        history += warm.history
-        emit(f"L-BFGS warm-up: {num_warmup} iterations, {warm.status}")
-    newton_start = time.perf_counter()
-    if warmup_steps:  # the workers hold the locals: go on from there
-        x_global = np.array(warm.x[: objective.num_global])
-        value, grad_g, max_local = clock.run("evaluate", objective.resume, x_global)
-    else:
-        if init is None:
-            x_global, x_locals = np.zeros(objective.num_global), None
-        else:
-            x_global, x_locals = objective.split(np.asarray(init, np.float64))
-            x_global = np.array(x_global)
-        value, grad_g, _, max_local = clock.run(
-            "evaluate", objective.start, x_global, x_locals, 1
-        )
+    x_global, value, grad_g, max_local, num_warmup, history, newton_start = _start(
+        objective, init, warmup_steps, tol, gtol, profile_steps, progress_bar, emit,
+        clock.run,
+    )
     G = objective.num_global
-    if profile_steps:
-        value, grad_g, max_local, _, _ = clock.run(
-            "profile", objective.profile, x_global, profile_steps, gtol
-        )
     grad_max = max(_max_abs(grad_g), max_local)
     steps = hessians = num_hvp = rejected = age = total_cg = cg_since = 0
     hvp_now = 0
@@ -421,23 +394,9 @@ def find_map_newton_cg(
             status, message = "max_steps", f"stopped after max_steps={max_steps}"
             break
         if pre is None:
-            parts = clock.run("hessian", objective.hessian, x_global, batch_size)
-            local_damping = 0.0
-            hvp_now = max(p[2] for p in parts)
-            while sum(p[1] for p in parts) > 0:  # local blocks not positive definite
-                schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
-                scale = np.max(np.abs(np.diag(schur)), initial=1.0)
-                if not np.isfinite(scale):
-                    scale = 1.0
-                local_damping = max(10 * local_damping, 1e-3 * scale)
-                parts = clock.run(  # the same Hessian, damped
-                    "hessian",
-                    objective.hessian,
-                    x_global,
-                    batch_size,
-                    local_damping,
-                    True,
-                )
+            parts, local_damping, hvp_now = _damped_hessian(
+                objective, x_global, batch_size, clock.run
+            )
             schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
             pre = clock.run(
                 "eigh", _Preconditioner, schur, float(eigenvalue_floor), trips=0
