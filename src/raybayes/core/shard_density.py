@@ -582,7 +582,7 @@ class ShardLogDensity:
         dir_global,
         dir_local,
         batch_size: int = 16,
-        coloring=None,
+        coloring: bool = True,
     ):
         """Derivatives of this shard's Hessian blocks along ``m`` directions ``v``.
 
@@ -598,10 +598,10 @@ class ShardLogDensity:
             dir_global: ``(m, G)`` the directions' globals.
             dir_local: ``(m, P, k)`` their locals.
             batch_size: Hessian-vector products evaluated together.
-            coloring: a :class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`
-                whose groups are known (the one of :meth:`global_hessian_columns`;
-                copied here, the derivative has the Hessian's sparsity), or
-                ``None`` for one product per global parameter.
+            coloring: reuse the colour groups that :meth:`global_hessian_columns`
+                found (the derivative has the Hessian's sparsity; default), or
+                ``False`` for one product per global parameter. Without a colored
+                Hessian taken before, one product per global parameter is used.
 
         Returns:
             ``(dH_gg (m, G, G), dH_lg (m, P, k, G), dB (m, P, k, k) or None)``.
@@ -642,12 +642,12 @@ class ShardLogDensity:
                 hg, hl = all_directions(tangents)
                 return hg[i], hl[i]
 
-            if coloring is None:
+            if not coloring or self._coloring is None:
                 hg, hl = direction(np.eye(self.num_global))
                 d_gg.append(hg.T)
                 d_lg.append(np.moveaxis(hl, 0, -1))
             else:
-                a, b = copy.deepcopy(coloring)(direction)
+                a, b = copy.deepcopy(self._coloring)(direction)
                 d_gg.append(a)
                 d_lg.append(b)
         d_gg = jnp.asarray(np.stack(d_gg), dtype)

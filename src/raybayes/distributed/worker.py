@@ -279,7 +279,6 @@ class ShardWorker:
             dir_global,
             dir_local,
             batch_size=batch_size,
-            coloring=self.density._coloring,
         )
         # coordinates given unit curvature (unit_curvature_where_flat) have zero
         # Hessian rows at every point: their derivative is zero as computed
