@@ -30,6 +30,8 @@ from raybayes.errors import (
 
 __all__ = ["RayBackend"]
 
+_log = logging.getLogger(__name__)
+
 
 def _import_ray():
     import ray
@@ -85,9 +87,23 @@ class _RayFuture(Future):
 
 
 class RayWorkerPool(WorkerPool):
-    """Workers as Ray actors, spread over the cluster's nodes."""
+    """Workers as Ray actors, spread over the cluster's nodes.
 
-    def __init__(self, factory, factory_args, num_workers, actor_options, name):
+    Every new actor (at start and after :meth:`restart`) is pinged once. An actor
+    that has not answered after ``placement_timeout_s / 10`` (at most 60 s) gets a
+    warning that names the resources it asks for and what the cluster has free; one
+    that has not answered after ``placement_timeout_s`` counts as lost: its calls
+    raise :class:`~raybayes.errors.WorkerLostError`, so the schedulers replace it or
+    give up with a clear error instead of waiting forever for a node that never comes
+    (a lost node whose resources no other node has, say).
+    """
+
+    #: Seconds between placement checks (at most; a tenth of the timeout if less)
+    #: while a call waits on an actor that has not answered yet.
+    CHECK_INTERVAL_S = 2.0
+
+    def __init__(self, factory, factory_args, num_workers, actor_options, name,
+                 placement_timeout_s=600.0):
         ray = _import_ray()
         self._ray = ray
         self._factory = factory
@@ -95,14 +111,73 @@ class RayWorkerPool(WorkerPool):
         self._options = actor_options
         self._name = name
         self.size = num_workers
+        self.placement_timeout_s = placement_timeout_s
         self._remote_cls = ray.remote(_ActorHost)
-        self._actors = [self._new_actor(i) for i in range(num_workers)]
         self._generation = [0] * num_workers
+        self._unready: dict[int, tuple[Any, float, bool]] = {}
+        self._unplaced: dict[int, str] = {}
+        self._actors = [self._new_actor(i) for i in range(num_workers)]
 
     def _new_actor(self, i):
-        return self._remote_cls.options(**self._options).remote(
+        actor = self._remote_cls.options(**self._options).remote(
             i, self._factory, *self._factory_args
         )
+        self._unready[i] = (actor.ping.remote(), time.monotonic(), False)
+        self._unplaced.pop(i, None)
+        return actor
+
+    def _resources_text(self) -> str:
+        opts = self._options
+        asked = {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0),
+                 **opts.get("resources", {})}
+        asked = {k: v for k, v in asked.items() if v}
+        try:
+            free = self._ray.available_resources()
+        except Exception:  # noqa: BLE001 - only for the message
+            free = {}
+        free_text = ", ".join(f"{k}={free.get(k, 0):g}" for k in asked) or "unknown"
+        return f"each worker asks for {asked}; the cluster has {free_text} free"
+
+    def _check_placement(self) -> set[int]:
+        """Forget actors that answered; warn about, then give up on, slow ones.
+
+        Returns:
+            The workers whose placement timed out.
+        """
+        now = time.monotonic()
+        for i, (ref, t0, warned) in list(self._unready.items()):
+            ready, _ = self._ray.wait([ref], num_returns=1, timeout=0)
+            if ready:
+                del self._unready[i]
+                continue
+            waited = now - t0
+            if waited >= self.placement_timeout_s:
+                del self._unready[i]
+                self._unplaced[i] = (
+                    f"Ray could not start it in {waited:.0f} s (placement_timeout_s="
+                    f"{self.placement_timeout_s:g}): {self._resources_text()}. Add "
+                    "a node with those resources, ask for fewer workers or fewer "
+                    "resources per worker, or raise "
+                    "RayBackend(placement_timeout_s=...)."
+                )
+            elif not warned and waited >= min(60.0, self.placement_timeout_s / 10):
+                self._unready[i] = (ref, t0, True)
+                _log.warning(
+                    "%s %d has waited %.0f s for Ray to start it: %s. It counts as "
+                    "lost after placement_timeout_s=%g s.", self._name, i, waited,
+                    self._resources_text(), self.placement_timeout_s,
+                )
+        return set(self._unplaced)
+
+    def _check_interval(self) -> float:
+        return min(self.CHECK_INTERVAL_S, self.placement_timeout_s / 10)
+
+    def _failed(self, futures) -> list[Future]:
+        return [
+            f for f in futures
+            if f.worker_index in self._unplaced
+            and f.generation == self._generation[f.worker_index]
+        ]
 
     def submit(self, worker_index, method, *args, tag=None, **kwargs):
         ref = self._actors[worker_index].call.remote(method, args, kwargs)
@@ -112,14 +187,32 @@ class RayWorkerPool(WorkerPool):
         if not futures:
             return []
         refs = [f.ref for f in futures]
-        done, _ = self._ray.wait(refs, num_returns=1, timeout=timeout_s)
-        # Collect everything already finished, not just the first one.
-        done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        done_set = set(done)
-        return [f for f in futures if f.ref in done_set]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            failed = self._failed(futures)
+            if failed:
+                return failed
+            step = self._check_interval() if self._unready else None
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+                step = left if step is None else min(step, left)
+            done, _ = self._ray.wait(refs, num_returns=1, timeout=step)
+            if done:
+                # Collect everything already finished, not just the first one.
+                done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+                done_set = set(done)
+                return [f for f in futures if f.ref in done_set]
+            self._check_placement()
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._failed(futures)
 
     def result(self, future):
         ray = self._ray
+        if not self._failed([future]) and self._unready:
+            self.wait([future])  # returns once it is done, or its worker is unplaced
+        if self._failed([future]):
+            i = future.worker_index
+            raise WorkerLostError(i, self._unplaced[i])
         try:
             return ray.get(future.ref)
         except ray.exceptions.RayActorError as err:
@@ -154,6 +247,7 @@ class RayWorkerPool(WorkerPool):
             except Exception:  # noqa: BLE001
                 pass
         self._actors = []
+        self._unready.clear()
 
 
 def _ship_by_value(objects) -> None:
@@ -322,6 +416,10 @@ class RayBackend(Backend):
         connect_timeout_s: how long to wait, in seconds, for a Ray cluster to answer
             at ``address`` (nothing listening, or something that is not Ray, fails
             within it).
+        placement_timeout_s: how long, in seconds, a new or replaced worker may wait
+            for Ray to place and start it (for an autoscaler to bring up a node, say)
+            before it counts as lost. A warning comes after a tenth of it (at most
+            60 s), naming the resources asked for and those free.
 
     Raises:
         ClusterConnectionError: nothing, or nothing Ray, answers at ``address`` in
@@ -344,6 +442,7 @@ class RayBackend(Backend):
         resources_per_worker: dict[str, float] | None = None,
         use_gpu: bool = False,
         connect_timeout_s: float = 10.0,
+        placement_timeout_s: float = 600.0,
     ):
         self.address = address if address is not None else os.environ.get("RAY_ADDRESS")
         self.num_cpus = num_cpus
@@ -358,6 +457,12 @@ class RayBackend(Backend):
                 )
         self.resources_per_worker = res
         self.connect_timeout_s = connect_timeout_s
+        if not placement_timeout_s > 0:
+            raise ConfigurationError(
+                f"placement_timeout_s={placement_timeout_s!r} must be a positive number of "
+                "seconds, e.g. 600."
+            )
+        self.placement_timeout_s = float(placement_timeout_s)
         self._started_here = False
         self._pools: list[RayWorkerPool] = []
 
@@ -442,6 +547,9 @@ class RayBackend(Backend):
     def create_pool(self, factory: Callable[..., Any], factory_args=(), *, num_workers, name="worker"):
         self.start()
         _ship_by_value(factory_args)
-        pool = RayWorkerPool(factory, tuple(factory_args), num_workers, self._actor_options(), name)
+        pool = RayWorkerPool(
+            factory, tuple(factory_args), num_workers, self._actor_options(), name,
+            placement_timeout_s=self.placement_timeout_s,
+        )
         self._pools.append(pool)
         return pool
