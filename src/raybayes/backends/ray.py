@@ -208,13 +208,17 @@ class RayWorkerPool(WorkerPool):
 
     def result(self, future):
         ray = self._ray
-        if not self._failed([future]) and self._unready:
+        i = future.worker_index
+        current = future.generation == self._generation[i]
+        if current and i in self._unready:
             self.wait([future])  # returns once it is done, or its worker is unplaced
         if self._failed([future]):
-            i = future.worker_index
             raise WorkerLostError(i, self._unplaced[i])
         try:
-            return ray.get(future.ref)
+            value = ray.get(future.ref)
+            if current:
+                self._unready.pop(i, None)  # it answered: it is placed
+            return value
         except ray.exceptions.RayActorError as err:
             # ActorDiedError, and ActorUnavailableError (the call failed and Ray
             # cannot tell whether the actor lives): restart() kills it either way.
