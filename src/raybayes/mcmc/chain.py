@@ -23,7 +23,7 @@ from numpyro.infer.util import init_to_uniform
 from raybayes.config import derive_key
 from raybayes.errors import ChainError
 
-__all__ = ["ChunkResult", "NUTSChainRunner", "chain_key", "SAMPLE_STATS"]
+__all__ = ["ChunkResult", "LowRankNUTS", "NUTSChainRunner", "chain_key", "SAMPLE_STATS"]
 
 #: Per-draw statistics returned with every chunk, named as in ArviZ.
 SAMPLE_STATS = (
@@ -338,25 +338,125 @@ def _stats_of(s):
     }
 
 
-class _LowRankKernels:
-    """NUTS on the model's flattened unconstrained density in coordinates ``y``.
+class LowRankNUTS:
+    """NUTS on a flat potential in the coordinates ``y`` of a low-rank mass matrix.
 
     ``x = m + L y`` (:func:`raybayes.mcmc.mass.from_unit`); the
-    :class:`~raybayes.mcmc.mass.LowRankMass` is an argument of every jitted
-    function (fixed shapes), so a new estimate compiles nothing. Two NumPyro HMC
-    instances (``numpyro.infer.hmc.hmc``) hold the warmup schedules: phase 0 runs
-    ``first`` iterations with the identity map and NumPyro's diagonal adaptation
-    (started from nutpie's ``1 / |gradient|``); every later phase runs ``later``
-    iterations in the latest estimate's coordinates (step size and a diagonal in
-    ``y`` adapted afresh; one instance, as the phases have one length), the last
-    one going on into sampling.
+    :class:`~raybayes.mcmc.mass.LowRankMass` is an argument of every function
+    (fixed shapes), so a new estimate compiles nothing. Two NumPyro HMC instances
+    (``numpyro.infer.hmc.hmc``) hold the warmup schedules: phase 0 runs ``first``
+    iterations with the identity map and NumPyro's diagonal adaptation (started from
+    nutpie's ``1 / |gradient|``); every later phase runs ``later`` iterations in the
+    latest estimate's coordinates (step size and a diagonal in ``y`` adapted afresh;
+    one instance, as the phases have one length), the last one going on into
+    sampling.
+
+    The functions are pure and not jitted: chain-parallel NUTS jits them for one
+    chain, data-sharded NUTS jits their ``vmap`` over the chain batch (its
+    potential then evaluates every chain in one call to the shard workers).
+
+    Args:
+        potential: ``potential(x)``, the potential energy (negative log density) at
+            a ``(dim,)`` unconstrained point; differentiable with :func:`jax.grad`.
+        dim: length of ``x``.
+        dtype: dtype of ``x``.
+        phases: ``(first, later)`` warmup iterations of the first phase and of each
+            later one.
+        chunk_size: iterations of one :meth:`chunk` (shorter chunks are masked).
+        target_accept_prob: NUTS target acceptance probability.
+        max_tree_depth: NUTS maximum tree depth.
+
+    References:
+        Seyboldt, A., Carlson, E. & Carpenter, B. (2026). Low-rank mass-matrix
+        adaptation by minimising the Fisher divergence, as in nutpie:
+        https://github.com/pymc-devs/nutpie
     """
+
+    def __init__(self, potential, dim, dtype, phases, chunk_size, *,
+                 target_accept_prob=0.8, max_tree_depth=10):
+        from numpyro.infer.hmc import hmc
+
+        from raybayes.mcmc import mass as mm
+
+        self.dim = int(dim)
+        self.chunk_size = int(chunk_size)
+        self._mm = mm
+        warmups = [int(n) for n in phases]
+
+        def gen(pre):
+            return lambda y: potential(mm.from_unit(pre, y))
+
+        self._gen = gen
+        settings = dict(
+            target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth
+        )
+        self._phases = [hmc(potential_fn_gen=gen, algo="NUTS") for _ in range(2)]
+
+        def start(phase, y, key, pre, inverse_mass_matrix=None):
+            init_kernel = self._phases[phase][0]
+            return init_kernel(y, warmups[phase], model_args=(pre,), rng_key=key,
+                               inverse_mass_matrix=inverse_mass_matrix, **settings)
+
+        self._start = start
+        # Each HMC instance sets its schedule when its init is traced: do it once
+        # here, so a worker can continue a chain another worker started.
+        zero = jnp.zeros(self.dim, dtype)
+        for phase in (0, 1):
+            jax.eval_shape(lambda y, p=phase: start(p, y, jax.random.PRNGKey(0),
+                                                     mm.identity_mass(self.dim, 1)), zero)
+
+    def init(self, key, x0):
+        """The phase-0 state at ``x0`` ``(dim,)``, with nutpie's first diagonal
+        (variance ``1 / |gradient|`` at ``x0``: NumPyro's identity can be off by
+        orders of magnitude, and the first window's draws then are far from
+        stationary)."""
+        pre = self._mm.identity_mass(self.dim, 1)
+        g = jnp.abs(jax.grad(self._gen(pre))(x0))
+        inv_mass = jnp.where(jnp.isfinite(g) & (g > 0), 1.0 / g, 1.0)
+        return self._start(0, x0, key, pre, jnp.clip(inv_mass, 1e-6, 1e6))
+
+    def switch(self, state, old, new):
+        """The chain at the same point (and key) in ``new``'s coordinates, at the
+        start of the next phase."""
+        mm = self._mm
+        y = mm.to_unit(new, mm.from_unit(old, state.z))
+        return self._start(1, y, state.rng_key, new)
+
+    def step(self, phase, state, pre):
+        """One NUTS iteration of a chain of warmup phase ``phase`` (0 or 1)."""
+        return self._phases[min(phase, 1)][1](state, model_args=(pre,))
+
+    def point(self, state, pre):
+        """``(x, grad)`` of the state in the model's unconstrained coordinates (the
+        potential's gradient)."""
+        mm = self._mm
+        return mm.from_unit(pre, state.z), mm.grad_from_unit(pre, state.z_grad)
+
+    def chunk(self, phase):
+        """``chunk(state, num_steps, pre) -> (state, (y, x, grad, stats))``: a
+        ``lax.scan`` of :attr:`chunk_size` iterations, the first ``num_steps`` run
+        (each output ``(chunk_size, ...)``)."""
+
+        def chunk(state, num_steps, pre):
+            def body(s, i):
+                s = lax.cond(i < num_steps, lambda x: self.step(phase, x, pre),
+                             lambda x: x, s)
+                x, g = self.point(s, pre)
+                return s, (s.z, x, g, _stats_of(s))
+
+            return lax.scan(body, state, jnp.arange(self.chunk_size))
+
+        return chunk
+
+
+class _LowRankKernels:
+    """:class:`LowRankNUTS` on a model's flattened unconstrained density, jitted for
+    one chain."""
 
     _KERNEL_KEYS = {"target_accept_prob", "max_tree_depth", "init_strategy", "dense_mass"}
 
     def __init__(self, runner: NUTSChainRunner):
         from jax.flatten_util import ravel_pytree
-        from numpyro.infer.hmc import hmc
         from numpyro.infer.util import initialize_model
 
         from raybayes.mcmc import mass as mm
@@ -375,21 +475,12 @@ class _LowRankKernels:
         flat, unravel = ravel_pytree(info.param_info.z)
         self.dim = flat.shape[0]
         potential, constrain = info.potential_fn, info.postprocess_fn
-        warmups = [int(n) for n in runner.low_rank_phases]
-
-        def gen(pre):
-            return lambda y: potential(unravel(mm.from_unit(pre, y)))
-
-        settings = dict(
+        core = LowRankNUTS(
+            lambda x: potential(unravel(x)), self.dim, flat.dtype,
+            runner.low_rank_phases, runner.chunk_size,
             target_accept_prob=kw.get("target_accept_prob", 0.8),
             max_tree_depth=kw.get("max_tree_depth", 10),
         )
-        phases = [hmc(potential_fn_gen=gen, algo="NUTS") for _ in range(2)]
-
-        def start(phase, y, key, pre, inverse_mass_matrix=None):
-            init_kernel = phases[phase][0]
-            return init_kernel(y, warmups[phase], model_args=(pre,), rng_key=key,
-                               inverse_mass_matrix=inverse_mass_matrix, **settings)
 
         def init(key, x0):
             key, key_init = jax.random.split(key)
@@ -397,47 +488,12 @@ class _LowRankKernels:
                 z = initialize_model(key_init, model, model_args=args, model_kwargs=kwargs,
                                      init_strategy=strategy).param_info.z
                 x0 = ravel_pytree(z)[0]
-            pre = mm.identity_mass(self.dim, 1)
-            # nutpie's first diagonal: variance 1 / |gradient| at the initial point
-            # (NumPyro's identity can be off by orders of magnitude, and the first
-            # window's draws then are far from stationary).
-            g = jnp.abs(jax.grad(gen(pre))(x0))
-            inv_mass = jnp.where(jnp.isfinite(g) & (g > 0), 1.0 / g, 1.0)
-            return start(0, x0, key, pre, jnp.clip(inv_mass, 1e-6, 1e6))
+            return core.init(key, x0)
 
         self._init = jax.jit(init)
         self._unravel_flat = lambda p: ravel_pytree(p)[0]
-
-        def switch(state, old, new):
-            y = mm.to_unit(new, mm.from_unit(old, state.z))
-            return start(1, y, state.rng_key, new)
-
-        self._switch = jax.jit(switch)
-        # Each HMC instance sets its schedule when its init is traced: do it once
-        # here, so a worker can continue a chain another worker started.
-        zero = jnp.zeros(self.dim, flat.dtype)
-        for phase in (0, 1):
-            jax.eval_shape(lambda y, p=phase: start(p, y, jax.random.PRNGKey(0),
-                                                     mm.identity_mass(self.dim, 1)), zero)
-        size = runner.chunk_size
-
-        def make_chunk(phase):
-            sample_kernel = phases[phase][1]
-
-            def chunk(state, num_steps, pre):
-                def body(s, i):
-                    s = lax.cond(i < num_steps,
-                                 lambda x: sample_kernel(x, model_args=(pre,)),
-                                 lambda x: x, s)
-                    x = mm.from_unit(pre, s.z)
-                    g = mm.grad_from_unit(pre, s.z_grad)
-                    return s, (s.z, x, g, _stats_of(s))
-
-                return lax.scan(body, state, jnp.arange(size))
-
-            return jax.jit(chunk)
-
-        self.chunk = [make_chunk(0), make_chunk(1)]
+        self._switch = jax.jit(core.switch)
+        self.chunk = [jax.jit(core.chunk(0)), jax.jit(core.chunk(1))]
         self.postprocess = jax.jit(jax.vmap(
             lambda y, pre: constrain(unravel(mm.from_unit(pre, y))), in_axes=(0, None)))
 

@@ -353,8 +353,8 @@ def sample(
             together on the driver and each leapfrog step sums the potential and
             its gradient over the shards (one round trip per step for all chains;
             see :mod:`raybayes.mcmc.sharded` and the "Data-sharded NUTS" guide).
-            ``num_workers`` must be ``None`` or equal; the scheduling options and
-            ``low_rank_mass`` are refused. ``None`` (default): chain-parallel.
+            ``num_workers`` must be ``None`` or equal; the scheduling options are
+            refused. ``None`` (default): chain-parallel.
         plan: a :class:`raybayes.Plan` from :func:`raybayes.plan` (the split to
             use, and its number of shards); implies data-sharded NUTS.
         partition: with ``num_shards``, the split (a :class:`raybayes.Partition`)
@@ -467,13 +467,12 @@ def sample(
         source=source,
         model_kwargs=model_kwargs,
     )
-    if num_shards is not None and low_rank_mass:
-        raise ConfigurationError(
-            "low_rank_mass is not supported with data-sharded NUTS (num_shards= or "
-            "plan=) yet; drop one of them."
-        )
     scaling, _ = resolve_scaling(
         backend, num_workers, use_gpu, resources_per_worker, address
+    )
+    low_rank_mass = (
+        (DEFAULT_MAX_RANK if low_rank_mass else 0)
+        if isinstance(low_rank_mass, (bool, np.bool_)) else int(low_rank_mass)
     )
     if num_shards is not None:
         return _sample_sharded(
@@ -489,6 +488,7 @@ def sample(
             max_samples=max_samples, max_time_s=max_time_s,
             checkpoint_dir=checkpoint_dir, overwrite=overwrite,
             cross_chain_adaptation=cross_chain_adaptation,
+            low_rank_mass=low_rank_mass,
         )
     # Chains that can run at once: one per chain, unless num_workers caps it (one
     # worker runs its chains one after the other, which in-process does as well).
@@ -519,10 +519,7 @@ def sample(
         static_scheduling=_scheduling == "static",
         worker_slowdown=_worker_slowdown,
         key_stream=tuple(_key_stream),
-        low_rank_mass=(
-            (DEFAULT_MAX_RANK if low_rank_mass else 0)
-            if isinstance(low_rank_mass, (bool, np.bool_)) else int(low_rank_mass)
-        ),
+        low_rank_mass=low_rank_mass,
     )
     site_dims, site_coords, observed, stopping, store = _stopping_and_store(
         model, model_args, model_kwargs, settings, dims=dims, coords=coords,
@@ -631,6 +628,7 @@ def _sample_sharded(
     target_accept_prob, max_tree_depth, dense_mass, kernel_kwargs, chunk_size,
     coords, dims, progress_bar, target_ess, target_rhat, target_var_names,
     max_samples, max_time_s, checkpoint_dir, overwrite, cross_chain_adaptation,
+    low_rank_mass,
 ):
     """Data-sharded NUTS (see :mod:`raybayes.mcmc.sharded`): the split is resolved
     and the shard budget checked before any worker starts (with a Parquet
@@ -673,6 +671,7 @@ def _sample_sharded(
         init_params=init_params,
         static_scheduling=True,
         worker_slowdown=None,
+        low_rank_mass=low_rank_mass,
     )
     chunk_size, kernel_kwargs = settings.chunk_size, settings.kernel_kwargs
     stopping_and_store = functools.partial(
@@ -727,6 +726,7 @@ def _sample_sharded(
             kernel_kwargs=kernel_kwargs,
             seed=seed,
             init_params=init_params,
+            low_rank_phases=_low_rank_phases(settings),
         )
         chains, outcome = _ChainScheduler(
             pool,
@@ -740,6 +740,7 @@ def _sample_sharded(
             progress_bar=progress_bar,
             static=True,
             cross_chain=settings.cross_chain_adaptation,
+            low_rank=_low_rank_setting(settings),
         ).run()
         outcome.update(
             worker_restarts=int(pool.restarts),
@@ -881,8 +882,7 @@ def _run_chains(
                 static=settings.static_scheduling,
                 cross_chain=settings.cross_chain_adaptation,
                 key_stream=settings.key_stream,
-                low_rank=(_low_rank_phases(settings), settings.low_rank_mass)
-                if settings.low_rank_mass else None,
+                low_rank=_low_rank_setting(settings),
             ).run()
         finally:
             pool.shutdown()
@@ -935,6 +935,13 @@ def _low_rank_phases(settings):
         return None
     later = settings.num_warmup // LOW_RANK_PHASES
     return settings.num_warmup - (LOW_RANK_PHASES - 1) * later, later
+
+
+def _low_rank_setting(settings):
+    """The scheduler's ``low_rank``: ``((first, later), max_rank)``, or None."""
+    if not settings.low_rank_mass:
+        return None
+    return _low_rank_phases(settings), settings.low_rank_mass
 
 
 def _make_runner(model, args, num_warmup, chunk_size, kernel_kwargs, slowdown=None,

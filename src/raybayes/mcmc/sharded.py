@@ -45,7 +45,7 @@ from raybayes.backends.base import Future
 from raybayes.distributed.objective import ShardedObjective, constrained_values
 from raybayes.distributed.worker import ShardWorker, worker_precision
 from raybayes.errors import ChainError, ConfigurationError, WorkerLostError
-from raybayes.mcmc.chain import ChunkResult, chain_key
+from raybayes.mcmc.chain import ChunkResult, LowRankNUTS, chain_key
 
 __all__ = [
     "NUTSShardObjective",
@@ -392,7 +392,7 @@ class _Compiled:
     compilation of a vectorised NUTS chunk takes seconds to tens of seconds).
     """
 
-    def __init__(self, size, kernel_kwargs):
+    def __init__(self, size, kernel_kwargs, low_rank=None):
         from numpyro.infer import NUTS
 
         self.evaluate = None
@@ -401,6 +401,18 @@ class _Compiled:
         self.kernel = NUTS(potential_fn=self.potential, **kernel_kwargs)
         self.init_fn = None
         self.chunk_fn = None
+        # With a low-rank mass matrix: the kernels (the ones chain-parallel NUTS
+        # runs, on the sharded potential) and their jitted batch functions.
+        self.low_rank = None
+        if low_rank is not None:
+            phases, dtype, chunk_size = low_rank
+            self.low_rank = LowRankNUTS(
+                self.potential, size, dtype, phases, chunk_size,
+                target_accept_prob=kernel_kwargs.get("target_accept_prob", 0.8),
+                max_tree_depth=kernel_kwargs.get("max_tree_depth", 10),
+            )
+        self.switch_fn = None
+        self.phase_chunk_fns = [None, None]
 
 
 #: (size, num_chains, num_warmup, chunk_size, dtype, kernel settings) -> [_Compiled]
@@ -411,7 +423,7 @@ _COMPILED_LOCK = threading.Lock()
 _MAX_COMPILED = 8
 
 
-def _acquire_compiled(key, size, kernel_kwargs) -> _Compiled:
+def _acquire_compiled(key, size, kernel_kwargs, low_rank=None) -> _Compiled:
     with _COMPILED_LOCK:
         # keep the most recent settings only (dicts keep insertion order)
         for old in list(_COMPILED)[: max(0, len(_COMPILED) - _MAX_COMPILED)]:
@@ -423,7 +435,7 @@ def _acquire_compiled(key, size, kernel_kwargs) -> _Compiled:
             if not entry.in_use:
                 entry.in_use = True
                 return entry
-        entry = _Compiled(size, kernel_kwargs)
+        entry = _Compiled(size, kernel_kwargs, low_rank)
         entry.in_use = True
         entries.append(entry)
         return entry
@@ -460,6 +472,12 @@ class ShardedChainPool:
         init_params: initial unconstrained values of some sites (see
             :meth:`NUTSShardObjective.initial_positions`); the other coordinates
             are drawn uniformly in [-2, 2].
+        low_rank_phases: with a low-rank plus diagonal mass matrix, ``(first,
+            later)`` warmup iterations of the first and of each later phase (the
+            scheduler estimates the matrix between phases and asks for
+            ``switch_chain``); the chains run
+            :class:`~raybayes.mcmc.chain.LowRankNUTS`, the kernels of
+            chain-parallel NUTS, vectorised. ``None``: NumPyro's NUTS.
     """
 
     MAX_RETRIES = 5
@@ -474,6 +492,7 @@ class ShardedChainPool:
         kernel_kwargs,
         seed,
         init_params=None,
+        low_rank_phases=None,
     ):
         self.objective = objective
         self.init_params = init_params
@@ -490,8 +509,14 @@ class ShardedChainPool:
             self.chunk_size,
             np.dtype(self.dtype).name,
             repr(sorted(kernel_kwargs.items())),
+            low_rank_phases,
         )
-        self._compiled = _acquire_compiled(key, objective.size, kernel_kwargs)
+        low_rank = None
+        if low_rank_phases is not None:
+            low_rank = (tuple(low_rank_phases), self.dtype, self.chunk_size)
+        self._compiled = _acquire_compiled(
+            key, objective.size, kernel_kwargs, low_rank
+        )
         self._compiled.evaluate = objective.batch_value_and_grad
         self.kernel = self._compiled.kernel
         self.states: dict[int, Any] = {}
@@ -538,6 +563,8 @@ class ShardedChainPool:
                     self._init_batch(batch)
                 elif methods == {"advance"}:
                     self._advance_batch(batch)
+                elif methods == {"switch_chain"}:
+                    self._switch_batch(batch)
                 else:
                     raise RuntimeError(f"mixed work in one batch: {sorted(methods)}")
                 return
@@ -608,19 +635,56 @@ class ShardedChainPool:
 
     def _init_batch(self, batch):
         keys, xs = self._initial_positions()
-        if self._compiled.init_fn is None:
-            kernel, num_warmup = self.kernel, self.num_warmup
+        compiled = self._compiled
+        if compiled.init_fn is None:
+            if compiled.low_rank is not None:
+                init = compiled.low_rank.init
+            else:
+                kernel, num_warmup = self.kernel, self.num_warmup
 
-            def init(key, x):
-                return kernel.init(key, num_warmup, x, (), {})
+                def init(key, x):
+                    return kernel.init(key, num_warmup, x, (), {})
 
-            self._compiled.init_fn = jax.jit(jax.vmap(init))
-        states = self._compiled.init_fn(jnp.asarray(np.stack(keys)), jnp.asarray(xs))
+            compiled.init_fn = jax.jit(jax.vmap(init))
+        states = compiled.init_fn(jnp.asarray(np.stack(keys)), jnp.asarray(xs))
+        self._keep_states(states, batch)
+
+    def _keep_states(self, states, batch):
+        """Split a batch of chain states (NumPy leaves) and answer the futures."""
         states = jax.tree_util.tree_map(np.asarray, states)
         for c in range(self.size):
             self.states[c] = jax.tree_util.tree_map(lambda a, c=c: a[c], states)
         for f in batch:
             f.done, f.value = True, self.states[f.args[0]]
+
+    def _stacked(self):
+        return jax.tree_util.tree_map(
+            lambda *a: jnp.asarray(np.stack(a)),
+            *[self.states[c] for c in range(self.size)],
+        )
+
+    def _switch_batch(self, batch):
+        """Move every chain to the new low-rank coordinates (one estimate for all)."""
+        for f in batch:
+            self.states[f.args[0]] = f.args[1]
+        _, _, old, new = batch[0].args
+        compiled = self._compiled
+        if compiled.switch_fn is None:
+            compiled.switch_fn = jax.jit(
+                jax.vmap(compiled.low_rank.switch, in_axes=(0, None, None))
+            )
+        tree = jax.tree_util.tree_map
+        states = compiled.switch_fn(
+            self._stacked(), tree(jnp.asarray, old), tree(jnp.asarray, new)
+        )
+        bad = ~np.isfinite(np.asarray(states.potential_energy))
+        if bad.any():
+            raise ChainError(
+                int(np.flatnonzero(bad)[0]),
+                "the log density is not finite at the chain's point in the new "
+                "low-rank coordinates; check the model's supports and data.",
+            )
+        self._keep_states(states, batch)
 
     def _build_chunk(self):
         kernel, size = self.kernel, self.chunk_size
@@ -653,7 +717,7 @@ class ShardedChainPool:
         collect = np.zeros(self.size, bool)
         requested = {}
         for f in batch:
-            chain_id, state, n, want = f.args
+            chain_id, state, n, want = f.args[:4]
             if not 0 < n <= self.chunk_size:
                 raise ChainError(
                     chain_id, f"num_steps={n} outside 1..{self.chunk_size}"
@@ -665,16 +729,19 @@ class ShardedChainPool:
             raise ChainError(
                 "(data-sharded NUTS)", "a chain was advanced before every chain existed"
             )
-        if self._compiled.chunk_fn is None:
-            self._build_chunk()
-        stacked = jax.tree_util.tree_map(
-            lambda *a: jnp.asarray(np.stack(a)),
-            *[self.states[c] for c in range(self.size)],
-        )
-        new, (zs, stats) = self._compiled.chunk_fn(stacked, jnp.asarray(num_steps))
+        stacked = self._stacked()
+        points = None
+        if self._compiled.low_rank is not None:
+            zs, stats, points, new = self._advance_low_rank(batch, stacked, num_steps)
+        else:
+            if self._compiled.chunk_fn is None:
+                self._build_chunk()
+            new, (zs, stats) = self._compiled.chunk_fn(
+                stacked, jnp.asarray(num_steps)
+            )
+            zs = np.asarray(zs)  # (chunk, C, size)
+            stats = {k: np.asarray(v) for k, v in stats.items()}
         new = jax.tree_util.tree_map(np.asarray, new)
-        zs = np.asarray(zs)  # (chunk, C, size)
-        stats = {k: np.asarray(v) for k, v in stats.items()}
         want = [c for c in requested if collect[c]]
         draws = {}
         if want:
@@ -694,8 +761,41 @@ class ShardedChainPool:
             st["tree_depth"] = (
                 np.floor(np.log2(np.maximum(st["n_steps"], 1))).astype(np.int64) + 1
             )
+            warmup_points = None
+            if points is not None and not collect[c]:
+                warmup_points = (points[0][:n, c], points[1][:n, c])
             f.done = True
-            f.value = ChunkResult(c, state, draws.get(c), st, n, elapsed)
+            f.value = ChunkResult(
+                c, state, draws.get(c), st, n, elapsed, warmup_points
+            )
+
+    def _advance_low_rank(self, batch, stacked, num_steps):
+        """A chunk of every chain in the low-rank coordinates of their phase.
+
+        Returns ``(x, stats, (x, grad), new_states)``: the draws in the model's
+        unconstrained coordinates and the gradients there, each ``(chunk, C,
+        size)``, the stats ``(chunk, C)``.
+        """
+        phases = {int(f.args[5]) for f in batch}
+        if len(phases) != 1:  # the scheduler moves the chains in lockstep
+            raise RuntimeError(f"chains of several warmup phases in one batch: {phases}")
+        mass = jax.tree_util.tree_map(jnp.asarray, batch[0].args[4])
+        phase = min(phases.pop(), 1)
+        compiled = self._compiled
+        if compiled.phase_chunk_fns[phase] is None:
+            compiled.phase_chunk_fns[phase] = jax.jit(
+                jax.vmap(compiled.low_rank.chunk(phase), in_axes=(0, 0, None))
+            )
+        new, (_, xs, gs, stats) = compiled.phase_chunk_fns[phase](
+            stacked, jnp.asarray(num_steps), mass
+        )
+
+        def time_first(a):  # (C, chunk, ...) -> (chunk, C, ...)
+            return np.swapaxes(np.asarray(a), 0, 1)
+
+        xs, gs = time_first(xs), time_first(gs)
+        stats = {k: time_first(v) for k, v in stats.items()}
+        return xs, stats, (xs, gs), new
 
 
 def check_sharded_arguments(
