@@ -151,6 +151,38 @@ def _array_kwargs(model_kwargs):
     }
 
 
+def _mapping_entries(model_kwargs, size):
+    """``"arg.key"`` of every array entry of a mapping argument whose leading axis
+    has the plate's size (e.g. per-product centring weights): a shard takes its
+    rows of it. Their paths through the model are not followed (chosen by shape,
+    as arrays whose dependencies are unknown; the shard check traces them)."""
+    return [
+        f"{k}.{key}"
+        for k, v in model_kwargs.items()
+        if isinstance(v, Mapping)
+        for key, value in v.items()
+        if isinstance(value, (np.ndarray, jax.Array))
+        and np.ndim(value) >= 1
+        and np.shape(value)[0] == size
+    ]
+
+
+def _coupling(structure, latent_in_plate, local):
+    """Why no shard can evaluate its part alone, or ``None``: a site outside the
+    shard's plates whose log density (or value) depends on latent sites of the
+    split plate as a whole (a mean over the plate, say) would see only the
+    shard's entries."""
+    for name, deps in structure.depends_on.items():
+        hit = sorted(deps & latent_in_plate)
+        if name not in local and hit:
+            return (
+                f"site {name!r} lies outside it but depends on its latent site "
+                f"{hit[0]!r} as a whole (e.g. a sum or mean over the plate); a "
+                "shard sees only its own entries"
+            )
+    return None
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
@@ -251,6 +283,7 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
             entity.append(k)
             if axis:
                 axes.append((k, axis))
+        entity += _mapping_entries(model_kwargs, size)
         if not entity:
             return None, f"no argument has one row per entry of this plate ({size})", ()
         for k in entity:
@@ -266,6 +299,9 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
                     ),
                     (),
                 )
+        why = _coupling(structure, latent_in_plate, in_plate)
+        if why:
+            return None, why, ()
         described = ", ".join(f"`{k}`" for k in entity)
         guessed = " (by shape)" if set(entity) & untracked else ""
         return (
@@ -328,6 +364,7 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
             gathered or hits & in_plate or k not in structure.tracked
         ):
             entity.append(k)
+    entity += _mapping_entries(model_kwargs, size)
     for k in [index_arg, *entity, *obs]:
         outside = sorted(n for n in reached(k) - local)
         if outside:
@@ -340,6 +377,9 @@ def _candidate(plate, size, structure, model_kwargs, arrays):
                 ),
                 (),
             )
+    why = _coupling(structure, latent_in_plate, local)
+    if why:
+        return None, why, ()
     text = f"observations follow `{obs_plate}`"
     if obs:
         text += f" ({', '.join(f'`{k}`' for k in obs)})"

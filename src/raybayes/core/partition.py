@@ -22,6 +22,11 @@ A :class:`Partition` names the split plate and says which model arguments follow
 For a plain observation plate (logistic regression) there is no index: rows are the
 entities, and ``entity_args`` are the per-row arrays (``X``, ``y``).
 
+An entity argument may also be an entry of a mapping argument, named
+``"argument.key"``: ``"centered.beta"`` is ``model_kwargs["centered"]["beta"]`` (the
+per-product centring weights of :func:`raybayes.models.elasticity_model`). A shard
+gets a copy of the mapping with its own rows of that entry.
+
 Entities go to shards in contiguous blocks of about equal numbers of observations,
 so that renumbering is a subtraction and a shard's rows are one slice when the data
 are sorted by entity.
@@ -37,7 +42,44 @@ import numpy as np
 
 from raybayes.errors import ConfigurationError, DataValidationError
 
-__all__ = ["Partition", "ShardSpec", "assign_entities", "shard_model_kwargs"]
+__all__ = [
+    "Partition",
+    "ShardSpec",
+    "argument_value",
+    "assign_entities",
+    "shard_model_kwargs",
+]
+
+
+def argument_value(model_kwargs: Mapping[str, Any], name: str) -> Any:
+    """The model argument ``name``, or the entry ``key`` of the mapping argument
+    ``arg`` when ``name`` is ``"arg.key"``; ``None`` when either is missing.
+
+    Example:
+        >>> argument_value({"centered": {"beta": 1.0}}, "centered.beta")
+        1.0
+    """
+    arg, _, key = name.partition(".")
+    value = model_kwargs.get(arg)
+    if not key:
+        return value
+    return value.get(key) if isinstance(value, Mapping) else None
+
+
+def _has_argument(model_kwargs: Mapping[str, Any], name: str) -> bool:
+    arg, _, key = name.partition(".")
+    if not key:
+        return arg in model_kwargs
+    return isinstance(model_kwargs.get(arg), Mapping) and key in model_kwargs[arg]
+
+
+def _set_argument(out: dict, name: str, value: Any) -> None:
+    """Set ``name`` in ``out``; a mapping argument is copied before its entry is set."""
+    arg, _, key = name.partition(".")
+    if not key:
+        out[arg] = value
+    else:
+        out[arg] = {**out[arg], key: value}
 
 
 @dataclass(frozen=True)
@@ -46,7 +88,8 @@ class Partition:
 
     Attributes:
         plate: name of the split plate (``"products"``).
-        entity_args: arguments indexed by the plate on their leading axis.
+        entity_args: arguments indexed by the plate on their leading axis
+            (``"arg.key"``: the entry ``key`` of the mapping argument ``arg``).
         index_arg: per-observation integer argument linking observations to entities,
             or ``None`` when the split plate is itself the observation plate.
         obs_args: per-observation arguments (``None`` values are allowed and kept).
@@ -94,8 +137,9 @@ class Partition:
         if self.size_arg is not None:
             return int(model_kwargs[self.size_arg])
         for name in self.entity_args:
-            if model_kwargs.get(name) is not None:
-                return int(np.shape(model_kwargs[name])[self.axis_of(name)])
+            value = argument_value(model_kwargs, name)
+            if value is not None:
+                return int(np.shape(value)[self.axis_of(name)])
         if self.size is not None:
             return int(self.size)
         raise ConfigurationError(
@@ -114,7 +158,7 @@ class Partition:
         """
         named = [*self.entity_args, *self.obs_args]
         named += [n for n in (self.index_arg, self.size_arg) if n is not None]
-        missing = [n for n in named if n not in model_kwargs]
+        missing = [n for n in named if not _has_argument(model_kwargs, n)]
         if missing:
             raise ConfigurationError(
                 f"Partition(plate={self.plate!r}) names argument(s) {missing} that the "
@@ -122,7 +166,7 @@ class Partition:
             )
         num = self.num_entities(model_kwargs)
         for name in self.entity_args:
-            value = model_kwargs[name]
+            value = argument_value(model_kwargs, name)
             axis = self.axis_of(name)
             if value is not None and np.shape(value)[axis] != num:
                 raise DataValidationError(
@@ -253,10 +297,11 @@ def shard_model_kwargs(
     out = dict(model_kwargs)
     lo, hi = spec.entity_start, spec.entity_stop
     for name in partition.entity_args:
-        if model_kwargs[name] is not None:
-            value = np.asarray(model_kwargs[name])
+        value = argument_value(model_kwargs, name)
+        if value is not None:
+            value = np.asarray(value)
             axis = partition.axis_of(name)
-            out[name] = value[(slice(None),) * axis + (slice(lo, hi),)]
+            _set_argument(out, name, value[(slice(None),) * axis + (slice(lo, hi),)])
     if partition.size_arg is not None:
         out[partition.size_arg] = hi - lo
     if partition.index_arg is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -208,6 +208,8 @@ class ModelStructure:
             as concrete values by the model, e.g. ``G = int(g.max()) + 1``; an
             integer argument used that way is still recognised as an index when
             the gather's indices equal its values).
+        depends_on: site name -> the latent sites its log density (or its value,
+            for a deterministic site) depends on.
     """
 
     sites: dict
@@ -215,6 +217,7 @@ class ModelStructure:
     reaches: dict
     gathers: tuple
     tracked: frozenset
+    depends_on: dict = field(default_factory=dict)
 
 
 def _record_sites(trace) -> tuple[dict, dict]:
@@ -374,8 +377,10 @@ def model_structure(
             model, model_args, model_kwargs, arrays, latents, followed, integer
         )
         if result is not None:
-            reaches, gathers = result
-            return ModelStructure(sites, sizes, reaches, gathers, frozenset(followed))
+            reaches, gathers, depends_on = result
+            return ModelStructure(
+                sites, sizes, reaches, gathers, frozenset(followed), depends_on
+            )
     return ModelStructure(sites, sizes, {}, (), frozenset())
 
 
@@ -433,7 +438,9 @@ def _try_structure(model, model_args, model_kwargs, arrays, latents, followed, i
     gathers_raw = []
     out_deps = _propagate(jaxpr, in_deps, const_deps, gathers_raw)
     reaches = {k: set() for k in arrays}
+    depends_on = {}
     for site, deps in zip(box["order"], out_deps, strict=True):
+        depends_on[site] = frozenset(k for kind, k in deps if kind == "site")
         for kind, k in deps:
             if kind == "arg" and k in reaches:
                 reaches[k].add(site)
@@ -446,4 +453,4 @@ def _try_structure(model, model_args, model_kwargs, arrays, latents, followed, i
             g = Gather(index_args, operand_sites, axis_size, operand_args)
             if g not in gathers:
                 gathers.append(g)
-    return {k: frozenset(v) for k, v in reaches.items()}, tuple(gathers)
+    return {k: frozenset(v) for k, v in reaches.items()}, tuple(gathers), depends_on

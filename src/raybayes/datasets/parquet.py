@@ -1,8 +1,11 @@
 """Partitioned Parquet read by the shard workers, each its own partitions only.
 
 A dataset partitioned by entity (hive-style ``path/product=17/part-0.parquet``, or
-one file per partition) is split into ``num_shards`` contiguous blocks of partitions.
-Each worker lists the partitions (file metadata only), keeps its block, and reads it
+one file per partition) is split into ``num_shards`` contiguous blocks of the sorted
+partitions, balanced by their row counts (read from the Parquet footers, never from
+the rows): the cuts are those :func:`raybayes.core.assign_entities` makes for
+in-memory data, so the same rows give the same shards either way, and the same
+metadata always give the same assignment. Each worker keeps its block and reads it
 with a ``pyarrow.dataset`` filter, so rows are never read by the driver or by
 another worker.
 """
@@ -35,6 +38,9 @@ class ParquetShards:
 
     Attributes:
         last_num_rows: rows read by the last :meth:`read_shard` (for checks).
+
+    The partitions and their row counts are listed once (footers only) and kept,
+    so a source listed on the driver travels to the workers with its listing.
 
     Raises:
         ConfigurationError: a directory without ``partition_column``, or no
@@ -71,43 +77,93 @@ class ParquetShards:
         self.partition_column = partition_column
         self.columns = list(columns) if columns is not None else None
         self.last_num_rows = 0
+        self._listing: tuple[list, np.ndarray] | None = None
+
+    def _list(self) -> tuple[list, np.ndarray]:
+        """``(sorted partition keys or files, rows of each)``, from metadata only."""
+        if self._listing is not None:
+            return self._listing
+        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
+
+        if self.files is not None:
+            rows = {f: pq.ParquetFile(f).metadata.num_rows for f in self.files}
+        else:
+            dataset = ds.dataset(self.path, format="parquet", partitioning="hive")
+            rows = {}
+            for fragment in dataset.get_fragments():
+                keys = ds.get_partition_keys(fragment.partition_expression)
+                if self.partition_column not in keys:
+                    raise ConfigurationError(
+                        f"file {fragment.path!r} has no hive key "
+                        f"{self.partition_column!r} (keys: {sorted(keys)}); check "
+                        "partition_column=."
+                    )
+                key = keys[self.partition_column]
+                rows[key] = rows.get(key, 0) + fragment.metadata.num_rows
+            if not rows:
+                raise ConfigurationError(
+                    f"no Parquet partitions found under {self.path!r}."
+                )
+        values = sorted(rows)
+        self._listing = values, np.array([rows[v] for v in values], np.int64)
+        return self._listing
 
     def partition_values(self) -> list:
         """Sorted partition keys (hive) or files; reads metadata only."""
-        if self.files is not None:
-            return list(self.files)
-        import pyarrow.dataset as ds
+        return list(self._list()[0])
 
-        dataset = ds.dataset(self.path, format="parquet", partitioning="hive")
-        values = set()
-        for fragment in dataset.get_fragments():
-            keys = ds.get_partition_keys(fragment.partition_expression)
-            if self.partition_column not in keys:
-                raise ConfigurationError(
-                    f"file {fragment.path!r} has no hive key {self.partition_column!r} "
-                    f"(keys: {sorted(keys)}); check partition_column=."
-                )
-            values.add(keys[self.partition_column])
-        if not values:
-            raise ConfigurationError(
-                f"no Parquet partitions found under {self.path!r}."
-            )
-        return sorted(values)
+    def partition_rows(self) -> np.ndarray:
+        """``(num_partitions,)`` rows of each partition, in the order of
+        :meth:`partition_values`, from the Parquet footers (no rows are read)."""
+        return self._list()[1].copy()
 
-    def shard_values(self, shard_id: int, num_shards: int) -> list:
-        """The partitions of shard ``shard_id``: a contiguous block of the sorted keys.
+    def shard_blocks(self, num_shards: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each shard's block in :meth:`partition_values`.
+
+        Contiguous blocks of about equal numbers of rows: the cuts of
+        :func:`raybayes.core.assign_entities` with each partition's row count as
+        its work (every shard gets at least one partition).
 
         Raises:
             ConfigurationError: more shards than partitions.
+
+        Examples:
+            >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
+            >>> folder, files = tempfile.mkdtemp(), []
+            >>> for j, n in enumerate([10, 10, 10, 90, 80]):  # rows per partition
+            ...     files.append(f"{folder}/part-{j}.parquet")
+            ...     pq.write_table(pa.table({"y": np.zeros(n)}), files[-1])
+            >>> src = ParquetShards(files, None)
+            >>> src.shard_blocks(2), src.shard_rows(2).tolist()
+            ([(0, 4), (4, 5)], [120, 80])
         """
-        values = self.partition_values()
+        from raybayes.core.partition import assign_entities
+
+        values, rows = self._list()
         if num_shards > len(values):
             raise ConfigurationError(
                 f"num_shards={num_shards} but the dataset has only {len(values)} "
                 f"partitions; use num_shards <= {len(values)}."
             )
-        blocks = np.array_split(np.arange(len(values)), num_shards)
-        return [values[i] for i in blocks[shard_id]]
+        specs = assign_entities(rows, num_shards, "partitions")
+        return [(s.entity_start, s.entity_stop) for s in specs]
+
+    def shard_rows(self, num_shards: int) -> np.ndarray:
+        """``(num_shards,)`` rows each shard holds (from metadata), in shard order;
+        ``max / mean`` of it is the split's imbalance."""
+        rows = self._list()[1]
+        return np.array([int(rows[a:b].sum()) for a, b in self.shard_blocks(num_shards)])
+
+    def shard_values(self, shard_id: int, num_shards: int) -> list:
+        """The partitions of shard ``shard_id``: its block of the sorted keys (see
+        :meth:`shard_blocks`).
+
+        Raises:
+            ConfigurationError: more shards than partitions.
+        """
+        start, stop = self.shard_blocks(num_shards)[shard_id]
+        return self.partition_values()[start:stop]
 
     def read_table(self, shard_id: int, num_shards: int):
         """The rows of shard ``shard_id`` as a ``pyarrow.Table`` (filtered read)."""

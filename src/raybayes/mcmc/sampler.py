@@ -742,8 +742,11 @@ def _sample_sharded(
             cross_chain=settings.cross_chain_adaptation,
             low_rank=_low_rank_setting(settings),
         ).run()
+        rows = np.array(objective.call_all("num_rows"), np.int64)
         outcome.update(
             worker_restarts=int(pool.restarts),
+            shard_rows=rows.tolist(),
+            shard_imbalance=float(rows.max() / max(rows.mean(), 1.0)),
             num_shards=int(num_shards),
             split_plate=partition.plate if partition is not None else "",
             num_round_trips=int(objective.num_round_trips),

@@ -890,12 +890,10 @@ def sample_subposteriors(
         )
     else:
         # The rows stay on the workers: the driver lists partitions (metadata only).
-        source.shard_values(0, num_shards)  # more shards than partitions: raises
-        values = source.partition_values()
-        blocks = np.array_split(np.arange(len(values)), num_shards)
+        # more shards than partitions: raises
         specs = [
-            ShardSpec(m, num_shards, int(b[0]), int(b[-1]) + 1)
-            for m, b in enumerate(blocks)
+            ShardSpec(m, num_shards, int(a), int(b))
+            for m, (a, b) in enumerate(source.shard_blocks(num_shards))
         ]
 
     engine = get_backend(name, scaling)
