@@ -375,3 +375,128 @@ def test_parquet_source_bad_input_fails_before_compute(parquet_groups):
     # the budget is known once the workers have read their rows: before compute
     with pytest.raises(ConfigurationError, match=r"use more shards \(at least"):
         _read(2, source, max_shard_bytes=64)
+
+
+def test_parquet_shards_balance_rows_from_metadata(tmp_path):
+    """Partitions go to shards in contiguous blocks of about equal rows (not equal
+    partition counts), read from the footers; the same metadata give the same
+    split, for a list of files and for a hive directory alike."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybayes.datasets.parquet import ParquetShards
+
+    rows = [10, 10, 10, 90, 80, 5]
+    files = []
+    for j, n in enumerate(rows):
+        files.append(tmp_path / f"part-{j}.parquet")
+        pq.write_table(pa.table({"group": np.full(n, j), "y": np.zeros(n)}), files[-1])
+        hive = tmp_path / "hive" / f"group={j}"
+        hive.mkdir(parents=True)
+        pq.write_table(pa.table({"y": np.zeros(n)}), hive / "part-0.parquet")
+    by_files = ParquetShards(files, _groups_from_table)
+    by_key = ParquetShards(tmp_path / "hive", None, partition_column="group")
+    np.testing.assert_array_equal(by_files.partition_rows(), rows)
+    # array_split would give [30, 175]: 1.7x the mean on one shard
+    assert by_files.shard_blocks(2) == [(0, 4), (4, 6)]
+    assert by_files.shard_rows(2).tolist() == [120, 85]
+    assert by_key.shard_blocks(2) == by_files.shard_blocks(2)
+    for num_shards in (1, 3, 6):
+        blocks = by_files.shard_blocks(num_shards)
+        assert blocks == ParquetShards(files, None).shard_blocks(num_shards)
+        assert [a for a, _ in blocks[1:]] == [b for _, b in blocks[:-1]]  # contiguous
+        assert all(b > a for a, b in blocks)  # none empty
+    assert by_files.shard_rows(3).tolist() == [30, 90, 85]  # 90: one partition
+    with pytest.raises(ConfigurationError, match="only 6 partitions"):
+        by_files.shard_blocks(7)
+
+
+@pytest.mark.slow
+def test_parquet_source_interrupted_run_resumes_to_the_same_draws(
+    parquet_groups, tmp_path, monkeypatch
+):
+    from raybayes.mcmc.store import DrawStore
+
+    source, _ = parquet_groups
+    run = dict(SMALL, num_samples=100)
+    whole = _read(2, source, **run)
+    real = DrawStore.write_chunk
+    written = []
+
+    def write_then_stop(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        written.append(args)
+        if len(written) == 3:  # one chain's second sampling chunk is on disk
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DrawStore, "write_chunk", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _read(2, source, checkpoint_dir=tmp_path, **run)
+    monkeypatch.setattr(DrawStore, "write_chunk", real)
+    got = _read(2, source, checkpoint_dir=tmp_path, **run)
+    assert got.attrs["shard_rows"] == source.shard_rows(2).tolist()
+    for name in ("mu", "theta"):
+        np.testing.assert_array_equal(
+            got.posterior[name].values, whole.posterior[name].values
+        )
+
+
+# -- centring weights split with the products ----------------------------------------
+
+
+def _centred_elasticity_plan():
+    from raybayes.datasets.elasticity import (
+        prepare_elasticity_data,
+        simulate_elasticity,
+    )
+    from raybayes.models.elasticity import elasticity_model
+
+    df, _ = simulate_elasticity(3, 12, 20, seed=0)
+    data = prepare_elasticity_data(
+        df, product_cols=("product",), category_col="category"
+    )
+    kwargs = data.model_kwargs(centered="auto")
+    return kwargs, raybayes.plan(elasticity_model, kwargs, num_shards=3)
+
+
+def test_centred_elasticity_model_splits_its_weights_with_the_products():
+    """``centered="auto"`` gives per-product weights inside the ``centered``
+    mapping: the plan splits them with the products and each shard gets its own
+    rows (a copy; the caller's mapping is untouched). Splitting the weeks is
+    refused: each product's level uses the mean of all the week effects."""
+    from raybayes.core.partition import assign_entities, shard_model_kwargs
+
+    kwargs, p = _centred_elasticity_plan()
+    part = p.partition
+    assert part.plate == "products"
+    assert {"centered.beta", "centered.delta"} <= set(part.entity_args)
+    times = next(c for c in p.candidates if c.plate == "times")
+    assert not times.feasible and "as a whole" in times.reason
+    spec = assign_entities(np.bincount(kwargs["product_idx"]), 3)[1]
+    shard = shard_model_kwargs(kwargs, part, spec)
+    lo, hi = spec.entity_start, spec.entity_stop
+    w = kwargs["centered"]
+    np.testing.assert_array_equal(shard["centered"]["beta"], w["beta"][lo:hi])
+    np.testing.assert_array_equal(shard["centered"]["delta"], w["delta"][lo:hi])
+    assert shard["centered"]["gamma"] is w["gamma"]  # the weeks are not split
+    assert w["beta"].shape == (12,)  # the caller's weights are untouched
+
+
+@pytest.mark.slow
+def test_centred_elasticity_shard_potentials_add_up_to_the_full_one():
+    from raybayes.mcmc.sharded import NUTSShardObjective
+    from raybayes.models.elasticity import elasticity_model
+
+    _, p = _centred_elasticity_plan()
+    part = p.partition
+    xs = np.zeros((2, 0))
+    values = []
+    for num_shards in (1, 3):
+        with NUTSShardObjective(
+            elasticity_model, p.model_kwargs, partition=part, num_shards=num_shards
+        ) as f:
+            if not xs.size:
+                xs = 0.3 * np.random.default_rng(0).standard_normal((2, f.size))
+            values.append(f.batch_value_and_grad(xs))
+    np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-10)
+    np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-9, atol=1e-9)
