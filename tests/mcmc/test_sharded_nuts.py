@@ -126,6 +126,69 @@ def test_same_draws_in_process_and_on_ray(two_shards, ray_backend):
         )
 
 
+# -- low-rank plus diagonal mass matrix with shards ----------------------------------
+
+# Few observations per group, noisy ones: mu and the thetas are correlated (scaled
+# posterior covariance with eigenvalues 0.31 and 5.5), so the adaptation keeps
+# eigenvectors.
+LR_SIGMA = 3.0
+LR_MODEL = hierarchical_normal_model(S0, TAU, LR_SIGMA)
+LR_DATA = simulate(6, (1, 3), 0.5, TAU, LR_SIGMA, seed=4)
+
+
+def _low_rank_run(num_shards=2, backend="local"):
+    shards = {} if num_shards is None else {"num_shards": num_shards}
+    return raybayes.sample(
+        LR_MODEL,
+        model_kwargs=LR_DATA,
+        backend=backend,
+        low_rank_mass=True,
+        **shards,
+        **RUN,
+    )
+
+
+@pytest.fixture(scope="module")
+def low_rank_two_shards():
+    return _low_rank_run()
+
+
+@pytest.mark.slow
+def test_low_rank_mass_with_shards_gives_the_exact_and_the_unsharded_posterior(
+    low_rank_two_shards,
+):
+    idata = low_rank_two_shards
+    assert idata.attrs["low_rank_mass"] == 16
+    assert idata.attrs["low_rank_mass_rank"] >= 1, idata.attrs
+    exact_mean, prec, _ = posterior(LR_DATA, S0, TAU, LR_SIGMA)
+    exact_sd = np.sqrt(np.diag(np.linalg.inv(prec)))
+    mean, mcse = _mean_and_mcse(idata)
+    assert np.all(np.abs(mean - exact_mean) / mcse < 3.3), (mean, exact_mean, mcse)
+    sd = _draws(idata).std(axis=(0, 1))
+    assert np.all(np.abs(sd / exact_sd - 1) < 0.2), (sd, exact_sd)
+    # chain-parallel NUTS with the same adaptation, all data in one process
+    unsharded = _low_rank_run(num_shards=None)
+    assert unsharded.attrs["low_rank_mass_rank"] >= 1
+    mean1, mcse1 = _mean_and_mcse(unsharded)
+    z = np.abs(mean1 - mean) / np.sqrt(mcse1**2 + mcse**2)
+    assert np.all(z < 3.3), z
+
+
+@pytest.mark.slow
+def test_low_rank_mass_with_shards_same_draws_in_process_and_on_ray(
+    low_rank_two_shards, ray_backend
+):
+    got = _low_rank_run(backend=ray_backend)
+    assert got.attrs["backend"] == "ray"
+    assert got.attrs["low_rank_mass_rank"] == low_rank_two_shards.attrs[
+        "low_rank_mass_rank"
+    ]
+    for name in low_rank_two_shards.posterior:
+        np.testing.assert_array_equal(
+            got.posterior[name].values, low_rank_two_shards.posterior[name].values
+        )
+
+
 BUDGET = sum(np.asarray(v).nbytes for v in DATA.values() if np.ndim(v)) // 2
 
 
@@ -484,19 +547,28 @@ def test_centred_elasticity_model_splits_its_weights_with_the_products():
 
 @pytest.mark.slow
 def test_centred_elasticity_shard_potentials_add_up_to_the_full_one():
+    """And the constrained draws are those of one shard, site by site: with 4
+    shards of 3 products each, the 3 category elasticities (a deterministic site
+    of the same length as a shard's products) stay global."""
+    from raybayes.distributed.objective import constrained_values
     from raybayes.mcmc.sharded import NUTSShardObjective
     from raybayes.models.elasticity import elasticity_model
 
     _, p = _centred_elasticity_plan()
     part = p.partition
     xs = np.zeros((2, 0))
-    values = []
-    for num_shards in (1, 3):
+    values, sites = [], []
+    for num_shards in (1, 4):
         with NUTSShardObjective(
             elasticity_model, p.model_kwargs, partition=part, num_shards=num_shards
         ) as f:
             if not xs.size:
                 xs = 0.3 * np.random.default_rng(0).standard_normal((2, f.size))
             values.append(f.batch_value_and_grad(xs))
+            sites.append(constrained_values(f, xs)[0])
     np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-10)
     np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-9, atol=1e-9)
+    assert sites[1]["beta_category"].shape == (2, 3)
+    assert set(sites[0]) == set(sites[1])
+    for name, value in sites[0].items():
+        np.testing.assert_allclose(sites[1][name], value, rtol=1e-5, atol=1e-6)

@@ -83,6 +83,7 @@ def constrained_site_values(
         elif (
             partition is not None
             and tr[name]["type"] == "deterministic"
+            and not names  # in another plate, its axis is that plate's
             and d.num_local_entities
             and np.shape(value)[1:2] == (d.num_local_entities,)
             and partition.plate != obs_plate

@@ -153,7 +153,8 @@ class ParquetShards:
         """``(num_shards,)`` rows each shard holds (from metadata), in shard order;
         ``max / mean`` of it is the split's imbalance."""
         rows = self._list()[1]
-        return np.array([int(rows[a:b].sum()) for a, b in self.shard_blocks(num_shards)])
+        blocks = self.shard_blocks(num_shards)
+        return np.array([int(rows[a:b].sum()) for a, b in blocks])
 
     def shard_values(self, shard_id: int, num_shards: int) -> list:
         """The partitions of shard ``shard_id``: its block of the sorted keys (see

@@ -362,8 +362,10 @@ def sample(
             ``source``.
         source: with ``num_shards``, a
             :class:`~raybayes.datasets.parquet.ParquetShards` instead of
-            ``model_kwargs``: shard ``s`` is a contiguous block of the
-            partitions, read (and turned into model arguments by the source's
+            ``model_kwargs``: shard ``s`` is a contiguous block of the sorted
+            partitions, the blocks balanced by rows (footer metadata; see
+            :meth:`~raybayes.datasets.parquet.ParquetShards.shard_blocks`), read
+            (and turned into model arguments by the source's
             ``to_model_kwargs``) by its own worker only; the driver lists the
             partitions (metadata) and never reads rows. Positional model
             arguments go to every shard unchanged. The result then has no
@@ -386,6 +388,8 @@ def sample(
             at most ``init_strategy`` in ``kernel_kwargs``; not with
             ``dense_mass`` or ``checkpoint_dir`` (not supported yet).
             ``idata.attrs["low_rank_mass_rank"]`` gives the eigenvectors kept.
+            With ``num_shards`` the same adaptation runs on the sharded
+            potential, the chains vectorised on the driver.
 
     Chains advance in chunks of ``chunk_size`` iterations. A free worker always
     advances the chain that has the fewest iterations, so chains may outnumber
@@ -407,6 +411,9 @@ def sample(
         one failed with its process or node gone; Ray never restarts a worker
         itself, and a worker lost after its last call, with no work of the run's
         to redo, is not counted),
+        with ``num_shards`` also ``num_shards``, ``split_plate``,
+        ``num_round_trips``, ``shard_rows`` (rows of data each shard holds) and
+        ``shard_imbalance`` (their ``max / mean``),
         ``stop_reason`` (``"num_samples"``, ``"targets_met"``,
         ``"max_samples"`` or ``"max_time_s"``), ``targets_met`` and the final
         ``ess_bulk_min``, ``ess_tail_min``, ``r_hat_max`` when targets were given.

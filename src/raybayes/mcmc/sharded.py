@@ -779,7 +779,7 @@ class ShardedChainPool:
         """
         phases = {int(f.args[5]) for f in batch}
         if len(phases) != 1:  # the scheduler moves the chains in lockstep
-            raise RuntimeError(f"chains of several warmup phases in one batch: {phases}")
+            raise RuntimeError(f"chains of several warmup phases in a batch: {phases}")
         mass = jax.tree_util.tree_map(jnp.asarray, batch[0].args[4])
         phase = min(phases.pop(), 1)
         compiled = self._compiled
