@@ -187,14 +187,6 @@ def test_low_rank_bad_arguments_fail_before_compute(kwargs, match):
         )
 
 
-def test_low_rank_with_shards_is_refused():
-    with pytest.raises(ConfigurationError, match="data-sharded"):
-        raybayes.sample(
-            gaussian_model, num_chains=2, num_warmup=200, num_samples=10,
-            backend="local", progress_bar=False, low_rank_mass=True, num_shards=2,
-        )
-
-
 def test_low_rank_with_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="checkpoint_dir"):
         raybayes.sample(

@@ -266,8 +266,9 @@ def test_killed_shard_worker_changes_nothing(two_shards, ray_backend, monkeypatc
         )
 
 
-@pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_draws(two_shards, tmp_path, monkeypatch):
+def _stopped_then_resumed(monkeypatch, run):
+    """``run()`` stopped once the third chunk of draws is on disk (one chain's
+    second sampling chunk), then ``run()`` again: the resumed result."""
     from raybayes.mcmc.store import DrawStore
 
     real = DrawStore.write_chunk
@@ -276,14 +277,21 @@ def test_interrupted_run_resumes_to_the_same_draws(two_shards, tmp_path, monkeyp
     def write_then_stop(self, *args, **kwargs):
         real(self, *args, **kwargs)
         written.append(args)
-        if len(written) == 3:  # one chain's second sampling chunk is on disk
+        if len(written) == 3:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(DrawStore, "write_chunk", write_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        _run(2, checkpoint_dir=tmp_path)
+        run()
     monkeypatch.setattr(DrawStore, "write_chunk", real)
-    got = _run(2, checkpoint_dir=tmp_path)
+    return run()
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_draws(two_shards, tmp_path, monkeypatch):
+    got = _stopped_then_resumed(
+        monkeypatch, lambda: _run(2, checkpoint_dir=tmp_path)
+    )
     for name in two_shards.posterior:
         np.testing.assert_array_equal(
             got.posterior[name].values, two_shards.posterior[name].values
@@ -478,25 +486,12 @@ def test_parquet_shards_balance_rows_from_metadata(tmp_path):
 def test_parquet_source_interrupted_run_resumes_to_the_same_draws(
     parquet_groups, tmp_path, monkeypatch
 ):
-    from raybayes.mcmc.store import DrawStore
-
     source, _ = parquet_groups
     run = dict(SMALL, num_samples=100)
     whole = _read(2, source, **run)
-    real = DrawStore.write_chunk
-    written = []
-
-    def write_then_stop(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        written.append(args)
-        if len(written) == 3:  # one chain's second sampling chunk is on disk
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(DrawStore, "write_chunk", write_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        _read(2, source, checkpoint_dir=tmp_path, **run)
-    monkeypatch.setattr(DrawStore, "write_chunk", real)
-    got = _read(2, source, checkpoint_dir=tmp_path, **run)
+    got = _stopped_then_resumed(
+        monkeypatch, lambda: _read(2, source, checkpoint_dir=tmp_path, **run)
+    )
     assert got.attrs["shard_rows"] == source.shard_rows(2).tolist()
     for name in ("mu", "theta"):
         np.testing.assert_array_equal(
