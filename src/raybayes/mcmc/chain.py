@@ -370,6 +370,16 @@ class LowRankNUTS:
         Seyboldt, A., Carlson, E. & Carpenter, B. (2026). Low-rank mass-matrix
         adaptation by minimising the Fisher divergence, as in nutpie:
         https://github.com/pymc-devs/nutpie
+
+    Examples:
+        >>> from raybayes.mcmc.mass import identity_mass
+        >>> core = LowRankNUTS(lambda x: 0.5 * jnp.sum(x**2), 2, jnp.float32,
+        ...                    phases=(10, 10), chunk_size=5)
+        >>> state = jax.jit(core.init)(jax.random.PRNGKey(0), jnp.ones(2))
+        >>> chunk = jax.jit(core.chunk(0))
+        >>> state, (y, x, grad, stats) = chunk(state, 5, identity_mass(2, 1))
+        >>> x.shape, bool(jnp.allclose(grad, x))  # the gradient of |x|^2 / 2
+        ((5, 2), True)
     """
 
     def __init__(self, potential, dim, dtype, phases, chunk_size, *,
