@@ -701,7 +701,8 @@ def sample_subposteriors(
             :func:`raybayes.plan` chooses (required with ``source``).
         source: a :class:`~raybayes.datasets.parquet.ParquetShards` instead of
             ``model_kwargs``: shard m is a contiguous block of the partitions,
-            read (and turned into model arguments by the source's
+            balanced by rows (see
+            :meth:`~raybayes.datasets.parquet.ParquetShards.shard_blocks`), read (and turned into model arguments by the source's
             ``to_model_kwargs``) only by the workers that run shard m's chains;
             the driver lists the partitions (metadata) and never reads rows. The
             result then has no ``observed_data`` group, and the entity ranges of
