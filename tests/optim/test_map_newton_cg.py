@@ -12,7 +12,7 @@ from scipy import optimize
 
 from raybayes.core import Partition
 from raybayes.errors import ConfigurationError
-from raybayes.optim import NewtonObjective, find_map_newton_cg, fit_map
+from raybayes.optim import NewtonObjective, find_map_newton_cg, fit_map, laplace
 
 SCHOOLS = dict(
     sigma=np.array([15.0, 10, 16, 11, 9, 11, 10, 18]),
@@ -78,3 +78,68 @@ def test_newton_cg_validates_its_settings_before_any_work():
         with pytest.raises(ConfigurationError, match="unknown"):
             find_map_newton_cg(f, max_iter=3)
         assert f.num_evaluations == evaluations
+
+
+def _dense_hessian(objective, x, step=1e-5):
+    """Central differences of the exact gradient: ``(n, n)``."""
+    cols = []
+    for i in range(x.size):
+        e = np.zeros(x.size)
+        e[i] = step
+        cols.append(
+            (objective.value_and_grad(x + e)[1] - objective.value_and_grad(x - e)[1])
+            / (2 * step)
+        )
+    h = np.stack(cols, axis=1)
+    return 0.5 * (h + h.T)
+
+
+def test_laplace_after_newton_cg_reuses_the_kept_hessian_near_the_mode():
+    with NewtonObjective(
+        eight_schools_noncentred, SCHOOLS, partition=SCHOOLS_SPLIT, num_shards=2
+    ) as objective:
+        mode = find_map_newton_cg(
+            objective, warmup_steps=200, gtol=1e-9, progress_bar=False
+        ).x
+        # a start a few thousandths of a posterior sd from the mode: the one
+        # Hessian Newton-CG builds there (no profile steps: at the start itself)
+        # is the Laplace precision at the mode
+        start = mode + 1e-3 * np.linspace(-1, 1, mode.size)
+        r = find_map_newton_cg(
+            objective, init=start, warmup_steps=0, profile_steps=0, gtol=1e-9,
+            progress_bar=False,
+        )
+        assert r.status == "converged" and r.num_hessians == 1, r.message
+        np.testing.assert_allclose(r.kept_hessian_globals, start[:2])
+        # the distance reported bounds the true one, |x* - x_h| in H(x_h)'s norm
+        d = r.x - start
+        true = float(np.sqrt(d @ _dense_hessian(objective, start) @ d))
+        assert true <= r.kept_hessian_distance * (1 + 1e-6) + 1e-9
+        assert r.kept_hessian_distance < 0.05
+        reused = laplace(objective, r, num_samples=10, seed=3)
+        assert reused.hessian_reused and reused.hessian_vector_products == 0
+        fresh = laplace(objective, r, num_samples=10, seed=3, hessian_reuse_tol=0)
+        assert not fresh.hessian_reused and fresh.hessian_vector_products > 0
+        # the precision moved by O(distance): the covariance and log p(y) agree
+        np.testing.assert_allclose(
+            reused.global_covariance, fresh.global_covariance, rtol=5e-3, atol=1e-8
+        )
+        assert abs(reused.log_marginal_likelihood - fresh.log_marginal_likelihood) < 0.01
+        # and the exact covariance of the globals at the mode is the fresh one
+        cov = np.linalg.inv(_dense_hessian(objective, r.x))[:2, :2]
+        np.testing.assert_allclose(fresh.global_covariance, cov, rtol=1e-4)
+
+
+def test_laplace_builds_its_own_hessian_when_the_kept_one_is_far():
+    start = np.r_[0.0, 3.0, np.full(8, 2.0)]
+    with NewtonObjective(
+        eight_schools_noncentred, SCHOOLS, partition=SCHOOLS_SPLIT, num_shards=1
+    ) as objective:
+        r = find_map_newton_cg(
+            objective, init=start, warmup_steps=0, gtol=1e-8, progress_bar=False
+        )
+        assert r.kept_hessian_distance > 0.05  # built at the indefinite start
+        lap = laplace(objective, r, num_samples=10)
+        assert not lap.hessian_reused and lap.hessian_vector_products > 0
+        with pytest.raises(ConfigurationError, match="hessian_reuse_tol=-1"):
+            laplace(objective, r, hessian_reuse_tol=-1.0)

@@ -76,6 +76,7 @@ class ShardWorker:
         self._num_flat = 0
         self._factor: arrowhead.ArrowheadFactor | None = None
         self._point = None  # (globals, locals) of the kept Hessian
+        self._damping = 0.0  # the kept factor's damping of the local blocks
 
     # -------------------------------------------------------------- set-up
     @worker_precision
@@ -238,6 +239,10 @@ class ShardWorker:
         self._factor = arrowhead.factor_arrowhead(
             hgg, hlg, blocks, damping=damping, num_shards=len(self.specs)
         )
+        self._damping = float(damping)
+        return self._factor_summary(num_hvp)
+
+    def _factor_summary(self, num_hvp):
         f = self._factor
         return (
             np.asarray(f.schur),
@@ -245,6 +250,24 @@ class ShardWorker:
             int(f.num_not_positive_definite),
             num_hvp,
         )
+
+    @worker_precision
+    def laplace_kept_factor(self, global_flat):
+        """The summary of the kept factor, as :meth:`laplace_factor` returns it, when
+        it is the undamped Hessian taken at the globals ``global_flat`` ``(G,)``
+        (a Laplace approximation that reuses the Hessian a Newton method built);
+        ``None`` otherwise (no factor, another point, or damped local blocks).
+
+        Returns:
+            ``(schur (G, G), sum_i log det B_i, blocks not positive definite, 0)``
+            or ``None``.
+        """
+        if self._factor is None or self._point is None or self._damping != 0.0:
+            return None
+        kept = np.asarray(self._point[0])
+        if not np.array_equal(kept, np.asarray(global_flat, kept.dtype)):
+            return None
+        return self._factor_summary(0)
 
     @worker_precision
     def laplace_hessian_columns(self, index):

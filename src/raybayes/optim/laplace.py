@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -87,7 +88,11 @@ class LaplaceResult:
         time_s: wall time of the Hessian, factorisation and draws.
         hessian_vector_products: Hessian-vector products of the final Hessian,
             on the busiest shard (``G + k`` without coloring; see
-            :class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`).
+            :class:`~raybayes.core.hessian_coloring.ColoredGlobalHessian`); 0 when
+            the Hessian was reused.
+        hessian_reused: the precision is the Hessian the workers kept from the
+            Newton-CG run (built within ``hessian_reuse_tol`` of the MAP), not
+            one built at the MAP.
     """
 
     idata: Any
@@ -97,6 +102,7 @@ class LaplaceResult:
     num_not_positive_definite: int
     time_s: float
     hessian_vector_products: int = 0
+    hessian_reused: bool = False
 
 
 def newton_polish(
@@ -337,6 +343,9 @@ def newton_polish(
 
 _MAX_LOCAL_DAMPING_TRIALS = 30  # damping 1e-3 * scale up to 1e26 * scale
 
+#: Default ``hessian_reuse_tol`` of :func:`laplace`: posterior standard deviations.
+HESSIAN_REUSE_TOL = 0.05
+
 
 def _root_key(seed):
     """The root key of the draws: ``derive_key(seed)``, or a (deprecated) JAX key."""
@@ -356,6 +365,7 @@ def laplace(
     batch_size: int = 16,
     newton_steps: int = 20,
     newton_gtol: float = 1e-4,
+    hessian_reuse_tol: float = HESSIAN_REUSE_TOL,
     progress_bar: bool = False,
     **deprecated,
 ) -> LaplaceResult:
@@ -364,7 +374,11 @@ def laplace(
     Each worker computes and factors its rows of the arrowhead Hessian
     (:func:`raybayes.core.arrowhead.factor_arrowhead`); the driver adds the Schur
     complements, factors ``S`` and draws the globals; each worker then draws its
-    locals given them (see the module docstring).
+    locals given them (see the module docstring). After
+    :func:`~raybayes.optim.find_map_newton_cg` the workers already hold a
+    factored Hessian; when it was built within ``hessian_reuse_tol`` of the MAP
+    (``map_result.kept_hessian_distance``) it is used as it is, and no Hessian
+    is computed here.
 
     Args:
         objective: the sharded objective the MAP was found with.
@@ -380,12 +394,19 @@ def laplace(
             (:func:`newton_polish`) first, when the MAP's largest gradient
             component exceeds ``newton_gtol``.
         newton_gtol: gradient tolerance of those steps.
+        hessian_reuse_tol: reuse the Hessian the workers kept from a Newton-CG
+            MAP when the MAP lies at most this far from where it was built, in
+            that Hessian's norm (posterior standard deviations; the Hessian
+            along such a step changes by about this fraction of its third
+            derivative term, below the Monte Carlo error of the draws for the
+            default 0.05). ``0``: always build the Hessian at the MAP.
         progress_bar: print a line per Newton step and Hessian to stderr
             (``progress=`` is the deprecated name).
 
     Returns:
         :class:`LaplaceResult`; ``idata.posterior`` has one chain of
-        ``num_samples`` draws, constrained.
+        ``num_samples`` draws, constrained; ``hessian_reused`` says whether the
+        kept Hessian was used.
 
     Raises:
         ConfigurationError: the Hessian's Schur complement is not positive
@@ -419,12 +440,29 @@ def laplace(
     seed = renamed_argument(deprecated, "rng_key", "seed", seed, default=0)
     key = _root_key(seed)
     reject_unknown_arguments(deprecated, "laplace")
+    if not hessian_reuse_tol >= 0:
+        raise ConfigurationError(
+            f"hessian_reuse_tol={hessian_reuse_tol}; use a number >= 0 such as "
+            f"{HESSIAN_REUSE_TOL} (0: always build the Hessian at the MAP)."
+        )
     return _laplace(objective, map_result, key, num_samples, batch_size,
-                    newton_steps, newton_gtol, progress_bar)
+                    newton_steps, newton_gtol, progress_bar, hessian_reuse_tol)
+
+
+def _kept_factor(objective, map_result, tol):
+    """The workers' kept factor summaries when ``map_result`` (a Newton-CG MAP)
+    says its Hessian was built within ``tol`` of the MAP and every worker still
+    holds that undamped factor; ``None`` otherwise."""
+    distance = getattr(map_result, "kept_hessian_distance", math.inf)
+    kept = getattr(map_result, "kept_hessian_globals", None)
+    if kept is None or not distance <= tol:
+        return None
+    parts = objective.call_all("laplace_kept_factor", np.asarray(kept, np.float64))
+    return None if any(p is None for p in parts) else parts
 
 
 def _laplace(objective, map_result, key, num_samples, batch_size, newton_steps,
-             newton_gtol, progress_bar):
+             newton_gtol, progress_bar, hessian_reuse_tol=0.0):
     start = time.perf_counter()
     if newton_steps and map_result.grad_norm > newton_gtol:
         map_result = newton_polish(
@@ -436,9 +474,12 @@ def _laplace(objective, map_result, key, num_samples, batch_size, newton_steps,
             progress_bar=progress_bar,
         )
     g_star, locals_star = objective.split(map_result.x)
-    parts = objective.gather(
-        "laplace_factor", lambda s: (g_star, locals_star[s], batch_size)
-    )
+    parts = _kept_factor(objective, map_result, hessian_reuse_tol)
+    reused = parts is not None
+    if not reused:
+        parts = objective.gather(
+            "laplace_factor", lambda s: (g_star, locals_star[s], batch_size)
+        )
     G = objective.num_global
     schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
     logdet_local = float(sum(p[1] for p in parts))
@@ -486,6 +527,7 @@ def _laplace(objective, map_result, key, num_samples, batch_size, newton_steps,
         num_not_positive_definite=not_pd,
         time_s=time.perf_counter() - start,
         hessian_vector_products=int(max(p[3] for p in parts)),
+        hessian_reused=reused,
     )
 
 
@@ -614,4 +656,5 @@ def laplace_approximation(
                 objective, tol=tol, gtol=gtol, max_steps=max_steps,
                 progress_bar=progress_bar,
             )
-        return _laplace(objective, result, key, num_samples, 16, 20, 1e-4, False)
+        return _laplace(objective, result, key, num_samples, 16, 20, 1e-4, False,
+                        HESSIAN_REUSE_TOL)

@@ -100,12 +100,25 @@ class NewtonCGMAPResult(NewtonMAPResult):
             trial points) and ``"accept"``.
         round_trips: driver-workers round trips of the Newton-CG phase (one call
             of every shard each).
+        kept_hessian_distance: an upper bound on the distance from the point where
+            the workers' kept Hessian was built to the MAP, in that Hessian's norm
+            ``|d|_H = sqrt(d.H d)`` (posterior standard deviations of the Laplace
+            approximation): the sum of the accepted steps' lengths since. ``inf``
+            when that Hessian cannot serve as a Laplace precision (its local
+            blocks were damped, or its Schur complement is not positive definite).
+            :func:`~raybayes.optim.laplace` reuses the kept Hessian instead of
+            building one at the MAP when this is at most its
+            ``hessian_reuse_tol``.
+        kept_hessian_globals: ``(G,)`` the globals at which the kept Hessian was
+            built (``None`` without one).
     """
 
     num_cg_steps: int = 0
     cg_steps: list = field(default_factory=list)
     timings_s: dict = field(default_factory=dict)
     round_trips: int = 0
+    kept_hessian_distance: float = math.inf
+    kept_hessian_globals: np.ndarray | None = None
 
 
 class _Clock:
@@ -383,6 +396,7 @@ def find_map_newton_cg(
     hvp_now = 0
     cg_counts: list[int] = []
     pre = None
+    kept_globals, kept_ok, moved = None, False, math.inf
     status, message = None, ""
     if not np.isfinite(value):
         status, message = "non_finite", "the log density is not finite at init"
@@ -404,6 +418,9 @@ def find_map_newton_cg(
             hessians += 1
             num_hvp = max(num_hvp, hvp_now)
             rejected = age = cg_since = 0
+            # a Laplace precision when undamped and positive definite
+            kept_globals, moved = x_global.copy(), 0.0
+            kept_ok = local_damping == 0.0 and (G == 0 or pre.smallest > 0)
             emit(
                 f"Newton-CG Hessian {hessians}: {hvp_now} Hessian-vector products "
                 f"per shard; smallest eigenvalue of S {pre.smallest:.3e}; local "
@@ -453,6 +470,7 @@ def find_map_newton_cg(
         alpha, new_value, new_grad, new_max, decrease = accepted
         clock.run("accept", objective.accept, alpha)
         x_global = x_global + alpha * delta_g
+        moved += alpha * cg["norm"]
         ratio = decrease / predicted
         if alpha < 1.0:
             radius = max(alpha * cg["norm"], 1e-12)
@@ -509,4 +527,6 @@ def find_map_newton_cg(
         cg_steps=cg_counts,
         timings_s=dict(clock.timings),
         round_trips=clock.round_trips,
+        kept_hessian_distance=moved if kept_ok else math.inf,
+        kept_hessian_globals=kept_globals,
     )
