@@ -288,13 +288,18 @@ class NewtonShardWorker(VLBFGSShardWorker):
         cg["z"] = z
         return float(np.vdot(cg["r"], z))
 
+    # one CG iteration is two calls: newton_cg_hvp, then newton_cg_step (which
+    # also preconditions: the driver updates the reduced right-hand side
+    # sum_i C_i^T B_i^{-1} r_i from that of H p, which newton_cg_hvp returns)
+
     @worker_precision
     def newton_cg_hvp(self, global_flat, p_global, beta):
         """Set the locals of the CG direction, ``p = -z + beta p`` (``p = -z`` when
         ``beta`` is ``None``), and compute ``H p`` at the current point.
 
         Returns:
-            ``((H p)_g (G,) this shard's term, this shard's part of p_l . (H p)_l)``.
+            ``((H p)_g (G,) this shard's term, this shard's part of p_l . (H p)_l,
+            sum_i C_i^T B_i^{-1} (H p)_i (G,))``.
         """
         import jax.numpy as jnp
 
@@ -309,21 +314,27 @@ class NewtonShardWorker(VLBFGSShardWorker):
             jnp.asarray(cg["p"], dtype),
         )
         cg["hp"] = np.asarray(hl, np.float64).reshape(cg["p"].shape)
-        return np.asarray(hg, np.float64), float(np.vdot(cg["p"], cg["hp"]))
+        return (
+            np.asarray(hg, np.float64),
+            float(np.vdot(cg["p"], cg["hp"])),
+            self._reduce_np(cg["hp"]),
+        )
 
     @worker_precision
-    def newton_cg_step(self, alpha: float):
-        """``s += alpha p``, ``r += alpha H p``.
+    def newton_cg_step(self, alpha: float, z_global):
+        """``s += alpha p``, ``r += alpha H p``, then the locals of ``z = M^{-1} r``
+        (see :meth:`newton_cg_precondition`) for the globals ``z_global`` ``(G,)``
+        that the driver solved from the new residual.
 
         Returns:
-            ``sum_i C_i^T B_i^{-1} r_i`` ``(G,)`` at the new residual.
+            This shard's part of ``r . z`` at the new residual.
         """
         cg = self._cg()
         alpha = float(alpha)
         cg["s"] = cg["s"] + alpha * cg["p"]
         cg["hs"] = cg["hs"] + alpha * cg["hp"]
         cg["r"] = cg["r"] + alpha * cg["hp"]
-        return self._reduce_np(cg["r"])
+        return self.newton_cg_precondition(z_global)
 
     @worker_precision
     def newton_cg_finish(self, tau: float):
@@ -445,20 +456,22 @@ class NewtonObjective(VectorFreeObjective):
         """``H p`` on every shard (see :meth:`NewtonShardWorker.newton_cg_hvp`).
 
         Returns:
-            ``((H p)_g (G,), sum of p_l . (H p)_l)``.
+            ``((H p)_g (G,), sum of p_l . (H p)_l, sum_i C_i^T B_i^{-1} (H p)_i
+            (G,))``.
         """
         g = np.asarray(global_flat, np.float64)
         p = np.asarray(p_global, np.float64)
         b = None if beta is None else float(beta)
         results = self._call("newton_cg_hvp", lambda s: (g, p, b))
         hp = np.sum([np.asarray(r[0], np.float64) for r in results], axis=0)
-        return hp, float(sum(r[1] for r in results))
+        red = np.sum([np.asarray(r[2], np.float64) for r in results], axis=0)
+        return hp, float(sum(r[1] for r in results)), red
 
-    def cg_step(self, alpha):
-        """``s += alpha p``, ``r += alpha H p`` on every shard; the summed
-        ``sum_i C_i^T B_i^{-1} r_i`` ``(G,)``."""
-        results = self._call("newton_cg_step", lambda s: (float(alpha),))
-        return np.sum([np.asarray(r, np.float64) for r in results], axis=0)
+    def cg_step(self, alpha, z_global):
+        """``s += alpha p``, ``r += alpha H p`` and the locals of ``z = M^{-1} r``
+        on every shard; the sum of ``r_l . z_l``."""
+        z = np.asarray(z_global, np.float64)
+        return float(sum(self._call("newton_cg_step", lambda s: (float(alpha), z))))
 
     def cg_finish(self, tau):
         """End the solve on every shard; the sums of ``g_l . s_l`` and
