@@ -589,7 +589,9 @@ def laplace_approximation(
             ``gtol``; the fast way to a tight mode of a hierarchical model) or
             ``"newton-cg"`` (:func:`~raybayes.optim.find_map_newton_cg`: the
             same warm-up, then Newton-CG steps preconditioned by one kept
-            arrowhead Hessian; fewer full Hessians).
+            arrowhead Hessian; fewer full Hessians, and the Laplace step reuses
+            the last one when it was built within 0.05 posterior sd of the MAP,
+            see :func:`laplace`'s ``hessian_reuse_tol``).
         progress_bar: a line per L-BFGS iteration (``progress=`` deprecated).
         x64: workers compute in float64 (default).
 
