@@ -1,6 +1,5 @@
 """Lost workers, lost nodes and a killed driver change neither the draws nor their number."""
 
-import contextlib
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import raybayes  # noqa: E402
+from ray_faults import lose_node  # noqa: E402
 from raybayes.backends import RayBackend  # noqa: E402
 from raybayes.errors import WorkerLostError  # noqa: E402
 from raybayes.mcmc.store import load_draws  # noqa: E402
@@ -87,35 +87,6 @@ def test_killed_actor_changes_nothing(reference, monkeypatch):
     assert got.posterior.sizes["draw"] == KW["num_samples"]
 
 
-def _lose_node(cluster, node):
-    """Take ``node`` out of ``cluster`` as a machine that is switched off.
-
-    ``Cluster.remove_node`` SIGKILLs the node's Ray services (raylet, object store,
-    agents) but not the worker processes they started. A worker actor lives on
-    until its periodic check that its raylet is alive fails (about a second; more
-    on a loaded machine) and meanwhile answers the driver's calls over its own
-    connection, correctly. The rest of this run takes about as long, so with
-    ``remove_node`` alone the loss was seen in some runs and in others never (the
-    orphan served every remaining call: nothing was lost, ``worker_restarts == 0``).
-    A lost machine takes its processes with it: kill its actors' too.
-
-    Returns:
-        The ids of the actors that lived on ``node``.
-    """
-    import psutil
-    from ray.util.state import list_actors
-
-    # Filtered here: with filters, the state API counts the rows it leaves out
-    # as missing and raises.
-    actors = [a for a in list_actors(address=cluster.address)
-              if a.node_id == node.node_id and a.state == "ALIVE"]
-    cluster.remove_node(node, allow_graceful=False)
-    for actor in actors:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(actor.pid).kill()
-    return {a.actor_id for a in actors}
-
-
 @pytest.mark.slow  # a two-node cluster, two cold workers: 45 s to 4 min on 2 busy cores
 def test_lost_node_changes_nothing(reference, monkeypatch):
     """A node lost mid-run: its worker's chains resume elsewhere, draws unchanged."""
@@ -138,7 +109,7 @@ def test_lost_node_changes_nothing(reference, monkeypatch):
                 lost_calls.append((fut.worker_index, fut.tag))
                 raise
             if not lost_actors and isinstance(out, raybayes.mcmc.ChunkResult):
-                lost_actors.append(_lose_node(cluster, node))
+                lost_actors.append(lose_node(cluster, node))
             return out
 
     real = sampler._ChainScheduler.__init__

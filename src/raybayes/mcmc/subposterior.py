@@ -742,7 +742,9 @@ def sample_subposteriors(
         One group per shard, ``shard_0`` ... ``shard_<M-1>``, with that shard's
         posterior draws (its ``attrs`` hold its entity range, ``r_hat_max``,
         ``ess_bulk_min``, ``finished_s``, the seconds from the start until it
-        stopped, and ``worker_s``, the worker-seconds its chunks took). ``attrs``: the rule, the split plate,
+        stopped, and ``worker_s``, the worker-seconds its chunks took). ``attrs``:
+        the rule, the split plate, ``worker_restarts`` (workers replaced because a
+        call to them was lost; their chains resumed elsewhere),
         ``combination_summary`` ("combination reliable" or the parameter and
         reason), and the diagnostic figures of
         :meth:`~raybayes.core.combination.CombinationDiagnostics.to_attrs`.
@@ -997,6 +999,9 @@ def sample_subposteriors(
             "seed": seed,
             "draws_per_chain": num_draws,
             "num_workers": int(num_workers_used),
+            "worker_restarts": int(
+                sum(int(sh.attrs.get("worker_restarts", 0)) for sh in shards)
+            ),
             "finished_s_per_shard": [float(t) for t in finished],
             "worker_s_per_shard": [float(t) for t in worker_s],
             "r_hat_max_per_shard": [a.get("r_hat_max", np.nan) for a in shard_attrs],
