@@ -40,6 +40,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import platform
 import time
@@ -95,10 +97,90 @@ def banana(y=None):
         numpyro.sample("y", dist.Normal(a + b**2, 0.5), obs=y)
 
 
-def elasticity():
+def elasticity_weighted(
+    log_price,
+    product_idx,
+    time_idx,
+    category_of_product,
+    num_categories,
+    num_times,
+    units=None,
+    likelihood="negbin",
+    w_beta_category=None,
+    w_beta=None,
+    w_delta=None,
+    w_gamma=None,
+):
+    """The elasticity model with the centring weights as arguments of their own.
+
+    ``centered="auto"`` passes per-product weights inside a dict, which a split by
+    product cannot reach; here ``w_beta`` and ``w_delta`` are split with the
+    products, and every shard uses the weights computed on the full data (one
+    parameterization, so the subposteriors multiply to the full posterior).
+    """
     from raybayes.models.elasticity import elasticity_model
 
-    return elasticity_model  # non-centred by default
+    centered = (
+        False  # without weights: all non-centred, the model's default
+        if w_beta is None
+        else dict(
+            beta_category=w_beta_category, beta=w_beta, delta=w_delta, gamma=w_gamma
+        )
+    )
+    return elasticity_model(
+        log_price,
+        product_idx,
+        time_idx,
+        category_of_product,
+        num_categories,
+        num_times,
+        units=units,
+        likelihood=likelihood,
+        centered=centered,
+    )
+
+
+#: Scalar global sites of the elasticity model; the positive ones are compared
+#: on the log scale.
+ELASTICITY_SCALARS = ("beta_global", "mu_delta")
+ELASTICITY_SCALES = (
+    "sigma_category",
+    "sigma_beta",
+    "sigma_delta",
+    "sigma_gamma",
+    "concentration",
+)
+
+
+def elasticity_natural(model, kwargs, samples, *, seed):
+    """Global parameters of the elasticity model, whatever its parameterization.
+
+    ``(n, 7 + C + T C)``: ``beta_global``, ``mu_delta``, the log scales, then the
+    category elasticities ``beta_category`` and the week effects ``gamma``
+    (deterministic sites, recomputed from the latent draws where missing). Runs
+    and combination rules that sample different sites are compared here.
+
+    Args:
+        samples: every latent site, ``(n, *site_shape)``.
+    """
+    from numpyro.infer import Predictive
+
+    if "beta_category" not in samples or "gamma" not in samples:
+        derived = Predictive(
+            model,
+            posterior_samples={k: jax.numpy.asarray(v) for k, v in samples.items()},
+            return_sites=["beta_category", "gamma"],
+        )(derive_key(seed, "natural"), **kwargs)
+        samples = {**samples, **{k: np.asarray(v) for k, v in derived.items()}}
+    n = len(samples["beta_global"])
+    cols = [np.asarray(samples[k]).reshape(n, 1) for k in ELASTICITY_SCALARS]
+    cols += [np.log(np.asarray(samples[k])).reshape(n, 1) for k in ELASTICITY_SCALES]
+    labels = [*ELASTICITY_SCALARS, *(f"log {k}" for k in ELASTICITY_SCALES)]
+    for k in ("beta_category", "gamma"):
+        v = np.asarray(samples[k]).reshape(n, -1)
+        cols.append(v)
+        labels += [f"{k}[{j}]" for j in range(v.shape[1])]
+    return np.concatenate(cols, axis=1).astype(np.float64), labels
 
 
 # ------------------------------------------------------------------------ measures
@@ -128,7 +210,49 @@ def full_flat(idata, model, kwargs):
     return _flatten_globals(idata.posterior, [sites[k] for k in names], n)[0]
 
 
-def run_case(name, model, kwargs, args, partition=None):
+def _samples(posterior, names, n=None):
+    """``{site: (chains * n, *shape)}`` from an ArviZ group (first ``n`` draws)."""
+    out = {}
+    for k in names:
+        v = np.asarray(posterior[k].values)[:, :n]
+        out[k] = v.reshape(-1, *v.shape[2:])
+    return out
+
+
+def _natural_map(natural, model, kwargs, sub):
+    """``flat combined draws -> natural-space draws`` for one subposterior run."""
+    from raybayes.mcmc.subposterior import _unflatten_globals
+
+    n = int(sub.attrs["draws_per_chain"])
+    chains = int(sub.posterior.sizes["chain"])
+    names = list(np.atleast_1d(sub.attrs["global_sites"]))
+    sites, _ = trace_latent_sites(model, kwargs, None)
+    global_sites = [sites[k] for k in names]
+    local = _samples(sub.posterior, [k for k in sub.posterior.data_vars
+                                     if k not in names], n)
+
+    def to_space(flat):
+        values = _unflatten_globals(flat, global_sites, chains, n)
+        samples = {k: v.reshape(chains * n, *v.shape[2:]) for k, v in values.items()}
+        return natural({**samples, **local})[0]
+
+    return to_space
+
+
+def run_case(
+    name, model, kwargs, args, partition=None, natural=None, full_model=None,
+    full_kwargs=None, full_extra=None,
+):
+    """Full NUTS against the combined subposteriors, for every M.
+
+    With ``natural`` (``samples -> (draws, labels)``, every latent site
+    ``(n, *shape)`` in), draws are compared in the space it maps to (the model's
+    natural parameters) instead of the unconstrained space of the global sample
+    sites, so that full NUTS may run another parameterization of the same
+    posterior (``full_model``, ``full_kwargs``, and ``full_extra`` such as
+    ``low_rank_mass=True``). The MCSE z-scores are then left out (the bootstrap
+    MCSE is in the unconstrained space).
+    """
     settings = dict(
         num_chains=args.chains,
         num_warmup=args.warmup,
@@ -138,21 +262,43 @@ def run_case(name, model, kwargs, args, partition=None):
         progress_bar=args.progress,
     )
     say(f"## {name}")
+    say(load())
     t0, c0 = time.perf_counter(), time.process_time()
-    full = raybayes.sample(model, model_kwargs=kwargs, **settings)
+    full = raybayes.sample(
+        full_model or model,
+        model_kwargs=full_kwargs or kwargs,
+        **settings,
+        **(full_extra or {}),
+    )
     full_wall, full_cpu = time.perf_counter() - t0, time.process_time() - c0
     summ = raybayes.summary(full)
     say(
-        f"full NUTS: wall {full_wall:.1f} s, CPU {full_cpu:.1f} s; min bulk ESS "
+        f"full NUTS{' ' + str(full_extra) if full_extra else ''}: wall "
+        f"{full_wall:.1f} s, CPU {full_cpu:.1f} s; min bulk ESS "
         f"{summ['ess_bulk'].min():.0f}, max R-hat {summ['r_hat'].max():.3f}, "
         f"divergences {int(full.sample_stats['diverging'].sum())}, leapfrog steps "
         f"per draw {float(full.sample_stats['n_steps'].mean()):.1f}; {load()}"
     )
-    full_draws = None
+    full_draws = space_labels = None
+    if natural is not None:
+        full_draws, space_labels = natural(
+            _samples(full.posterior, list(full.posterior.data_vars))
+        )
+        k = len(ELASTICITY_SCALARS) + len(ELASTICITY_SCALES)
+        ess = [
+            float(az.ess(full_draws[:, j].reshape(args.chains, -1)))
+            for j in range(full_draws.shape[1])
+        ]
+        say(
+            f"compared in the natural space: {len(space_labels)} global parameters "
+            f"(the first {k} scalar); full NUTS min bulk ESS there {min(ess):.0f}"
+        )
     header = (
         f"{'M':>3} {'rule':<26}{'mean err/sd':>12}{'sd rel err':>11}"
         f"{'Mahalanobis':>12}{'W2 (white)':>11}{'combine s':>10}"
     )
+    if natural is not None:
+        header += f"{'scalars: mean err/sd':>22}{'sd rel err':>11}"
     for m in args.shards:
         t0, c0 = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
@@ -168,7 +314,10 @@ def run_case(name, model, kwargs, args, partition=None):
         draws, comb_ours, labels = unconstrained_global_draws(
             sub, model, model_kwargs=kwargs
         )
-        if full_draws is None:
+        to_space = np.asarray
+        if natural is not None:
+            to_space = _natural_map(natural, model, kwargs, sub)
+        elif full_draws is None:
             full.attrs["global_sites"] = list(sub.attrs["global_sites"])
             full_draws = full_flat(full, model, kwargs)
         per_shard = np.atleast_1d(sub.attrs["worker_s_per_shard"])
@@ -216,13 +365,25 @@ def run_case(name, model, kwargs, args, partition=None):
             except Exception as err:  # noqa: BLE001 - the peer's failure is a result
                 say(f"{m:>3} {rule:<26}failed: {type(err).__name__}: {err}")
         for rule, (comb, secs) in rules.items():
-            r = compare(comb, full_draws)
-            say(
+            try:
+                in_space = to_space(comb)
+            except Exception as err:  # noqa: BLE001 - e.g. non-finite peer draws
+                say(f"{m:>3} {rule:<26}not comparable: {type(err).__name__}: {err}")
+                continue
+            r = compare(in_space, full_draws)
+            line = (
                 f"{m:>3} {rule:<26}{r['mean_err_sd']:>12.3f}{r['sd_rel_err']:>11.3f}"
                 f"{r['mahalanobis']:>12.3f}{r['w2_white']:>11.3f}{secs:>10.3f}"
             )
-        r = compare(rules["raybayes consensus"][0], full_draws)
-        say(f"  largest mean error of consensus: {labels[r['worst']]}")
+            if natural is not None:
+                k = len(ELASTICITY_SCALARS) + len(ELASTICITY_SCALES)
+                rs = compare(in_space[:, :k], full_draws[:, :k])
+                line += f"{rs['mean_err_sd']:>22.3f}{rs['sd_rel_err']:>11.3f}"
+            say(line)
+        space_of = labels if natural is None else space_labels
+        comb_space = to_space(rules["raybayes consensus"][0])
+        r = compare(comb_space, full_draws)
+        say(f"  largest mean error of consensus: {space_of[r['worst']]}")
         # Is the error within Monte Carlo error? Full NUTS: sd / sqrt(ESS) per
         # parameter; combined: the bootstrap MCSE of the diagnostics (which includes
         # the error of the estimated weights).
@@ -234,17 +395,23 @@ def run_case(name, model, kwargs, args, partition=None):
             ]
         )
         mc_full = full_sd / np.sqrt(ess)
-        mc_comb = combined_mean_mcse(draws, seed=args.seed) * full_sd
-        err = rules["raybayes consensus"][0].mean(0) - full_draws.mean(0)
-        z = err / np.sqrt(mc_full**2 + mc_comb**2)
-        j = int(np.argmax(np.abs(z)))
-        say(
-            f"  MCSE of the means (posterior sd): full NUTS at most "
-            f"{np.max(mc_full / full_sd):.3f}, combined (bootstrap, weights "
-            f"included) at most {np.max(mc_comb / full_sd):.3f}; largest |error| / "
-            f"joint MCSE {abs(z[j]):.2f} ({labels[j]}; |z| > 3.5 in "
-            f"{int(np.sum(np.abs(z) > 3.5))} of {len(z)} parameters)"
-        )
+        if natural is None:
+            mc_comb = combined_mean_mcse(draws, seed=args.seed) * full_sd
+            err = rules["raybayes consensus"][0].mean(0) - full_draws.mean(0)
+            z = err / np.sqrt(mc_full**2 + mc_comb**2)
+            j = int(np.argmax(np.abs(z)))
+            say(
+                f"  MCSE of the means (posterior sd): full NUTS at most "
+                f"{np.max(mc_full / full_sd):.3f}, combined (bootstrap, weights "
+                f"included) at most {np.max(mc_comb / full_sd):.3f}; largest |error| "
+                f"/ joint MCSE {abs(z[j]):.2f} ({labels[j]}; |z| > 3.5 in "
+                f"{int(np.sum(np.abs(z) > 3.5))} of {len(z)} parameters)"
+            )
+        else:
+            say(
+                f"  MCSE of the full-NUTS means: at most "
+                f"{np.max(mc_full / full_sd):.3f} posterior sd"
+            )
         if "numpyro consensus" in rules:
             d = np.abs(rules["raybayes consensus"][0] - rules["numpyro consensus"][0])
             say(
@@ -295,49 +462,79 @@ def run_pool(model, kwargs, args):
             if attempt == 2:
                 raise
             time.sleep(20)
+
+    def at_once(m, part):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", raybayes.RaybayesWarning)
+            together = raybayes.sample_subposteriors(
+                model,
+                model_kwargs=kwargs,
+                num_shards=m,
+                partition=part,
+                backend=engine,
+                **settings,
+            )
+        wall = time.perf_counter() - t0
+        say(f"  all at once: wall {wall:.1f} s; {load()}")
+        sites = together.attrs["global_sites"]
+        return wall, [
+            {k: together[f"shard_{j}"][k].values for k in sites} for j in range(m)
+        ]
+
+    def one_after_another(m, part):
+        specs = assign_entities(part.num_entities(kwargs), m, part.plate)
+        sub = SubposteriorModel(model, m, part.local_plates)
+        t0, walls, draws = time.perf_counter(), [], []
+        for spec in specs:
+            t1 = time.perf_counter()
+            alone = raybayes.sample(
+                sub,
+                model_kwargs=shard_model_kwargs(kwargs, part, spec),
+                backend=engine,
+                _key_stream=(spec.shard_id,),
+                **settings,
+            )
+            walls.append(time.perf_counter() - t1)
+            draws.append({k: v.values for k, v in alone.posterior.items()})
+        wall = time.perf_counter() - t0
+        say(
+            f"  one after another: wall {wall:.1f} s (shards "
+            f"{', '.join(f'{w:.1f}' for w in walls)} s); {load()}"
+        )
+        return wall, draws
+
     try:
         for m in args.shards:
             part = raybayes.plan(logistic, kwargs, num_shards=m).partition
-            say(f"{load()} before M = {m}")
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", raybayes.RaybayesWarning)
-                together = raybayes.sample_subposteriors(
-                    model,
-                    model_kwargs=kwargs,
-                    num_shards=m,
-                    partition=part,
-                    backend=engine,
-                    **settings,
+            for rnd in range(args.pool_rounds):
+                # Odd rounds swap the order: whichever runs first pays for Ray's
+                # cold start of worker processes.
+                first_at_once = rnd % 2 == 0
+                say(f"{load()} before M = {m}, round {rnd + 1}")
+                if first_at_once:
+                    (t_at_once, a), (t_serial, b) = (
+                        at_once(m, part),
+                        one_after_another(m, part),
+                    )
+                else:
+                    (t_serial, b), (t_at_once, a) = (
+                        one_after_another(m, part),
+                        at_once(m, part),
+                    )
+                same = all(
+                    a[j][k].tobytes() == b[j][k].tobytes()
+                    for j in range(m)
+                    for k in a[j]
                 )
-            at_once = time.perf_counter() - t0
-            say(f"  all at once: wall {at_once:.1f} s; {load()}")
-            specs = assign_entities(part.num_entities(kwargs), m, part.plate)
-            sub = SubposteriorModel(model, m, part.local_plates)
-            t0, walls, same = time.perf_counter(), [], True
-            for spec in specs:
-                t1 = time.perf_counter()
-                alone = raybayes.sample(
-                    sub,
-                    model_kwargs=shard_model_kwargs(kwargs, part, spec),
-                    backend=engine,
-                    _key_stream=(spec.shard_id,),
-                    **settings,
+                say(
+                    f"M = {m}, {args.chains} chain(s) per shard, {args.workers} "
+                    f"workers, round {rnd + 1} "
+                    f"({'all at once' if first_at_once else 'one after another'} "
+                    f"first): one after another {t_serial:.1f} s / all at once "
+                    f"{t_at_once:.1f} s = {t_serial / t_at_once:.2f}x; draws "
+                    f"identical: {same}"
                 )
-                walls.append(time.perf_counter() - t1)
-                for site in together.attrs["global_sites"]:
-                    a = together[f"shard_{spec.shard_id}"][site].values
-                    same &= a.tobytes() == alone.posterior[site].values.tobytes()
-            one_by_one = time.perf_counter() - t0
-            say(
-                f"  one after another: wall {one_by_one:.1f} s (shards "
-                f"{', '.join(f'{w:.1f}' for w in walls)} s); {load()}"
-            )
-            say(
-                f"M = {m}, {args.chains} chains per shard, {args.workers} workers: one "
-                f"after another / all at once = {one_by_one / at_once:.2f}x; draws "
-                f"identical: {same}"
-            )
     finally:
         engine.shutdown()
     say("")
@@ -364,6 +561,26 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="local")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (pool case)")
+    p.add_argument(
+        "--pool-rounds",
+        type=int,
+        default=1,
+        help="pool case: timing rounds per M; even rounds run the shards one after "
+        "another first",
+    )
+    p.add_argument(
+        "--centered",
+        choices=["false", "auto"],
+        default="false",
+        help="elasticity: the parameterization (auto: ElasticityData.centering "
+        "weights from the full data, the same in every shard)",
+    )
+    p.add_argument(
+        "--low-rank",
+        action="store_true",
+        help="elasticity: full NUTS with low_rank_mass=True (the shards keep a "
+        "diagonal mass matrix)",
+    )
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", help="also write the report to this file (atomically)")
     args = p.parse_args()
@@ -402,17 +619,28 @@ def main():
                 df, product_cols=("product",), category_col="category"
             )
             kwargs = data.model_kwargs()
-            model = elasticity()
+            model = elasticity_weighted
+            if args.centered == "auto":
+                weights = data.centering()
+                kwargs.update({f"w_{k}": v for k, v in weights.items()})
             split = raybayes.plan(model, kwargs, num_shards=max(args.shards))
             part = next(c.partition for c in split.candidates if c.plate == "products")
+            if args.centered == "auto":  # the per-product weights go with products
+                part = dataclasses.replace(
+                    part, entity_args=(*part.entity_args, "w_beta", "w_delta")
+                )
             run_case(
                 f"elasticity, {args.categories} categories x {args.products} "
                 f"products x {args.weeks} weeks = {data.num_obs:,} rows, split by "
-                "product",
+                f"product, centred {args.centered!r}",
                 model,
                 kwargs,
                 args,
                 partition=part,
+                natural=functools.partial(
+                    elasticity_natural, model, kwargs, seed=args.seed
+                ),
+                full_extra={"low_rank_mass": True} if args.low_rank else None,
             )
         else:
             y = (1.0 + 0.5 * rng.normal(size=400)).astype(np.float32)
