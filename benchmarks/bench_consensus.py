@@ -216,6 +216,24 @@ def full_flat(idata, model, kwargs):
     return _flatten_globals(idata.posterior, [sites[k] for k in names], n)[0]
 
 
+def timed_subposteriors(model, kwargs, num_shards, partition, settings):
+    """``(idata, wall_s, cpu_s)`` of one ``sample_subposteriors`` call.
+
+    Its warnings (diagnostics that fire) are silenced: the report prints them.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", raybayes.RaybayesWarning)
+        sub = raybayes.sample_subposteriors(
+            model,
+            model_kwargs=kwargs,
+            num_shards=num_shards,
+            partition=partition,
+            **settings,
+        )
+    return sub, time.perf_counter() - t0, time.process_time() - c0
+
+
 def _samples(posterior, names, n=None):
     """``{site: (chains * n, *shape)}`` from an ArviZ group (first ``n`` draws)."""
     out = {}
@@ -306,17 +324,7 @@ def run_case(
     if natural is not None:
         header += f"{'scalars: mean err/sd':>22}{'sd rel err':>11}"
     for m in args.shards:
-        t0, c0 = time.perf_counter(), time.process_time()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", raybayes.RaybayesWarning)
-            sub = raybayes.sample_subposteriors(
-                model,
-                model_kwargs=kwargs,
-                num_shards=m,
-                partition=partition,
-                **settings,
-            )
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        sub, wall, cpu = timed_subposteriors(model, kwargs, m, partition, settings)
         draws, comb_ours, labels = unconstrained_global_draws(
             sub, model, model_kwargs=kwargs
         )
@@ -470,18 +478,9 @@ def run_pool(model, kwargs, args):
             time.sleep(20)
 
     def at_once(m, part):
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", raybayes.RaybayesWarning)
-            together = raybayes.sample_subposteriors(
-                model,
-                model_kwargs=kwargs,
-                num_shards=m,
-                partition=part,
-                backend=engine,
-                **settings,
-            )
-        wall = time.perf_counter() - t0
+        together, wall, _ = timed_subposteriors(
+            model, kwargs, m, part, {**settings, "backend": engine}
+        )
         say(f"  all at once: wall {wall:.1f} s; {load()}")
         sites = together.attrs["global_sites"]
         return wall, [
