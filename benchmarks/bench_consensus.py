@@ -104,18 +104,7 @@ def banana(y=None):
 
 
 def elasticity_weighted(
-    log_price,
-    product_idx,
-    time_idx,
-    category_of_product,
-    num_categories,
-    num_times,
-    units=None,
-    likelihood="negbin",
-    w_beta_category=None,
-    w_beta=None,
-    w_delta=None,
-    w_gamma=None,
+    *args, w_beta_category=None, w_beta=None, w_delta=None, w_gamma=None, **kwargs
 ):
     """The elasticity model with the centring weights as arguments of their own.
 
@@ -123,27 +112,16 @@ def elasticity_weighted(
     product cannot reach; here ``w_beta`` and ``w_delta`` are split with the
     products, and every shard uses the weights computed on the full data (one
     parameterization, so the subposteriors multiply to the full posterior).
+    Without weights the model is all non-centred (its default).
     """
     from raybayes.models.elasticity import elasticity_model
 
-    centered = (
-        False  # without weights: all non-centred, the model's default
-        if w_beta is None
-        else dict(
+    centered = False
+    if w_beta is not None:
+        centered = dict(
             beta_category=w_beta_category, beta=w_beta, delta=w_delta, gamma=w_gamma
         )
-    )
-    return elasticity_model(
-        log_price,
-        product_idx,
-        time_idx,
-        category_of_product,
-        num_categories,
-        num_times,
-        units=units,
-        likelihood=likelihood,
-        centered=centered,
-    )
+    return elasticity_model(*args, centered=centered, **kwargs)
 
 
 #: Scalar global sites of the elasticity model; the positive ones are compared
