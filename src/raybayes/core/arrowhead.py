@@ -53,6 +53,7 @@ __all__ = [
     "laplace_global_draws",
     "laplace_local_draws",
     "levenberg_marquardt_step",
+    "LevenbergMarquardtSystem",
     "newton_local_step",
     "newton_reduce",
     "sum_schur_parts",
@@ -329,6 +330,96 @@ def levenberg_marquardt_step(eigenvalues, eigenvectors, rhs, damping: float):
         return np.zeros(0)
     v = np.asarray(eigenvectors)
     return v @ ((v.T @ rhs) / (np.asarray(eigenvalues) + damping))
+
+
+class LevenbergMarquardtSystem:
+    """The damped systems ``(S + lam I) d = rhs`` of one Schur complement.
+
+    A well-conditioned positive definite ``S`` (the usual case near a mode) is
+    solved by Cholesky factors, one per damping ``lam`` (``G^3 / 3`` flops each);
+    otherwise (Cholesky fails, or the estimated reciprocal condition number is
+    below ``rcond``) by one eigendecomposition (about ``9 G^3`` flops), whose
+    smallest eigenvalue sets the damping floor that makes ``S + lam I`` positive
+    definite. On the elasticity benchmark (``G`` about 530) the driver spent more
+    time in the eigendecompositions of Newton's Schur complements than the workers
+    spent on their Hessians.
+
+    Args:
+        schur: ``(G, G)`` symmetric ``S``.
+        rcond: Cholesky is used when LAPACK's estimate of ``1 / cond_1(S)``
+            (``dpocon``) is above this.
+
+    Attributes:
+        floor: the smallest damping allowed: 0 for a well-conditioned positive
+            definite ``S``, else ``1.01 |e_min| + 1e-10 max(|e_max|, 1)`` when
+            ``e_min <= 1e-10 max(|e_max|, 1)``.
+        smallest: the smallest eigenvalue (``None`` on the Cholesky path).
+
+    References:
+        Golub, G. H. & Van Loan, C. F. (2013). Matrix Computations, 4th ed., Sec.
+        4.2 (Cholesky) and Sec. 3.5.4 (condition estimation).
+
+    Examples:
+        >>> import numpy as np
+        >>> system = LevenbergMarquardtSystem(np.diag([2.0, 4.0]))
+        >>> system.solve(np.array([2.0, 4.0]), 0.0).round(12).tolist(), system.floor
+        ([1.0, 1.0], 0.0)
+        >>> system.solve(np.array([3.0, 5.0]), 1.0).round(12).tolist()
+        [1.0, 1.0]
+        >>> round(system.largest(), 12)
+        4.0
+    """
+
+    def __init__(self, schur, rcond: float = 1e-8):
+        self.schur = np.asarray(schur, np.float64)
+        n = self.schur.shape[0]
+        self.floor = 0.0
+        self.smallest = None
+        self._eig = self._basis = None
+        self._largest = None
+        self._chol = None  # (lam, lower Cholesky factor of S + lam I)
+        if n == 0:
+            return
+        try:
+            chol = linalg.cholesky(self.schur, lower=True)
+            anorm = float(np.max(np.sum(np.abs(self.schur), axis=0)))
+            estimate, info = linalg.lapack.dpocon(chol.T, anorm)
+            if info != 0 or not estimate > rcond:
+                raise linalg.LinAlgError("ill-conditioned")
+            self._chol = (0.0, chol)
+        except (linalg.LinAlgError, ValueError):
+            self._eig, self._basis = linalg.eigh(self.schur)
+            eig = self._eig
+            self.smallest = float(eig[0])
+            self._largest = float(eig[-1])
+            if eig[0] <= 1e-10 * max(abs(eig[-1]), 1.0):
+                self.floor = 1.01 * abs(eig[0]) + 1e-10 * max(abs(eig[-1]), 1.0)
+
+    def largest(self) -> float:
+        """The largest eigenvalue of ``S`` (computed once, on first use)."""
+        if self._largest is None:
+            n = self.schur.shape[0]
+            self._largest = (
+                float(linalg.eigvalsh(self.schur, subset_by_index=[n - 1, n - 1])[0])
+                if n
+                else 1.0
+            )
+        return self._largest
+
+    def solve(self, rhs, damping: float) -> np.ndarray:
+        """``(S + damping I)^{-1} rhs`` ``(G,)`` float64; ``damping >= floor``."""
+        rhs = np.asarray(rhs, np.float64)
+        if rhs.size == 0:
+            return np.zeros(0)
+        if self._eig is not None:
+            return levenberg_marquardt_step(self._eig, self._basis, rhs, damping)
+        if self._chol[0] != damping:
+            n = self.schur.shape[0]
+            self._chol = (
+                damping,
+                linalg.cholesky(self.schur + damping * np.eye(n), lower=True),
+            )
+        return linalg.cho_solve((self._chol[1], True), rhs)
 
 
 def trust_region_step(eigenvalues, eigenvectors, rhs, radius: float):

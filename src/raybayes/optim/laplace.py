@@ -219,25 +219,21 @@ def newton_polish(
     value, grad = value_and_grad(x)
     steps = factorizations = num_hvp = rejected = age = 0
     lam = floor = 0.0  # Levenberg-Marquardt parameter of the global system
-    eig = basis = None
+    system = None  # the damped systems of the free globals' Schur complement
     for _ in range(4 * max_steps + 4):  # steps, rejected trials and Hessians
         grad_max = float(np.max(np.abs(grad))) if grad.size else 0.0
         if grad_max <= gtol or steps >= max_steps:
             break
         g, locals_ = objective.split(x)
         grad_g, grad_l = objective.split(grad)
-        if eig is None and kept_schur is not None:  # the workers' kept Hessian
-            eig, basis = (
-                linalg.eigh(kept_schur) if free.size else (np.ones(0), None)
-            )
+        if system is None and kept_schur is not None:  # the workers' kept Hessian
+            system = arrowhead.LevenbergMarquardtSystem(kept_schur)
             kept_schur = None
-            floor = 0.0
-            if free.size and eig[0] <= 1e-10 * max(abs(eig[-1]), 1.0):
-                floor = 1.01 * abs(eig[0]) + 1e-10 * max(abs(eig[-1]), 1.0)
+            floor = system.floor
             lam = max(lam, floor)
             rejected = 0
             age = 1  # a stale Hessian: recomputed after three rejected steps
-        if eig is None:
+        if system is None:
             parts = objective.gather(
                 "laplace_factor",
                 lambda s: (g, locals_[s], batch_size, 0.0, False),  # noqa: B023
@@ -265,10 +261,8 @@ def newton_polish(
                 )
             schur = arrowhead.sum_schur_parts([p[0] for p in parts], G)
             schur = schur[np.ix_(free, free)]
-            eig, basis = linalg.eigh(schur) if free.size else (np.ones(0), None)
-            floor = 0.0
-            if free.size and eig[0] <= 1e-10 * max(abs(eig[-1]), 1.0):
-                floor = 1.01 * abs(eig[0]) + 1e-10 * max(abs(eig[-1]), 1.0)
+            system = arrowhead.LevenbergMarquardtSystem(schur)
+            floor = system.floor
             lam = max(lam, floor)
             factorizations += 1
             rejected = age = 0
@@ -276,7 +270,12 @@ def newton_polish(
             emit(
                 f"Newton Hessian {factorizations}: {max(p[3] for p in parts)} "
                 f"Hessian-vector products per shard; smallest eigenvalue of S "
-                f"{eig[0] if free.size else 0.0:.3e}; damping: local "
+                + (
+                    f"{system.smallest:.3e}"
+                    if system.smallest is not None
+                    else "> 0 (Cholesky)"
+                )
+                + f"; damping: local "
                 f"{local_damping:.2e}, "
                 f"global {lam:.2e}  {time.perf_counter() - start:7.2f} s"
             )
@@ -285,9 +284,7 @@ def newton_polish(
         )
         rhs = -grad_g + np.sum([np.asarray(r, np.float64) for r in reduced], axis=0)
         delta_g = np.zeros(G)
-        delta_g[free] = arrowhead.levenberg_marquardt_step(
-            eig, basis, np.broadcast_to(rhs, (G,))[free], lam
-        )
+        delta_g[free] = system.solve(np.broadcast_to(rhs, (G,))[free], lam)
         delta_l = objective.gather(
             "newton_local_step",
             lambda s: (grad_l[s], delta_g),  # noqa: B023
@@ -305,9 +302,9 @@ def newton_polish(
         ):
             # reject: a shorter, more gradient-like step from the same Hessian
             rejected += 1
-            lam = max(4.0 * lam, 1e-6 * max(abs(eig[-1]) if free.size else 1.0, 1.0))
+            lam = max(4.0 * lam, 1e-6 * max(abs(system.largest()), 1.0))
             if rejected >= 3 and age:
-                eig = None  # the Hessian may be stale: recompute it here
+                system = None  # the Hessian may be stale: recompute it here
             continue
         x, value, grad = x + step, new_value, new_grad
         steps += 1
@@ -319,7 +316,7 @@ def newton_polish(
         )
         lam = max(lam / 3.0, floor)
         if new_max > 0.25 * grad_max:  # slow progress: a fresh Hessian
-            eig = None
+            system = None
     grad_norm = float(np.max(np.abs(grad))) if grad.size else 0.0
     params = constrained_values(objective, x[None])[0] if assemble else {}
     return MAPResult(
