@@ -12,6 +12,8 @@ Everything here is pure JAX/NumPyro and runs without Ray.
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from raybayes.core.tracing import abstract_trace
 from raybayes.errors import ConfigurationError
 
 __all__ = [
+    "CompiledShardFunctions",
     "SiteInfo",
     "ShardLogDensity",
     "scale_global_sites",
@@ -345,14 +348,11 @@ class ShardLogDensity:
             model, 1.0 / self.num_shards, local_plates
         )
         self._concrete_arrays(shard_kwargs)
-        self._value_and_grad = jax.jit(jax.value_and_grad(self._neg, argnums=(0, 1)))
-        self._batched_value_and_grad = None
-        self._constrained_site_values = None  # see core.site_values
+        # the jitted functions, shared by every density of the same structure in
+        # this process (the data are their arguments): shards of one shape
+        # compile once, not once per shard
+        self.compiled = _shared_functions(self)
         self._constrained_site_trace = None
-        self._hvp = jax.jit(self._hvp_impl)
-        self._columns = jax.jit(self._columns_impl, static_argnums=(5,))
-        self._columns_tangent = None  # compiled on first use (nested Laplace)
-        self._local_tangent = None
         self._coloring: ColoredGlobalHessian | None = None
         self.last_num_hvp = 0
 
@@ -497,7 +497,9 @@ class ShardLogDensity:
         Returns:
             ``(value, grad_global (num_global,), grad_local (num_local_entities, k))``.
         """
-        value, (gg, gl) = self._value_and_grad(global_flat, local_mat, self._arrays)
+        value, (gg, gl) = self.compiled.value_and_grad(
+            global_flat, local_mat, self._arrays
+        )
         return value, gg, gl
 
     def batched_value_and_grad(self, global_batch, local_batch):
@@ -514,14 +516,7 @@ class ShardLogDensity:
             ``(values (B,), grad_global (B, num_global), grad_local (B,
             num_local_entities, k))``.
         """
-        if self._batched_value_and_grad is None:
-            self._batched_value_and_grad = jax.jit(
-                jax.vmap(
-                    jax.value_and_grad(self._neg, argnums=(0, 1)),
-                    in_axes=(0, 0, None),
-                )
-            )
-        value, (gg, gl) = self._batched_value_and_grad(
+        value, (gg, gl) = self.compiled.batched_value_and_grad(
             global_batch, local_batch, self._arrays
         )
         return value, gg, gl
@@ -608,11 +603,6 @@ class ShardLogDensity:
         """
         import copy
 
-        if self._columns_tangent is None:
-            self._columns_tangent = jax.jit(
-                self._columns_tangent_impl, static_argnums=(7,)
-            )
-            self._local_tangent = jax.jit(self._local_tangent_impl)
         dtype = global_flat.dtype
         zl = jnp.zeros_like(local_mat)
         dg = jnp.asarray(dir_global, dtype)
@@ -625,7 +615,7 @@ class ShardLogDensity:
             if key not in cache:
                 cache.clear()
                 cache[key] = _in_chunks(
-                    lambda t: self._columns_tangent(
+                    lambda t: self.compiled.columns_tangent(
                         global_flat, local_mat, dg, dl, t, zl, self._arrays,
                         batch_size,
                     ),
@@ -659,14 +649,14 @@ class ShardLogDensity:
         eye = jnp.zeros((k, *local_mat.shape), dtype)
         eye = eye.at[jnp.arange(k), :, jnp.arange(k)].set(1.0)
         tg = jnp.zeros((k, self.num_global), dtype)
-        _, hl = self._local_tangent(
+        _, hl = self.compiled.local_tangent(
             global_flat, local_mat, dg, dl, tg, eye, self._arrays
         )  # (m, k, P, k)
         return d_gg, d_lg, jnp.moveaxis(hl, 1, -1)
 
     def hvp(self, global_flat, local_mat, tangent_global, tangent_local):
         """Hessian-vector product of the negative shard log joint (jitted)."""
-        return self._hvp(
+        return self.compiled.hvp(
             global_flat, local_mat, tangent_global, tangent_local, self._arrays
         )
 
@@ -702,7 +692,7 @@ class ShardLogDensity:
 
         def hvp_columns(tangents):
             return _in_chunks(
-                lambda t: self._columns(
+                lambda t: self.compiled.columns(
                     global_flat, local_mat, t, zl, self._arrays, batch_size
                 ),
                 tangents,
@@ -723,6 +713,121 @@ class ShardLogDensity:
         hgg, hlg = self._coloring(hvp_columns)
         self.last_num_hvp = self._coloring.last_num_hvp
         return jnp.asarray(hgg, dtype), jnp.asarray(hlg, dtype)
+
+
+class CompiledShardFunctions:
+    """The jitted functions of shard log densities of one structure.
+
+    Every function takes the shard's data (``arrays``) as an argument, so the
+    densities of all shards with the same model, static arguments, scale and
+    latent layout share one instance (:func:`_shared_functions`) and with it the
+    compiled executables: in one process (the in-process backend) shards of equal
+    shape compile once, not once each. The functions are built on first use.
+
+    Attributes:
+        value_and_grad: ``(g, l, arrays) -> (value, (grad_g, grad_l))``.
+        batched_value_and_grad: the same over a leading batch axis of ``g, l``.
+        hvp: ``(g, l, t_g, t_l, arrays) -> (H t)_g, (H t)_l``.
+        columns: ``(g, l, t_g (n, G), t_l (n, P, k), arrays, batch_size)`` ->
+            ``n`` Hessian-vector products (one executable for the global columns
+            and the local blocks).
+        columns_tangent, local_tangent: their directional derivatives (nested
+            Laplace's third derivatives).
+        constrained_site_values: see :mod:`raybayes.core.site_values`.
+    """
+
+    def __init__(self, owner: ShardLogDensity):
+        self._owner = owner
+        self._built: dict[str, Any] = {}
+
+    def _build(self, name):
+        d = self._owner
+        if name == "value_and_grad":
+            return jax.jit(jax.value_and_grad(d._neg, argnums=(0, 1)))
+        if name == "batched_value_and_grad":
+            return jax.jit(
+                jax.vmap(
+                    jax.value_and_grad(d._neg, argnums=(0, 1)), in_axes=(0, 0, None)
+                )
+            )
+        if name == "hvp":
+            return jax.jit(d._hvp_impl)
+        if name == "columns":
+            return jax.jit(d._columns_impl, static_argnums=(5,))
+        if name == "columns_tangent":
+            return jax.jit(d._columns_tangent_impl, static_argnums=(7,))
+        if name == "local_tangent":
+            return jax.jit(d._local_tangent_impl)
+        if name == "constrained_site_values":
+            import functools
+
+            from raybayes.core.site_values import _values
+
+            return jax.jit(jax.vmap(functools.partial(_values, d), (0, 0, None)))
+        raise AttributeError(name)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        built = self.__dict__["_built"]
+        if name not in built:
+            built[name] = self._build(name)
+        return built[name]
+
+
+#: structure key -> CompiledShardFunctions, while a density of that structure lives
+_SHARED_FUNCTIONS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _fingerprint(value):
+    """A hashable stand-in for a static model argument (arrays by content)."""
+    if isinstance(value, (np.ndarray, jax.Array)):
+        a = np.asarray(value)
+        return ("array", a.shape, str(a.dtype), hashlib.sha1(a.tobytes()).hexdigest())
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_fingerprint(v) for v in value))
+    if isinstance(value, Mapping):
+        return ("map", tuple((k, _fingerprint(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))  # kept alive by the density that holds it
+    return (type(value).__name__, value)
+
+
+def _shared_functions(density: ShardLogDensity) -> CompiledShardFunctions:
+    """The :class:`CompiledShardFunctions` of ``density``'s structure: the model,
+    its positional and static arguments, the scale of the global sites, the plates
+    left unscaled and the latent layout (the entity axis's length excluded: jit
+    compiles once per shape anyway)."""
+    d = density
+    layout = tuple(
+        (
+            s.name,
+            s.is_local,
+            s.entity_axis,
+            tuple(n for i, n in enumerate(s.unconstrained_shape) if i != s.entity_axis),
+            str(s.support),
+        )
+        for s in d.sites.values()
+    )
+    key = (
+        id(d.model),
+        _fingerprint(d.model_args),
+        _fingerprint(sorted(d._static.items())),
+        d.num_shards,
+        d._scaled_model.local_plates,
+        d.max_plate_nesting,
+        layout,
+    )
+    try:
+        shared = _SHARED_FUNCTIONS.get(key)
+    except TypeError:  # an unhashable part: no sharing
+        return CompiledShardFunctions(d)
+    if shared is None or shared._owner.model is not d.model:
+        shared = CompiledShardFunctions(d)
+        _SHARED_FUNCTIONS[key] = shared
+    return shared
 
 
 def _in_chunks(columns, tangents, batch_size, dtype, axis=0):

@@ -54,12 +54,10 @@ def constrained_site_values(
     plate = partition.plate if partition is not None else None
     obs_plate = partition.obs_plate if partition is not None else None
     trace = functools.partial(_trace, d)
-    # one jitted function per density (the data passed as an argument, not as a
-    # closure constant): repeated calls with draws of the same shape compile once
-    batched = getattr(d, "_constrained_site_values", None)
-    if batched is None:
-        batched = jax.jit(jax.vmap(functools.partial(_values, d), (0, 0, None)))
-        d._constrained_site_values = batched
+    # one jitted function per density structure, shared by the shards (the data
+    # passed as an argument, not as a closure constant): repeated calls with
+    # draws of the same shape compile once
+    batched = d.compiled.constrained_site_values
     g = jnp.asarray(global_draws, dtype=jnp.result_type(float))
     lm = jnp.asarray(local_draws, dtype=g.dtype)
     values = batched(g, lm, arrays)

@@ -520,28 +520,20 @@ class _ConditionalLaplace:
         return out, tangents
 
 
-def _finite_difference_hessian(f, theta, f0, step):
+def _gradient_difference_hessian(value_and_grad, theta, step):
+    """The Hessian of ``log p(theta | y)`` by central differences of its exact
+    gradient (``value_and_grad`` returns the negative value and gradient): ``2 d``
+    values and gradients, where differences of the values alone took ``2 d^2``
+    values (30 against 10 for the elasticity model's five hyperparameters), error
+    ``O(step^2)`` either way. Symmetrised."""
     d = theta.size
     hess = np.zeros((d, d))
-    plus = np.zeros(d)
-    minus = np.zeros(d)
     for i in range(d):
         e = np.zeros(d)
         e[i] = step
-        plus[i], minus[i] = f(theta + e), f(theta - e)
-        hess[i, i] = (plus[i] - 2 * f0 + minus[i]) / step**2
-    for i in range(d):
-        for j in range(i + 1, d):
-            ei = np.zeros(d)
-            ej = np.zeros(d)
-            ei[i] = step
-            ej[j] = step
-            pp, mm = f(theta + ei + ej), f(theta - ei - ej)
-            # (f(+i+j) - 2 f0 + f(-i-j)) / h^2 = H_ii + 2 H_ij + H_jj
-            hess[i, j] = hess[j, i] = 0.5 * (
-                (pp - 2 * f0 + mm) / step**2 - hess[i, i] - hess[j, j]
-            )
-    return hess
+        plus, minus = value_and_grad(theta + e)[1], value_and_grad(theta - e)[1]
+        hess[:, i] = -(plus - minus) / (2 * step)
+    return 0.5 * (hess + hess.T)
 
 
 def _grid_design(evaluate, dim, dz, diff_logdens, max_points):
@@ -794,9 +786,7 @@ def _integrate_hyperparameters(
 
     # 2. the Hessian at the mode, the standardised coordinates
     if dim:
-        hess = _finite_difference_hessian(
-            lambda t: -negative(t), theta_star, centre_value, step * 4
-        )
+        hess = _gradient_difference_hessian(value_and_grad, theta_star, step * 4)
         eig, vec = linalg.eigh(-hess)
         if eig[0] <= 0:
             raise ConfigurationError(
@@ -862,6 +852,7 @@ def _integrate_hyperparameters(
     for k in np.flatnonzero(counts):
         x_k = modes[k]
         schur, _, _ = cond.factor(x_k)
+        chol_k = linalg.cholesky(schur, lower=True) if free.size else np.eye(0)
         g_k, locals_k = objective.split(x_k)
         n_k = int(counts[k])
         for j in range(-(-n_k // block)):
@@ -872,7 +863,13 @@ def _integrate_hyperparameters(
                 ),
                 np.float64,
             )
-            delta_free, _, _ = arrowhead.laplace_global_draws(schur, z)
+            # dg = L^{-T} z ~ N(0, S^{-1}) (arrowhead.laplace_global_draws without
+            # the covariance, a G^3 solve per point)
+            delta_free = (
+                linalg.solve_triangular(chol_k.T, z.T, lower=False).T
+                if free.size
+                else z
+            )
             delta = np.zeros((block, G))
             delta[:, free] = delta_free
             key = derive_key(seed, "locals", int(k), j)
@@ -886,7 +883,15 @@ def _integrate_hyperparameters(
     order = np.asarray(jax.random.permutation(derive_key(seed, "order"), num_samples))
     globals_ = np.concatenate(global_draws)[order]
     locals_ = [np.concatenate(parts)[order] for parts in local_draws]
-    site_values, axes = constrained_values(objective, globals_, locals_)
+    # the centre's values in the same call (one shape to compile, not two)
+    centre_g, centre_l = objective.split(centre.x)
+    site_values, axes = constrained_values(
+        objective,
+        np.concatenate([globals_, centre_g[None]]),
+        [np.concatenate([a, b[None]]) for a, b in zip(locals_, centre_l, strict=True)],
+    )
+    centre.params = {k: v[-1] for k, v in site_values.items()}
+    site_values = {k: v[:-1] for k, v in site_values.items()}
     plate = objective.partition.plate if objective.partition is not None else None
     idata = draws_to_inference_data(
         site_values,
@@ -901,8 +906,6 @@ def _integrate_hyperparameters(
         },
     )
     timings["draws_s"] = time.perf_counter() - start - sum(timings.values())
-    params = constrained_values(objective, centre.x[None])[0]
-    centre.params = {k: v[0] for k, v in params.items()}
     return NestedLaplaceResult(
         idata=idata,
         log_marginal_likelihood=float(log_ml),
