@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -117,18 +118,22 @@ def factor_arrowhead(
         zero = jnp.zeros((), hgg.dtype)
         return ArrowheadFactor(hgg, zero, jnp.zeros((), jnp.int32), None, None, None)
     blocks = jnp.asarray(local_blocks, hgg.dtype)
-    blocks = 0.5 * (blocks + jnp.swapaxes(blocks, -1, -2))
-    if damping:
-        blocks = blocks + damping * jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
     cross = jnp.asarray(hess_cross, hgg.dtype)
+    return ArrowheadFactor(*_factor_blocks(hgg, cross, blocks, float(damping)))
+
+
+@jax.jit
+def _factor_blocks(hgg, cross, blocks, damping):
+    """The local blocks' part of :func:`factor_arrowhead`, one compiled call (the
+    damping an argument: no new compilation per damping)."""
+    blocks = 0.5 * (blocks + jnp.swapaxes(blocks, -1, -2))
+    blocks = blocks + damping * jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
     chol = jnp.linalg.cholesky(blocks)
     not_pd = jnp.sum(~jnp.all(jnp.isfinite(chol), axis=(-1, -2)))
     binv = jnp.linalg.inv(blocks)
     schur = hgg - jnp.einsum("pkg,pkj,pjh->gh", cross, binv, cross)
     log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
-    return ArrowheadFactor(
-        schur, log_det, not_pd, binv, jnp.linalg.cholesky(binv), cross
-    )
+    return schur, log_det, not_pd, binv, jnp.linalg.cholesky(binv), cross
 
 
 def factor_tangent(
@@ -167,9 +172,13 @@ def factor_tangent(
     if factor.local_inverse is None or d_local_blocks is None:
         return dgg, jnp.zeros((), dgg.dtype)
     binv = factor.local_inverse
-    cross = factor.cross
     dc = jnp.asarray(d_hess_cross, binv.dtype)
     db = jnp.asarray(d_local_blocks, binv.dtype)
+    return _factor_tangent_blocks(binv, factor.cross, dgg.astype(binv.dtype), dc, db)
+
+
+@jax.jit
+def _factor_tangent_blocks(binv, cross, dgg, dc, db):
     db = 0.5 * (db + jnp.swapaxes(db, -1, -2))
     binv_c = jnp.einsum("pkj,pjg->pkg", binv, cross)  # B_i^{-1} C_i
     mixed = jnp.einsum("pkg,pkh->gh", dc, binv_c)
@@ -207,7 +216,11 @@ def unit_curvature_where_flat(hess_cross, local_blocks):
         ([[2.0, 0.0], [0.0, 1.0]], 1)
     """
     blocks = jnp.asarray(local_blocks)
-    cross = jnp.asarray(hess_cross, blocks.dtype)
+    return _unit_curvature(jnp.asarray(hess_cross, blocks.dtype), blocks)
+
+
+@jax.jit
+def _unit_curvature(cross, blocks):
     flat = jnp.all(blocks == 0, axis=-1) & jnp.all(cross == 0, axis=-1)  # (P, k)
     eye = jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
     blocks = blocks + flat[..., :, None].astype(blocks.dtype) * eye
@@ -228,7 +241,12 @@ def newton_reduce(factor: ArrowheadFactor, grad_local):
     if factor.local_inverse is None:
         return 0.0
     gl = jnp.asarray(grad_local, factor.local_inverse.dtype)
-    return jnp.einsum("pkg,pkj,pj->g", factor.cross, factor.local_inverse, gl)
+    return _newton_reduce(factor.cross, factor.local_inverse, gl)
+
+
+@jax.jit
+def _newton_reduce(cross, binv, gl):
+    return jnp.einsum("pkg,pk->g", cross, jnp.einsum("pkj,pj->pk", binv, gl))
 
 
 def newton_local_step(factor: ArrowheadFactor, grad_local, delta_global):
@@ -247,7 +265,12 @@ def newton_local_step(factor: ArrowheadFactor, grad_local, delta_global):
     binv = factor.local_inverse
     gl = jnp.asarray(grad_local, binv.dtype)
     dg = jnp.asarray(delta_global, binv.dtype)
-    rhs = gl + jnp.einsum("pkg,g->pk", factor.cross, dg)
+    return _newton_local_step(binv, factor.cross, gl, dg)
+
+
+@jax.jit
+def _newton_local_step(binv, cross, gl, dg):
+    rhs = gl + jnp.einsum("pkg,g->pk", cross, dg)
     return -jnp.einsum("pkj,pj->pk", binv, rhs)
 
 
@@ -266,7 +289,11 @@ def entity_noise(rng_key, entity_ids, num_draws: int, k: int):
     Returns:
         ``(P, D, k)`` float array (JAX's default float type).
     """
-    ids = jnp.asarray(entity_ids)
+    return _entity_noise(rng_key, jnp.asarray(entity_ids), int(num_draws), int(k))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _entity_noise(rng_key, ids, num_draws, k):
     return jax.vmap(
         lambda i: jax.random.normal(jax.random.fold_in(rng_key, i), (num_draws, k))
     )(ids)
@@ -292,11 +319,21 @@ def laplace_local_draws(factor: ArrowheadFactor, local_mode, delta_global, noise
     if factor.local_inverse is None:
         return jnp.zeros((dg.shape[0], np.shape(local_mode)[0], 0))
     binv = factor.local_inverse
-    dg = dg.astype(binv.dtype)
-    z = jnp.asarray(noise, binv.dtype)
-    shift = jnp.einsum("pkj,pjg,dg->dpk", binv, factor.cross, dg)
-    spread = jnp.einsum("pkj,pdj->dpk", factor.local_inverse_cholesky, z)
-    return jnp.asarray(local_mode, binv.dtype)[None] - shift + spread
+    return _local_draws(
+        binv,
+        factor.cross,
+        factor.local_inverse_cholesky,
+        jnp.asarray(local_mode, binv.dtype),
+        dg.astype(binv.dtype),
+        jnp.asarray(noise, binv.dtype),
+    )
+
+
+@jax.jit
+def _local_draws(binv, cross, binv_chol, local_mode, dg, z):
+    shift = jnp.einsum("pkj,pjg,dg->dpk", binv, cross, dg)
+    spread = jnp.einsum("pkj,pdj->dpk", binv_chol, z)
+    return local_mode[None] - shift + spread
 
 
 # ----------------------------------------------------------------- driver side

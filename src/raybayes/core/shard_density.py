@@ -663,17 +663,22 @@ class ShardLogDensity:
     def local_hessian_blocks(self, global_flat, local_mat) -> jax.Array:
         """The ``(num_local_entities, k, k)`` diagonal blocks of the local Hessian.
 
-        Uses k Hessian-vector products: the tangent with ones in column j of every
-        entity returns column j of every block at once, because blocks of different
-        entities do not interact (Curtis-Powell-Reid coloring).
+        Uses k Hessian-vector products, in one compiled call: the tangent with
+        ones in column j of every entity returns column j of every block at once,
+        because blocks of different entities do not interact (Curtis-Powell-Reid
+        coloring).
         """
-        k = self.num_local_per_entity
-        tg = jnp.zeros_like(global_flat)
-        cols = []
-        for j in range(k):
-            tl = jnp.zeros_like(local_mat).at[:, j].set(1.0)
-            cols.append(self.hvp(global_flat, local_mat, tg, tl)[1])
-        return jnp.stack(cols, axis=-1)
+        return self.compiled.local_blocks(global_flat, local_mat, self._arrays)
+
+    def _local_blocks_impl(self, global_flat, local_mat, arrays):
+        k = local_mat.shape[1]
+        eye = jnp.zeros((k, *local_mat.shape), local_mat.dtype)
+        eye = eye.at[jnp.arange(k), :, jnp.arange(k)].set(1.0)
+        tg = jnp.zeros((k, global_flat.shape[0]), global_flat.dtype)
+        _, hl = jax.vmap(
+            lambda a, b: self._hvp_impl(global_flat, local_mat, a, b, arrays)
+        )(tg, eye)  # (k, P, k): column j of every block
+        return jnp.moveaxis(hl, 0, -1)
 
     def global_hessian_columns(
         self, global_flat, local_mat, batch_size: int = 16, coloring: bool = True
@@ -728,9 +733,9 @@ class CompiledShardFunctions:
         value_and_grad: ``(g, l, arrays) -> (value, (grad_g, grad_l))``.
         batched_value_and_grad: the same over a leading batch axis of ``g, l``.
         hvp: ``(g, l, t_g, t_l, arrays) -> (H t)_g, (H t)_l``.
-        columns: ``(g, l, t_g (n, G), t_l (n, P, k), arrays, batch_size)`` ->
-            ``n`` Hessian-vector products (one executable for the global columns
-            and the local blocks).
+        local_blocks: ``(g, l, arrays) -> (P, k, k)`` diagonal blocks ``B_i``.
+        columns: ``(g, l, t_g (n, G), t_l (P, k), arrays, batch_size)`` ->
+            ``n`` Hessian-vector products (the global columns).
         columns_tangent, local_tangent: their directional derivatives (nested
             Laplace's third derivatives).
         constrained_site_values: see :mod:`raybayes.core.site_values`.
@@ -752,6 +757,8 @@ class CompiledShardFunctions:
             )
         if name == "hvp":
             return jax.jit(d._hvp_impl)
+        if name == "local_blocks":
+            return jax.jit(d._local_blocks_impl)
         if name == "columns":
             return jax.jit(d._columns_impl, static_argnums=(5,))
         if name == "columns_tangent":
