@@ -530,28 +530,37 @@ class ShardLogDensity:
         )
         return out
 
-    def _columns_impl(self, global_flat, local_mat, eye, zl, arrays, batch_size):
+    def _columns_impl(self, global_flat, local_mat, eye, local_weights, arrays,
+                      batch_size):
+        """Hessian-vector products along ``(eye[m], local_weights[m] in every
+        row)``: ``eye`` ``(n, G)``, ``local_weights`` ``(n, k)`` (zero for a global
+        column, a unit vector for column j of every local block)."""
         if local_mat.size == 0:
             # No local variables on this shard (a split along the observations):
             # lax.map cannot batch a zero-size output, so map the global part only.
+            zl = jnp.zeros_like(local_mat)
             hg = jax.lax.map(
                 lambda e: self._hvp_impl(global_flat, local_mat, e, zl, arrays)[0],
                 eye,
                 batch_size=batch_size,
             )
             return hg, jnp.zeros((eye.shape[0], *local_mat.shape), hg.dtype)
-        return jax.lax.map(
-            lambda e: self._hvp_impl(global_flat, local_mat, e, zl, arrays),
-            eye,
-            batch_size=batch_size,
-        )
+
+        def one(pair):
+            e, w = pair
+            tl = jnp.broadcast_to(w.astype(local_mat.dtype), local_mat.shape)
+            return self._hvp_impl(global_flat, local_mat, e, tl, arrays)
+
+        return jax.lax.map(one, (eye, local_weights), batch_size=batch_size)
 
     def _columns_tangent_impl(
-        self, global_flat, local_mat, dir_global, dir_local, eye, zl, arrays, size
+        self, global_flat, local_mat, dir_global, dir_local, eye, arrays, size
     ):
+        weights = jnp.zeros((eye.shape[0], local_mat.shape[1]), eye.dtype)
+
         def one(dg, dl):
             return jax.jvp(
-                lambda g, lm: self._columns_impl(g, lm, eye, zl, arrays, size),
+                lambda g, lm: self._columns_impl(g, lm, eye, weights, arrays, size),
                 (global_flat, local_mat),
                 (dg, dl),
             )[1]
@@ -604,7 +613,6 @@ class ShardLogDensity:
         import copy
 
         dtype = global_flat.dtype
-        zl = jnp.zeros_like(local_mat)
         dg = jnp.asarray(dir_global, dtype)
         dl = jnp.asarray(dir_local, dtype)
         m = dg.shape[0]
@@ -616,7 +624,7 @@ class ShardLogDensity:
                 cache.clear()
                 cache[key] = _in_chunks(
                     lambda t: self.compiled.columns_tangent(
-                        global_flat, local_mat, dg, dl, t, zl, self._arrays,
+                        global_flat, local_mat, dg, dl, t, self._arrays,
                         batch_size,
                     ),
                     tangents,
@@ -692,32 +700,70 @@ class ShardLogDensity:
         product per global parameter. Either way ``batch_size`` products are
         evaluated together. :attr:`last_num_hvp` holds the number of products.
         """
-        zl = jnp.zeros_like(local_mat)
+        hgg, hlg, _ = self.hessian_blocks(
+            global_flat, local_mat, batch_size, coloring, local_blocks=False
+        )
+        return hgg, hlg
+
+    def hessian_blocks(
+        self,
+        global_flat,
+        local_mat,
+        batch_size: int = 16,
+        coloring: bool = True,
+        local_blocks: bool = True,
+    ):
+        """This shard's rows of the arrowhead Hessian in one pass of compiled
+        Hessian-vector products: :meth:`global_hessian_columns` and, with
+        ``local_blocks``, the ``k`` probes of :meth:`local_hessian_blocks`
+        appended to the same chunks (they often fill the padding of the last
+        chunk, and need no executable of their own).
+
+        Returns:
+            ``(H_gg (G, G), H_lg (P, k, G), B (P, k, k) or None)``; ``B`` is
+            ``None`` without ``local_blocks`` or when ``k = 0``.
+        """
         dtype = global_flat.dtype
+        k = self.num_local_per_entity
+        G = self.num_global
+        pending = [bool(local_blocks and k)]
+        blocks = []
 
         def hvp_columns(tangents):
-            return _in_chunks(
-                lambda t: self.compiled.columns(
-                    global_flat, local_mat, t, zl, self._arrays, batch_size
+            tangents = np.asarray(tangents)
+            n = tangents.shape[0]
+            weights = np.zeros((n, k))
+            if pending[0]:  # the local blocks ride along with the first probes
+                pending[0] = False
+                tangents = np.concatenate([tangents, np.zeros((k, G))])
+                weights = np.concatenate([weights, np.eye(k)])
+            hg, hl = _in_chunks(
+                lambda t, w: self.compiled.columns(
+                    global_flat, local_mat, t, w, self._arrays, batch_size
                 ),
-                tangents,
+                (tangents, weights),
                 batch_size,
                 dtype,
             )
+            if hg.shape[0] > n:
+                blocks.append(np.moveaxis(hl[n:], 0, -1))  # (P, k, k)
+            return hg[:n], hl[:n]
 
         if not coloring:
-            hg, hl = hvp_columns(np.eye(self.num_global))
-            self.last_num_hvp = self.num_global
-            return jnp.asarray(hg.T, dtype), jnp.moveaxis(jnp.asarray(hl, dtype), 0, -1)
-        if self._coloring is None:
-            layout, offset = [], 0
-            for s in self.global_sites:
-                layout.append((offset, s.unconstrained_shape))
-                offset += int(np.prod(s.unconstrained_shape, dtype=int))
-            self._coloring = ColoredGlobalHessian(layout, self.num_global, dtype)
-        hgg, hlg = self._coloring(hvp_columns)
-        self.last_num_hvp = self._coloring.last_num_hvp
-        return jnp.asarray(hgg, dtype), jnp.asarray(hlg, dtype)
+            hg, hl = hvp_columns(np.eye(G))
+            self.last_num_hvp = G
+            hgg, hlg = hg.T, np.moveaxis(hl, 0, -1)
+        else:
+            if self._coloring is None:
+                layout, offset = [], 0
+                for s in self.global_sites:
+                    layout.append((offset, s.unconstrained_shape))
+                    offset += int(np.prod(s.unconstrained_shape, dtype=int))
+                self._coloring = ColoredGlobalHessian(layout, G, dtype)
+            hgg, hlg = self._coloring(hvp_columns)
+            self.last_num_hvp = self._coloring.last_num_hvp
+        out_blocks = jnp.asarray(blocks[0], dtype) if blocks else None
+        return jnp.asarray(hgg, dtype), jnp.asarray(hlg, dtype), out_blocks
 
 
 class CompiledShardFunctions:
@@ -762,7 +808,7 @@ class CompiledShardFunctions:
         if name == "columns":
             return jax.jit(d._columns_impl, static_argnums=(5,))
         if name == "columns_tangent":
-            return jax.jit(d._columns_tangent_impl, static_argnums=(7,))
+            return jax.jit(d._columns_tangent_impl, static_argnums=(6,))
         if name == "local_tangent":
             return jax.jit(d._local_tangent_impl)
         if name == "constrained_site_values":
@@ -841,15 +887,21 @@ def _in_chunks(columns, tangents, batch_size, dtype, axis=0):
     """``columns`` of ``(n, G)`` tangents in chunks of exactly ``batch_size`` rows
     (the last one padded with zeros): one compiled shape for any ``n``, so the
     different numbers of probes of the colored Hessian (discovery, steady state,
-    dense fallback) do not each compile the Hessian-vector products again."""
-    tangents = np.asarray(tangents)
-    n = tangents.shape[0]
-    rows = -(-n // batch_size) * batch_size
-    padded = np.zeros((max(rows, batch_size), tangents.shape[1]), tangents.dtype)
-    padded[:n] = tangents
+    dense fallback) do not each compile the Hessian-vector products again.
+    ``tangents`` may be a tuple of arrays with ``n`` rows each (then ``columns``
+    takes one chunk of each)."""
+    parts = tangents if isinstance(tangents, tuple) else (tangents,)
+    parts = [np.asarray(t) for t in parts]
+    n = parts[0].shape[0]
+    rows = max(-(-n // batch_size) * batch_size, batch_size)
+    padded = []
+    for t in parts:
+        p = np.zeros((rows, *t.shape[1:]), t.dtype)
+        p[:n] = t
+        padded.append(p)
     outs = [  # dispatched together, read back after
-        columns(jnp.asarray(padded[i : i + batch_size], dtype=dtype))
-        for i in range(0, padded.shape[0], batch_size)
+        columns(*[jnp.asarray(p[i : i + batch_size], dtype=dtype) for p in padded])
+        for i in range(0, rows, batch_size)
     ]
     hg = np.concatenate([np.asarray(o[0]) for o in outs], axis=axis)
     hl = np.concatenate([np.asarray(o[1]) for o in outs], axis=axis)

@@ -227,9 +227,8 @@ class ShardWorker:
             hgg, hlg, blocks = self._hessian
             num_hvp = 0
         else:
-            hgg, hlg = d.global_hessian_columns(g, lm, batch_size=batch_size)
+            hgg, hlg, blocks = d.hessian_blocks(g, lm, batch_size=batch_size)
             num_hvp = d.last_num_hvp + d.num_local_per_entity
-            blocks = d.local_hessian_blocks(g, lm) if d.num_local_per_entity else None
             self._num_flat = 0
             if blocks is not None:  # coordinates the log joint does not depend on
                 blocks, num_flat = arrowhead.unit_curvature_where_flat(hlg, blocks)
@@ -338,10 +337,8 @@ class ShardWorker:
             for sign in (1.0, -1.0):
                 gi = g + sign * step * jnp.asarray(dir_global[i], g.dtype)
                 li = lm + sign * step * jnp.asarray(dir_local[i], g.dtype)
-                hgg, hlg = d.global_hessian_columns(gi, li, batch_size=batch_size)
-                blocks = None
-                if d.num_local_per_entity:
-                    blocks = d.local_hessian_blocks(gi, li)
+                hgg, hlg, blocks = d.hessian_blocks(gi, li, batch_size=batch_size)
+                if blocks is not None:
                     blocks, _ = arrowhead.unit_curvature_where_flat(hlg, blocks)
                 f = arrowhead.factor_arrowhead(
                     hgg, hlg, blocks, num_shards=len(self.specs)
