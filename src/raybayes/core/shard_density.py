@@ -358,6 +358,11 @@ class ShardLogDensity:
 
     # ------------------------------------------------------------- accessors
     @property
+    def _constrained_site_values(self):
+        """The jitted constrained values (:mod:`raybayes.core.site_values`)."""
+        return self.compiled.constrained_site_values
+
+    @property
     def arrays(self) -> dict:
         """The shard's array arguments of the model (name -> JAX array)."""
         return self._arrays
