@@ -162,3 +162,29 @@ def test_shards_without_locals():
     assert arrowhead.laplace_local_draws(
         f, np.zeros((0, 0)), np.ones((4, 2)), None
     ).shape == (4, 0, 0)
+
+
+def test_damped_system_matches_the_eigendecomposition():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((6, 6))
+    spd = a @ a.T + 0.5 * np.eye(6)
+    rhs = rng.standard_normal(6)
+    system = arrowhead.LevenbergMarquardtSystem(spd)
+    assert system.smallest is None and system.floor == 0.0  # the Cholesky path
+    for lam in (0.0, 0.3, 0.3, 2.0):
+        np.testing.assert_allclose(
+            system.solve(rhs, lam), np.linalg.solve(spd + lam * np.eye(6), rhs),
+            rtol=1e-10,
+        )
+    np.testing.assert_allclose(system.largest(), np.linalg.eigvalsh(spd)[-1])
+    # indefinite: the eigendecomposition, and a floor that makes S + lam I definite
+    indefinite = spd - (np.linalg.eigvalsh(spd)[0] + 1.0) * np.eye(6)
+    system = arrowhead.LevenbergMarquardtSystem(indefinite)
+    assert system.smallest == pytest.approx(-1.0)
+    assert system.floor > 1.0
+    lam = system.floor
+    np.testing.assert_allclose(
+        system.solve(rhs, lam),
+        np.linalg.solve(indefinite + lam * np.eye(6), rhs),
+        rtol=1e-8,
+    )

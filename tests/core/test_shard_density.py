@@ -356,3 +356,48 @@ def test_global_hessian_of_a_shard_without_local_sites():
     dense = jax.hessian(lambda x: shard.value_and_grad(x, shard.init_local())[0])(g)
     np.testing.assert_allclose(hgg, dense, rtol=1e-4, atol=1e-5)
     assert hlg.shape[-1] == shard.num_global and hlg.size == 0
+
+
+def _schools(sigma, y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(5.0))
+    with numpyro.plate("school", sigma.shape[0]):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def test_shards_of_one_shape_share_their_compiled_functions():
+    kwargs = {
+        "sigma": np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]),
+        "y": np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]),
+    }
+    part = Partition("school", entity_args=("sigma", "y"))
+    with jax.enable_x64(True):
+        a, b = [
+            ShardLogDensity(_schools, shard_model_kwargs(kwargs, part, s), part, 2)
+            for s in assign_entities(8, 2, "school")
+        ]
+        assert a.num_local_entities == b.num_local_entities == 4
+        assert a.compiled is b.compiled
+        g = jnp.array([1.0, 0.5])
+        lm = jnp.asarray(np.linspace(-1.0, 2.0, 4)[:, None])
+        # one executable, each shard's own data: the shards' values add up to the
+        # full model's (computed by a density of another structure)
+        lm_b = lm[::-1] + 0.25
+        va, _, _ = a.value_and_grad(g, lm)
+        vb, _, _ = b.value_and_grad(g, lm_b)
+        assert a.compiled.value_and_grad._cache_size() == 1
+        full = ShardLogDensity(_schools, kwargs, part, 1)
+        assert full.compiled is not a.compiled
+        v_full, _, _ = full.value_and_grad(g, jnp.concatenate([lm, lm_b]))
+        assert float(va) + float(vb) == pytest.approx(float(v_full), rel=1e-12)
+        # the Hessian in one pass: the dense Hessian's blocks
+        hgg, hlg, blocks = a.hessian_blocks(g, lm, batch_size=4)
+        dense = jax.jit(jax.hessian(lambda v: -a.log_density(v[:2], v[2:, None])))(
+            jnp.concatenate([g, lm[:, 0]])
+        )
+        np.testing.assert_allclose(hgg, dense[:2, :2], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(hlg[:, 0, :], dense[2:, :2], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            blocks[:, 0, 0], np.diag(dense[2:, 2:]), rtol=1e-10, atol=1e-12
+        )
