@@ -578,6 +578,13 @@ def _grid_design(evaluate, dim, dz, diff_logdens, max_points):
     return np.array(points), np.ones(len(points))
 
 
+def _numpy_generator(key) -> np.random.Generator:
+    """A NumPy generator seeded by the bits of a derived JAX key: the driver's
+    draws (the globals' normals, the order) stay a function of the seed and the
+    stream, without compiling JAX's random-number kernels for them."""
+    return np.random.default_rng(np.asarray(key, np.uint32).tolist())
+
+
 def _allocate(weights, num_samples):
     """Largest-remainder counts of draws per design point (sum ``num_samples``)."""
     raw = weights * num_samples
@@ -616,8 +623,9 @@ def integrate_hyperparameters(
         design: ``"grid"``, ``"ccd"``, ``"mode"`` (``theta*`` only, an empirical
             Bayes plug-in) or ``"auto"`` (grid for d <= 2, else ccd).
         num_samples: draws from the mixture.
-        seed: integer seed (``derive_key(seed, "theta", k, j)`` for the globals of
-            block ``j`` of draws of design point ``k``,
+        seed: integer seed (a NumPy generator seeded by the bits of
+            ``derive_key(seed, "theta", k, j)`` for the globals of block ``j`` of
+            draws of design point ``k``,
             ``fold_in(derive_key(seed, "locals", k, j), i)`` for entity ``i``: the
             same draws for any number of shards).
         max_steps: BFGS iterations over ``theta``.
@@ -857,11 +865,8 @@ def _integrate_hyperparameters(
         n_k = int(counts[k])
         for j in range(-(-n_k // block)):
             n = min(block, n_k - j * block)
-            z = np.asarray(
-                jax.random.normal(
-                    derive_key(seed, "theta", int(k), j), (block, free.size)
-                ),
-                np.float64,
+            z = _numpy_generator(derive_key(seed, "theta", int(k), j)).standard_normal(
+                (block, free.size)
             )
             # dg = L^{-T} z ~ N(0, S^{-1}) (arrowhead.laplace_global_draws without
             # the covariance, a G^3 solve per point)
@@ -880,7 +885,7 @@ def _integrate_hyperparameters(
             global_draws.append(g_k[None, :] + delta[:n])
             for s in range(objective.num_shards):
                 local_draws[s].append(np.asarray(parts[s])[:n])
-    order = np.asarray(jax.random.permutation(derive_key(seed, "order"), num_samples))
+    order = _numpy_generator(derive_key(seed, "order")).permutation(num_samples)
     globals_ = np.concatenate(global_draws)[order]
     locals_ = [np.concatenate(parts)[order] for parts in local_draws]
     # the centre's values in the same call (one shape to compile, not two)
