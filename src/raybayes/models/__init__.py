@@ -1,6 +1,10 @@
 """Ready-made NumPyro models for raybayes' use cases. Any user model works the same way."""
 
-from raybayes.models.elasticity import CENTERING_BLOCKS, elasticity_model
+from raybayes.models.elasticity import (
+    CENTERING_BLOCKS,
+    elasticity_model,
+    elasticity_sample_sites,
+)
 from raybayes.models.hmm import (
     HMM_REGISTRY,
     PositiveOrdered,
@@ -16,6 +20,7 @@ from raybayes.models.reparam import centering_weight
 
 __all__ = [
     "elasticity_model",
+    "elasticity_sample_sites",
     "CENTERING_BLOCKS",
     "NegativeBinomialLogMean",
     "log_negbin_coefficient",

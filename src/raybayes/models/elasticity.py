@@ -13,7 +13,7 @@ from numpyro.infer.reparam import LocScaleReparam
 
 from raybayes.models.negbin import NegativeBinomialLogMean
 
-__all__ = ["elasticity_model", "CENTERING_BLOCKS"]
+__all__ = ["elasticity_model", "elasticity_sample_sites", "CENTERING_BLOCKS"]
 
 
 def elasticity_model(
@@ -169,6 +169,73 @@ def elasticity_model(
 
 #: The blocks whose parameterization ``centered=`` chooses, in model order.
 CENTERING_BLOCKS = ("beta_category", "beta", "delta", "gamma")
+
+
+def elasticity_sample_sites(
+    effects: Mapping, category_of_product, centered=False
+) -> dict:
+    """The values of :func:`elasticity_model`'s sample sites for given effects.
+
+    Maps a point in the model's natural parameters to the sites that the
+    parameterization chosen by ``centered`` samples (``z_*``, ``<block>`` or
+    ``<block>_decentered``, ``level``), e.g. to start chains there. A partially
+    centred block ``theta ~ N(m, s)`` with weight ``w`` is sampled as
+    ``theta~ = w m + (theta - m) s^(w - 1)`` (the inverse of
+    :class:`numpyro.infer.reparam.LocScaleReparam`'s map).
+
+    Args:
+        effects: ``beta_global``, ``sigma_category``, ``sigma_beta``,
+            ``sigma_delta``, ``sigma_gamma``, ``mu_delta`` (scalars; scales > 0),
+            ``beta_category`` ``(C,)``, ``beta`` ``(P,)``, ``delta`` ``(P,)``,
+            ``gamma`` ``(T, C)`` and, for the negative binomial, ``concentration``.
+        category_of_product: ``(P,)`` int, category of each product.
+        centered: the model's ``centered`` argument (bool or mapping of weights).
+
+    Returns:
+        Site name -> float32 array, constrained values (as ``init_to_value`` takes).
+
+    Raises:
+        KeyError: an effect is missing. ValueError, TypeError: as
+            :func:`elasticity_model` for a bad ``centered``.
+
+    Examples:
+        >>> import numpy as np
+        >>> effects = dict(beta_global=-2.0, sigma_category=0.5, sigma_beta=0.5,
+        ...                sigma_delta=1.0, sigma_gamma=0.5, mu_delta=3.0,
+        ...                beta_category=np.full(2, -2.0), beta=np.full(3, -2.5),
+        ...                delta=np.full(3, 3.0), gamma=np.zeros((4, 2)))
+        >>> sorted(elasticity_sample_sites(effects, np.array([0, 0, 1])))[:3]
+        ['beta_global', 'delta', 'gamma']
+    """
+    weights = _centering_weights(centered)
+    e = {k: np.asarray(v, np.float64) for k, v in effects.items()}
+    cat = np.asarray(category_of_product)
+    out = {k: e[k] for k in ("beta_global", "sigma_category", "sigma_beta",
+                             "sigma_delta", "sigma_gamma", "mu_delta")}
+    if "concentration" in e:
+        out["concentration"] = e["concentration"]
+
+    def put(name, theta, loc, scale, w):
+        if w is None:  # the classic non-centred site
+            out[f"z_{name}"] = (theta - loc) / scale
+        elif isinstance(w, float) and w == 1.0:
+            out[name] = theta
+        else:
+            w = np.asarray(w, np.float64)
+            out[f"{name}_decentered"] = w * loc + (theta - loc) * scale ** (w - 1.0)
+
+    put("category" if weights["beta_category"] is None else "beta_category",
+        e["beta_category"], e["beta_global"], e["sigma_category"],
+        weights["beta_category"])
+    put("beta", e["beta"], e["beta_category"][cat], e["sigma_beta"], weights["beta"])
+    put("gamma", e["gamma"], 0.0, e["sigma_gamma"], weights["gamma"])
+    if weights["beta"] is None:
+        put("delta", e["delta"], e["mu_delta"], e["sigma_delta"], weights["delta"])
+    else:
+        shift = e["gamma"].mean(axis=0)[cat]
+        put("level", e["delta"] + shift, e["mu_delta"] + shift, e["sigma_delta"],
+            weights["delta"])
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
 def _centering_weights(centered) -> dict:
