@@ -216,7 +216,11 @@ def bench_sampler(a):
             json.loads(out.stdout.strip().splitlines()[-1]), tag="numpyro")
 
     import raybayes
+    import raybayes.mcmc.sampler as sampler_module
     from raybayes.models import elasticity_model
+
+    if a.first_share is not None:
+        sampler_module.LOW_RANK_FIRST_SHARE = a.first_share
 
     data, truth = load_data(cfg)
     variants = {"diagonal": False, "low-rank": True}
@@ -244,7 +248,9 @@ def bench_sampler(a):
         r["tag"] = variant
         if variants[variant]:
             r["low_rank_mass_rank"] = idata.attrs.get("low_rank_mass_rank")
-        results[f"raybayes (centered='auto', {variant} mass matrix, init={a.init})"] = r
+        share = sampler_module.LOW_RANK_FIRST_SHARE
+        results[f"raybayes (centered='auto', {variant} mass matrix, init={a.init}, "
+                f"first share {share:.2f})"] = r
 
     header = (f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; "
               f"{a.chains} chains x ({a.warmup} warmup + {a.samples} draws); backend={a.backend}; "
@@ -338,6 +344,9 @@ def main():
                     help="raybayes' chains start near the data's moment estimates "
                     "(ElasticityData.initial_values, jittered) or, as NumPyro's "
                     "default, uniformly in (-2, 2) unconstrained")
+    ap.add_argument("--first-share", type=float, default=None,
+                    help="share of the warmup in the first low-rank phase "
+                    "(raybayes.mcmc.sampler.LOW_RANK_FIRST_SHARE, default 1/3)")
     ap.add_argument("--save-idata", default=None, metavar="PREFIX",
                     help="write each raybayes run's InferenceData to "
                     "PREFIX_<variant>.nc")

@@ -42,6 +42,10 @@ MIN_LOW_RANK_WARMUP = 100
 #: Warmup phases with ``low_rank_mass``: the low-rank estimate is refreshed at the
 #: end of each phase but the last (from the second half of the phase's draws).
 LOW_RANK_PHASES = 3
+#: Share of the warmup in the first low-rank phase (NumPyro's diagonal adaptation,
+#: the slowest: it starts from the initial point's ``1 / |gradient|``); the later
+#: phases share the rest equally.
+LOW_RANK_FIRST_SHARE = 1.0 / 3.0
 
 
 @dataclass
@@ -939,11 +943,13 @@ def _to_inference_data(
 def _low_rank_phases(settings):
     """``(first, later)`` warmup phase lengths with a low-rank mass matrix, or None.
 
-    The later phases have one length (they share one HMC instance, one compile).
+    The later phases have one length (they share one HMC instance, one compile);
+    the first is :data:`LOW_RANK_FIRST_SHARE` of the warmup, at least 20 iterations.
     """
     if not settings.low_rank_mass:
         return None
-    later = settings.num_warmup // LOW_RANK_PHASES
+    first = max(20, int(round(LOW_RANK_FIRST_SHARE * settings.num_warmup)))
+    later = (settings.num_warmup - first) // (LOW_RANK_PHASES - 1)
     return settings.num_warmup - (LOW_RANK_PHASES - 1) * later, later
 
 
