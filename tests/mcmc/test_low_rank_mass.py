@@ -158,6 +158,22 @@ def test_low_rank_nuts_moments_within_mcse_and_short_trajectories():
     assert int(idata.sample_stats["diverging"].sum()) == 0
 
 
+@pytest.mark.parametrize("num_warmup, phases", [(300, (50, 125)), (100, (20, 40)),
+                                                (150, (26, 62))])
+def test_low_rank_warmup_phases_add_up(num_warmup, phases):
+    # The first phase (diagonal adaptation from the initial point) is the short
+    # one; the two later phases share one length (one compile) and the warmup.
+    from raybayes.mcmc.sampler import _low_rank_phases
+
+    class Settings:
+        low_rank_mass = 16
+
+    Settings.num_warmup = num_warmup
+    first, later = _low_rank_phases(Settings)
+    assert (first, later) == phases
+    assert first + 2 * later == num_warmup
+
+
 @pytest.mark.slow
 def test_low_rank_cuts_steps_against_diagonal():
     steps_diag = _run(False).sample_stats["n_steps"].values.mean()

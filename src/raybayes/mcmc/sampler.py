@@ -44,8 +44,9 @@ MIN_LOW_RANK_WARMUP = 100
 LOW_RANK_PHASES = 3
 #: Share of the warmup in the first low-rank phase (NumPyro's diagonal adaptation,
 #: the slowest: it starts from the initial point's ``1 / |gradient|``); the later
-#: phases share the rest equally.
-LOW_RANK_FIRST_SHARE = 1.0 / 3.0
+#: phases share the rest equally. 1/6 (50 of 300) rather than 1/3: on the first 10
+#: orange-juice stores it gave 2x the ESS per gradient (one run each, BENCHMARKS.md).
+LOW_RANK_FIRST_SHARE = 1.0 / 6.0
 
 
 @dataclass
@@ -382,7 +383,8 @@ def sample(
             chains' draws and gradients, as nutpie does
             (:func:`raybayes.mcmc.mass.fisher_low_rank`; ``True``: at most 16
             eigenvectors, an int: at most that many). The warmup runs in three
-            phases: the first with NumPyro's diagonal adaptation (started from
+            phases: the first (a sixth of the warmup, at least 20 iterations)
+            with NumPyro's diagonal adaptation (started from
             nutpie's ``1 / |gradient|`` at the initial point); at the end of the
             first and of the second, the draws and gradients of the phase's
             second half, pooled over all chains, give a new estimate, and each
