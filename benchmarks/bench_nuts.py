@@ -230,6 +230,9 @@ def bench_sampler(a):
 
         values = data.initial_values(centered="auto")
         kernel_kwargs = {"init_strategy": init_near_value(values=values)}
+    if a.init_mass == "information":
+        kernel_kwargs = dict(kernel_kwargs or {}, inverse_mass_matrix=(
+            data.initial_inverse_mass(centered="auto")))
     for variant in a.variants.split(","):
         t = time.perf_counter()
         idata = raybayes.sample(elasticity_model,
@@ -250,7 +253,7 @@ def bench_sampler(a):
             r["low_rank_mass_rank"] = idata.attrs.get("low_rank_mass_rank")
         share = sampler_module.LOW_RANK_FIRST_SHARE
         results[f"raybayes (centered='auto', {variant} mass matrix, init={a.init}, "
-                f"first share {share:.2f})"] = r
+                f"init mass {a.init_mass}, first share {share:.2f})"] = r
 
     header = (f"{a.mode}: {data.num_obs:,} rows, {data.num_products} products; "
               f"{a.chains} chains x ({a.warmup} warmup + {a.samples} draws); backend={a.backend}; "
@@ -344,6 +347,10 @@ def main():
                     help="raybayes' chains start near the data's moment estimates "
                     "(ElasticityData.initial_values, jittered) or, as NumPyro's "
                     "default, uniformly in (-2, 2) unconstrained")
+    ap.add_argument("--init-mass", choices=["gradient", "information"],
+                    default="gradient",
+                    help="low-rank: the first phase's initial diagonal, 1 / |gradient| "
+                    "at the start (nutpie's) or ElasticityData.initial_inverse_mass")
     ap.add_argument("--first-share", type=float, default=None,
                     help="share of the warmup in the first low-rank phase "
                     "(raybayes.mcmc.sampler.LOW_RANK_FIRST_SHARE, default 1/3)")

@@ -82,3 +82,41 @@ def test_init_near_value_jitters_each_chain_within_the_radius():
     assert not np.allclose(starts[0]["s"], starts[1]["s"])
     with pytest.raises(ValueError, match="radius=-1"):
         init_near_value(values={}, radius=-1)
+
+
+@pytest.mark.parametrize("centered", ["auto", False, True])
+def test_initial_inverse_mass_covers_every_sample_site_but_the_concentration(
+        data, centered):
+    data, _ = data
+    mass = data.initial_inverse_mass(centered=centered)
+    kwargs = data.model_kwargs(centered=centered)
+    tr = numpyro.handlers.trace(numpyro.handlers.seed(elasticity_model, 0)).get_trace(
+        **kwargs)
+    sizes = {k: int(np.size(s["value"])) for k, s in tr.items()
+             if s["type"] == "sample" and not s["is_observed"]}
+    assert {k[0] for k in mass} == set(sizes) - {"concentration"}
+    for (name,), v in mass.items():
+        assert v.shape == (sizes[name],), name
+        assert np.all(np.isfinite(v) & (v > 0)), name
+
+
+def test_low_rank_chain_starts_from_the_given_inverse_mass():
+    from raybayes.mcmc.chain import NUTSChainRunner
+
+    def model():
+        numpyro.sample("a", dist.Normal(0.0, 3.0).expand([2]))
+        numpyro.sample("b", dist.Normal(0.0, 0.1))
+
+    given = np.array([9.0, 4.0], np.float32)
+    runner = NUTSChainRunner(
+        model, num_warmup=60, chunk_size=10, low_rank_phases=(20, 20),
+        kernel_kwargs={"inverse_mass_matrix": {("a",): given}})
+    state = runner.init_chain(0, np.asarray(jax.random.PRNGKey(0)))
+    inv_mass = np.asarray(state.adapt_state.inverse_mass_matrix)
+    np.testing.assert_allclose(inv_mass[:2], given)  # sites in sorted order: a, b
+    assert inv_mass[2] != 1.0  # b: 1 / |gradient| at the start
+    bad = NUTSChainRunner(model, num_warmup=60, chunk_size=10,
+                          low_rank_phases=(20, 20),
+                          kernel_kwargs={"inverse_mass_matrix": {("c",): given}})
+    with pytest.raises(Exception, match="one diagonal per site"):
+        bad.init_chain(0, np.asarray(jax.random.PRNGKey(0)))

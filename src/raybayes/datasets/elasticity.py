@@ -286,6 +286,71 @@ class ElasticityData:
             effects["concentration"] = m["phi"]
         return elasticity_sample_sites(effects, self.category_of_product, centered)
 
+    def initial_inverse_mass(
+        self,
+        likelihood: str = "negbin",
+        centered: bool | str | dict = "auto",
+        min_scale: float = 0.05,
+    ) -> dict:
+        """A diagonal inverse mass matrix to start NUTS with, from the information.
+
+        Each element of a block gets the variance ``1 / (I + 1 / s^2)`` of a normal
+        effect with prior scale ``s`` and data information ``I`` (those of
+        :meth:`centering`), mapped to its sample site
+        (:func:`raybayes.models.elasticity_site_variances`); ``log sigma`` of a
+        block of ``n`` elements gets ``1 / (2 n)``, ``mu_delta``
+        ``sigma_delta^2 / P + sigma_gamma^2 / (T C)`` (the second term: shifting
+        ``mu_delta`` against every week effect is informed by the week effects'
+        prior only), ``beta_global`` ``1 / (1 + C / sigma_category^2)``. The
+        concentration is left out (the sampler's own default applies). NUTS
+        started from ``1 / |gradient|`` at the initial point gets variances
+        wrong by up to 500x on the orange-juice data (``mu_delta``,
+        ``sigma_gamma``), and its first adaptation window then takes deep trees.
+
+        Args:
+            likelihood: ``"negbin"`` or ``"poisson"``.
+            centered: the parameterization passed to the model.
+            min_scale: floor of the scale estimates.
+
+        Returns:
+            NumPyro's structured form: ``{(site,): (size,) variances}``, for
+            ``kernel_kwargs={"inverse_mass_matrix": ...}`` of
+            :func:`raybayes.sample` with ``low_rank_mass``.
+
+        Raises:
+            ValueError: the data has no units, or a bad ``centered``.
+
+        Examples:
+            >>> df, _ = simulate_elasticity(3, 30, 52, seed=0)
+            >>> data = prepare_elasticity_data(
+            ...     df, product_cols=("product",), category_col="category")
+            >>> data.initial_inverse_mass()[("gamma_decentered",)].shape
+            (156,)
+        """
+        from raybayes.models.elasticity import elasticity_site_variances
+
+        m = self._moments("initial_inverse_mass", likelihood, min_scale)
+        if isinstance(centered, str):
+            kwargs = self.model_kwargs(likelihood, centered=centered)
+            centered = kwargs.get("centered", False)
+        P, T, C = self.num_products, self.num_times, self.num_categories
+
+        def var(info, s):
+            return 1.0 / (info + 1.0 / s**2)
+
+        variances = dict(
+            beta_category=var(m["info_category"], m["sigma_category"]),
+            beta=var(m["info_beta_given_gamma"], m["sigma_beta"]),
+            delta=var(m["info_delta"], m["sigma_delta"]),
+            gamma=var(m["info_gamma"], m["sigma_gamma"]).reshape(T, C),
+            sigma_category=1.0 / (2 * C), sigma_beta=1.0 / (2 * P),
+            sigma_delta=1.0 / (2 * P), sigma_gamma=1.0 / (2 * T * C),
+            mu_delta=m["sigma_delta"] ** 2 / P + m["sigma_gamma"] ** 2 / (T * C),
+            beta_global=1.0 / (1.0 + C / m["sigma_category"] ** 2),
+        )
+        sites = elasticity_site_variances(variances, m, centered)
+        return {(k,): np.ravel(v) for k, v in sites.items()}
+
     def _moments(self, caller: str, likelihood: str, min_scale: float) -> dict:
         """Moment estimates of the model's effects, scales and informations.
 

@@ -415,14 +415,16 @@ class LowRankNUTS:
             jax.eval_shape(lambda y, p=phase: start(p, y, jax.random.PRNGKey(0),
                                                      mm.identity_mass(self.dim, 1)), zero)
 
-    def init(self, key, x0):
+    def init(self, key, x0, inverse_mass=None):
         """The phase-0 state at ``x0`` ``(dim,)``, with nutpie's first diagonal
         (variance ``1 / |gradient|`` at ``x0``: NumPyro's identity can be off by
         orders of magnitude, and the first window's draws then are far from
-        stationary)."""
+        stationary), or ``inverse_mass`` ``(dim,)`` where it is not NaN."""
         pre = self._mm.identity_mass(self.dim, 1)
         g = jnp.abs(jax.grad(self._gen(pre))(x0))
         inv_mass = jnp.where(jnp.isfinite(g) & (g > 0), 1.0 / g, 1.0)
+        if inverse_mass is not None:
+            inv_mass = jnp.where(jnp.isnan(inverse_mass), inv_mass, inverse_mass)
         return self._start(0, x0, key, pre, jnp.clip(inv_mass, 1e-6, 1e6))
 
     def switch(self, state, old, new):
@@ -463,7 +465,8 @@ class _LowRankKernels:
     """:class:`LowRankNUTS` on a model's flattened unconstrained density, jitted for
     one chain."""
 
-    _KERNEL_KEYS = {"target_accept_prob", "max_tree_depth", "init_strategy", "dense_mass"}
+    _KERNEL_KEYS = {"target_accept_prob", "max_tree_depth", "init_strategy", "dense_mass",
+                    "inverse_mass_matrix"}
 
     def __init__(self, runner: NUTSChainRunner):
         from jax.flatten_util import ravel_pytree
@@ -475,8 +478,9 @@ class _LowRankKernels:
         unknown = set(kw) - self._KERNEL_KEYS
         if unknown or kw.get("dense_mass"):
             raise ValueError(
-                "a low-rank mass matrix takes target_accept_prob, max_tree_depth and "
-                f"init_strategy only; got {sorted(unknown) or 'dense_mass=True'}."
+                "a low-rank mass matrix takes target_accept_prob, max_tree_depth, "
+                "init_strategy and a diagonal inverse_mass_matrix only; got "
+                f"{sorted(unknown) or 'dense_mass=True'}."
             )
         model, args, kwargs = runner.model, runner.model_args, runner.model_kwargs
         strategy = kw.get("init_strategy", init_to_uniform)
@@ -485,6 +489,7 @@ class _LowRankKernels:
         flat, unravel = ravel_pytree(info.param_info.z)
         self.dim = flat.shape[0]
         potential, constrain = info.potential_fn, info.postprocess_fn
+        given = _given_inverse_mass(kw.get("inverse_mass_matrix"), unravel, flat)
         core = LowRankNUTS(
             lambda x: potential(unravel(x)), self.dim, flat.dtype,
             runner.low_rank_phases, runner.chunk_size,
@@ -498,7 +503,7 @@ class _LowRankKernels:
                 z = initialize_model(key_init, model, model_args=args, model_kwargs=kwargs,
                                      init_strategy=strategy).param_info.z
                 x0 = ravel_pytree(z)[0]
-            return core.init(key, x0)
+            return core.init(key, x0, given)
 
         self._init = jax.jit(init)
         self._unravel_flat = lambda p: ravel_pytree(p)[0]
@@ -520,6 +525,34 @@ class _LowRankKernels:
                              tree(jnp.asarray, new))
         _check_finite(state)
         return state
+
+
+def _given_inverse_mass(structured, unravel, flat):
+    """The first phase's initial diagonal ``(dim,)`` from NumPyro's structured form
+    ``{(site,): diagonal}``, NaN for the sites not given (they get
+    ``1 / |gradient|``); ``None`` without one."""
+    if not structured:
+        return None
+    dim = flat.shape[0]
+    given = np.full(dim, np.nan, np.float32)
+    positions = unravel(jnp.arange(dim, dtype=flat.dtype))
+    for key, diag in structured.items():
+        names = key if isinstance(key, tuple) else (key,)
+        if len(names) != 1 or names[0] not in positions:
+            raise ValueError(
+                f"inverse_mass_matrix key {key!r}: with a low-rank mass matrix give "
+                "one diagonal per site, keyed (site,), of the model's sites "
+                f"{sorted(positions)}."
+            )
+        idx = np.asarray(positions[names[0]]).astype(np.int64).ravel()
+        diag = np.asarray(diag, np.float32).ravel()
+        if diag.shape != idx.shape or not np.all(np.isfinite(diag) & (diag > 0)):
+            raise ValueError(
+                f"inverse_mass_matrix[{key!r}] must be {idx.size} positive finite "
+                f"variances, got shape {diag.shape}."
+            )
+        given[idx] = diag
+    return jnp.asarray(given)
 
 
 def _check_finite(state):

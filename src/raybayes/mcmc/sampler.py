@@ -217,11 +217,11 @@ def _check_arguments(
             raise ConfigurationError(
                 "low_rank_mass does not support checkpoint_dir yet; drop one of them."
             )
-        extra = set(kernel_kwargs or {}) - {"init_strategy"}
+        extra = set(kernel_kwargs or {}) - {"init_strategy", "inverse_mass_matrix"}
         if extra:
             raise ConfigurationError(
-                f"low_rank_mass takes no kernel_kwargs but init_strategy; got "
-                f"{sorted(extra)}."
+                "low_rank_mass takes no kernel_kwargs but init_strategy and "
+                f"inverse_mass_matrix; got {sorted(extra)}."
             )
     if scheduling not in ("dynamic", "static"):
         raise ConfigurationError(f"_scheduling={scheduling!r}; use 'dynamic' or 'static'.")
@@ -391,7 +391,11 @@ def sample(
             chain goes on in the estimate's coordinates (step size and a
             diagonal adapted again); the last phase goes on into sampling.
             Each HMC operation costs ``O(d k)``. Needs ``num_warmup >= 100`` and
-            at most ``init_strategy`` in ``kernel_kwargs``; not with
+            at most ``init_strategy`` and ``inverse_mass_matrix`` (the first
+            phase's initial diagonal for some sites, in NumPyro's structured
+            form ``{(site,): variances}``; e.g.
+            :meth:`raybayes.datasets.ElasticityData.initial_inverse_mass`) in
+            ``kernel_kwargs``; not with
             ``dense_mass`` or ``checkpoint_dir`` (not supported yet).
             ``idata.attrs["low_rank_mass_rank"]`` gives the eigenvectors kept.
             With ``num_shards`` the same adaptation runs on the sharded

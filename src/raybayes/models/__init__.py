@@ -4,6 +4,7 @@ from raybayes.models.elasticity import (
     CENTERING_BLOCKS,
     elasticity_model,
     elasticity_sample_sites,
+    elasticity_site_variances,
 )
 from raybayes.models.hmm import (
     HMM_REGISTRY,
@@ -21,6 +22,7 @@ from raybayes.models.reparam import centering_weight
 __all__ = [
     "elasticity_model",
     "elasticity_sample_sites",
+    "elasticity_site_variances",
     "CENTERING_BLOCKS",
     "NegativeBinomialLogMean",
     "log_negbin_coefficient",

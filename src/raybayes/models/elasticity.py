@@ -13,7 +13,12 @@ from numpyro.infer.reparam import LocScaleReparam
 
 from raybayes.models.negbin import NegativeBinomialLogMean
 
-__all__ = ["elasticity_model", "elasticity_sample_sites", "CENTERING_BLOCKS"]
+__all__ = [
+    "elasticity_model",
+    "elasticity_sample_sites",
+    "elasticity_site_variances",
+    "CENTERING_BLOCKS",
+]
 
 
 def elasticity_model(
@@ -216,13 +221,12 @@ def elasticity_sample_sites(
         out["concentration"] = e["concentration"]
 
     def put(name, theta, loc, scale, w):
+        site = _site_name(name, w)
         if w is None:  # the classic non-centred site
-            out[f"z_{name}"] = (theta - loc) / scale
-        elif isinstance(w, float) and w == 1.0:
-            out[name] = theta
+            out[site] = (theta - loc) / scale
         else:
             w = np.asarray(w, np.float64)
-            out[f"{name}_decentered"] = w * loc + (theta - loc) * scale ** (w - 1.0)
+            out[site] = w * loc + (theta - loc) * scale ** (w - 1.0)
 
     put("category" if weights["beta_category"] is None else "beta_category",
         e["beta_category"], e["beta_global"], e["sigma_category"],
@@ -236,6 +240,66 @@ def elasticity_sample_sites(
         put("level", e["delta"] + shift, e["mu_delta"] + shift, e["sigma_delta"],
             weights["delta"])
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def elasticity_site_variances(
+    variances: Mapping, effects: Mapping, centered=False
+) -> dict:
+    """Approximate posterior variances of :func:`elasticity_model`'s sample sites.
+
+    The companion of :func:`elasticity_sample_sites` for an initial diagonal
+    inverse mass matrix: a block element ``theta ~ N(m, s)`` with posterior
+    variance ``v`` has, sampled with centring weight ``w``, the variance
+    ``v s^(2 (w - 1))`` (``v / s^2`` non-centred, ``v`` centred; ``m`` held
+    fixed). The scalar sites' variances are passed through, in their
+    unconstrained units (``log`` for the scales and the concentration).
+
+    Args:
+        variances: posterior variances of ``beta_category`` ``(C,)``, ``beta``
+            ``(P,)``, ``delta`` ``(P,)`` (of the products' levels where the model
+            samples them), ``gamma`` ``(T, C)``, and of any scalar site to set.
+        effects: the scales ``sigma_category``, ``sigma_beta``, ``sigma_delta``,
+            ``sigma_gamma``.
+        centered: the model's ``centered`` argument.
+
+    Returns:
+        Site name -> float32 array of variances (unconstrained coordinates).
+
+    Raises:
+        KeyError: a block's variance or scale is missing.
+
+    Examples:
+        >>> v = elasticity_site_variances(
+        ...     dict(beta_category=[0.01], beta=[0.04], delta=[0.01], gamma=[[0.01]]),
+        ...     dict(sigma_category=0.5, sigma_beta=0.5, sigma_delta=1.0,
+        ...          sigma_gamma=0.5))
+        >>> float(v["z_beta"][0])  # non-centred: 0.04 / 0.5^2
+        0.1599999964237213
+    """
+    weights = _centering_weights(centered)
+    out = {k: np.asarray(v, np.float64) for k, v in variances.items()
+           if k not in CENTERING_BLOCKS}
+    scales = dict(beta_category="sigma_category", beta="sigma_beta",
+                  delta="sigma_delta", gamma="sigma_gamma")
+    for block, scale_name in scales.items():
+        w = weights[block]
+        name = {"beta_category": "category" if w is None else "beta_category",
+                "delta": "delta" if weights["beta"] is None else "level"}.get(
+                    block, block)
+        scale = float(effects[scale_name])
+        factor = scale**-2.0 if w is None else scale ** (
+            2.0 * (np.asarray(w, np.float64) - 1.0))
+        out[_site_name(name, w)] = np.asarray(variances[block], np.float64) * factor
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def _site_name(name: str, w) -> str:
+    """The sample site of block ``name`` under centring weight ``w`` (None: z)."""
+    if w is None:
+        return f"z_{name}"
+    if isinstance(w, float) and w == 1.0:
+        return name
+    return f"{name}_decentered"
 
 
 def _centering_weights(centered) -> dict:
