@@ -210,7 +210,7 @@ def elasticity_sample_sites(
         ...                beta_category=np.full(2, -2.0), beta=np.full(3, -2.5),
         ...                delta=np.full(3, 3.0), gamma=np.zeros((4, 2)))
         >>> sorted(elasticity_sample_sites(effects, np.array([0, 0, 1])))[:3]
-        ['beta_global', 'delta', 'gamma']
+        ['beta_global', 'delta_decentered', 'gamma_decentered']
     """
     weights = _centering_weights(centered)
     e = {k: np.asarray(v, np.float64) for k, v in effects.items()}
