@@ -267,9 +267,7 @@ class ElasticityData:
         from raybayes.models.elasticity import elasticity_sample_sites
 
         m = self._moments("initial_values", likelihood, min_scale)
-        if isinstance(centered, str):
-            kwargs = self.model_kwargs(likelihood, centered=centered)
-            centered = kwargs.get("centered", False)
+        centered = self._resolve_centered(likelihood, centered)
         T, C = self.num_times, self.num_categories
         gamma = m["period_mean"].reshape(T, C)
         # A product's mean log count is its delta plus its category's mean
@@ -321,18 +319,16 @@ class ElasticityData:
             ValueError: the data has no units, or a bad ``centered``.
 
         Examples:
-            >>> df, _ = simulate_elasticity(3, 30, 52, seed=0)
-            >>> data = prepare_elasticity_data(
-            ...     df, product_cols=("product",), category_col="category")
-            >>> data.initial_inverse_mass()[("gamma_decentered",)].shape
-            (156,)
+            >>> sales, _ = simulate_elasticity(2, 10, 26, seed=1)
+            >>> mass = prepare_elasticity_data(sales, product_cols=("product",),
+            ...                                category_col="category").initial_inverse_mass()
+            >>> mass[("gamma_decentered",)].shape
+            (52,)
         """
         from raybayes.models.elasticity import elasticity_site_variances
 
         m = self._moments("initial_inverse_mass", likelihood, min_scale)
-        if isinstance(centered, str):
-            kwargs = self.model_kwargs(likelihood, centered=centered)
-            centered = kwargs.get("centered", False)
+        centered = self._resolve_centered(likelihood, centered)
         P, T, C = self.num_products, self.num_times, self.num_categories
 
         def var(info, s):
@@ -350,6 +346,10 @@ class ElasticityData:
         )
         sites = elasticity_site_variances(variances, m, centered)
         return {(k,): np.ravel(v) for k, v in sites.items()}
+
+    def _resolve_centered(self, likelihood, centered):
+        """The model's ``centered`` argument for ``centered`` (``"auto"`` resolved)."""
+        return self.model_kwargs(likelihood, centered=centered).get("centered", False)
 
     def _moments(self, caller: str, likelihood: str, min_scale: float) -> dict:
         """Moment estimates of the model's effects, scales and informations.
