@@ -320,9 +320,9 @@ class ElasticityData:
 
         Examples:
             >>> sales, _ = simulate_elasticity(2, 10, 26, seed=1)
-            >>> mass = prepare_elasticity_data(sales, product_cols=("product",),
-            ...                                category_col="category").initial_inverse_mass()
-            >>> mass[("gamma_decentered",)].shape
+            >>> prepared = prepare_elasticity_data(sales, product_cols=("product",),
+            ...                                    category_col="category")
+            >>> prepared.initial_inverse_mass()[("gamma_decentered",)].shape
             (52,)
         """
         from raybayes.models.elasticity import elasticity_site_variances
