@@ -492,6 +492,11 @@ def sample(
         if isinstance(low_rank_mass, (bool, np.bool_)) else int(low_rank_mass)
     )
     if num_shards is not None:
+        if "inverse_mass_matrix" in (kernel_kwargs or {}):
+            raise ConfigurationError(
+                "kernel_kwargs['inverse_mass_matrix'] is not supported with "
+                "data-sharded NUTS (num_shards=) yet; drop it there."
+            )
         return _sample_sharded(
             model, model_args, model_kwargs, num_shards=num_shards,
             partition=partition, source=source, init_params=init_params,
