@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from raybayes.cli import app
@@ -84,3 +85,17 @@ def test_plots_keep_titles_and_labels_inside_and_name_brands():
         assert sorted(labels) == sorted(names)
         assert not any("beta_category" in t for t in labels)
         matplotlib.pyplot.close(fig)
+
+
+@pytest.mark.slow
+def test_quickstart_low_rank_starts_from_the_information_diagonal(tmp_path):
+    # --low-rank-mass passes ElasticityData.initial_inverse_mass as the first
+    # phase's diagonal (and the moment start) through to the low-rank kernel.
+    from raybayes.jobs.quickstart import run_quickstart
+
+    result = run_quickstart(tmp_path / "o", stores=1, num_chains=2, num_warmup=100,
+                            num_samples=20, low_rank_mass=True, backend="local",
+                            progress_bar=False, echo=lambda *a: None)
+    assert result.idata.attrs["low_rank_mass"] == 16
+    beta = result.idata.posterior["beta"].values
+    assert np.all(np.isfinite(beta)) and beta.std() > 0
