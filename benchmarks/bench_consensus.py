@@ -570,7 +570,8 @@ def main():
     say(
         f"bench_consensus: {platform.processor() or platform.machine()}, jax "
         f"{jax.__version__}, numpyro {numpyro.__version__}; {args.chains} chains x "
-        f"({args.warmup} + {args.samples}) per run, backend {args.backend}, seed "
+        f"({args.warmup} + {args.samples}) per run, backend "
+        f"{'ray (pool case)' if args.case == ['pool'] else args.backend}, seed "
         f"{args.seed}"
     )
     for case in args.case or ["logistic", "elasticity", "banana"]:
