@@ -141,8 +141,13 @@ def _run(low_rank_mass, seed=0):
     )
 
 
-def test_low_rank_nuts_moments_within_mcse_and_short_trajectories():
-    idata = _run(True)
+@pytest.fixture(scope="module")
+def low_rank_idata():
+    return _run(True)
+
+
+def test_low_rank_nuts_moments_within_mcse_and_short_trajectories(low_rank_idata):
+    idata = low_rank_idata
     x = idata.posterior["x"]
     sd_true = np.sqrt(np.diag(COV))
     mean_err = np.abs(x.mean(("chain", "draw")).values)
@@ -203,18 +208,63 @@ def test_low_rank_bad_arguments_fail_before_compute(kwargs, match):
         )
 
 
-def test_low_rank_with_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ConfigurationError, match="checkpoint_dir"):
-        raybayes.sample(
-            gaussian_model,
-            num_chains=2,
-            num_warmup=200,
-            num_samples=10,
-            backend="local",
-            progress_bar=False,
-            low_rank_mass=True,
-            checkpoint_dir=str(tmp_path),
-        )
+# The settings of ``_run(True)`` (one compile for both): phases end at 26 and 88,
+# chunks of 23 put the second phase's kept points (57-88) in two chunks.
+RESUME = dict(num_chains=2, num_warmup=150, num_samples=300, seed=0, backend="local",
+              progress_bar=False, low_rank_mass=True)
+
+
+def _interrupted_then_resumed(monkeypatch, run, stop_after):
+    """``run()`` stopped (KeyboardInterrupt) after the first chain record for which
+    ``stop_after(record)`` holds is on disk, then ``run()`` again."""
+    from raybayes.mcmc.store import DrawStore
+
+    real = DrawStore.write_state
+    stopped = []
+
+    def write_then_stop(self, chain_id, record):
+        real(self, chain_id, record)
+        if not stopped and stop_after(record):
+            stopped.append(dict(record))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DrawStore, "write_state", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(DrawStore, "write_state", real)
+    return stopped[0], run()
+
+
+@pytest.mark.parametrize("where", ["warmup", "sampling"])
+def test_low_rank_interrupted_run_resumes_to_the_same_draws(
+    low_rank_idata, where, tmp_path, monkeypatch
+):
+    if where == "warmup":
+        # in the second phase, with half of its kept points on disk
+        def stop_after(rec):
+            return rec["phase"] == 1 and len(rec["points"]) == 1
+    else:
+        def stop_after(rec):
+            return rec["num_chunks"] == 2
+    rec, got = _interrupted_then_resumed(
+        monkeypatch,
+        lambda: raybayes.sample(gaussian_model, checkpoint_dir=tmp_path, **RESUME),
+        stop_after,
+    )
+    assert rec["masses"][1] is not None  # the first estimate came from disk
+    if where == "warmup":
+        assert rec["masses"][2] is None and rec["warmup_done"] == 72
+    else:
+        assert rec["masses"][2] is not None and rec["samples_done"] == 46
+    np.testing.assert_array_equal(
+        got.posterior["x"].values, low_rank_idata.posterior["x"].values
+    )
+    assert got.attrs["low_rank_mass_rank"] == low_rank_idata.attrs[
+        "low_rank_mass_rank"
+    ]
+    with pytest.raises(ConfigurationError, match="low_rank_mass"):
+        raybayes.sample(gaussian_model, checkpoint_dir=tmp_path,
+                        **dict(RESUME, low_rank_mass=4))
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from raybayes.checkpoint import register_state_type
+
 __all__ = [
     "LowRankMass",
     "fisher_low_rank",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 
+@register_state_type  # a checkpoint of a low-rank run holds it (arrays, no pickle)
 class LowRankMass(NamedTuple):
     """A low-rank plus diagonal inverse mass matrix and the centre of its map.
 

@@ -213,10 +213,6 @@ def _check_arguments(
                 f"low_rank_mass needs num_warmup >= {MIN_LOW_RANK_WARMUP} (three warmup "
                 f"phases), got {num_warmup}; raise num_warmup or drop low_rank_mass."
             )
-        if checkpoint_dir is not None:
-            raise ConfigurationError(
-                "low_rank_mass does not support checkpoint_dir yet; drop one of them."
-            )
         extra = set(kernel_kwargs or {}) - {"init_strategy", "inverse_mass_matrix"}
         if extra:
             raise ConfigurationError(
@@ -336,8 +332,8 @@ def sample(
             (content hashes of the model's arguments, the model's qualified name)
             in ``checkpoint_dir/run.json``. A rerun whose model, data,
             ``num_chains``, ``num_warmup``, ``num_samples``, ``chunk_size``,
-            ``seed``, kernel settings, ``init_params``, ``cross_chain_adaptation``
-            or ``target_var_names`` differ, whose ``target_ess`` is lower or whose
+            ``seed``, kernel settings, ``init_params``, ``cross_chain_adaptation``,
+            ``low_rank_mass`` or ``target_var_names`` differ, whose ``target_ess`` is lower or whose
             ``target_rhat`` is higher (or that adds or drops a target), is refused
             before any chain runs, with each change named. ``max_samples``,
             ``max_time_s``, ``progress_bar``, ``coords``, ``dims`` and the backend
@@ -395,8 +391,10 @@ def sample(
             phase's initial diagonal for some sites, in NumPyro's structured
             form ``{(site,): variances}``; e.g.
             :meth:`raybayes.datasets.ElasticityData.initial_inverse_mass`) in
-            ``kernel_kwargs``; not with
-            ``dense_mass`` or ``checkpoint_dir`` (not supported yet).
+            ``kernel_kwargs``; not with ``dense_mass``. With
+            ``checkpoint_dir`` each chain's record also holds its warmup phase,
+            the phase's kept draws and gradients and the estimates so far, so a
+            resumed run gives the draws of an uninterrupted one.
             ``idata.attrs["low_rank_mass_rank"]`` gives the eigenvectors kept.
             With ``num_shards`` the same adaptation runs on the sharded
             potential, the chains vectorised on the driver.
@@ -855,6 +853,7 @@ def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_co
             seed=settings.seed,
             cross_chain_adaptation=settings.cross_chain_adaptation,
             **({"key_stream": list(settings.key_stream)} if settings.key_stream else {}),
+            **({"low_rank_mass": settings.low_rank_mass} if settings.low_rank_mass else {}),
             kernel={k: repr(v) for k, v in sorted(settings.kernel_kwargs.items())},
             dims=site_dims,
             coords={k: np.asarray(v).tolist() for k, v in site_coords.items()},
@@ -1155,7 +1154,21 @@ class _ChainScheduler:
             chain.samples_done = rec["samples_done"]
             chain.divergences = rec["divergences"]
             chain.pooled_through = rec.get("pooled_through", -1)
+            chain.phase = rec.get("phase", 0)
+            chain.points = [tuple(p) for p in rec.get("points", [])]
+            # The masses are shared: a chain's record may predate the latest one.
+            for p, mass in enumerate(rec.get("masses", [])):
+                if mass is not None and self.masses[p] is None:
+                    self.masses[p] = mass
             chain.draws, chain.stats = self.store.read_chunks(chain.chain_id, rec["num_chunks"])
+        for chain in self.chains:
+            # Points of a phase whose estimate exists were used (a record written
+            # before the estimate still holds them).
+            if chain.phase + 1 < len(self.masses) and self.masses[chain.phase + 1] is not None:
+                chain.points = []
+        computed = [m for m in self.masses[1:] if m is not None]
+        if computed:
+            self.outcome["low_rank_mass_rank"] = computed[-1].rank
 
     def _checkpoint(self, chain: _Chain, new_chunk: bool):
         if self.store is None:
@@ -1173,6 +1186,11 @@ class _ChainScheduler:
                 divergences=chain.divergences,
                 pooled_through=chain.pooled_through,
                 num_chunks=len(chain.draws),
+                # with a low-rank mass matrix: the warmup phase, its kept points
+                # and the shared estimates so far (None: not yet computed)
+                phase=chain.phase,
+                points=chain.points,
+                masses=self.masses,
             ),
         )
 
@@ -1295,6 +1313,7 @@ class _ChainScheduler:
     def run(self):
         self._resume()
         self._pool_if_ready()  # a run stopped while every chain waited to pool
+        self._switch_if_ready()  # ... or had ended a low-rank phase
         pool, start = self.pool, time.perf_counter()
         idle = list(range(pool.size))
         self.pending = pending = []

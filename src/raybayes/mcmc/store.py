@@ -55,6 +55,7 @@ class DrawStore:
         "model", "data", "num_chains", "num_warmup", "num_samples", "chunk_size",
         "seed", "kernel", "init_params", "cross_chain_adaptation", "key_stream",
         "target_ess", "target_rhat", "target_var_names", "num_shards", "partition",
+        "low_rank_mass",
     )
 
     def open(self, config: dict[str, Any], overwrite: bool = False) -> bool:
