@@ -11,6 +11,7 @@ import numpyro.distributions as dist
 import pytest
 
 import raybayes
+from interrupted_runs import interrupted_then_resumed
 from raybayes.errors import ConfigurationError
 from raybayes.mcmc.mass import (
     fisher_low_rank,
@@ -210,29 +211,15 @@ def test_low_rank_bad_arguments_fail_before_compute(kwargs, match):
 
 # The settings of ``_run(True)`` (one compile for both): phases end at 26 and 88,
 # chunks of 23 put the second phase's kept points (57-88) in two chunks.
-RESUME = dict(num_chains=2, num_warmup=150, num_samples=300, seed=0, backend="local",
-              progress_bar=False, low_rank_mass=True)
-
-
-def _interrupted_then_resumed(monkeypatch, run, stop_after):
-    """``run()`` stopped (KeyboardInterrupt) after the first chain record for which
-    ``stop_after(record)`` holds is on disk, then ``run()`` again."""
-    from raybayes.mcmc.store import DrawStore
-
-    real = DrawStore.write_state
-    stopped = []
-
-    def write_then_stop(self, chain_id, record):
-        real(self, chain_id, record)
-        if not stopped and stop_after(record):
-            stopped.append(dict(record))
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(DrawStore, "write_state", write_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run()
-    monkeypatch.setattr(DrawStore, "write_state", real)
-    return stopped[0], run()
+RESUME = dict(
+    num_chains=2,
+    num_warmup=150,
+    num_samples=300,
+    seed=0,
+    backend="local",
+    progress_bar=False,
+    low_rank_mass=True,
+)
 
 
 @pytest.mark.parametrize("where", ["warmup", "sampling"])
@@ -244,9 +231,11 @@ def test_low_rank_interrupted_run_resumes_to_the_same_draws(
         def stop_after(rec):
             return rec["phase"] == 1 and len(rec["points"]) == 1
     else:
+
         def stop_after(rec):
             return rec["num_chunks"] == 2
-    rec, got = _interrupted_then_resumed(
+
+    rec, got = interrupted_then_resumed(
         monkeypatch,
         lambda: raybayes.sample(gaussian_model, checkpoint_dir=tmp_path, **RESUME),
         stop_after,
@@ -259,12 +248,11 @@ def test_low_rank_interrupted_run_resumes_to_the_same_draws(
     np.testing.assert_array_equal(
         got.posterior["x"].values, low_rank_idata.posterior["x"].values
     )
-    assert got.attrs["low_rank_mass_rank"] == low_rank_idata.attrs[
-        "low_rank_mass_rank"
-    ]
+    assert got.attrs["low_rank_mass_rank"] == low_rank_idata.attrs["low_rank_mass_rank"]
     with pytest.raises(ConfigurationError, match="low_rank_mass"):
-        raybayes.sample(gaussian_model, checkpoint_dir=tmp_path,
-                        **dict(RESUME, low_rank_mass=4))
+        raybayes.sample(
+            gaussian_model, checkpoint_dir=tmp_path, **dict(RESUME, low_rank_mass=4)
+        )
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 
 import raybayes
 from conjugate_normal import PARTITION, hierarchical_normal_model, posterior, simulate
+from interrupted_runs import interrupted_then_resumed
 from raybayes.errors import ConfigurationError
 
 S0, TAU, SIGMA = 2.0, 1.0, 1.0
@@ -136,7 +137,7 @@ LR_MODEL = hierarchical_normal_model(S0, TAU, LR_SIGMA)
 LR_DATA = simulate(6, (1, 3), 0.5, TAU, LR_SIGMA, seed=4)
 
 
-def _low_rank_run(num_shards=2, backend="local"):
+def _low_rank_run(num_shards=2, backend="local", **kwargs):
     shards = {} if num_shards is None else {"num_shards": num_shards}
     return raybayes.sample(
         LR_MODEL,
@@ -145,6 +146,7 @@ def _low_rank_run(num_shards=2, backend="local"):
         low_rank_mass=True,
         **shards,
         **RUN,
+        **kwargs,
     )
 
 
@@ -183,6 +185,34 @@ def test_low_rank_mass_with_shards_same_draws_in_process_and_on_ray(
     assert got.attrs["low_rank_mass_rank"] == low_rank_two_shards.attrs[
         "low_rank_mass_rank"
     ]
+    for name in low_rank_two_shards.posterior:
+        np.testing.assert_array_equal(
+            got.posterior[name].values, low_rank_two_shards.posterior[name].values
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["warmup", "sampling"])
+def test_low_rank_mass_with_shards_resumes_to_the_same_draws(
+    low_rank_two_shards, where, tmp_path, monkeypatch
+):
+    # warmup: stopped in the second phase, its kept points and the first estimate
+    # on disk; sampling: stopped after a chain's first sampling chunk
+    if where == "warmup":
+
+        def stop_after(rec):
+            return rec["phase"] == 1 and len(rec["points"]) > 0
+
+    else:
+
+        def stop_after(rec):
+            return rec["num_chunks"] == 1
+
+    rec, got = interrupted_then_resumed(
+        monkeypatch, lambda: _low_rank_run(checkpoint_dir=tmp_path), stop_after
+    )
+    assert rec["masses"][1] is not None
+    assert (rec["masses"][2] is None) == (where == "warmup")
     for name in low_rank_two_shards.posterior:
         np.testing.assert_array_equal(
             got.posterior[name].values, low_rank_two_shards.posterior[name].values

@@ -333,11 +333,11 @@ def sample(
             in ``checkpoint_dir/run.json``. A rerun whose model, data,
             ``num_chains``, ``num_warmup``, ``num_samples``, ``chunk_size``,
             ``seed``, kernel settings, ``init_params``, ``cross_chain_adaptation``,
-            ``low_rank_mass`` or ``target_var_names`` differ, whose ``target_ess`` is lower or whose
-            ``target_rhat`` is higher (or that adds or drops a target), is refused
-            before any chain runs, with each change named. ``max_samples``,
-            ``max_time_s``, ``progress_bar``, ``coords``, ``dims`` and the backend
-            and worker settings may change on resume.
+            ``low_rank_mass`` or ``target_var_names`` differ, whose ``target_ess``
+            is lower or whose ``target_rhat`` is higher (or that adds or drops a
+            target), is refused before any chain runs, with each change named.
+            ``max_samples``, ``max_time_s``, ``progress_bar``, ``coords``,
+            ``dims`` and the backend and worker settings may change on resume.
         overwrite: with ``checkpoint_dir``, delete the folder's checkpoint
             (``run.json``, ``chain-*``) first and start a fresh run.
         cross_chain_adaptation: pool the mass-matrix adaptation over chains. At
@@ -853,7 +853,8 @@ def _open_store(checkpoint_dir, settings, num_samples, model, site_dims, site_co
             seed=settings.seed,
             cross_chain_adaptation=settings.cross_chain_adaptation,
             **({"key_stream": list(settings.key_stream)} if settings.key_stream else {}),
-            **({"low_rank_mass": settings.low_rank_mass} if settings.low_rank_mass else {}),
+            **({"low_rank_mass": settings.low_rank_mass}
+               if settings.low_rank_mass else {}),
             kernel={k: repr(v) for k, v in sorted(settings.kernel_kwargs.items())},
             dims=site_dims,
             coords={k: np.asarray(v).tolist() for k, v in site_coords.items()},
@@ -1164,7 +1165,8 @@ class _ChainScheduler:
         for chain in self.chains:
             # Points of a phase whose estimate exists were used (a record written
             # before the estimate still holds them).
-            if chain.phase + 1 < len(self.masses) and self.masses[chain.phase + 1] is not None:
+            if (chain.phase < len(self.switches)
+                    and self.masses[chain.phase + 1] is not None):
                 chain.points = []
         computed = [m for m in self.masses[1:] if m is not None]
         if computed:
@@ -1312,6 +1314,9 @@ class _ChainScheduler:
     # -- the loop --------------------------------------------------------------------
     def run(self):
         self._resume()
+        resume = getattr(self.pool, "resume", None)  # a pool that holds the states
+        if resume is not None:
+            resume({c.chain_id: c.state for c in self.chains if c.state is not None})
         self._pool_if_ready()  # a run stopped while every chain waited to pool
         self._switch_if_ready()  # ... or had ended a low-rank phase
         pool, start = self.pool, time.perf_counter()

@@ -547,6 +547,12 @@ class ShardedChainPool:
     def restart(self, worker_index):  # a chain slot has nothing to restart
         pass
 
+    def resume(self, states):
+        """Take the states of a resumed run's chains (chain id -> ``HMCState``):
+        every batch holds every chain, also one that waits (at a low-rank phase's
+        end, say) while the others catch up."""
+        self.states.update(states)
+
     def shutdown(self):
         """Release the compiled kernel for the next run (the objective is closed by
         its owner)."""
