@@ -129,16 +129,15 @@ def gaussian_model():
     )
 
 
-def _run(low_rank_mass, seed=0):
+# One setting for the runs of ``_run`` and the resumed runs (one compile): phases
+# end at 26 and 88; chunks of 23 put the second phase's kept points (57-88) in two.
+RUN = dict(num_chains=2, num_warmup=150, num_samples=300, backend="local",
+           progress_bar=False)
+
+
+def _run(low_rank_mass, seed=0, **kwargs):
     return raybayes.sample(
-        gaussian_model,
-        num_chains=2,
-        num_warmup=150,
-        num_samples=300,
-        seed=seed,
-        backend="local",
-        progress_bar=False,
-        low_rank_mass=low_rank_mass,
+        gaussian_model, seed=seed, low_rank_mass=low_rank_mass, **RUN, **kwargs
     )
 
 
@@ -209,19 +208,6 @@ def test_low_rank_bad_arguments_fail_before_compute(kwargs, match):
         )
 
 
-# The settings of ``_run(True)`` (one compile for both): phases end at 26 and 88,
-# chunks of 23 put the second phase's kept points (57-88) in two chunks.
-RESUME = dict(
-    num_chains=2,
-    num_warmup=150,
-    num_samples=300,
-    seed=0,
-    backend="local",
-    progress_bar=False,
-    low_rank_mass=True,
-)
-
-
 @pytest.mark.parametrize("where", ["warmup", "sampling"])
 def test_low_rank_interrupted_run_resumes_to_the_same_draws(
     low_rank_idata, where, tmp_path, monkeypatch
@@ -236,9 +222,7 @@ def test_low_rank_interrupted_run_resumes_to_the_same_draws(
             return rec["num_chunks"] == 2
 
     rec, got = interrupted_then_resumed(
-        monkeypatch,
-        lambda: raybayes.sample(gaussian_model, checkpoint_dir=tmp_path, **RESUME),
-        stop_after,
+        monkeypatch, lambda: _run(True, checkpoint_dir=tmp_path), stop_after
     )
     assert rec["masses"][1] is not None  # the first estimate came from disk
     if where == "warmup":
@@ -250,9 +234,7 @@ def test_low_rank_interrupted_run_resumes_to_the_same_draws(
     )
     assert got.attrs["low_rank_mass_rank"] == low_rank_idata.attrs["low_rank_mass_rank"]
     with pytest.raises(ConfigurationError, match="low_rank_mass"):
-        raybayes.sample(
-            gaussian_model, checkpoint_dir=tmp_path, **dict(RESUME, low_rank_mass=4)
-        )
+        _run(4, checkpoint_dir=tmp_path)
 
 
 @pytest.mark.slow
