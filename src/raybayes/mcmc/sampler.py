@@ -136,7 +136,6 @@ def _check_arguments(
     scheduling,
     low_rank_mass=False,
     dense_mass=False,
-    checkpoint_dir=None,
 ):
     """Raise :class:`ConfigurationError` for any bad argument of :func:`sample`.
 
@@ -466,7 +465,6 @@ def sample(
         scheduling=_scheduling,
         low_rank_mass=low_rank_mass,
         dense_mass=dense_mass,
-        checkpoint_dir=checkpoint_dir,
     )
     from raybayes.mcmc.sharded import check_sharded_arguments
 
