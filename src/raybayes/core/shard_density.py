@@ -444,6 +444,19 @@ class ShardLogDensity:
         )
         return global_flat, local_mat
 
+    def check_site_names(self, names, argument: str = "init_params") -> None:
+        """Refuse names that are not latent sites of the model.
+
+        Raises:
+            ConfigurationError: naming the unknown names and the latent sites.
+        """
+        unknown = sorted(set(names) - set(self.sites))
+        if unknown:
+            raise ConfigurationError(
+                f"{argument} names {unknown}, which are not latent sites of the "
+                f"model; its latent sites are {list(self.sites)}. Fix the names."
+            )
+
     def init_global(self, dtype=None):
         """Zeros of shape ``(num_global,)`` (the unconstrained origin)."""
         return jnp.zeros((self.num_global,), dtype=dtype or jnp.result_type(float))

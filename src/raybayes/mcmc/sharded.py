@@ -106,12 +106,7 @@ class NUTSShardWorker(ShardWorker):
         """
         self._check()
         d = self.density
-        unknown = sorted(set(init_params) - set(d.sites))
-        if unknown:
-            raise ConfigurationError(
-                f"init_params names {unknown}, which are not latent sites of the "
-                f"model; its latent sites are {list(d.sites)}."
-            )
+        d.check_site_names(init_params)
         count = d.num_local_entities
         g = np.full((num_chains, d.num_global), np.nan)
         lm = np.full((num_chains, count, d.num_local_per_entity), np.nan)

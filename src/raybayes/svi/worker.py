@@ -225,13 +225,7 @@ class SVIShardWorker(ShardWorker):
         Local sites are given with the full plate; the shard takes its entities.
         """
         d = self.density
-        unknown = sorted(set(init_params) - set(d.sites))
-        if unknown:
-            raise ConfigurationError(
-                f"init_params names site(s) {unknown} that the model does not have as "
-                f"latent sites; its latent sites are {list(d.sites)}. The guide's "
-                "sites must match the model's: fix the names."
-            )
+        d.check_site_names(init_params)
         params = d.unflatten(d.init_global(), d.init_local())
         for name, value in init_params.items():
             site = d.sites[name]
