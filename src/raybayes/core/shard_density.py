@@ -453,8 +453,9 @@ class ShardLogDensity:
         unknown = sorted(set(names) - set(self.sites))
         if unknown:
             raise ConfigurationError(
-                f"{argument} names {unknown}, which are not latent sites of the "
-                f"model; its latent sites are {list(self.sites)}. Fix the names."
+                f"{argument} names site(s) {unknown}, which are not latent sites "
+                f"of the model; its latent sites are {list(self.sites)}. Fix the "
+                "names."
             )
 
     def init_global(self, dtype=None):
